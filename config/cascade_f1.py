@@ -1,0 +1,17 @@
+# CascadeFormer-F1 (Table 4): FFN taper, S_f = 128 at full scale
+# Scale: the paper's 1.2B scale (Table 3); training hyperparameters are train.py's defaults (Table 5)
+# Table 2 parameter count: 1.185 B (both embeddings included)
+
+out_dir = 'out/cascade_f1'
+dataset = 'dolma'
+
+n_layer = 16
+d_model = 2048
+head_dim = 64
+vocab_size = 50280
+block_size = 2048
+d_attn0 = 2048    # 32 heads
+S_d = 128    # 2 heads per taper step
+F_d = 0
+d_ffn0 = 8192
+S_f = 128

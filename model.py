@@ -1,0 +1,374 @@
+"""
+CascadeFormer / GFA model: a Llama-style Pre-LN decoder whose layers have explicit widths.
+
+    x = x + Attn(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))
+
+RoPE, causal multi-head attention (as many K/V heads as Q heads, head_dim 64) through
+F.scaled_dot_product_attention, no biases, final RMSNorm, untied LM head.
+
+Per layer l = 0..N-1 the model has its own number of heads and its own FFN inner size,
+given as explicit lists or by the paper's taper rules (Section 4.5):
+    d_attn(l) = d_attn0 - S_d * floor(l / F_d)        (F_d = 0: no attention taper)
+    d_ffn(l)  = d_ffn0  - S_f * l                      (S_f = 0: no FFN taper)
+Options: deep supervision (an auxiliary LM loss after every block, LayerSkip style),
+shared-layer repetition (block i applied repeats[i] times in a row, "virtual depth") and
+passthrough (layers skipped as identity; used by pruning and importance ablation).
+
+    python model.py config/cascade_a2.py [--key=value ...]   # print the architecture
+"""
+import math
+from dataclasses import dataclass, field, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class ConfigError(ValueError):
+    """A user mistake in a model config; scripts print it as one line, without a traceback."""
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50280
+    block_size: int = 2048           # longest sequence (RoPE table, KV cache)
+    d_model: int = 2048
+    n_layer: int = 16
+    head_dim: int = 64
+    # explicit per-layer widths; an empty list means "derive from the taper rule below"
+    n_head: list = field(default_factory=list)
+    d_ffn: list = field(default_factory=list)
+    # attention taper: d_attn(l) = d_attn0 - S_d * floor(l / F_d); F_d = 0 switches it off
+    d_attn0: int = 2048
+    S_d: int = 128                   # the paper leaves S_d open; Table 2's counts fix it at 128
+    F_d: int = 0
+    # FFN taper: d_ffn(l) = d_ffn0 - S_f * l; S_f = 0 switches it off
+    d_ffn0: int = 8192
+    S_f: int = 0
+    repeats: list = field(default_factory=list)       # per layer, >= 1; empty = all 1
+    passthrough: list = field(default_factory=list)   # layer indices skipped (identity)
+    deep_supervision: bool = False
+    ds_alpha: list = field(default_factory=list)      # aux-loss weight per block; empty = all 1
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ConfigError(msg)
+        for name in ("n_head", "d_ffn", "repeats", "passthrough", "ds_alpha"):
+            setattr(self, name, list(getattr(self, name)))   # tuples from overrides, saved lists
+        N, hd = self.n_layer, self.head_dim
+        need(N >= 1, f"n_layer={N}: must be >= 1")
+        need(self.vocab_size >= 1, f"vocab_size={self.vocab_size}: must be >= 1")
+        need(self.block_size >= 1, f"block_size={self.block_size}: must be >= 1")
+        need(self.d_model >= 1, f"d_model={self.d_model}: must be >= 1")
+        need(hd >= 2 and hd % 2 == 0, f"head_dim={hd}: must be a positive even number (RoPE)")
+        for name in ("n_head", "d_ffn", "repeats", "ds_alpha"):
+            v = getattr(self, name)
+            need(len(v) in (0, N), f"{name} has {len(v)} entries but n_layer={N}: give one per layer or none")
+        need(not (self.n_head and self.F_d), "n_head is given explicitly and F_d != 0: use one or the other")
+        need(not (self.d_ffn and self.S_f), "d_ffn is given explicitly and S_f != 0: use one or the other")
+        need(self.F_d >= 0, f"F_d={self.F_d}: must be >= 0 (0 = no attention taper)")
+        need(self.d_attn0 > 0 and self.d_attn0 % hd == 0,
+             f"d_attn0={self.d_attn0}: must be a positive multiple of head_dim={hd}")
+        need(self.S_d >= 0 and self.S_d % hd == 0, f"S_d={self.S_d}: must be a non-negative multiple of head_dim={hd}")
+        need(self.d_ffn0 > 0, f"d_ffn0={self.d_ffn0}: must be >= 1")
+        need(self.S_f >= 0, f"S_f={self.S_f}: must be >= 0")
+        for l, h in enumerate(self.layer_heads()):
+            need(isinstance(h, int) and h >= 1,
+                 f"n_head[{l}]={h}: attention width must be a positive multiple of head_dim={hd}"
+                 + (" (the attention taper reaches zero: lower S_d or raise F_d)" if not self.n_head else ""))
+        for l, f in enumerate(self.layer_ffn()):
+            need(isinstance(f, int) and f >= 1, f"d_ffn[{l}]={f}: must be >= 1"
+                 + (" (the FFN taper reaches zero: lower S_f)" if not self.d_ffn else ""))
+        for l, r in enumerate(self.layer_repeats()):
+            need(isinstance(r, int) and r >= 1, f"repeats[{l}]={r}: must be an integer >= 1")
+        for i in self.passthrough:
+            need(isinstance(i, int) and 0 <= i < N, f"passthrough index {i}: must be in [0, {N - 1}]")
+        need(not self.ds_alpha or self.deep_supervision, "ds_alpha is set but deep_supervision=False")
+
+    # --- resolved per-layer widths (derived, never stored, so a saved config rebuilds exactly)
+    def layer_heads(self):
+        if self.n_head:
+            return list(self.n_head)
+        step = (lambda l: l // self.F_d) if self.F_d else (lambda l: 0)
+        return [(self.d_attn0 - self.S_d * step(l)) // self.head_dim for l in range(self.n_layer)]
+
+    def layer_ffn(self):
+        return list(self.d_ffn) if self.d_ffn else [self.d_ffn0 - self.S_f * l for l in range(self.n_layer)]
+
+    def layer_repeats(self):
+        return list(self.repeats) if self.repeats else [1] * self.n_layer
+
+    def layer_alphas(self):
+        return list(self.ds_alpha) if self.ds_alpha else [1.0] * self.n_layer
+
+    def without_layers(self, drop):
+        """The config of the same model with layers `drop` physically removed (explicit lists)."""
+        keep = [l for l in range(self.n_layer) if l not in set(drop)]
+        pick = lambda xs: [xs[l] for l in keep]
+        d = asdict(self)
+        d.update(n_layer=len(keep), n_head=pick(self.layer_heads()), d_ffn=pick(self.layer_ffn()), F_d=0, S_f=0,
+                 repeats=pick(self.layer_repeats()), passthrough=[keep.index(i) for i in self.passthrough if i in keep],
+                 ds_alpha=pick(self.ds_alpha) if self.ds_alpha else [])
+        return GPTConfig(**d)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a dict that may hold other keys (a config file, a checkpoint's train config)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def rope_tables(head_dim, length, theta):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)   # (T, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # rotate-half form (as in Llama); x: (B, H, T, D), cos/sin: (T, D/2)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model, n_head, head_dim):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, head_dim
+        self.qkv = nn.Linear(d_model, 3 * n_head * head_dim, bias=False)   # fused Q, K, V
+        self.proj = nn.Linear(n_head * head_dim, d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:   # KV cache: write this chunk at [pos, pos+T), attend to everything up to it
+            cache[0][:, :, pos:pos + T] = k
+            cache[1][:, :, pos:pos + T] = v
+            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
+            if T == 1:
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model, d_ffn):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_ffn, bias=False)   # fused W1 (gate) and W3 (up)
+        self.down = nn.Linear(d_ffn, d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, n_head, d_ffn):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, n_head, cfg.head_dim)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, d_ffn)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.heads, self.ffns, self.repeats = cfg.layer_heads(), cfg.layer_ffn(), cfg.layer_repeats()
+        self.alphas = cfg.layer_alphas()
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, h, f) for h, f in zip(self.heads, self.ffns))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.passthrough = frozenset()
+        self.set_passthrough(cfg.passthrough)
+        # Init: every weight N(0, 0.02); the two projections that write into the residual
+        # stream (attn.proj, ffn.down) get 0.02 / sqrt(2 * virtual depth) so the residual
+        # variance stays O(1) however deep the (unrolled) stack is (GPT-2 / nanoGPT).
+        self.apply(self._init_weights)
+        resid_std = 0.02 / math.sqrt(2 * sum(self.repeats))
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=resid_std)
+            nn.init.normal_(block.ffn.down.weight, std=resid_std)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def set_passthrough(self, layers):
+        layers = frozenset(int(i) for i in layers)
+        bad = [i for i in layers if not 0 <= i < self.config.n_layer]
+        if bad:
+            raise ConfigError(f"passthrough index {bad[0]}: must be in [0, {self.config.n_layer - 1}]")
+        self.passthrough = layers
+
+    # ---- forward -------------------------------------------------------------------------
+    def _head_loss(self, x, targets):
+        logits = self.lm_head(self.norm_f(x))
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+    def forward(self, idx, targets=None, kv_cache=None, pos=0, last_only=False):
+        """Returns (logits, loss). loss is the final exit's cross-entropy, plus, in train mode
+        with deep supervision, sum_k alpha_k * CE(exit after block k) (the training objective)."""
+        B, T = idx.shape
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.tok_emb(idx)
+        aux = None
+        deep = self.config.deep_supervision and self.training and targets is not None
+        v = 0   # virtual position, indexes the KV cache
+        for i, block in enumerate(self.blocks):
+            if i in self.passthrough:
+                v += self.repeats[i]
+                continue
+            for _ in range(self.repeats[i]):
+                x = block(x, cos, sin, None if kv_cache is None else kv_cache[v], pos)
+                v += 1
+            if deep:   # recompute logits in backward: peak memory holds one layer's logits, not N
+                li = self.alphas[i] * checkpoint(self._head_loss, x, targets, use_reentrant=False)
+                aux = li if aux is None else aux + li
+        if targets is None:
+            logits = self.lm_head(self.norm_f(x[:, -1:] if last_only else x))
+            return logits, None
+        logits = self.lm_head(self.norm_f(x))
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, (loss if aux is None else loss + aux)
+
+    # ---- generation with a KV cache ----------------------------------------------------------
+    def new_kv_cache(self, batch_size, length=None, dtype=None):
+        length = length or self.config.block_size
+        dtype = dtype or self.lm_head.weight.dtype
+        dev = self.lm_head.weight.device
+        cache = []
+        for h, r in zip(self.heads, self.repeats):
+            for _ in range(r):
+                shape = (batch_size, h, length, self.config.head_dim)
+                cache.append((torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev)))
+        return cache
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens after idx (B, T). temperature=0 is greedy decoding."""
+        B, T = idx.shape
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceeds block_size={self.config.block_size}")
+        cache = self.new_kv_cache(B, T + max_new_tokens)
+        logits, _ = self(idx, kv_cache=cache, pos=0, last_only=True)
+        out = [idx]
+        for step in range(max_new_tokens):
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            out.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits, _ = self(nxt, kv_cache=cache, pos=T + step, last_only=True)
+        return torch.cat(out, dim=1)
+
+    # ---- accounting ------------------------------------------------------------------------
+    def num_params(self, include_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n if include_embedding else n - self.tok_emb.weight.numel()
+
+    def layer_flops_per_token(self, seq_len=None):
+        """Forward FLOPs per token of each layer (all its repeats; 0 if passed through):
+        2 per multiply-add of the Q/K/V/O and SwiGLU matmuls, plus causal attention
+        (QK^T and AV: 4 * d_attn per query-key pair, on average (T+1)/2 keys per query)."""
+        T = seq_len or self.config.block_size
+        d = self.config.d_model
+        out = []
+        for i, (h, f, r) in enumerate(zip(self.heads, self.ffns, self.repeats)):
+            d_attn = h * self.config.head_dim
+            per_pass = 2 * (4 * d * d_attn + 3 * d * f) + 2 * d_attn * (T + 1)
+            out.append(0 if i in self.passthrough else r * per_pass)
+        return out
+
+    def flops_per_token(self, seq_len=None):
+        """Forward FLOPs per token: the layers plus the LM head (embedding lookup is free)."""
+        return sum(self.layer_flops_per_token(seq_len)) + 2 * self.config.d_model * self.config.vocab_size
+
+    def param_groups_by_layer(self):
+        """Stable names for "layer i's parameters": 'embed', 'layer.0' .. 'layer.N-1', 'head'
+        (final norm + LM head). A repeated layer's group is its shared parameters."""
+        groups = {"embed": [self.tok_emb.weight]}
+        for i, block in enumerate(self.blocks):
+            groups[f"layer.{i}"] = list(block.parameters())
+        groups["head"] = [self.norm_f.weight, self.lm_head.weight]
+        return groups
+
+
+def drop_layers(model, drop):
+    """A new, physically smaller GPT without layers `drop`, sharing nothing with `model`."""
+    cfg = model.config.without_layers(drop)
+    keep = [l for l in range(model.config.n_layer) if l not in set(drop)]
+    new = GPT(cfg).to(model.lm_head.weight.device, model.lm_head.weight.dtype)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("blocks."):
+            _, l, rest = k.split(".", 2)
+            if int(l) not in keep:
+                continue
+            k = f"blocks.{keep.index(int(l))}.{rest}"
+        sd[k] = v.clone()
+    new.load_state_dict(sd)
+    return new
+
+
+def describe(model):
+    """The per-layer table `python model.py` prints."""
+    cfg = model.config
+    lines = [f"d_model {cfg.d_model}  head_dim {cfg.head_dim}  vocab {cfg.vocab_size}  block_size {cfg.block_size}"
+             f"  deep_supervision {cfg.deep_supervision}",
+             f"{'layer':>5} {'heads':>5} {'d_attn':>6} {'d_ffn':>6} {'repeats':>7} {'params':>12}  note"]
+    for i, (h, f, r, b) in enumerate(zip(model.heads, model.ffns, model.repeats, model.blocks)):
+        note = "passthrough" if i in model.passthrough else ""
+        lines.append(f"{i:>5} {h:>5} {h * cfg.head_dim:>6} {f:>6} {r:>7} {sum(p.numel() for p in b.parameters()):>12}  {note}")
+    lines.append(f"params: {model.num_params()}")
+    lines.append(f"params_non_embedding: {model.num_params(include_embedding=False)}")
+    lines.append(f"flops_per_token: {model.flops_per_token()}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    from common import cli, read_config
+
+    def main():
+        import model   # the importable module, so its ConfigError is the one cli() catches
+        cfg = model.GPTConfig.from_dict(read_config(sys.argv[1:], model_only=True))
+        with torch.device("meta"):   # shapes only: a 1.2B model is described instantly
+            print(model.describe(model.GPT(cfg)))
+    cli(main)
