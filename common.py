@@ -18,7 +18,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 class UserError(ValueError):
@@ -161,6 +160,7 @@ def eval_batches(data, block_size, batch_size, n_batches):
 @torch.no_grad()
 def evaluate(model, data, block_size, batch_size, n_batches, device, ctx=None):
     """Mean next-token cross-entropy (nats/token) of model over eval_batches(); ppl = exp(loss)."""
+    from model import cross_entropy
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
@@ -168,8 +168,7 @@ def evaluate(model, data, block_size, batch_size, n_batches, device, ctx=None):
         x, y = x.to(device), y.to(device)
         with ctx or nullcontext():
             logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
-        total += loss.double()
+        total += cross_entropy(logits, y, reduction="sum").double()
         count += y.numel()
     model.train(was_training)
     return (total / count).item()

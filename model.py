@@ -25,6 +25,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def cross_entropy(logits, targets, **kw):
+    """CE over (..., vocab) logits; bf16/fp16 logits are upcast so the softmax runs in fp32."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), **kw)
+
+
 class ConfigError(ValueError):
     """A user mistake in a model config; scripts print it as one line, without a traceback."""
 
@@ -231,8 +238,7 @@ class GPT(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def _head_loss(self, x, targets):
-        logits = self.lm_head(self.norm_f(x))
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return cross_entropy(self.lm_head(self.norm_f(x)), targets, ignore_index=-1)
 
     def forward(self, idx, targets=None, kv_cache=None, pos=0, last_only=False):
         """Returns (logits, loss). loss is the final exit's cross-entropy, plus, in train mode
@@ -259,7 +265,7 @@ class GPT(nn.Module):
             logits = self.lm_head(self.norm_f(x[:, -1:] if last_only else x))
             return logits, None
         logits = self.lm_head(self.norm_f(x))
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        loss = cross_entropy(logits, targets, ignore_index=-1)
         return logits, (loss if aux is None else loss + aux)
 
     # ---- generation with a KV cache ----------------------------------------------------------

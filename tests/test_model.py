@@ -1,0 +1,299 @@
+"""model.py against independent expectations: the paper's parameter counts and taper rules,
+hand-written second implementations (unrolled repeats, naive attention, per-layer CE sums),
+and invariants (passthrough == layer removed, KV cache == full forward)."""
+import math
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import UserError, read_config
+from model import GPT, ConfigError, GPTConfig, apply_rope, drop_layers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# SPEC / Table 2: parameter counts in billions, both embeddings included
+PAPER_PARAMS = {"vanilla_16l": 1.280, "vanilla_15l": 1.213, "vanilla_14l": 1.146, "vanilla_13l": 1.078,
+                "vanilla_12l": 1.011, "cascade_a1": 1.255, "cascade_a2": 1.221, "cascade_f1": 1.185,
+                "cascade_f2": 1.091, "cascade_c1": 1.160, "cascade_c2": 1.032}
+# Table 4 head schedules and FFN end points, written out by hand from the paper's text
+A1_HEADS = [32] * 4 + [30] * 4 + [28] * 4 + [26] * 4
+A2_HEADS = [h for h in range(32, 17, -2) for _ in range(2)]
+FFN = {"f1": (8192, 6272), "f2": (8192, 4352)}
+
+
+def paper_config(name, **over):
+    return GPTConfig.from_dict(read_config([str(ROOT / "config" / f"{name}.py")] +
+                                           [f"--{k}={v!r}" for k, v in over.items()], model_only=True))
+
+
+def meta_model(cfg):
+    with torch.device("meta"):
+        return GPT(cfg)
+
+
+def tiny(**kw):
+    base = dict(vocab_size=61, block_size=32, d_model=32, n_layer=4, head_dim=8, d_attn0=32, S_d=8,
+                d_ffn0=48)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    m = GPT(cfg).double()
+    # make the residual branches large enough that a wrong layer order would show
+    for b in m.blocks:
+        torch.nn.init.normal_(b.attn.proj.weight, std=0.2)
+        torch.nn.init.normal_(b.ffn.down.weight, std=0.2)
+    return m.eval()
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_paper_param_counts(name):
+    m = meta_model(paper_config(name))
+    assert abs(m.num_params() / 1e9 - PAPER_PARAMS[name]) < 0.0005 + 1e-12, m.num_params()
+
+
+def test_paper_taper_schedules():
+    assert paper_config("vanilla_16l").layer_heads() == [32] * 16
+    assert paper_config("cascade_a1").layer_heads() == A1_HEADS
+    assert paper_config("cascade_a2").layer_heads() == A2_HEADS
+    for v in ("f1", "f2"):
+        ffn = paper_config(f"cascade_{v}").layer_ffn()
+        assert (ffn[0], ffn[-1]) == FFN[v] and len(set(a - b for a, b in zip(ffn, ffn[1:]))) == 1
+    assert paper_config("cascade_c1").layer_heads() == A1_HEADS and paper_config("cascade_c1").layer_ffn()[-1] == 6272
+    assert paper_config("cascade_c2").layer_heads() == A2_HEADS and paper_config("cascade_c2").layer_ffn()[-1] == 4352
+    vd = paper_config("virtual_depth")
+    assert vd.n_layer == 8 and vd.layer_repeats() == [1, 1, 1, 1, 2, 3, 3, 5]
+    assert paper_config("layerskip").deep_supervision
+
+
+def test_table2_cost_convention():
+    # SPEC: cost = 2 x (params - input embedding) x 2048 tokens: 4.82 / 4.54 / 4.58 TFLOP
+    for name, tflop in [("vanilla_16l", 4.82), ("vanilla_15l", 4.54), ("cascade_a2", 4.58)]:
+        m = meta_model(paper_config(name))
+        assert abs(2 * m.num_params(include_embedding=False) * 2048 / 1e12 - tflop) < 0.01
+
+
+def test_scaled_families_build_and_keep_the_taper_shape():
+    for fam, lo, hi in [("small", 50e6, 150e6), ("tiny", 1e6, 9e6)]:
+        for path in sorted((ROOT / "config" / fam).glob("*.py")):
+            cfg = GPTConfig.from_dict(read_config([str(path)], model_only=True))
+            n = meta_model(cfg).num_params()
+            assert lo <= n <= hi, (path, n)
+        a2 = GPTConfig.from_dict(read_config([str(ROOT / "config" / fam / "cascade_a2.py")], model_only=True))
+        assert [h * 2 for h in a2.layer_heads()] == A2_HEADS   # half the heads, same schedule
+        f2 = GPTConfig.from_dict(read_config([str(ROOT / "config" / fam / "cascade_f2.py")], model_only=True))
+        assert f2.layer_ffn()[-1] / f2.layer_ffn()[0] == pytest.approx(4352 / 8192)
+
+
+def test_config_round_trips_through_a_checkpoint_dict():
+    cfg = paper_config("cascade_c2", passthrough=[3, 5])
+    again = GPTConfig(**asdict(cfg))
+    assert again == cfg and again.layer_heads() == cfg.layer_heads() and again.layer_ffn() == cfg.layer_ffn()
+
+
+def test_passthrough_equals_model_without_the_layer():
+    cfg = tiny(n_layer=5, n_head=[4, 3, 2, 4, 1], d_ffn=[48, 40, 32, 24, 16])
+    full = build(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 20))
+    for drop in ([2], [0, 4]):
+        # independent construction: a fresh smaller model, weights copied block by block
+        keep = [l for l in range(5) if l not in drop]
+        small = GPT(tiny(n_layer=len(keep), n_head=[cfg.n_head[l] for l in keep],
+                         d_ffn=[cfg.d_ffn[l] for l in keep])).double().eval()
+        small.tok_emb.load_state_dict(full.tok_emb.state_dict())
+        small.norm_f.load_state_dict(full.norm_f.state_dict())
+        small.lm_head.load_state_dict(full.lm_head.state_dict())
+        for j, l in enumerate(keep):
+            small.blocks[j].load_state_dict(full.blocks[l].state_dict())
+        full.set_passthrough(drop)
+        a, b = full(x)[0], small(x)[0]
+        assert torch.equal(a, b)
+        assert torch.equal(a, drop_layers(full, drop)(x)[0])
+        full.set_passthrough([])
+        assert not torch.allclose(full(x)[0], b)
+
+
+def test_repeats_equal_the_explicitly_unrolled_stack():
+    cfg = tiny(n_layer=3, repeats=[1, 3, 2], n_head=[4, 2, 3], d_ffn=[48, 32, 16])
+    m = build(cfg)
+    # second implementation: 6 distinct blocks, weights copied from the shared ones
+    unrolled = GPT(tiny(n_layer=6, n_head=[4, 2, 2, 2, 3, 3], d_ffn=[48, 32, 32, 32, 16, 16])).double().eval()
+    sd = {k: v for k, v in m.state_dict().items() if not k.startswith("blocks.")}
+    for j, l in enumerate([0, 1, 1, 1, 2, 2]):
+        sd.update({f"blocks.{j}.{k}": v for k, v in m.blocks[l].state_dict().items()})
+    unrolled.load_state_dict(sd)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    torch.testing.assert_close(m(x)[0], unrolled(x)[0], rtol=0, atol=1e-12)
+
+
+def naive_block(block, x, cos, sin):
+    """Block forward written out: explicit RMSNorm, masked softmax attention, SwiGLU."""
+    def rms(v, w):
+        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    B, T, _ = x.shape
+    a = block.attn
+    h = rms(x, block.attn_norm.weight)
+    q, k, v = (h @ a.qkv.weight.T).split(a.n_head * a.head_dim, dim=-1)
+    q, k, v = (t.view(B, T, a.n_head, a.head_dim).transpose(1, 2) for t in (q, k, v))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    att = (q @ k.transpose(-1, -2)) / math.sqrt(a.head_dim)
+    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    x = x + (att @ v).transpose(1, 2).reshape(B, T, -1) @ a.proj.weight.T
+    h = rms(x, block.ffn_norm.weight)
+    g, u = (h @ block.ffn.gate_up.weight.T).chunk(2, dim=-1)
+    return x + (F.silu(g) * u) @ block.ffn.down.weight.T
+
+
+def test_forward_matches_a_naive_implementation():
+    cfg = tiny(n_layer=2, n_head=[4, 2], d_ffn=[48, 24])
+    m = build(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    h = m.tok_emb(x)
+    cos, sin = m.rope_cos[:12], m.rope_sin[:12]
+    for b in m.blocks:
+        h = naive_block(b, h, cos, sin)
+    ref = F.linear(F.rms_norm(h, (32,), m.norm_f.weight, 1e-5), m.lm_head.weight)
+    torch.testing.assert_close(m(x)[0], ref, rtol=1e-10, atol=1e-10)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.double), torch.randn(1, 1, 1, 8, dtype=torch.double)
+    m = GPT(tiny())
+    cos, sin = m.rope_cos.double(), m.rope_sin.double()
+    score = lambda i, j: (apply_rope(q, cos[i:i + 1], sin[i:i + 1]) * apply_rope(k, cos[j:j + 1], sin[j:j + 1])).sum()
+    assert torch.allclose(score(7, 3), score(12, 8)) and torch.allclose(score(5, 5), (q * k).sum())
+    assert not torch.allclose(score(7, 3), score(7, 4))
+
+
+def test_deep_supervision_loss_is_the_weighted_sum_of_per_layer_ce():
+    alphas = [0.5, 0.25, 2.0]
+    cfg = tiny(n_layer=3, deep_supervision=True, ds_alpha=alphas, repeats=[1, 2, 1])
+    m = build(cfg).train()
+    x, y = torch.randint(0, cfg.vocab_size, (2, 16)), torch.randint(0, cfg.vocab_size, (2, 16))
+    _, loss = m(x, y)
+    ce = lambda h: F.cross_entropy(m.lm_head(m.norm_f(h)).view(-1, cfg.vocab_size), y.view(-1))
+    h, expect = m.tok_emb(x), 0.0
+    cos, sin = m.rope_cos[:16], m.rope_sin[:16]
+    for i, b in enumerate(m.blocks):
+        for _ in range(cfg.repeats[i]):
+            h = b(h, cos, sin)
+        expect = expect + alphas[i] * ce(h)
+    expect = expect + ce(h)   # the final exit L_N
+    torch.testing.assert_close(loss, expect, rtol=1e-12, atol=1e-12)
+    # the recomputed (checkpointed) aux heads give the same gradients as the direct sum
+    g1 = torch.autograd.grad(loss, list(m.parameters()))
+    g2 = torch.autograd.grad(expect, list(m.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    m.eval()   # eval reports the final exit only
+    torch.testing.assert_close(m(x, y)[1], ce(h), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [{}, {"repeats": [1, 2, 1, 3], "passthrough": [2]}])
+def test_kv_cache_decoding_matches_the_full_forward(kw):
+    cfg = tiny(**kw)
+    m = build(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    full = m(x)[0]
+    cache = m.new_kv_cache(2, 24)
+    chunks = [m(x[:, :10], kv_cache=cache, pos=0)[0]]            # prefill
+    chunks.append(m(x[:, 10:15], kv_cache=cache, pos=10)[0])       # a multi-token chunk
+    for t in range(15, 24):                                        # one token at a time
+        chunks.append(m(x[:, t:t + 1], kv_cache=cache, pos=t)[0])
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-10, atol=1e-10)
+    # greedy generate() == repeatedly taking the argmax of a full forward
+    out = m.generate(x[:, :6], 8, temperature=0)
+    ref = x[:, :6]
+    for _ in range(8):
+        ref = torch.cat([ref, m(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref)
+
+
+def test_flops_per_token_hand_count():
+    cfg = GPTConfig(vocab_size=100, block_size=16, d_model=32, n_layer=2, head_dim=8, n_head=[4, 2],
+                    d_ffn=[64, 48], repeats=[1, 3])
+    m = GPT(cfg)
+    T = 16
+    # layer 0: d_attn 32: QKV 3*32*32, O 32*32, FFN 3*32*64 multiply-adds; attention 2*2*32 per key, (T+1)/2 keys
+    l0 = 2 * (3 * 32 * 32 + 32 * 32 + 3 * 32 * 64) + 4 * 32 * (T + 1) // 2
+    l1 = 2 * (3 * 32 * 16 + 16 * 32 + 3 * 32 * 48) + 4 * 16 * (T + 1) // 2
+    assert m.layer_flops_per_token(T) == [l0, 3 * l1]
+    assert m.flops_per_token(T) == l0 + 3 * l1 + 2 * 32 * 100
+    m.set_passthrough([1])
+    assert m.flops_per_token(T) == l0 + 2 * 32 * 100
+
+
+def test_every_parameter_gets_a_gradient():
+    for kw in ({}, {"deep_supervision": True, "repeats": [2, 1, 1, 3]}):
+        m = GPT(tiny(**kw)).train()
+        x = torch.randint(0, 61, (2, 16))
+        m(x, x)[1].backward()
+        missing = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+        assert not missing, missing
+        groups = m.param_groups_by_layer()
+        assert list(groups) == ["embed"] + [f"layer.{i}" for i in range(4)] + ["head"]
+        assert sum(len(v) for v in groups.values()) == len(list(m.parameters()))
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(d_attn0=100), "d_attn0=100"),
+    (dict(S_d=12), "S_d=12"),
+    (dict(n_layer=16, d_attn0=64, S_d=8, F_d=1), "taper reaches zero"),
+    (dict(n_layer=16, S_f=4), "FFN taper reaches zero"),
+    (dict(n_head=[4, 4]), "n_head has 2 entries but n_layer=4"),
+    (dict(d_ffn=[8] * 5), "d_ffn has 5 entries"),
+    (dict(repeats=[1, 0, 1, 1]), "repeats[1]=0"),
+    (dict(passthrough=[4]), "passthrough index 4: must be in [0, 3]"),
+    (dict(passthrough=[-1]), "passthrough index -1"),
+    (dict(n_head=[4, 4, 0, 4]), "n_head[2]=0"),
+    (dict(n_head=[4] * 4, F_d=2), "use one or the other"),
+    (dict(ds_alpha=[1.0] * 4), "deep_supervision=False"),
+])
+def test_bad_configs_raise_one_line_errors(kw, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        tiny(**kw)
+
+
+def test_configurator_types_and_unknown_keys(tmp_path):
+    cfg = read_config(["--n_layer=3", "--n_head=(4,4,2)", "--rope_theta=500", "--deep_supervision=True"],
+                      model_only=True)
+    assert cfg["n_head"] == [4, 4, 2] and cfg["rope_theta"] == 500.0 and cfg["deep_supervision"] is True
+    with pytest.raises(UserError, match="unknown config key 'n_layers'.*did you mean n_layer"):
+        read_config(["--n_layers=3"], model_only=True)
+    with pytest.raises(UserError, match="expected int"):
+        read_config(["--n_layer=3.5"], model_only=True)
+    with pytest.raises(UserError, match="expected bool"):
+        read_config(["--deep_supervision=1"], model_only=True)
+    bad = tmp_path / "bad.py"
+    bad.write_text("n_layer = 'four'\n")
+    with pytest.raises(UserError, match="n_layer='four'"):
+        read_config([str(bad)], model_only=True)
+    typo = tmp_path / "typo.py"
+    typo.write_text("batchsize = 3\n")
+    with pytest.raises(UserError, match="unknown config key 'batchsize' set by"):
+        read_config([str(typo)], defaults={"batch_size": 1})
+
+
+def test_cli_prints_the_architecture_and_one_line_errors():
+    run = lambda *a: subprocess.run([sys.executable, "model.py", *a], cwd=ROOT, capture_output=True, text=True)
+    r = run("config/cascade_a2.py")
+    assert r.returncode == 0 and "params: 1221036032" in r.stdout and "flops_per_token: " in r.stdout
+    heads = [int(line.split()[1]) for line in r.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert heads == A2_HEADS
+    for args, words in [(("config/cascade_a2.py", "--n_layer=2", "--repeats=[1,0]"), "repeats[1]=0"),
+                        (("config/cascade_a2.py", "--passthrough=[16]"), "passthrough index 16"),
+                        (("config/nope.py",), "does not exist"),
+                        (("config/cascade_a2.py", "--S_f=1024"), "FFN taper reaches zero")]:
+        r = run(*args)
+        assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
