@@ -223,12 +223,14 @@ class LayerGradNorms:
 
     def __call__(self):
         dev = self.params[0].device
-        grads = [p.grad for p in self.params]
+        have = [i for i, p in enumerate(self.params) if p.grad is not None]
         sq = torch.zeros(len(self.names), device=dev, dtype=torch.float32)
-        have = [i for i, g in enumerate(grads) if g is not None]
         if have:
-            norms = torch._foreach_norm([grads[i] for i in have])
-            sq.index_add_(0, self.index[have].to(dev), torch.stack(norms).float() ** 2)
+            key = (dev, tuple(have))
+            if getattr(self, "_key", None) != key:   # copy the index to the device once, not every step
+                self._key, self._dev_index = key, self.index[have].to(dev)
+            norms = torch._foreach_norm([self.params[i].grad for i in have])
+            sq.index_add_(0, self._dev_index, torch.stack(norms).float() ** 2)
         return sq.sqrt()
 
 

@@ -32,7 +32,6 @@ import itertools
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -102,13 +101,13 @@ def print_theory(mc):
     starts = [0] + list(itertools.accumulate(repeats))[:-1]
     total = sum(phi)
     print(f"gradient fan-in, {kind}: N = {N} physical layers, {sum(repeats)} virtual positions")
-    print(f"{'layer':>5} {'repeats':>7} {'positions':>9} {'plain phi':>9} {'deep phi_':>9} {'this run':>8} {'share':>7}")
+    print(f"{'layer':>5} {'repeats':>7} {'positions':>9} {'plain phi':>9} {'deep phi' + chr(39):>9} {'this run':>8} {'normalised':>10}")
     for l in range(N):
         pos = f"{starts[l] + 1}-{starts[l] + repeats[l]}" if repeats[l] > 1 else f"{starts[l] + 1}"
         print(f"{l:>5} {repeats[l]:>7} {pos:>9} {fanin_plain(N)[l]:>9} {fanin_deep_supervision(N)[l]:>9} "
-              f"{phi[l]:>8} {phi[l] / total:>7.3f}")
-    print("(layer 0-indexed; 'plain phi' and 'deep phi_' are the formulas without repetition; "
-          "'share' = this run's fan-in normalised)")
+              f"{phi[l]:>8} {phi[l] / total:>10.3f}")
+    print("(layer 0-indexed; plain phi and deep phi' are the formulas without repetition; "
+          "normalised = this run's fan-in / its sum)")
     if any(r != 1 for r in repeats):
         print(VIRTUAL_NOTE)
 
@@ -185,14 +184,18 @@ def spearman(x, y, exact_max_n=10, n_perm=200_000, seed=0):
 
 
 # ---- fits of the share's shape -----------------------------------------------------------
-def fit_decay(share, N):
+def fit_decay(share, N, theory=None):
     """Which decay explains the share better: linear phi_l or quadratic phi'_l?
     For each: R^2 of the least-squares affine fit share ~ a + b * phi/sum(phi) (shape only),
-    and the RMSE between the share and phi/sum(phi) (no free parameters)."""
+    and the RMSE between the share and phi/sum(phi) (no free parameters). With theory (e.g. virtual
+    depth's fan-in) the same numbers for it too, under 'theory'; the verdict stays linear vs quadratic."""
     share = np.asarray(share, dtype=np.float64)
     share = share / share.sum()
     out = {}
-    for name, phi in (("linear", fanin_plain(N)), ("quadratic", fanin_deep_supervision(N))):
+    cands = [("linear", fanin_plain(N)), ("quadratic", fanin_deep_supervision(N))]
+    if theory is not None and list(theory) not in (cands[0][1], cands[1][1]):
+        cands.append(("theory", list(theory)))
+    for name, phi in cands:
         p = np.asarray(phi, dtype=np.float64)
         p = p / p.sum()
         A = np.stack([np.ones(N), p], axis=1)
@@ -201,9 +204,11 @@ def fit_decay(share, N):
         ss_tot = ((share - share.mean()) ** 2).sum()
         r2 = 1 - (resid ** 2).sum() / ss_tot if ss_tot > 0 else float("nan")
         out[name] = {"r2": float(r2), "slope": float(coef[1]), "rmse": float(np.sqrt(((share - p) ** 2).mean()))}
-    decaying = [k for k in out if out[k]["slope"] > 0 and np.isfinite(out[k]["r2"])]
-    out["verdict"] = (max(decaying, key=lambda k: out[k]["r2"]) if decaying
-                      else "neither (the share does not decay with depth)")
+    decaying = [k for k in ("linear", "quadratic") if out[k]["slope"] > 0 and np.isfinite(out[k]["r2"])]
+    best = max(decaying, key=lambda k: out[k]["r2"]) if decaying else None
+    out["verdict"] = ("neither (the share does not decay with depth)" if best is None
+                      else best if out[best]["r2"] >= 0.5
+                      else f"neither fits well (best {best}, R^2 {out[best]['r2']:.2f} < 0.5)")
     return out
 
 
@@ -224,7 +229,7 @@ def compute_importance(model, data, block_size, batch_size, n_batches, device, d
         for i in range(model.config.n_layer):
             model.set_passthrough([i])
             ablated.append(ppl())
-            log(f"importance: layer {i:>2} passed through: ppl {ablated[-1]:.4f} (+{ablated[-1] - base:.4f})")
+            log(f"importance: layer {i:>2} passed through: ppl {ablated[-1]:.4f} ({ablated[-1] - base:+.4f})")
     finally:
         model.set_passthrough(keep)
     return base, ablated
@@ -238,7 +243,8 @@ def importance_for_run(run, args, log=print):
     tc, mc = ckpt.get("train_config", {}), ckpt["model_config"]
     device = args.device or default_device()
     on_gpu = torch.device(device).type == "cuda"
-    data_path = args.data or os.path.join("data", str(tc.get("dataset", "")), "val.bin")
+    data_dir = tc.get("data_dir") or os.path.join("data", str(tc.get("dataset", "")))
+    data_path = args.data or os.path.join(data_dir, "val.bin")
     settings = {"data": os.path.normpath(data_path),
                 "block_size": int(args.block_size or min(tc.get("block_size", mc["block_size"]), mc["block_size"])),
                 "batch_size": int(args.batch_size or min(int(tc.get("batch_size", 16)), 16)),
@@ -296,7 +302,7 @@ def analyse(run, args, log=print):
     rho_t, p_t = spearman(share, phi)
     out = {"run": run, "name": os.path.basename(os.path.normpath(run)), "kind": kind, "n_layer": N,
            "repeats": list(mc.get("repeats") or [1] * N), "theory": phi, "share": share.tolist(),
-           "steps": int(len(dump["steps"])), "rho_theory": rho_t, "p_theory": p_t, "fit": fit_decay(share, N)}
+           "steps": int(len(dump["steps"])), "rho_theory": rho_t, "p_theory": p_t, "fit": fit_decay(share, N, phi)}
     if imp is not None:
         if len(imp["importance"]) != N:
             raise UserError(f"{run}/importance.json has {len(imp['importance'])} layers, the dump has {N}")
@@ -327,6 +333,9 @@ def print_report(r):
     f = r["fit"]
     print(f"share decay fit: linear R^2 {f['linear']['r2']:.3f} (rmse {f['linear']['rmse']:.4f}), "
           f"quadratic R^2 {f['quadratic']['r2']:.3f} (rmse {f['quadratic']['rmse']:.4f}) -> {f['verdict']}")
+    if "theory" in f:
+        print(f"share vs this run's own fan-in ({r['kind']}): R^2 {f['theory']['r2']:.3f} "
+              f"(rmse {f['theory']['rmse']:.4f}, slope {'+' if f['theory']['slope'] > 0 else '-'})")
     if any(x != 1 for x in r["repeats"]):
         print(VIRTUAL_NOTE)
 
@@ -356,21 +365,30 @@ def fig3(runs, path, log=print):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, r in enumerate(runs):
-        x = np.arange(1, r["n_layer"] + 1)
+        x = np.arange(r["n_layer"])
         phi = np.asarray(r["theory"], dtype=np.float64)
         c = colors[k % len(colors)]
         ax.plot(x, r["share"], "o-", color=c, label=f"{r['name']}: measured share")
-        style = ":" if "deep" in r["kind"] else "--"
-        ax.plot(x, phi / phi.sum(), style, color="gray" if "deep" in r["kind"] else "black", alpha=0.85,
-                label=f"{r['name']}: theory, {r['kind']}  (ρ={r['rho_theory']:.2f})")
-    ax.set_xlabel("layer (1 = first)")
-    ax.set_ylabel("accumulated gradient share  /  normalised fan-in")
-    ax.set_title("Gradient share follows the theoretical fan-in (Fig. 3)")
-    ax.set_xticks(np.arange(1, max(r["n_layer"] for r in runs) + 1))
+        # the paper's styles: linear theory black dashed, quadratic gray dotted (run colour when several)
+        style = ":" if "deep" in r["kind"] else "-." if "virtual" in r["kind"] else "--"
+        tc = c if len(runs) > 1 else "gray" if "deep" in r["kind"] else "black"
+        ax.plot(x, phi / phi.sum(), style, color=tc, alpha=0.9, lw=1.8,
+                label=f"{r['name']}: theory, {r['kind']} (Spearman ρ={r['rho_theory']:.2f})")
+    ax.set_xlabel("layer (0 = first, as in the table and passthrough)")
+    ax.set_ylabel("accumulated gradient share  /  fan-in / sum")
+    ax.set_title("Measured gradient share vs theoretical fan-in (Fig. 3)")
+    ax.set_xticks(np.arange(max(r["n_layer"] for r in runs)))
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, loc="upper right")
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if len(runs) > 1 else 1,
+              frameon=False)
     _save(fig, path, log)
+
+
+def _wide(vals):
+    """Log axis when importance spans more than 50x and is all positive (one layer dominating)."""
+    v = np.asarray(vals, dtype=np.float64)
+    return bool((v > 0).all() and v.max() / v.min() > 50)
 
 
 def fig4(r, path, log=print):
@@ -378,10 +396,14 @@ def fig4(r, path, log=print):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     ax.scatter(r["share"], r["importance"], color="tab:blue", zorder=3)
-    for l, (s, m) in enumerate(zip(r["share"], r["importance"])):
-        ax.annotate(str(l + 1), (s, m), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    order = np.argsort(r["share"])   # alternate label sides along x so neighbours do not collide
+    for k, l in enumerate(order):
+        ax.annotate(str(l), (r["share"][l], r["importance"][l]), textcoords="offset points",
+                    xytext=(-5, 2) if k % 2 == 0 else (5, 2), ha="right" if k % 2 == 0 else "left", fontsize=8)
+    if _wide(r["importance"]):
+        ax.set_yscale("log")
     ax.set_xlabel("accumulated gradient share $\\bar g_i$")
-    ax.set_ylabel(_imp_label(r))
+    ax.set_ylabel(_imp_label(r) + (", log" if _wide(r["importance"]) else ""))
     ax.set_title(f"{r['name']}: Spearman ρ = {r['rho']:.2f}, p = {fmt_p(r['p'])}")
     ax.grid(alpha=0.3)
     _save(fig, path, log)
@@ -396,30 +418,34 @@ def _log_floor(vals):
 
 
 def fig5(r, base, path, log=print):
-    """Per-layer importance of an intervention run against its baseline (log y), shares inset."""
+    """Per-layer importance of an intervention run against its baseline (log y); the gradient
+    shares in a small panel beside it (the paper's inset, moved out so it never hides data)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.4))
+    fig, (ax, ins) = plt.subplots(1, 2, figsize=(8.6, 4.2), gridspec_kw={"width_ratios": [3, 1.15]})
     floor = min(_log_floor(r["importance"])[1], _log_floor(base["importance"])[1])
+    n = max(r["n_layer"], base["n_layer"])
     for rr, c, m in ((base, "tab:gray", "s--"), (r, "tab:red", "o-")):
-        x = np.arange(1, rr["n_layer"] + 1)
-        ax.plot(x, np.maximum(rr["importance"], floor), m, color=c, label=f"{rr['name']} ({rr['kind']})")
+        ax.plot(np.arange(rr["n_layer"]), np.maximum(rr["importance"], floor), m, color=c,
+                label=f"{rr['name']} ({rr['kind']})")
     ax.set_yscale("log")
-    ax.set_xlabel("layer (1 = first)")
-    ax.set_ylabel(_imp_label(r) + ", log")
-    ax.set_title(f"Intervention vs baseline: {r['name']} vs {base['name']} (Fig. 5)")
-    ax.set_xticks(np.arange(1, max(r["n_layer"], base["n_layer"]) + 1))
+    ax.set_xlabel("layer (0 = first)")
+    ax.set_ylabel(_imp_label(r) + ", log scale")
+    ax.set_title(f"{r['name']} vs baseline {base['name']}: importance (Fig. 5)", fontsize=10)
+    ax.set_xticks(np.arange(n))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     if any(v <= 0 for v in list(r["importance"]) + list(base["importance"])):
         ax.text(0.99, 0.01, f"values <= 0 drawn at {floor:.2g}", transform=ax.transAxes, ha="right",
                 va="bottom", fontsize=7, color="dimgray")
-    ins = ax.inset_axes([0.64, 0.56, 0.34, 0.36])
     w = 0.4
     for rr, c, dx in ((base, "tab:gray", -w / 2), (r, "tab:red", w / 2)):
-        ins.bar(np.arange(1, rr["n_layer"] + 1) + dx, rr["share"], width=w, color=c)
-    ins.set_title("gradient share", fontsize=7)
-    ins.tick_params(labelsize=6)
-    ins.set_xticks(np.arange(1, max(r["n_layer"], base["n_layer"]) + 1))
+        ins.bar(np.arange(rr["n_layer"]) + dx, rr["share"], width=w, color=c)
+    ins.set_title("gradient share", fontsize=9)
+    ins.set_xlabel("layer", fontsize=8)
+    ins.tick_params(labelsize=7)
+    ins.set_xticks(np.arange(0, n, 2 if n > 10 else 1))
+    ins.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
     _save(fig, path, log)
 
 
@@ -427,19 +453,22 @@ def fig678(r, path, log=print):
     """Per-layer share (red, dashed) and importance (blue, solid) on one axis, twin y."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    x = np.arange(1, r["n_layer"] + 1)
+    x = np.arange(r["n_layer"])
     l1 = ax.plot(x, r["share"], "o--", color="tab:red", label="gradient share $\\bar g_i$")
-    ax.set_xlabel("layer (1 = first)")
+    ax.set_xlabel("layer (0 = first, as in the table and passthrough)")
     ax.set_ylabel("accumulated gradient share", color="tab:red")
     ax.tick_params(axis="y", colors="tab:red")
     ax2 = ax.twinx()
     l2 = ax2.plot(x, r["importance"], "s-", color="tab:blue", label="importance")
-    ax2.set_ylabel(_imp_label(r), color="tab:blue")
+    ax2.set_ylabel(_imp_label(r) + (", log" if _wide(r["importance"]) else ""), color="tab:blue")
+    if _wide(r["importance"]):
+        ax2.set_yscale("log")
     ax2.tick_params(axis="y", colors="tab:blue")
     ax.set_xticks(x)
     ax.grid(alpha=0.3)
     ax.set_title(f"{r['name']}: share and importance per layer (ρ = {r['rho']:.2f}, p = {fmt_p(r['p'])})")
-    ax.legend(l1 + l2, [h.get_label() for h in l1 + l2], fontsize=8, loc="upper right")
+    ax.legend(l1 + l2, [h.get_label() for h in l1 + l2], fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     _save(fig, path, log)
 
 

@@ -1,0 +1,592 @@
+"""
+CascadeFlow Pruning (CFP) against three baselines, scored by perplexity and HellaSwag: Table 1.
+
+    python prune.py --k 4                                   # the run in out/vanilla_16l
+    python prune.py --runs out/a out/b out/c --k 1,2,4,6,8  # seeds: mean +- std per cell
+    python prune.py --runs out/a --k 4 --methods cfp --save_pruned out/a_cfp4   # a smaller checkpoint
+
+Methods (paper Appendix A.4); each prints its full ranking, then prunes by passthrough
+(the removed layers are skipped as identity, model.set_passthrough):
+  cfp         the k layers with the lowest accumulated training-gradient share (Eq. 2, from
+              <run>/grad_norms.npz), at any positions.
+  magnitude   block score = sum over the block's weights of |W|, computed as: each matrix is
+              reduced over its input dim (per-output L1 norm), the per-output scores of all the
+              block's matrices and its RMSNorm gains (1-D, taken as-is) are then summed. We
+              sum rather than average so a narrower (tapered) layer counts as the smaller mass
+              it is; for uniform widths both give the same ranking. Embeddings, LM head and
+              final norm are excluded. The k lowest blocks are removed.
+  taylor      on --calib_batches batches of TRAINING data (fixed windows), accumulate
+              |W * dL/dW| elementwise, summed over batches (one backward per batch, L = the
+              final LM loss), then the same per-output reduction and block sum. k lowest go.
+  similarity  Gromov et al.: angular distance arccos(cos(h_l, h_{l+k})) / pi between the input
+              of layer l and the input of layer l+k (h_N = the last block's output), per token,
+              averaged over ALL token positions of the calibration batches (Gromov use only the
+              last token; every position of a causal LM is a prediction, and averaging over all
+              of them is far less noisy on a small calibration set). The contiguous block
+              [l, l+k) with the smallest distance goes. Its per-layer ranking (for the
+              cross-seed stability) is the k=1 distance.
+
+Evaluation: held-out perplexity = exp(common.evaluate) over a fixed token set (same numbers
+every call); HellaSwag zero-shot (OLMo / lm-eval protocol): each ending is scored by the
+summed log-probability of its tokens given the context; acc = argmax of that sum,
+acc_norm = argmax of the sum divided by the ending's length in characters (lm-eval's
+acc_norm; the joining space not counted). Official HellaSwag rows are cleaned as lm-eval does
+("activity_label: ctx_a Ctx_b", bracket markup removed); other rows use their ctx field.
+Tokenizer from the run's vocab: 256 -> bytes, >= 50257 -> tiktoken GPT-2 BPE (offline: set
+TIKTOKEN_CACHE_DIR). Outputs under --out: table1.md, table1_ppl.png, results.json.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import time
+from functools import lru_cache
+from itertools import combinations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import UserError, autocast_for, cli, evaluate, get_batch, load_grad_dump, load_model, load_tokens
+from common import atomic_save
+from model import drop_layers
+
+METHODS = ("cfp", "similarity", "taylor", "magnitude")   # the paper's column order
+LABELS = {"cfp": "CFP (ours)", "similarity": "Similarity", "taylor": "Taylor", "magnitude": "Magnitude"}
+
+
+# ---- block scores ------------------------------------------------------------------------------
+def block_score(tensors):
+    """Per-output reduction (sum over the input dim of each matrix; 1-D gains as-is), then the
+    sum over all outputs of the block."""
+    total = 0.0
+    for t in tensors:
+        per_output = t.sum(dim=1) if t.dim() == 2 else t
+        total += per_output.double().sum().item()
+    return total
+
+
+def magnitude_scores(model):
+    return np.array([block_score([p.detach().abs() for p in b.parameters()]) for b in model.blocks])
+
+
+def taylor_scores(model, batches, device, ctx):
+    """sum over batches of |W * dL/dW| per element, reduced per block. Gradients only for blocks."""
+    was_training = model.training
+    model.eval()   # no deep-supervision aux losses: L is the final LM loss
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [list(b.parameters()) for b in model.blocks]
+    for ps in params:
+        for p in ps:
+            p.requires_grad_(True)
+    acc = [[torch.zeros_like(p) for p in ps] for ps in params]
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            _, loss = model(x, y)
+        grads = torch.autograd.grad(loss, [p for ps in params for p in ps])
+        it = iter(grads)
+        for ps, a in zip(params, acc):
+            for p, s in zip(ps, a):
+                s += (p.detach() * next(it)).abs()
+    for p, f in flags.items():
+        p.requires_grad_(f)
+    model.train(was_training)
+    return np.array([block_score(a) for a in acc])
+
+
+@torch.no_grad()
+def angular_distances(model, batches, device, ctx):
+    """D[l, m] (l < m, m <= N): mean over all tokens of arccos(cos(h_l, h_m)) / pi, where h_l is
+    the input of block l (its first application if repeated) and h_N the input of the final norm."""
+    N = model.config.n_layer
+    hidden = {}
+
+    def grab(i):
+        def hook(module, args):
+            hidden.setdefault(i, args[0].detach())   # first application only (virtual depth)
+        return hook
+    hooks = [b.register_forward_pre_hook(grab(i)) for i, b in enumerate(model.blocks)]
+    hooks.append(model.norm_f.register_forward_pre_hook(grab(N)))
+    was_training = model.training
+    model.eval()
+    D, count = torch.zeros(N + 1, N + 1, dtype=torch.float64), 0
+    try:
+        for x, _ in batches:
+            hidden.clear()
+            with ctx:
+                model(x.to(device))
+            h = [F.normalize(hidden[i].float().flatten(0, 1), dim=-1) for i in range(N + 1)]
+            for l, m in combinations(range(N + 1), 2):
+                cos = (h[l] * h[m]).sum(-1).clamp(-1.0, 1.0)
+                D[l, m] += (torch.arccos(cos) / math.pi).double().sum().cpu()
+            count += h[0].size(0)
+    finally:
+        for hk in hooks:
+            hk.remove()
+        model.train(was_training)
+    return (D / count).numpy()
+
+
+def cfp_share(run_dir, n_layer, ckpt=None):
+    """Eq. 2 share per layer from <run>/grad_norms.npz (else the dump inside the checkpoint)."""
+    npz = os.path.join(run_dir, "grad_norms.npz") if os.path.isdir(run_dir) else None
+    if npz and os.path.isfile(npz):
+        share = np.asarray(load_grad_dump(npz)["share"], dtype=np.float64)
+    else:
+        if ckpt is None:
+            ckpt = torch.load(_ckpt_file(run_dir), map_location="cpu", weights_only=False)
+        sd = ckpt.get("grad_dump")
+        if not sd or len(sd.get("steps", [])) == 0:
+            raise UserError(f"run {run_dir} has no gradient dump (grad_norms.npz): CFP needs one; train the run "
+                            f"with train.py, or leave cfp out of --methods")
+        from common import accumulated_share
+        share = accumulated_share(sd["norms"], list(sd["names"]))
+    if len(share) != n_layer:
+        raise UserError(f"gradient dump of {run_dir} has {len(share)} layers but the model has {n_layer}")
+    return share
+
+
+# ---- pruning choices -----------------------------------------------------------------------------
+def lowest(scores, k):
+    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:k])
+
+
+def similarity_block(D, k):
+    """(start l of the contiguous block [l, l+k) with the smallest D[l, l+k], all candidate distances)."""
+    N = D.shape[0] - 1
+    cand = np.array([D[l, l + k] for l in range(N - k + 1)])
+    return int(np.argmin(cand)), cand
+
+
+def print_ranking(name, scores, what):
+    order = np.argsort(scores, kind="stable")
+    print(f"{name} ranking, least important first ({what}):")
+    print("  " + "  ".join(f"L{i}:{scores[i]:.4g}" for i in order))
+
+
+# ---- HellaSwag ---------------------------------------------------------------------------------------
+def get_encoder(vocab_size):
+    if vocab_size == 256:
+        return lambda s: list(s.encode("utf-8"))
+    if vocab_size >= 50257:
+        try:
+            import tiktoken
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR "
+                            f"to a tiktoken cache holding gpt2") from None
+        return lambda s: enc.encode(s, allowed_special="all")
+    raise UserError(f"vocab_size={vocab_size}: no tokenizer known for it (256 = bytes, >= 50257 = GPT-2 BPE)")
+
+
+def _preprocess(text):
+    # HellaSwag's WikiHow rows carry markup such as "[header]", "[title]" (lm-eval / OLMo cleaning)
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def load_hellaswag(path, limit=0):
+    """[(context, [4 continuations], label)] from a HellaSwag-layout jsonl (ctx, endings, label;
+    activity_label optional). Continuations carry their leading space; malformed rows -> UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"HellaSwag file {path} does not exist (run data/hellaswag/prepare.py, or pass any jsonl in "
+                        f"HellaSwag layout with --hellaswag)")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path} line {n}: not valid JSON") from None
+            if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= set(row):
+                raise UserError(f"{path} line {n}: needs the fields ctx, endings and label")
+            ctx, endings, label = row["ctx"], row["endings"], row["label"]
+            if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != 4 \
+                    or not all(isinstance(e, str) and e.strip() for e in endings):
+                raise UserError(f"{path} line {n}: ctx must be a string and endings a list of 4 non-empty strings")
+            try:
+                label = int(label)
+            except (TypeError, ValueError):
+                label = -1
+            if not 0 <= label < 4:
+                raise UserError(f"{path} line {n}: label must be 0..3, got {row['label']!r}")
+            if isinstance(row.get("ctx_a"), str) and isinstance(row.get("ctx_b"), str):
+                ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()   # official HellaSwag, as lm-eval builds it
+            ctx = _preprocess(ctx)
+            if row.get("activity_label"):
+                ctx = f"{_preprocess(str(row['activity_label']))}: {ctx}"
+            items.append((ctx, [" " + _preprocess(e) for e in endings], label))
+            if limit and len(items) >= limit:
+                break
+    if not items:
+        raise UserError(f"{path} holds no items")
+    return items
+
+
+@torch.no_grad()
+def hellaswag_logprobs(model, items, encode, device, ctx, max_tokens=16384):
+    """[n_items, 4] summed log-prob of each continuation's tokens given its context.
+    All 4 endings of several items go in one right-padded batch (items sorted by length, at most
+    max_tokens padded tokens); contexts longer than block_size are left-truncated."""
+    T = model.config.block_size
+    seqs = []   # per item: 4 x (tokens, number of continuation tokens)
+    for c, ends, _ in items:
+        ce = encode(c)
+        row = []
+        for e in ends:
+            ee = encode(e)
+            toks = (ce + ee)[-(T + 1):]
+            row.append((toks, min(len(ee), len(toks) - 1)))
+        seqs.append(row)
+    out = np.zeros((len(items), 4))
+    order = sorted(range(len(items)), key=lambda i: max(len(t) for t, _ in seqs[i]))
+    was_training = model.training
+    model.eval()
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and 4 * (j + 1 - i) * (max(len(t) for t, _ in seqs[order[j]]) - 1) <= max_tokens:
+            j += 1
+        batch = [s for it in order[i:j] for s in seqs[it]]
+        L = max(len(t) for t, _ in batch) - 1
+        x = torch.zeros(len(batch), L, dtype=torch.long)
+        y = torch.full((len(batch), L), -1, dtype=torch.long)   # -1: not a continuation token
+        for b, (toks, n) in enumerate(batch):
+            t = torch.tensor(toks)
+            x[b, :len(toks) - 1] = t[:-1]
+            y[b, len(toks) - 1 - n:len(toks) - 1] = t[len(toks) - n:]
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            logits, _ = model(x)
+        mask = y >= 0
+        lp = torch.log_softmax(logits[mask].float(), dim=-1).gather(1, y[mask][:, None])[:, 0]
+        per_seq = torch.zeros(len(batch), device=device, dtype=torch.float64)
+        per_seq.index_add_(0, mask.nonzero()[:, 0], lp.double())
+        out[order[i:j]] = per_seq.view(-1, 4).cpu().numpy()
+        i = j
+    model.train(was_training)
+    return out
+
+
+def hellaswag_accuracy(logprobs, items):
+    labels = np.array([lab for _, _, lab in items])
+    # characters of the ending itself, without the " " that joins it to the context (lm-eval)
+    chars = np.array([[max(len(e) - 1, 1) for e in ends] for _, ends, _ in items])
+    acc = float((logprobs.argmax(1) == labels).mean())
+    acc_norm = float(((logprobs / chars).argmax(1) == labels).mean())
+    return acc, acc_norm
+
+
+# ---- run-level work ---------------------------------------------------------------------------
+def _ckpt_file(run):
+    return os.path.join(run, "ckpt.pt") if os.path.isdir(run) else run
+
+
+def parse_ks(text):
+    try:
+        ks = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--k {text!r}: give integers separated by commas, e.g. --k 1,2,4,6,8") from None
+    if not ks:
+        raise UserError("--k is empty: give e.g. --k 4")
+    return sorted(set(ks))
+
+
+def parse_methods(text):
+    ms = [m.strip().lower() for m in str(text).split(",") if m.strip()]
+    bad = [m for m in ms if m not in METHODS]
+    if bad or not ms:
+        raise UserError(f"--methods {text!r}: choose from {','.join(METHODS)}")
+    return [m for m in METHODS if m in ms]
+
+
+def data_dir_for(args, ckpt, run):
+    """--data (a folder, or a name under data/), else the run's train_config data_dir / dataset."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    tc = ckpt.get("train_config") or {}
+    ds = args.data or tc.get("data_dir") or tc.get("dataset")
+    if not ds:
+        raise UserError(f"run {run} does not name its dataset: pass --data <dataset name or folder>")
+    return ds if os.path.isdir(ds) else os.path.join(here, ds)
+
+
+def prune_run(run, args, ks, methods, hs_items, device, ctx):
+    """Scores, choices and evaluations for one run: a dict for the table."""
+    t0 = time.time()
+    model, ckpt = load_model(run, device)
+    cfg = model.config
+    N, T = cfg.n_layer, cfg.block_size
+    for k in ks:
+        if not 1 <= k <= N - 1:
+            raise UserError(f"k={k}: must be in [1, {N - 1}] for the {N}-layer model of {run}")
+    if model.passthrough:
+        print(f"note: {run} has passthrough layers {sorted(model.passthrough)} in its config; pruning scores all layers")
+        model.set_passthrough([])
+    ddir = data_dir_for(args, ckpt, run)
+    val = load_tokens(os.path.join(ddir, "val.bin"), cfg.vocab_size)
+    print(f"== run {run}: {N} layers, {model.num_params() / 1e6:.1f}M params, held-out {ddir}/val.bin")
+
+    share = cfp_share(run, N, ckpt) if "cfp" in methods else None   # fail early, before any compute
+    calib = None
+    if "taylor" in methods or "similarity" in methods:
+        train = load_tokens(os.path.join(ddir, "train.bin"), cfg.vocab_size)
+        # fixed windows of the training data (seeded): the calibration set is the same every call
+        calib = [get_batch(train, args.batch_size, T, step, args.calib_seed) for step in range(args.calib_batches)]
+
+    scores, choice = {}, {}   # scores: per-layer (higher = more important); choice[(m, k)] = layers
+    for m in methods:
+        if m == "cfp":
+            scores[m] = share
+            print_ranking("cfp", share, "accumulated gradient share")
+            for k in ks:
+                choice[(m, k)] = lowest(share, k)
+        elif m == "magnitude":
+            scores[m] = magnitude_scores(model)
+            print_ranking("magnitude", scores[m], "sum of |W|")
+            for k in ks:
+                choice[(m, k)] = lowest(scores[m], k)
+        elif m == "taylor":
+            scores[m] = taylor_scores(model, calib, device, ctx)
+            print_ranking("taylor", scores[m], f"sum |W*dL/dW| over {len(calib)} calibration batches")
+            for k in ks:
+                choice[(m, k)] = lowest(scores[m], k)
+        elif m == "similarity":
+            D = angular_distances(model, calib, device, ctx)
+            scores[m] = np.array([D[l, l + 1] for l in range(N)])
+            print_ranking("similarity", scores[m], "angular distance d(h_l, h_l+1)")
+            for k in ks:
+                l, cand = similarity_block(D, k)
+                choice[(m, k)] = list(range(l, l + k))
+                print(f"  similarity k={k}: blocks [l, l+{k}) by distance: "
+                      + "  ".join(f"{i}:{cand[i]:.4f}" for i in np.argsort(cand, kind="stable")))
+
+    cache = {}   # frozenset(layers) -> metrics: methods that agree share one evaluation
+    encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size)) if hs_items is not None else None   # once per text
+
+    def score(layers):
+        key = frozenset(layers)
+        if key not in cache:
+            model.set_passthrough(layers)
+            loss = evaluate(model, val, T, args.batch_size, args.eval_batches, device, ctx)
+            r = {"ppl": math.exp(loss), "loss": loss}
+            if hs_items is not None:
+                lp = hellaswag_logprobs(model, hs_items, encode, device, ctx, args.hs_tokens)
+                r["acc"], r["acc_norm"] = hellaswag_accuracy(lp, hs_items)
+            model.set_passthrough([])
+            cache[key] = r
+        return cache[key]
+
+    res = {"run": run, "n_layer": N, "baseline": score([]), "cells": {}, "scores": {m: list(map(float, s))
+           for m, s in scores.items()}}
+    print(f"  baseline: {_fmt_metrics(res['baseline'])}")
+    for m in methods:
+        for k in ks:
+            r = dict(score(choice[(m, k)]), layers=choice[(m, k)])
+            res["cells"][f"{m}/{k}"] = r
+            print(f"  {m:<10} k={k}: remove {r['layers']}  {_fmt_metrics(r)}")
+    print(f"  ({time.time() - t0:.1f}s)")
+    return res, model, ckpt, choice
+
+
+def _fmt_metrics(r):
+    s = f"ppl {r['ppl']:.3f}"
+    if "acc" in r:
+        s += f"  acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}"
+    return s
+
+
+# ---- Table 1 ----------------------------------------------------------------------------------------
+def mean_std(values):
+    v = np.asarray(values, dtype=np.float64)
+    return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)   # sample std over seeds
+
+
+def _cell(values, digits):
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def stability(results, methods):
+    """Mean pairwise Spearman rho of each method's per-layer scores between runs (seeds)."""
+    if len(results) < 2:
+        return {}
+    try:
+        from fanin import spearman   # the one Spearman of the codebase (rho, p)
+    except ImportError:
+        print("note: ranking stability skipped: fanin.py (spearman) is not importable")
+        return {}
+    out = {}
+    for m in methods:
+        rhos = [spearman(a["scores"][m], b["scores"][m])[0] for a, b in combinations(results, 2)]
+        out[m] = (float(np.mean(rhos)), [float(r) for r in rhos])
+    return out
+
+
+def table1(results, ks, methods, stab, hs_name):
+    has_hs = "acc" in results[0]["baseline"]
+    n = len(results)
+    metrics = [("PPL ↓", "ppl", 3)] + ([("acc ↑", "acc", 4), ("acc_norm ↑", "acc_norm", 4)] if has_hs else [])
+    head = ["k", "metric"] + [LABELS[m] for m in methods]
+    lines = [f"Table 1: layer pruning of {results[0]['n_layer']}-layer model(s), {n} run(s)"
+             + (" (mean ± sample std over runs)" if n > 1 else ""),
+             f"PPL: held-out perplexity. HellaSwag ({hs_name}): acc = argmax of summed log-prob of the ending, "
+             f"acc_norm = argmax of log-prob per character of the ending." if has_hs else
+             "PPL: held-out perplexity. HellaSwag: skipped (no --hellaswag file).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, key, d in metrics:
+        lines.append(f"| 0 (baseline) | {label} | " + " | ".join(_cell([r["baseline"][key] for r in results], d)
+                                                             for _ in methods) + " |")
+    for k in ks:
+        for label, key, d in metrics:
+            lines.append(f"| {k} | {label} | " + " | ".join(
+                _cell([r["cells"][f"{m}/{k}"][key] for r in results], d) for m in methods) + " |")
+    lines += ["", "Removed layers (per run):", "", "| k | " + " | ".join(LABELS[m] for m in methods) + " |",
+              "|" + "---|" * (len(methods) + 1)]
+    for k in ks:
+        lines.append(f"| {k} | " + " | ".join(" / ".join(str(r["cells"][f"{m}/{k}"]["layers"]) for r in results)
+                                               for m in methods) + " |")
+    if stab:
+        lines += ["", "Ranking stability across runs: mean pairwise Spearman rho of each method's per-layer scores "
+                  "(similarity: the k=1 angular distance)", "", "| method | mean rho | pairs |", "|---|---|---|"]
+        for m in methods:
+            lines.append(f"| {LABELS[m]} | {stab[m][0]:.3f} | {', '.join(f'{r:.3f}' for r in stab[m][1])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, ks, methods, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    has_hs = "acc" in results[0]["baseline"]
+    fig, axes = plt.subplots(1, 2 if has_hs else 1, figsize=(11 if has_hs else 6, 4), squeeze=False)
+    for m in methods:
+        for ax, key in zip(axes[0], ["ppl", "acc_norm"]):
+            ms = [mean_std([r["cells"][f"{m}/{k}"][key] for r in results]) for k in ks]
+            ax.errorbar(ks, [a for a, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, label=LABELS[m])
+    for ax, key, name in zip(axes[0], ["ppl", "acc_norm"], ["held-out PPL (log)", "HellaSwag acc_norm"]):
+        ax.axhline(mean_std([r["baseline"][key] for r in results])[0], color="gray", ls="--", label="baseline (k=0)")
+        ax.set_xlabel("layers removed k")
+        ax.set_ylabel(name)
+        ax.set_xticks(ks)
+    axes[0][0].set_yscale("log")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_pruned(path, model, ckpt, layers, run, method, k):
+    """The model with `layers` physically removed, as a checkpoint train.py/bench.py/prune.py load.
+    A directory gets ckpt.pt plus grad_norms.npz (the dump's kept layers, renamed)."""
+    from dataclasses import asdict
+    from common import GradNormDump
+    small = drop_layers(model, layers)
+    keep = [l for l in range(model.config.n_layer) if l not in set(layers)]
+    train_config = dict(ckpt.get("train_config") or {})
+    for key, value in asdict(small.config).items():   # model keys of the train config follow the small model
+        if key in train_config:
+            train_config[key] = value
+    out = {"model": small.state_dict(), "model_config": asdict(small.config), "train_config": train_config, "iter_num": ckpt.get("iter_num", 0),
+           "pruned_from": {"run": run, "method": method, "k": k, "removed_layers": list(layers)}}
+    dump = None
+    sd = ckpt.get("grad_dump")
+    if sd and len(sd.get("steps", [])):
+        names = list(sd["names"])
+        cols = [names.index(n) for n in ["embed"] + [f"layer.{l}" for l in keep] + ["head"] if n in names]
+        new_names = ["embed"] + [f"layer.{i}" for i in range(len(keep))] + ["head"]
+        dump = GradNormDump(new_names, None)
+        dump.load_state_dict({"names": new_names, "steps": sd["steps"], "norms": np.asarray(sd["norms"])[:, cols]})
+        out["grad_dump"] = dump.state_dict()
+    if path.endswith(".pt"):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        atomic_save(out, path)
+    else:
+        os.makedirs(path, exist_ok=True)
+        atomic_save(out, os.path.join(path, "ckpt.pt"))
+        if dump is not None:
+            dump.path = os.path.join(path, "grad_norms.npz")
+            dump.flush()
+    print(f"saved the {small.config.n_layer}-layer model ({method}, k={k}, removed {list(layers)}) to {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=["out/vanilla_16l"], help="run dirs (or ckpt.pt); several = seeds")
+    p.add_argument("--k", default="1,2,4,6,8", help="layers to remove, one or several: 4 or 1,2,4,6,8")
+    p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
+    p.add_argument("--hellaswag", default=None, help="HellaSwag-layout jsonl (default "
+                   "data/hellaswag/hellaswag_val.jsonl if present; 'none' skips)")
+    p.add_argument("--hs_items", type=int, default=0, help="score only the first N items (0 = all)")
+    p.add_argument("--hs_tokens", type=int, default=16384, help="padded tokens per HellaSwag batch")
+    p.add_argument("--data", default=None, help="dataset name or folder (default: the run's train_config dataset)")
+    p.add_argument("--eval_batches", type=int, default=20, help="held-out batches for perplexity")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per batch (perplexity, calibration)")
+    p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for Taylor/Similarity")
+    p.add_argument("--calib_seed", type=int, default=1234)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", help="float32 (the paper), tf32 or bfloat16")
+    p.add_argument("--out", default=None, help="folder for table1.md, table1_ppl.png, results.json "
+                   "(default <first run>/prune)")
+    p.add_argument("--save_pruned", default=None, help="write the pruned model (one run, one k, one method) "
+                   "with its layers physically removed: a run folder, or a .pt file")
+    args = p.parse_args(argv)
+
+    ks, methods = parse_ks(args.k), parse_methods(args.methods)
+    for name in ("eval_batches", "batch_size", "calib_batches", "hs_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+    if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):
+        raise UserError("--save_pruned writes one model: give one run, one --k and one --methods")
+    for run in args.runs:
+        if not os.path.isfile(_ckpt_file(run)):
+            raise UserError(f"checkpoint {_ckpt_file(run)} does not exist (train the run with train.py, "
+                            f"or pass --runs <run dir>)")
+    hs_path = args.hellaswag
+    if hs_path is None:
+        hs_path = "data/hellaswag/hellaswag_val.jsonl"
+        if not os.path.isfile(hs_path):
+            print(f"note: HellaSwag skipped: {hs_path} is absent (run data/hellaswag/prepare.py, or pass "
+                  f"--hellaswag <jsonl in HellaSwag layout>)")
+            hs_path = "none"
+    hs_items = None if hs_path == "none" else load_hellaswag(hs_path, args.hs_items)
+    if hs_items:
+        print(f"HellaSwag: {len(hs_items)} items from {hs_path}")
+    device = args.device
+    ctx = autocast_for(torch.device(device).type, args.dtype)
+
+    results = []
+    for run in args.runs:
+        res, model, ckpt, choice = prune_run(run, args, ks, methods, hs_items, device, ctx)
+        if results and res["n_layer"] != results[0]["n_layer"]:
+            raise UserError(f"runs have different depths ({results[0]['n_layer']} vs {res['n_layer']}): "
+                            f"pass seeds of one config")
+        results.append(res)
+        if args.save_pruned:
+            save_pruned(args.save_pruned, model, ckpt, choice[(methods[0], ks[0])], run, methods[0], ks[0])
+        del model
+
+    stab = stability(results, methods)
+    text = table1(results, ks, methods, stab, hs_path)
+    print()
+    print(text)
+    out = args.out or os.path.join(args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0]),
+                                   "prune")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table1.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"ks": ks, "methods": methods, "runs": results, "stability": stab}, f, indent=1)
+    plot(results, ks, methods, os.path.join(out, "table1_ppl.png"))
+    print(f"wrote {out}/table1.md, table1_ppl.png, results.json")
+    return results
+
+
+if __name__ == "__main__":
+    cli(main)

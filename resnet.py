@@ -1,0 +1,540 @@
+"""
+Gradient Fan-in Asymmetry on ResNet-50: train, dump per-block gradient norms, ablate blocks.
+
+ResNet-50 (He et al. 2016, torchvision's v1.5 layout: stride on the 3x3 conv) in a few dozen
+lines: stem, 16 bottleneck blocks (3-4-6-3, expansion 4, BatchNorm, a projection shortcut on
+the first block of each stage), global pool, linear head. 25,557,032 parameters at 1000
+classes, exactly torchvision's resnet50. Options: a small-image stem (3x3 conv stride 1, no
+max-pool) for 28x28 / 32x32 inputs, any number of input channels (Fashion-MNIST is fed as
+one channel, not replicated to three: replication only triples the stem's input bandwidth
+and equals summing its filters), and a width multiplier (tests only).
+
+Passthrough (importance ablation): a block's residual branch is removed, out = relu(shortcut(x));
+a block with a projection shortcut keeps the projection, an identity block becomes relu(x) = x.
+
+Training follows Table 5: AdamW (0.9, 0.999), weight decay 0.05 (not on BN/bias), peak lr 5e-4,
+per-step cosine with 5 warm-up epochs, global batch 512, 30 epochs, no clipping, seed 324709.
+bf16 autocast + channels_last + torch.compile on GPUs, DDP under torchrun.
+
+    python resnet.py --dataset=fashion_mnist --data_dir=/usr/share/datasets/fashion-mnist
+    torchrun --nproc_per_node=8 resnet.py --dataset=imagenet --data_dir=/data/imagenet
+    python resnet.py --out_dir=out/resnet --analyse=True          # importance of a trained run
+
+Data: 'imagenet' = ImageFolder layout <data_dir>/{train,val}/<class>/*.JPEG (RandomResizedCrop
+224 + flip / resize 256 + center crop 224); 'fashion_mnist' = a folder with the four raw idx
+files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
+t10k-labels-idx1-ubyte, gzipped or not; Debian: `apt-get install dataset-fashion-mnist` puts
+them in /usr/share/datasets/fashion-mnist), held on the device, augmented there (random crop
+with 4-pixel padding + flip), the t10k set is the validation set; 'synthetic' (tests).
+
+Outputs in out_dir: resnet_ckpt.pt (model, model_config, train_config, iter_num, optimizer,
+rng, grad_dump, best_val_acc; not named ckpt.pt, which the LM scripts load as a GPT),
+grad_norms.npz (common.GradNormDump format, groups 'stem',
+'layer.0'..'layer.15', 'head'; fanin.py reads it), log.txt, and after training
+importance.json: {"metric": "top1_drop", "baseline": top-1 of the full model (fraction),
+"importance": [16 drops, baseline - top-1 with block i's residual branch removed],
+"accuracy": [16 ablated top-1s], "layer_names", "share" (Eq. 2), "spearman": {rho, p} when
+fanin.py is present}.
+"""
+import gzip
+import json
+import math
+import os
+import struct
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import UserError, cli, read_config, atomic_save, autocast_for, LayerGradNorms, GradNormDump
+
+# ---- defaults (override with --key=value or a config file) -----------------------------------
+out_dir = "out/resnet"
+dataset = "imagenet"             # 'imagenet' (the paper) | 'fashion_mnist' | 'synthetic' (tests)
+data_dir = ""                    # '' -> data/<dataset> (fashion_mnist: else Debian's /usr/share/datasets/fashion-mnist)
+stem = "auto"                    # 'imagenet' (7x7/2 + max-pool) | 'small' (3x3/1) | 'auto' (small below 64 px)
+width = 64                       # base width (64 = ResNet-50); smaller only for tests
+image_size = 224                 # imagenet crop / synthetic size (Fashion-MNIST is 28)
+epochs = 30
+warmup_epochs = 5.0
+batch_size = 512                 # global, over all DDP ranks
+learning_rate = 5e-4
+min_lr = 1e-6
+weight_decay = 0.05
+beta1, beta2 = 0.9, 0.999
+seed = 324709
+log_interval = 50                # steps
+ckpt_interval = 0                # steps; 0 = at the end of every epoch only
+stop_iter = 0                    # stop (and checkpoint) at this step without changing the schedule; 0 = run to the end
+init_from = "scratch"            # 'scratch' | 'resume' (from out_dir/resnet_ckpt.pt)
+eval_batch_size = 1024           # per rank
+importance = True                # after training: block ablation -> importance.json
+analyse = False                  # only the importance analysis of out_dir's checkpoint
+num_workers = 8                  # imagenet DataLoader workers per rank
+n_synthetic = 512                # synthetic train images (val: half)
+device = "auto"                  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
+dtype = "auto"                   # 'auto' (bfloat16 on GPUs, float32 on CPU) | float32 | tf32 | bfloat16
+compile = None                   # None: on for GPUs, off on CPU
+defaults = {k: v for k, v in dict(globals()).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+
+STAGES = ((3, 1), (4, 2), (6, 2), (3, 2))       # (blocks, first stride) per stage: 16 blocks
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
+CKPT_NAME = "resnet_ckpt.pt"   # not ckpt.pt: that name means a GPT checkpoint to common.load_model / fanin / prune
+DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"    # apt-get install dataset-fashion-mnist
+FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+# ---- model ------------------------------------------------------------------------------------
+def conv_bn(cin, cout, k, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        cout = 4 * width
+        self.branch = nn.Sequential(conv_bn(cin, width, 1), nn.ReLU(inplace=True),
+                                    conv_bn(width, width, 3, stride), nn.ReLU(inplace=True),
+                                    conv_bn(width, cout, 1))
+        self.shortcut = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+        self.passthrough = False
+
+    def forward(self, x):
+        s = self.shortcut(x)
+        if self.passthrough:                 # residual branch removed; a projection is kept
+            return F.relu(s)
+        return F.relu(self.branch(x) + s)
+
+
+class ResNet50(nn.Module):
+    def __init__(self, num_classes=1000, in_channels=3, small_stem=False, width=64):
+        super().__init__()
+        self.config = dict(num_classes=num_classes, in_channels=in_channels, small_stem=small_stem, width=width)
+        if small_stem:   # keep the resolution of 28/32 px images: 3x3 stride 1, no max-pool
+            self.stem = nn.Sequential(conv_bn(in_channels, width, 3), nn.ReLU(inplace=True))
+        else:
+            self.stem = nn.Sequential(conv_bn(in_channels, width, 7, 2), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, 2, 1))
+        blocks, cin = [], width
+        for s, (n, stride) in enumerate(STAGES):
+            for b in range(n):
+                blocks.append(Bottleneck(cin, width * 2 ** s, stride if b == 0 else 1))
+                cin = 4 * width * 2 ** s
+        self.blocks = nn.ModuleList(blocks)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():             # torchvision's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.passthrough = frozenset()
+
+    def min_image_size(self):
+        """Smallest input that still leaves a 1x1 map for the last stage (total stride)."""
+        return 8 if self.config["small_stem"] else 32
+
+    def set_passthrough(self, blocks):
+        blocks = frozenset(int(i) for i in blocks)
+        if any(not 0 <= i < len(self.blocks) for i in blocks):
+            raise UserError(f"passthrough blocks {sorted(blocks)}: indices must be in [0, {len(self.blocks) - 1}]")
+        for i, blk in enumerate(self.blocks):
+            blk.passthrough = i in blocks
+        self.passthrough = blocks
+
+    def forward(self, x):
+        x = self.stem(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def param_groups_by_layer(self):
+        """{'stem', 'layer.0'..'layer.15', 'head'}: the groups of the gradient dump."""
+        return ({"stem": list(self.stem.parameters())}
+                | {f"layer.{i}": list(b.parameters()) for i, b in enumerate(self.blocks)}
+                | {"head": list(self.fc.parameters())})
+
+
+# ---- data -------------------------------------------------------------------------------------
+def read_idx(path):
+    """A raw idx file (the MNIST format, gzipped or not) as a numpy uint8 array."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path} is not a uint8 idx file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    if len(raw) - 4 - 4 * ndim != int(np.prod(dims)):
+        raise UserError(f"{path} is truncated: header says {dims}")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_fashion_mnist(root):
+    paths = []
+    for name in FMNIST_FILES:
+        found = [p for p in (os.path.join(root, name), os.path.join(root, name + ".gz")) if os.path.isfile(p)]
+        if not found:
+            raise UserError(f"{root} has no {name}(.gz): point --data_dir at the folder holding the four Fashion-MNIST "
+                            f"idx files (Debian: apt-get install dataset-fashion-mnist -> /usr/share/datasets/fashion-mnist)")
+        paths.append(found[0])
+    xtr, ytr, xva, yva = (read_idx(p) for p in paths)
+    if xtr.shape[1:] != (28, 28) or len(xtr) != len(ytr) or len(xva) != len(yva):
+        raise UserError(f"the idx files in {root} do not look like Fashion-MNIST (images {xtr.shape}, labels {ytr.shape})")
+    norm = lambda x: ((torch.from_numpy(x.copy()).float() / 255 - FMNIST_MEAN) / FMNIST_STD).unsqueeze(1)
+    lab = lambda y: torch.from_numpy(y.astype(np.int64))
+    return norm(xtr), lab(ytr), norm(xva), lab(yva)
+
+
+def make_synthetic(n, size, classes=10, channels=3, seed=0):
+    """Learnable toy images: a smooth random template per class plus noise (tests only)."""
+    g = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.randn(classes, channels, 4, 4, generator=g), size=(size, size), mode="bilinear")
+    def split(m):
+        y = torch.randint(0, classes, (m,), generator=g)
+        return templates[y] + 0.5 * torch.randn(m, channels, size, size, generator=g), y
+    return (*split(n), *split(n // 2))
+
+
+def gpu_augment(x, gen, pad=4, fill=0.0):
+    """Random crop with zero(=fill)-padding plus horizontal flip, per image, on x's device."""
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), value=fill)
+    oy = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=gen)
+    rows = (oy[:, None] + torch.arange(H, device=x.device))[:, :, None]        # [B, H, 1]
+    cols = (ox[:, None] + torch.arange(W, device=x.device))[:, None, :]        # [B, 1, W]
+    out = xp[torch.arange(B, device=x.device)[:, None, None], :, rows, cols]    # [B, H, W, C]
+    out = out.permute(0, 3, 1, 2)
+    flip = torch.rand(B, device=x.device, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def open_imagenet(root, size):
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise UserError(f"{root} has no {split}/ folder: imagenet needs the ImageFolder layout "
+                            f"<data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/*.JPEG")
+    from torchvision import datasets, transforms as T      # pure-Python parts of torchvision only
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = datasets.ImageFolder(os.path.join(root, "train"), T.Compose(
+        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
+    val = datasets.ImageFolder(os.path.join(root, "val"), T.Compose(
+        [T.Resize(size * 256 // 224), T.CenterCrop(size), T.ToTensor(), norm]))
+    if train.classes != val.classes:
+        raise UserError(f"{root}: train/ and val/ hold different class folders")
+    return train, val
+
+
+def load_data(cfg):
+    """-> dict(kind='tensor'|'folder', train, val, num_classes, in_channels, size, augment)."""
+    name, root = cfg["dataset"], cfg["data_dir"] or os.path.join("data", cfg["dataset"])
+    if name == "fashion_mnist" and not cfg["data_dir"] and not os.path.isdir(root) and os.path.isdir(DEBIAN_FMNIST):
+        root = DEBIAN_FMNIST
+    if name == "synthetic":
+        xtr, ytr, xva, yva = make_synthetic(cfg["n_synthetic"], cfg["image_size"], seed=cfg["seed"])
+        return dict(kind="tensor", train=(xtr, ytr), val=(xva, yva), num_classes=10, in_channels=3,
+                    size=cfg["image_size"], augment=False, fill=0.0)
+    if name not in ("imagenet", "fashion_mnist"):
+        raise UserError(f"dataset={name!r}: use imagenet, fashion_mnist or synthetic")
+    if not os.path.isdir(root):
+        raise UserError(f"dataset folder {root} does not exist: pass --data_dir=<folder>")
+    if name == "fashion_mnist":
+        xtr, ytr, xva, yva = load_fashion_mnist(root)
+        return dict(kind="tensor", train=(xtr, ytr), val=(xva, yva), num_classes=10, in_channels=1,
+                    size=28, augment=True, fill=-FMNIST_MEAN / FMNIST_STD)
+    train, val = open_imagenet(root, cfg["image_size"])
+    return dict(kind="folder", train=train, val=val, num_classes=len(train.classes), in_channels=3,
+                size=cfg["image_size"], augment=True)
+
+
+def n_items(ds):
+    return len(ds[1]) if isinstance(ds, tuple) else len(ds)
+
+
+def epoch_order(n, B, world, rank, epoch, seed):
+    """This rank's sample indices for one epoch, batch after batch: a fixed permutation of
+    (seed, epoch), cut into global batches of B, each split evenly over the ranks."""
+    spe = n // B
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))[:spe * B]
+    return perm.view(spe, world, B // world)[:, rank].reshape(-1)
+
+
+def train_batches(data, cfg, start, max_iters, world, rank, dev):
+    """(x, y) on dev for steps start..max_iters-1; a function of (seed, step, rank) only, so a
+    resumed run sees the same batches (imagenet: same images; crops come from worker RNG)."""
+    n, B = n_items(data["train"]), cfg["batch_size"]
+    spe, Bl = n // B, B // world
+    step = start
+    while step < max_iters:
+        epoch, k = divmod(step, spe)
+        order = epoch_order(n, B, world, rank, epoch, cfg["seed"])
+        if data["kind"] == "tensor":
+            xs, ys = data["train"]
+            order = order.to(dev)
+            gen = torch.Generator(device=dev)
+            for j in range(k, spe):
+                if step >= max_iters:
+                    return
+                idx = order[j * Bl:(j + 1) * Bl]
+                x, y = xs[idx], ys[idx]
+                if data["augment"]:
+                    gen.manual_seed(int(np.random.SeedSequence([cfg["seed"], step, rank]).generate_state(1)[0]))
+                    x = gpu_augment(x, gen, fill=data["fill"])
+                yield x, y
+                step += 1
+        else:
+            from torch.utils.data import DataLoader
+            loader = DataLoader(data["train"], batch_size=Bl, sampler=order[k * Bl:].tolist(), drop_last=True,
+                                num_workers=cfg["num_workers"], pin_memory=dev.type == "cuda",
+                                generator=torch.Generator().manual_seed(cfg["seed"] + 7919 * step + rank))
+            for x, y in loader:
+                if step >= max_iters:
+                    return
+                yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                step += 1
+
+
+def val_batches(data, cfg, world, rank, dev):
+    """This rank's share of the whole validation set (every image exactly once over the ranks)."""
+    idx = list(range(rank, n_items(data["val"]), world))
+    Bl = cfg["eval_batch_size"]
+    if data["kind"] == "tensor":
+        xs, ys = data["val"]
+        for i in range(0, len(idx), Bl):
+            j = torch.tensor(idx[i:i + Bl])
+            yield xs[j].to(dev), ys[j].to(dev)
+    else:
+        from torch.utils.data import DataLoader
+        for x, y in DataLoader(data["val"], batch_size=Bl, sampler=idx, num_workers=cfg["num_workers"],
+                               pin_memory=dev.type == "cuda"):
+            yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, dev, ctx, world=1, rank=0):
+    """(top-1 accuracy, mean CE) over the validation set, summed over DDP ranks."""
+    was = model.training
+    model.eval()
+    tot = torch.zeros(3, device=dev, dtype=torch.float64)     # correct, loss sum, count
+    for x, y in val_batches(data, cfg, world, rank, dev):
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with ctx:
+            logits = model(x).float()
+        tot += torch.stack([(logits.argmax(1) == y).sum().double(),
+                            F.cross_entropy(logits, y, reduction="sum").double(), torch.tensor(len(y), device=dev).double()])
+    if world > 1:
+        torch.distributed.all_reduce(tot)
+    model.train(was)
+    return (tot[0] / tot[2]).item(), (tot[1] / tot[2]).item()
+
+
+# ---- block importance -------------------------------------------------------------------------
+def block_importance(model, data, cfg, dev, ctx, world=1, rank=0, log=print):
+    """Top-1 drop on the validation set when each block's residual branch is removed."""
+    keep = model.passthrough
+    base, _ = evaluate(model, data, cfg, dev, ctx, world, rank)
+    accs = []
+    for i in range(len(model.blocks)):
+        model.set_passthrough([i])
+        accs.append(evaluate(model, data, cfg, dev, ctx, world, rank)[0])
+        log(f"importance block {i:2d}: top-1 {100 * accs[-1]:6.2f}%  drop {100 * (base - accs[-1]):6.2f} pts")
+    model.set_passthrough(keep)
+    return base, accs
+
+
+def write_importance(out, base, accs, log=print):
+    names = [f"layer.{i}" for i in range(len(accs))]
+    res = {"metric": "top1_drop", "baseline": base, "importance": [base - a for a in accs],
+           "accuracy": accs, "layer_names": names}
+    dump = os.path.join(out, "grad_norms.npz")
+    if os.path.isfile(dump):
+        with np.load(dump) as z:
+            res["share"] = [float(s) for s in z["share"]]
+        try:
+            from fanin import spearman                  # fanin.py owns the statistics
+            rho, p = spearman(res["share"], res["importance"])
+            res["spearman"] = {"rho": float(rho), "p": float(p)}
+            log(f"Spearman(share, top-1 drop) rho={rho:.3f} p={p:.3g}  (paper, ResNet-50 on ImageNet: 0.83)")
+        except ImportError:
+            pass
+    with open(os.path.join(out, "importance.json.tmp"), "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(os.path.join(out, "importance.json.tmp"), os.path.join(out, "importance.json"))
+    log(f"wrote {os.path.join(out, 'importance.json')}: baseline top-1 {100 * base:.2f}%, drops (pts) "
+        + " ".join(f"{100 * d:.2f}" for d in res["importance"]))
+    return res
+
+
+# ---- main -------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = read_config(sys.argv[1:] if argv is None else argv, defaults)
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    else:
+        rank, local, world = 0, 0, 1
+    master = rank == 0
+    name = cfg["device"]
+    if name == "auto":
+        name = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True     # fixed shapes: let cuDNN pick the fastest conv kernels
+    if ddp and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    dt = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
+    ctx = autocast_for(dev.type, dt)
+    if cfg["compile"] not in (None, True, False):
+        raise UserError(f"compile={cfg['compile']!r}: use True or False (or leave it out: on for GPUs, off on CPU)")
+    use_compile = cfg["compile"] if cfg["compile"] is not None else dev.type == "cuda"
+    out = cfg["out_dir"]
+    ckpt_file = os.path.join(out, CKPT_NAME)
+    if master:
+        os.makedirs(out, exist_ok=True)
+
+    def log(msg):
+        if master:
+            print(msg, flush=True)
+            with open(os.path.join(out, "log.txt"), "a") as f:
+                f.write(msg + "\n")
+
+    ckpt = None
+    if cfg["analyse"] or cfg["init_from"] == "resume":
+        if not os.path.isfile(ckpt_file):
+            raise UserError(f"no checkpoint at {ckpt_file}: train first (or fix --out_dir)")
+        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+        if cfg["analyse"]:   # the run's own data and model; where the data lives may differ here
+            cfg = ckpt["train_config"] | {k: cfg[k] for k in ("out_dir", "device", "dtype", "eval_batch_size", "num_workers", "analyse")} \
+                | ({"data_dir": cfg["data_dir"]} if cfg["data_dir"] else {})
+    elif cfg["init_from"] != "scratch":
+        raise UserError(f"init_from={cfg['init_from']!r}: use scratch or resume")
+    if cfg["batch_size"] % world:
+        raise UserError(f"batch_size={cfg['batch_size']} does not divide over {world} ranks")
+
+    if cfg["stem"] not in ("auto", "small", "imagenet"):
+        raise UserError(f"stem={cfg['stem']!r}: use auto, small or imagenet")
+    data = load_data(cfg)
+    small = cfg["stem"] == "small" or (cfg["stem"] == "auto" and data["size"] < 64)
+    torch.manual_seed(cfg["seed"])
+    model = ResNet50(data["num_classes"], data["in_channels"], small, cfg["width"])
+    if data["size"] < model.min_image_size():
+        raise UserError(f"{cfg['dataset']} images are {data['size']}x{data['size']}, smaller than the "
+                        f"{model.min_image_size()} px the {'small' if small else 'imagenet'} stem needs: "
+                        + ("use --stem=small" if cfg["dataset"] == "fashion_mnist" else "use --stem=small or a larger --image_size"))
+    if ckpt is not None:
+        if ckpt["model_config"] != model.config:
+            raise UserError(f"checkpoint model {ckpt['model_config']} differs from the requested {model.config}")
+        model.load_state_dict(ckpt["model"])
+    model.to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        if data["kind"] == "tensor":   # Fashion-MNIST lives on the GPU (188 MB as floats)
+            data["train"] = tuple(t.to(dev) for t in data["train"])
+    log(f"ResNet-50: {sum(p.numel() for p in model.parameters()):,} params, {data['num_classes']} classes, "
+        f"{data['in_channels']} ch, {'small' if small else 'imagenet'} stem, width {cfg['width']}, "
+        f"{n_items(data['train'])} train / {n_items(data['val'])} val images of {data['size']} px, "
+        f"{world} x {dev}, {dt}, compile={use_compile}")
+
+    if cfg["analyse"]:
+        base, accs = block_importance(model, data, cfg, dev, ctx, world, rank, log)
+        if master:
+            write_importance(out, base, accs, log)
+        return
+
+    # schedule in steps (per-step cosine); an epoch is n_train // batch_size steps
+    spe = n_items(data["train"]) // cfg["batch_size"]
+    if spe < 1:
+        raise UserError(f"{n_items(data['train'])} training images are fewer than batch_size={cfg['batch_size']}")
+    max_iters, warmup = cfg["epochs"] * spe, max(1, round(cfg["warmup_epochs"] * spe))
+    stop = min(max_iters, cfg["stop_iter"] or max_iters)
+
+    def get_lr(it):
+        if it < warmup:
+            return cfg["learning_rate"] * (it + 1) / warmup
+        r = (it - warmup) / max(1, max_iters - warmup)
+        return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * r)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]      # no weight decay on BN and biases
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
+                            lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=dev.type == "cuda")
+    groups = model.param_groups_by_layer()
+    grad_norms = LayerGradNorms(groups)
+    dump = GradNormDump(list(groups), os.path.join(out, "grad_norms.npz"))
+    it, best = 0, 0.0
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        it, best = ckpt["iter_num"], ckpt["best_val_acc"]
+        dump.load_state_dict(ckpt["grad_dump"], before_step=it)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        log(f"resumed from {ckpt_file} at step {it}")
+    raw = model
+    if use_compile:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    def save():
+        if master:
+            dump.flush()
+            atomic_save({"model": raw.state_dict(), "model_config": raw.config, "train_config": cfg, "iter_num": it,
+                         "optimizer": opt.state_dict(), "best_val_acc": best, "grad_dump": dump.state_dict(),
+                         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                 "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}}, ckpt_file)
+
+    log(f"training {max_iters} steps ({cfg['epochs']} epochs x {spe}), warm-up {warmup}, global batch {cfg['batch_size']}")
+    model.train()
+    t0, t_start, n_img, loss_acc = time.time(), time.time(), 0, torch.zeros((), device=dev)
+    for x, y in train_batches(data, cfg, it, stop, world, rank, dev):
+        lr = get_lr(it)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with ctx:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()                                   # DDP all-reduces here
+        if master:
+            dump.record(it, grad_norms())                 # global gradient, no host sync
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_acc += loss.detach()
+        n_img += cfg["batch_size"]
+        it += 1
+        end_epoch = it % spe == 0
+        if it % cfg["log_interval"] == 0 or end_epoch or it == stop:
+            lv = loss_acc.item() / (n_img // cfg["batch_size"])   # one sync per interval
+            if not math.isfinite(lv):
+                raise UserError(f"loss is {lv} at step {it}: stopping, the last good checkpoint {ckpt_file} is kept")
+            dt_s = time.time() - t0
+            log(f"step {it:6d}/{max_iters} | epoch {it / spe:5.2f} | loss {lv:.4f} | lr {lr:.2e} | "
+                f"{n_img / dt_s:8.0f} img/s | {1000 * dt_s / (n_img // cfg['batch_size']):6.1f} ms/step")
+            if master:
+                dump.flush()
+            t0, n_img, loss_acc = time.time(), 0, torch.zeros((), device=dev)
+        if end_epoch or it == stop:
+            acc, vloss = evaluate(raw, data, cfg, dev, ctx, world, rank)
+            best = max(best, acc)
+            log(f"eval epoch {it / spe:5.2f} | val top-1 {100 * acc:.2f}% | val loss {vloss:.4f} | "
+                f"elapsed {time.time() - t_start:.0f}s")
+        if end_epoch or it == stop or (cfg["ckpt_interval"] and it % cfg["ckpt_interval"] == 0):
+            save()
+            t0 = time.time()                  # keep eval and checkpoint time out of img/s
+    if it >= max_iters and cfg["importance"]:
+        base, accs = block_importance(raw, data, cfg, dev, ctx, world, rank, log)
+        if master:
+            write_importance(out, base, accs, log)
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli(main)

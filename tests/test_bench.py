@@ -1,0 +1,90 @@
+"""bench.py on CPU: Table 2's cost column (meta device, no 1.2B allocation), the timing loop's
+markdown + JSON output on tiny configs, the static-shape decode step == model.generate(greedy),
+and a train-mode smoke run."""
+import json
+
+import pytest
+import torch
+
+import bench
+from model import GPT
+
+# SPEC: Table 2's cost, 2 x (params - input embedding) x 2048 tokens, TFLOP
+SPEC_COST = {"vanilla_16l": 4.82, "vanilla_15l": 4.54, "cascade_a2": 4.58}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_COST))
+def test_cost_matches_spec(name):
+    with torch.device("meta"):
+        model = GPT(bench.load_config(name))
+    assert abs(bench.cost_tflop(model, 2048) - SPEC_COST[name]) < 0.01
+
+
+def test_names_and_resolution():
+    assert bench.pretty("vanilla_15l") == "Vanilla-15L"
+    assert bench.pretty("cascade_a2") == "CascadeFormer-A2"
+    assert bench.resolve("tiny/cascade_a2")[0] == "tiny/cascade_a2"
+    with pytest.raises(bench.UserError):
+        bench.resolve("vanila_16l")
+
+
+def test_inference_table_and_json(tmp_path):
+    out = tmp_path / "t.json"
+    rows = bench.main(["tiny/vanilla_15l", "tiny/cascade_a2", "--device", "cpu",
+                       "--seq", "32", "--warmup", "0", "--runs", "3", "--dtype", "float32,bfloat16",
+                       "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert d["meta"]["mode"] == "inference" and len(d["rows"]) == len(rows) == 4
+    for r in d["rows"]:
+        assert "error" not in r, r
+        assert r["median_ms"] > 0 and r["n"] == 3 and r["tokens"] == 32
+        assert r["tok_s"] == pytest.approx(32 / (r["median_ms"] / 1e3))
+        assert r["tflops"] == pytest.approx(r["cost_tflop"] / (r["median_ms"] / 1e3))
+    ref = [r for r in d["rows"] if r["config"] == "tiny/vanilla_15l"]
+    assert all(r["latency_vs_ref_pct"] == 0 and r["throughput_vs_ref_pct"] == 0 for r in ref)
+    md = out.with_suffix(".md").read_text().splitlines()
+    table = [line for line in md if line.startswith("|")]
+    assert len(table) == 2 + 4
+    assert len({line.count("|") for line in table}) == 1   # every row has the header's columns
+    assert any("tiny/CascadeFormer-A2" in line and "bfloat16" in line for line in table)
+
+
+@pytest.mark.parametrize("name,passthrough", [("tiny/cascade_c2", []), ("tiny/virtual_depth", [2])])
+def test_decode_matches_generate(name, passthrough):
+    torch.manual_seed(0)
+    cfg = bench.load_config(name)
+    cfg.passthrough = passthrough
+    model = GPT(cfg).eval()
+    prompt = torch.randint(1, cfg.vocab_size, (2, 5))
+    want = model.generate(prompt, 8, temperature=0)
+    got = bench.greedy_decode(model, prompt, 8)
+    assert torch.equal(got, want)
+
+
+def test_decode_and_train_modes_run(tmp_path):
+    rows = bench.main(["tiny/vanilla_8l", "--mode", "decode", "--device", "cpu", "--prompt_len", "8",
+                       "--new_tokens", "4", "--warmup", "0", "--runs", "2", "--out", str(tmp_path / "d.json")])
+    assert rows[0]["ms_per_token"] > 0 and "error" not in rows[0]
+    rows = bench.main(["tiny/vanilla_8l", "--mode", "train", "--device", "cpu", "--dtype", "float32",
+                       "--batch", "1", "--seq", "16", "--warmup", "0", "--runs", "1", "--rounds", "1"])
+    r = rows[0]
+    assert "error" not in r, r
+    assert r["nodump"]["ms_step"] > 0 and "overhead_pct" in r["dump"]
+
+
+@pytest.mark.gpu
+def test_compiled_decode_matches_generate_gpu():
+    """The compiled, CUDA-graphed decode step (bench's decode default) == generate() on the GPU."""
+    torch.manual_seed(0)
+    cfg = bench.load_config("tiny/cascade_c2")
+    model = GPT(cfg).cuda().eval()
+    prompt = torch.randint(1, cfg.vocab_size, (2, 9), device="cuda")
+    want = model.generate(prompt, 16, temperature=0)
+    cache = model.new_kv_cache(2, 25)
+    for kv in cache:
+        for t in kv:
+            torch._dynamo.mark_static_address(t)
+    step = torch.compile(lambda t, p, c: bench.decode_step(model, t, p, c), mode="reduce-overhead", fullgraph=True)
+    for _ in range(2):   # second pass replays the recorded graph
+        assert torch.equal(bench.greedy_decode(model, prompt, 16, step, cache), want)
+    torch._dynamo.reset()

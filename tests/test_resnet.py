@@ -1,0 +1,189 @@
+"""resnet.py on CPU with tiny widths and images: counts, passthrough, gradient dump, training, resume, errors."""
+import gzip
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet
+from common import LayerGradNorms, UserError, load_grad_dump
+
+TINY = ["--dataset=synthetic", "--width=8", "--image_size=8", "--n_synthetic=64", "--batch_size=16",
+        "--eval_batch_size=64", "--warmup_epochs=1.0", "--learning_rate=5e-3", "--log_interval=4", "--device=cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convs are dominated by per-op overhead: one thread is faster, above all on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_param_count_equals_torchvision():
+    torchvision = pytest.importorskip("torchvision")
+    ours = sum(p.numel() for p in resnet.ResNet50().parameters())
+    theirs = sum(p.numel() for p in torchvision.models.resnet50(weights=None).parameters())
+    assert ours == theirs == 25_557_032
+    m = resnet.ResNet50()
+    assert len(m.blocks) == 16
+    assert [i for i, b in enumerate(m.blocks) if not isinstance(b.shortcut, torch.nn.Identity)] == [0, 3, 7, 13]
+
+
+def _bn(x, bn):
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def _randomise(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():    # non-trivial BN statistics so the hand computation means something
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def test_passthrough_equals_hand_computation():
+    torch.manual_seed(0)
+    model = resnet.ResNet50(num_classes=5, in_channels=3, small_stem=True, width=4).eval()
+    _randomise(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        h0 = model.stem(x)
+        # block 0: projection shortcut (1x1 conv + BN) is kept, the residual branch dropped
+        b0 = model.blocks[0]
+        b0.passthrough = True
+        conv, bn = b0.shortcut[0], b0.shortcut[1]
+        hand0 = F.relu(_bn(F.conv2d(h0, conv.weight, stride=conv.stride), bn))
+        assert torch.allclose(b0(h0), hand0, atol=1e-6)
+        b0.passthrough = False
+        h1 = b0(h0)
+        assert not torch.allclose(h1, hand0)
+        # block 1: identity shortcut -> relu(x), which is x after the previous block's relu
+        b1 = model.blocks[1]
+        b1.passthrough = True
+        assert torch.equal(b1(h1), F.relu(h1)) and torch.equal(b1(h1), h1)
+        b1.passthrough = False
+        # the whole model with block 7 (projection, stride 2) and block 8 (identity) removed
+        model.set_passthrough([7, 8])
+        h = h0
+        for i, b in enumerate(model.blocks):
+            if i == 7:
+                c, n = b.shortcut[0], b.shortcut[1]
+                h = F.relu(_bn(F.conv2d(h, c.weight, stride=c.stride), n))
+            elif i != 8:
+                h = F.relu(b.branch(h) + b.shortcut(h))
+        hand = model.fc(h.mean((2, 3)))
+        assert torch.allclose(model(x), hand, atol=1e-5)
+        assert model.passthrough == {7, 8}
+        model.set_passthrough([])
+        assert not torch.allclose(model(x), hand, atol=1e-5)
+        with pytest.raises(UserError):
+            model.set_passthrough([16])
+
+
+def test_grad_dump_matches_hand_norms():
+    torch.manual_seed(0)
+    model = resnet.ResNet50(num_classes=10, in_channels=1, small_stem=True, width=4)
+    groups = model.param_groups_by_layer()
+    assert list(groups) == ["stem"] + [f"layer.{i}" for i in range(16)] + ["head"]
+    ids = [id(p) for g in groups.values() for p in g]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())      # a partition: each param once
+    F.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
+    got = LayerGradNorms(groups)()
+    hand = torch.stack([torch.cat([p.grad.flatten() for p in g]).norm() for g in groups.values()])
+    assert torch.allclose(got, hand, rtol=1e-5)
+
+
+def _losses(out_dir):
+    text = open(os.path.join(out_dir, "log.txt")).read()
+    return [float(v) for v in re.findall(r"\| loss ([0-9.]+) \|", text)]
+
+
+def test_training_lowers_loss_and_writes_the_run(tmp_path):
+    out = str(tmp_path / "run")
+    resnet.main(TINY + ["--epochs=5", f"--out_dir={out}"])
+    losses = _losses(out)
+    assert len(losses) == 5 * 4 // 4
+    assert losses[-1] < 0.8 * losses[0], losses
+    dump = load_grad_dump(out)                       # the format fanin.py reads
+    assert dump["names"] == ["stem"] + [f"layer.{i}" for i in range(16)] + ["head"]
+    assert list(dump["steps"]) == list(range(20)) and dump["norms"].shape == (20, 18)
+    assert np.isclose(dump["share"].sum(), 1.0) and len(dump["layer_names"]) == 16
+    imp = json.load(open(os.path.join(out, "importance.json")))
+    assert imp["metric"] == "top1_drop" and len(imp["importance"]) == 16
+    assert np.allclose(imp["importance"], [imp["baseline"] - a for a in imp["accuracy"]])
+    assert "top-1" in open(os.path.join(out, "log.txt")).read()
+    # --analyse recomputes the same importance from the checkpoint
+    os.remove(os.path.join(out, "importance.json"))
+    resnet.main([f"--out_dir={out}", "--analyse=True", "--device=cpu"])
+    again = json.load(open(os.path.join(out, "importance.json")))
+    assert open(os.path.join(out, "log.txt")).read().count("training ") == 1       # analysis only, no training
+    assert np.allclose(again["importance"], imp["importance"]) and again["baseline"] == imp["baseline"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = TINY + ["--epochs=2", "--importance=False"]
+    resnet.main(common + [f"--out_dir={a}"])
+    resnet.main(common + [f"--out_dir={b}", "--stop_iter=3"])          # mid-epoch stop, then resume
+    resnet.main(common + [f"--out_dir={b}", "--init_from=resume"])
+    da, db = load_grad_dump(a), load_grad_dump(b)
+    assert list(db["steps"]) == list(range(8))
+    assert np.allclose(da["norms"], db["norms"], rtol=1e-4, atol=1e-7)
+    sa = torch.load(os.path.join(a, resnet.CKPT_NAME), weights_only=False)["model"]
+    sb = torch.load(os.path.join(b, resnet.CKPT_NAME), weights_only=False)["model"]
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)
+
+
+def _write_idx(path, arr, gz):
+    head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(head + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    xtr, ytr = rng.integers(0, 256, (6, 28, 28)), rng.integers(0, 10, 6)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", xtr, True)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", ytr, False)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", xtr[:2], True)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", ytr[:2], True)
+    x, y, xv, yv = resnet.load_fashion_mnist(str(tmp_path))
+    assert x.shape == (6, 1, 28, 28) and xv.shape == (2, 1, 28, 28) and y.tolist() == ytr.tolist()
+    assert torch.allclose(x[:, 0] * resnet.FMNIST_STD + resnet.FMNIST_MEAN, torch.tensor(xtr / 255.0).float(), atol=1e-6)
+    aug = resnet.gpu_augment(x, torch.Generator().manual_seed(0), fill=-1.0)
+    assert aug.shape == x.shape
+    os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte"):
+        resnet.load_fashion_mnist(str(tmp_path))
+
+
+def test_gpu_augment_is_a_shifted_flipped_crop():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    out = resnet.gpu_augment(x, torch.Generator().manual_seed(1), pad=2, fill=-1.0)
+    xp = F.pad(x, (2, 2, 2, 2), value=-1.0)
+    for b in range(2):     # each output equals some crop of the padded image, maybe flipped
+        crops = [xp[b, :, i:i + 5, j:j + 5] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(2)) for c in crops)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--dataset=fashion_mnist", "--data_dir=/no/such/dir"], "does not exist"),
+    (["--dataset=imagenet", "--data_dir={tmp}"], "no train/ folder"),
+    (["--dataset=fashion_mnist", "--data_dir={tmp}"], "train-images-idx3-ubyte"),
+    (["--dataset=synthetic", "--image_size=16", "--stem=imagenet"], "smaller than the 32 px"),
+    (["--dataset=synthetic", "--stem=big"], "stem="),
+    (["--init_from=resume", "--dataset=synthetic"], "no checkpoint"),
+])
+def test_bad_input_is_one_line(tmp_path, args, msg):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args] + [f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    with pytest.raises(UserError, match=msg) as e:
+        resnet.main(args)
+    assert "\n" not in str(e.value)
