@@ -289,12 +289,19 @@ def analyse(run, args, log=print):
     if has_ckpt:
         mc = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False, mmap=True)["model_config"]
         imp = None if args.no_importance else importance_for_run(run, args, log)
-    elif os.path.isfile(os.path.join(run, "importance.json")):   # resnet.py's run: plain stack of its blocks
-        mc = {"n_layer": len(names)}
-        with open(os.path.join(run, "importance.json")) as f:
-            imp = json.load(f)
-    else:
-        raise UserError(f"{run} has grad_norms.npz but neither ckpt.pt nor importance.json")
+    else:   # no checkpoint (yet): resnet.py's runs, or an LM run before its first checkpoint
+        cfg_path, imp_path = os.path.join(run, "model_config.json"), os.path.join(run, "importance.json")
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                mc = json.load(f)
+        elif os.path.isfile(imp_path):   # resnet.py's run: a plain stack of its blocks
+            mc = {"n_layer": len(names)}
+        else:
+            raise UserError(f"{run} has grad_norms.npz but no ckpt.pt, model_config.json or importance.json")
+        imp = None
+        if os.path.isfile(imp_path) and not args.no_importance:
+            with open(imp_path) as f:
+                imp = json.load(f)
     N = mc["n_layer"]
     if len(share) != N:
         raise UserError(f"{run}: grad_norms.npz has {len(share)} layers but the model has {N}")

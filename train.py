@@ -11,8 +11,9 @@ Defaults below are the paper's Table 5 and the 1.2B model; config files and --ke
 them (every GPTConfig field is a key too, e.g. --F_d=2). batch_size is the GLOBAL batch in
 sequences per optimizer step; it is split over world_size x gradient_accumulation_steps.
 
-Writes to out_dir: ckpt.pt (atomic; model, optimizer, step, RNG states, gradient dump; the
-format is in .notes/CONTRACT.md), grad_norms.npz (per-step per-layer gradient norms and the
+Writes to out_dir: ckpt.pt (atomic; model, model_config, train_config, optimizer, step, RNG
+states, gradient dump; common.load_model reads it), model_config.json (the architecture, so a
+run can be analysed before its first checkpoint), grad_norms.npz (per-step per-layer gradient norms and the
 accumulated share of Eq. 2: common.GradNormDump documents it; rewritten at every log interval),
 log.txt. init_from='resume' continues a run exactly where its checkpoint left it.
 
@@ -21,6 +22,7 @@ gradient is rescaled to the largest layer norm, target / n_i (1 where n_i = 0); 
 and head groups are left alone (the paper equalises "each layer i", the same groups Eq. 2's share
 is over); then clipping uses grad_clip * equalize_clip_factor.
 """
+import json
 import math
 import os
 import random
@@ -144,6 +146,8 @@ def main(argv):
         raise UserError(f"init_from={cfg['init_from']!r}: use 'scratch' or 'resume'")
     if master:
         os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "model_config.json"), "w") as f:
+            json.dump(asdict(model_cfg), f, indent=1)
 
     torch.manual_seed(cfg["seed"])   # same init on every rank (DDP broadcasts rank 0's anyway)
     raw_model = GPT(model_cfg)
