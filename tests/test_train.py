@@ -107,7 +107,7 @@ def test_equalize_makes_layer_norms_equal(tmp_path):
     np.testing.assert_array_equal(eq[:, other], raw[:, other])   # embed / head untouched
 
 
-def test_local_preparer_bytes_and_gpt2(tmp_path):
+def test_local_preparer_bytes_and_gpt2(tmp_path, gpt2_cache, monkeypatch):
     src = tmp_path / "corpus.jsonl"
     docs = [f"Document number {i}: to be, or not to be. ü" for i in range(20)]
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -119,8 +119,7 @@ def test_local_preparer_bytes_and_gpt2(tmp_path):
     n = [len(d.encode()) + 1 for d in docs]
     assert len(val_ids) == n[9] + n[19] and len(train_ids) == sum(n) - len(val_ids)   # docs 9 and 19 held out
     assert bytes(train_ids[:n[0] - 1].astype(np.uint8)).decode() == docs[0] and train_ids[n[0] - 1] == 0
-    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        pytest.skip("gpt2 part needs TIKTOKEN_CACHE_DIR (an offline tiktoken cache)")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", gpt2_cache)
     r = cli("data/prepare_local.py", "--out_dir", str(tmp_path / "gpt2"), "--val_fraction", "0.1",
             "--workers", "2", str(src), env=dict(os.environ))
     assert r.returncode == 0, r.stderr
@@ -128,6 +127,26 @@ def test_local_preparer_bytes_and_gpt2(tmp_path):
     enc = tiktoken.get_encoding("gpt2")
     val_ids = np.fromfile(tmp_path / "gpt2/val.bin", dtype=np.uint16)
     assert list(val_ids) == enc.encode_ordinary(docs[9]) + [50256] + enc.encode_ordinary(docs[19]) + [50256]
+
+
+def test_dolma_preparer_streams_through_datasets(tmp_path, gpt2_cache, monkeypatch):
+    """data/dolma/prepare.py's real `datasets` streaming path, on local jsonl.gz shards."""
+    import gzip
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", gpt2_cache)
+    docs = [f"Shard document {i}: the quick brown fox." for i in range(30)]
+    shard = tmp_path / "shard-0000.json.gz"
+    with gzip.open(shard, "wt") as f:
+        f.write("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    r = cli("data/dolma/prepare.py", "--data_files", str(shard), "--out_dir", str(tmp_path / "dolma"),
+            "--val_fraction", "0.1", "--workers", "2", env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    ids = lambda ds: [t for d in ds for t in enc.encode_ordinary(d) + [50256]]
+    val = np.fromfile(tmp_path / "dolma/val.bin", dtype=np.uint16).tolist()
+    train = np.fromfile(tmp_path / "dolma/train.bin", dtype=np.uint16).tolist()
+    assert sorted(val + train) == sorted(ids(docs)) and len(val) > 0
+    assert train[:len(ids(docs[:1]))] == ids(docs[:1])
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):

@@ -9,8 +9,8 @@ EOT token (50256) after each document. Stops at a token budget (the paper: one e
 
 Needs network access to the Hugging Face Hub (or a local mirror via HF_HOME / HF_DATASETS_OFFLINE)
 and tiktoken's gpt2 files (TIKTOKEN_CACHE_DIR for an offline cache). 7B tokens are 14 GB on disk.
-Already have Dolma's .json.gz shards locally? `python data/prepare_local.py --out_dir data/dolma <dir>`
-writes the same format. The tokenise-and-write code is data/prepare_local.py's write_bins().
+Already have Dolma's .json.gz shards locally? `python data/dolma/prepare.py --data_files shards/*.json.gz`
+streams them through the same `datasets` code (so does data/prepare_local.py, without `datasets`). The tokenise-and-write code is data/prepare_local.py's write_bins().
 """
 import argparse
 import os
@@ -28,6 +28,8 @@ def main(argv=None):
     ap.add_argument("--dataset", default="allenai/dolma", help="Hugging Face dataset id")
     ap.add_argument("--name", default="v1_6-sample", help="dataset config (Dolma version)")
     ap.add_argument("--split", default="train")
+    ap.add_argument("--data_files", nargs="+", help="local Dolma shards (*.json.gz / *.jsonl / *.parquet) instead "
+                    "of the Hub; streamed through the same `datasets` code")
     ap.add_argument("--text_key", default="text")
     ap.add_argument("--tokens", type=float, default=7e9, help="token budget, train + val (paper: 7B)")
     ap.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents held out")
@@ -41,8 +43,12 @@ def main(argv=None):
         raise UserError("data/dolma/prepare.py needs the `datasets` package: pip install datasets") from None
     try:
         # allenai/dolma is a loading script: datasets < 4 runs it with trust_remote_code
-        extra = {"trust_remote_code": True} if int(datasets.__version__.split(".")[0]) < 4 else {}
-        ds = datasets.load_dataset(args.dataset, name=args.name, split=args.split, streaming=True, **extra)
+        if args.data_files:   # local shards: the generic json / parquet builders, streamed
+            builder = "parquet" if all(f.endswith(".parquet") for f in args.data_files) else "json"
+            ds = datasets.load_dataset(builder, data_files=args.data_files, split="train", streaming=True)
+        else:
+            extra = {"trust_remote_code": True} if int(datasets.__version__.split(".")[0]) < 4 else {}
+            ds = datasets.load_dataset(args.dataset, name=args.name, split=args.split, streaming=True, **extra)
     except Exception as e:
         raise UserError(f"cannot open {args.dataset} ({args.name}) for streaming: {type(e).__name__}: "
                         f"{(str(e).splitlines() or [''])[0]} (with local shards use data/prepare_local.py)") from None
