@@ -5,7 +5,7 @@ Helpers that several scripts share; each thing has exactly one home, here.
   errors           UserError + cli(): user mistakes print one line, never a traceback
   data             load_tokens(), get_batch() (deterministic in seed/step/rank), eval_batches()
   evaluation       evaluate(): mean cross-entropy over a fixed held-out token set
-  checkpoints      atomic_save(), load_model()
+  checkpoints      atomic_save(), read_checkpoint(), load_model()
   gradient norms   LayerGradNorms (one fused reduction, no host sync), GradNormDump (the
                    grad_norms.npz format every script reads), load_grad_dump()
   devices          autocast_for(), peak_flops()
@@ -190,15 +190,22 @@ def checkpoint_path(path):
     return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
 
 
+def read_checkpoint(path):
+    """The dict in a run directory's ckpt.pt (or a ckpt file), memory-mapped: reading only its
+    model_config / train_config / grad_dump does not pull the weights into memory."""
+    path = checkpoint_path(path)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist (train one with train.py, or pass another run)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if "model_config" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by this codebase (no model/model_config)")
+    return ckpt
+
+
 def load_model(path, device="cpu"):
     """(model, checkpoint dict) from a run directory or a ckpt.pt written by train.py/prune.py."""
     from model import GPT, GPTConfig
-    path = checkpoint_path(path)
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist (train one with train.py, or pass --out_dir)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if "model_config" not in ckpt or "model" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint written by this codebase (no model/model_config)")
+    ckpt = read_checkpoint(path)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
@@ -291,12 +298,6 @@ class GradNormDump:
         np.savez(tmp, **arrays)
         os.replace(tmp, self.path)
         return arrays
-
-    def latest(self):
-        """The most recent recorded row as a host array (one sync; call at log intervals only)."""
-        if self._pending:
-            return self._pending[-1][1].float().cpu().numpy()
-        return self.norms[-1] if self.norms else None
 
     def state_dict(self):
         a = self.arrays()

@@ -36,7 +36,8 @@ import os
 import numpy as np
 import torch
 
-from common import UserError, cli, read_config, load_grad_dump, load_tokens, load_model, evaluate, autocast_for
+from common import (UserError, cli, read_config, load_grad_dump, load_tokens, load_model, evaluate, autocast_for,
+                    read_checkpoint)
 
 VIRTUAL_NOTE = ("note: the paper's text says repeats 2,3,3,4 for layers 5-8 (16 virtual positions), but its "
                 "fan-in numbers 18,17,16,15,27,33,24,20 come out exactly with repeats [1,1,1,1,2,3,3,5] "
@@ -239,7 +240,7 @@ def importance_for_run(run, args, log=print):
     """Load or compute <run>/importance.json for an LM run (train.py's ckpt.pt)."""
     path = os.path.join(run, "importance.json")
     ckpt_path = os.path.join(run, "ckpt.pt")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = read_checkpoint(ckpt_path)
     tc, mc = ckpt.get("train_config", {}), ckpt["model_config"]
     device = args.device or default_device()
     on_gpu = torch.device(device).type == "cuda"
@@ -287,7 +288,7 @@ def analyse(run, args, log=print):
     share = np.asarray(dump["share"], dtype=np.float64)
     has_ckpt = os.path.isfile(os.path.join(run, "ckpt.pt"))
     if has_ckpt:
-        mc = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False, mmap=True)["model_config"]
+        mc = read_checkpoint(run)["model_config"]
         imp = None if args.no_importance else importance_for_run(run, args, log)
     else:   # no checkpoint (yet): resnet.py's runs, or an LM run before its first checkpoint
         cfg_path, imp_path = os.path.join(run, "model_config.json"), os.path.join(run, "importance.json")
@@ -501,8 +502,7 @@ def main(argv=None):
 
     if args.theory:
         if len(args.paths) == 1 and os.path.isdir(args.paths[0]):
-            mc = torch.load(os.path.join(args.paths[0], "ckpt.pt"), map_location="cpu", weights_only=False,
-                            mmap=True)["model_config"]
+            mc = read_checkpoint(args.paths[0])["model_config"]
         else:
             mc = read_config(args.paths + extra, model_only=True)
         print_theory(mc)

@@ -48,8 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError, autocast_for, cli, evaluate, get_batch, load_grad_dump, load_model, load_tokens
-from common import atomic_save
+from common import (GradNormDump, UserError, accumulated_share, atomic_save, autocast_for, checkpoint_path, cli,
+                    evaluate, get_batch, load_grad_dump, load_model, load_tokens, read_checkpoint)
 from model import drop_layers
 
 METHODS = ("cfp", "similarity", "taylor", "magnitude")   # the paper's column order
@@ -138,12 +138,11 @@ def cfp_share(run_dir, n_layer, ckpt=None):
         share = np.asarray(load_grad_dump(npz)["share"], dtype=np.float64)
     else:
         if ckpt is None:
-            ckpt = torch.load(_ckpt_file(run_dir), map_location="cpu", weights_only=False)
+            ckpt = read_checkpoint(run_dir)
         sd = ckpt.get("grad_dump")
         if not sd or len(sd.get("steps", [])) == 0:
             raise UserError(f"run {run_dir} has no gradient dump (grad_norms.npz): CFP needs one; train the run "
                             f"with train.py, or leave cfp out of --methods")
-        from common import accumulated_share
         share = accumulated_share(sd["norms"], list(sd["names"]))
     if len(share) != n_layer:
         raise UserError(f"gradient dump of {run_dir} has {len(share)} layers but the model has {n_layer}")
@@ -285,10 +284,6 @@ def hellaswag_accuracy(logprobs, items):
 
 
 # ---- run-level work ---------------------------------------------------------------------------
-def _ckpt_file(run):
-    return os.path.join(run, "ckpt.pt") if os.path.isdir(run) else run
-
-
 def parse_ks(text):
     try:
         ks = [int(v) for v in str(text).split(",") if v.strip()]
@@ -486,7 +481,6 @@ def save_pruned(path, model, ckpt, layers, run, method, k):
     """The model with `layers` physically removed, as a checkpoint train.py/bench.py/prune.py load.
     A directory gets ckpt.pt plus grad_norms.npz (the dump's kept layers, renamed)."""
     from dataclasses import asdict
-    from common import GradNormDump
     small = drop_layers(model, layers)
     keep = [l for l in range(model.config.n_layer) if l not in set(layers)]
     train_config = dict(ckpt.get("train_config") or {})
@@ -545,8 +539,8 @@ def main(argv=None):
     if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):
         raise UserError("--save_pruned writes one model: give one run, one --k and one --methods")
     for run in args.runs:
-        if not os.path.isfile(_ckpt_file(run)):
-            raise UserError(f"checkpoint {_ckpt_file(run)} does not exist (train the run with train.py, "
+        if not os.path.isfile(checkpoint_path(run)):
+            raise UserError(f"checkpoint {checkpoint_path(run)} does not exist (train the run with train.py, "
                             f"or pass --runs <run dir>)")
     hs_path = args.hellaswag
     if hs_path is None:
