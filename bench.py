@@ -269,12 +269,38 @@ def profile(fn, label, args, device, n=3):
             break
         except Exception:
             text = "profile table unavailable"
-    text = f"{label}: {n} calls\n{text}"
+    text = f"{label}: {n} calls\n{kernel_breakdown(prof.events(), n)}\n{text}"
     print(text, flush=True)
     if args.out:
         path = os.path.splitext(args.out)[0] + "_profile_" + "".join(c if c.isalnum() else "_" for c in label) + ".txt"
         with open(path, "w") as f:
             f.write(text)
+
+
+def kernel_kind(name):
+    low = name.lower()
+    if "nvjet" in low or "gemm" in low or low.startswith(("triton_tem", "sm90_xmma", "cutlass")):
+        return "matmul"
+    if "sdpa" in low or "flash" in low or "attention" in low or "fmha" in low:
+        return "attention"
+    return "other"
+
+
+def kernel_breakdown(events, n):
+    """Per call: GPU kernel time by kind (matmul, attention, other), and the span from the first
+    kernel's start to the last one's end; span - busy is the time the GPU sat between kernels."""
+    ks = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not ks:
+        return "no CUDA kernels recorded"
+    dur = lambda e: (e.time_range.end - e.time_range.start) / 1e3 / n   # us -> ms per call
+    kinds = {}
+    for e in ks:
+        kinds[kernel_kind(e.name)] = kinds.get(kernel_kind(e.name), 0.0) + dur(e)
+    busy = sum(kinds.values())
+    span = (max(e.time_range.end for e in ks) - min(e.time_range.start for e in ks)) / 1e3 / n
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return (f"per call: {len(ks) / n:.0f} kernels, busy {busy:.3f} ms ({parts}), span {span:.3f} ms, "
+            f"idle between kernels {span - busy:.3f} ms")
 
 
 def inference_row(item, dtype, args, device):
@@ -398,11 +424,12 @@ def decode_step(model, tok, pos, cache):
     of positions <= pos, written in place at pos), so it compiles once and replays as a CUDA graph.
     Same math as GPT.forward with kv_cache and T=1. tok (B, 1), pos 0-d long tensor -> next (B, 1)."""
     B = tok.size(0)
-    cos, sin = model.rope_cos[pos].view(1, -1), model.rope_sin[pos].view(1, -1)
+    at = pos.view(1)
+    # index_select, not rope_cos[pos]: torch 2.11's fullgraph cannot index with a 0-d tensor
+    cos, sin = model.rope_cos.index_select(0, at), model.rope_sin.index_select(0, at)
     x = model.tok_emb(tok)
     L = cache[0][0].size(2)
     mask = (torch.arange(L, device=tok.device) <= pos).view(1, 1, 1, L)
-    at = pos.view(1)
     v = 0
     for i, block in enumerate(model.blocks):
         if i in model.passthrough:
@@ -637,7 +664,8 @@ def parse(argv):
     p.add_argument("--ref", default="vanilla_15l", help="reference row for the relative columns")
     p.add_argument("--sdpa", choices=["auto", "flash", "cudnn", "efficient", "math"], default="auto",
                    help="inference/train: allow only this SDPA backend (auto: PyTorch's choice)")
-    p.add_argument("--profile", action="store_true", help="CUDA: print the top kernels of a few extra runs")
+    p.add_argument("--profile", action="store_true", help="CUDA: kernel time per call by kind (matmul, attention, "
+                   "other, idle between kernels) and the top kernels of a few extra runs")
     p.add_argument("--hf", action="store_true", help="also time HF LlamaForCausalLM for each uniform config")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="JSON file; the markdown table goes beside it (.md)")

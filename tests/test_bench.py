@@ -88,3 +88,19 @@ def test_compiled_decode_matches_generate_gpu():
     for _ in range(2):   # second pass replays the recorded graph
         assert torch.equal(bench.greedy_decode(model, prompt, 16, step, cache), want)
     torch._dynamo.reset()
+
+
+def test_profile_kernel_breakdown():
+    """--profile's per-call summary on hand-made kernel events: busy time by kind, span, idle gap."""
+    from types import SimpleNamespace as Ev
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    def ev(name, start, end, dev=cuda):
+        return Ev(name=name, device_type=dev, time_range=Ev(start=start, end=end))   # microseconds
+    events = [ev("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", 0, 600),
+              ev("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 650, 850),
+              ev("triton_poi_fused__unsafe_view_mul_silu_split_4", 900, 1000),
+              ev("aten::mm", 0, 5000, cpu)]   # host-side op: not GPU time
+    line = bench.kernel_breakdown(events, n=2)   # the events of 2 calls
+    assert line == ("per call: 2 kernels, busy 0.450 ms (matmul 0.300, attention 0.100, other 0.050), "
+                    "span 0.500 ms, idle between kernels 0.050 ms")
+    assert bench.kernel_breakdown([ev("aten::mm", 0, 1, cpu)], 1) == "no CUDA kernels recorded"
