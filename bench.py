@@ -171,6 +171,11 @@ class Progress:
         print(f"{self.msg}: {'failed after' if exc[0] else 'done in'} {self.elapsed:.1f} s", flush=True)
 
 
+def one_line(e, n=300):
+    """An exception as 'Type: first line of the message', for a table cell or a note."""
+    return f"{type(e).__name__}: {e}".splitlines()[0][:n]
+
+
 def compiled(fn, mode, fullgraph):
     return fn if mode == "none" else torch.compile(fn, mode=mode, fullgraph=fullgraph)
 
@@ -192,7 +197,7 @@ def first_call(make, mode, fullgraph, msg):
     except Exception as e:
         if mode == "none" or not fullgraph:
             raise
-        note = f"fullgraph=True failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); ran fullgraph=False"
+        note = f"fullgraph=True failed ({one_line(e, 200)}); ran fullgraph=False"
         print(f"warning: {msg}: {note}", flush=True)
         torch._dynamo.reset()
         fn = make(mode, False)
@@ -320,7 +325,7 @@ def inference_row(item, dtype, args, device):
             rows.append(hf_row(model, idx, row, dtype, args, device))
     except Exception as e:   # report in the row, keep the table going
         traceback.print_exc()
-        row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        row["error"] = one_line(e)
     return rows
 
 
@@ -346,7 +351,7 @@ def hf_row(model, idx, ours, dtype, args, device):
             del hf
             free()
     except Exception as e:
-        row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        row["error"] = one_line(e)
         print(f"HF Llama {ours['config']} ({dtype}): {row['error']}", flush=True)
     return row
 
@@ -516,7 +521,7 @@ def decode_row(item, dtype, args, device):
                     "ms_per_token": st["median_ms"] / (N - 1), "tok_s": B * (N - 1) / (st["median_ms"] / 1e3)})
     except Exception as e:
         traceback.print_exc()
-        row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        row["error"] = one_line(e)
     return [row]
 
 
@@ -533,26 +538,12 @@ def decode_markdown(rows, ref):
 
 
 # ---- training ---------------------------------------------------------------------------------
-class CachedLayerGradNorms(common.LayerGradNorms):
-    """common.LayerGradNorms with its group index copied to the device once, not on every call
-    (a CPU->GPU copy syncs the host); train.py uses the same fix."""
-    _key, _dev_index = None, None
-
-    def __call__(self):
-        have = [i for i, p in enumerate(self.params) if p.grad is not None]
-        dev = self.params[0].device
-        sq = torch.zeros(len(self.names), device=dev, dtype=torch.float32)
-        if have:
-            if self._key != (dev, tuple(have)):
-                self._key, self._dev_index = (dev, tuple(have)), self.index[have].to(dev)
-            norms = torch._foreach_norm([self.params[i].grad for i in have])
-            sq.index_add_(0, self._dev_index, torch.stack(norms).float() ** 2)
-        return sq.sqrt()
-
-
 def train_row(item, dtype, args, device):
     """Full optimizer steps (fwd+bwd, grad clip, fused AdamW), with and without the per-layer
-    gradient-norm dump, interleaved in rounds in one process so drift hits both alike."""
+    gradient-norm dump, interleaved in rounds in one process so drift hits both alike.
+    Variants: nodump (clip_grad_norm_ makes its own pass), dump (as train.py: per-layer norms,
+    recorded, and the clip's total taken from them), dump_clip (the dump plus a separate
+    clip_grad_norm_ pass: what the dump would cost without that reuse)."""
     B, T = args.batch, args.seq
     name, model = build(item, device, T)
     model.train()
@@ -561,8 +552,7 @@ def train_row(item, dtype, args, device):
     ctx = common.autocast_for(device.type, dtype)   # training keeps fp32 master weights: autocast
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    lgn = CachedLayerGradNorms(model.param_groups_by_layer())
-    lgn_common = common.LayerGradNorms(model.param_groups_by_layer())
+    lgn = common.LayerGradNorms(model.param_groups_by_layer())
     dump = common.GradNormDump(lgn.names, path=None)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(1, model.config.vocab_size, (B, T), generator=g).to(device)
@@ -578,18 +568,17 @@ def train_row(item, dtype, args, device):
                 with ctx:
                     _, loss = m(x, y)
                 loss.backward()
-                if variant == "nodump":   # a plain step: clip with its own pass over the gradients
+                if variant == "nodump":
                     if args.grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                elif variant == "dump":   # as train.py: per-layer norms, recorded, the clip's total from them
+                elif variant == "dump":   # train.py's code path
                     norms = lgn()
                     dump.record(n_step[0], norms)
                     if args.grad_clip:
-                        total = norms.square().sum().sqrt()
                         grads = [p.grad for p in params if p.grad is not None]
-                        torch._foreach_mul_(grads, (args.grad_clip / (total + 1e-6)).clamp(max=1.0))
-                else:   # dump_common: common.LayerGradNorms as it is, then a separate clip
-                    dump.record(n_step[0], lgn_common())
+                        torch._foreach_mul_(grads, common.clip_coef(norms.square().sum().sqrt(), args.grad_clip))
+                else:   # dump_clip
+                    dump.record(n_step[0], lgn())
                     if args.grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
                 opt.step()
@@ -597,14 +586,14 @@ def train_row(item, dtype, args, device):
                 n_step[0] += 1
             return step
         step, row["compile_s"], row["note"] = first_call(make, args.compile, not args.no_fullgraph, f"{name} train ({dtype})")
-        variants = ["nodump", "dump", "dump_common"]
+        variants = ["nodump", "dump", "dump_clip"]
         times = {v: [] for v in variants}
         per_round = max(1, args.runs // args.rounds)
         for v in variants:
-            time_calls(lambda: step(v), args.warmup, 0, device)
+            time_calls(lambda: step(v), args.warmup, 0, device, uses_cudagraphs(args.compile))
         for r in range(args.rounds):
             for v in variants:
-                times[v] += time_calls(lambda: step(v), 0, per_round, device)
+                times[v] += time_calls(lambda: step(v), 0, per_round, device, uses_cudagraphs(args.compile))
         peak = common.peak_flops(device, dtype)
         profile(lambda: step("dump"), f"{name} train ({dtype})", args, device, n=2)
         for v in variants:
@@ -619,7 +608,7 @@ def train_row(item, dtype, args, device):
             row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     except Exception as e:
         traceback.print_exc()
-        row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        row["error"] = one_line(e)
     return [row]
 
 
@@ -630,7 +619,7 @@ def train_markdown(rows, ref):
         if "nodump" not in r:
             lines.append(f"| {r['model']} | {r['dtype']} | | {r.get('error', 'not run')} | | | | | | |")
             continue
-        for v in ("nodump", "dump", "dump_common"):
+        for v in ("nodump", "dump", "dump_clip"):
             if v in r:
                 s = r[v]
                 lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} x {r['seq']} | {v} | {s['ms_step']:.1f} | "
@@ -758,7 +747,7 @@ def main(argv=None):
             except Exception as e:   # one model failing (OOM, a compile error) must not kill the table
                 traceback.print_exc()
                 new = [{"config": name, "model": pretty(name), "impl": "ours", "dtype": dtype,
-                        "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}]
+                        "error": one_line(e)}]
             free()
             rows += new
             report()

@@ -3,15 +3,16 @@ Helpers that several scripts share; each thing has exactly one home, here.
 
   configurator     read_config(): `script.py config/x.py --key=value`, nanoGPT style
   errors           UserError + cli(): user mistakes print one line, never a traceback
-  data             load_tokens(), get_batch() (deterministic in seed/step/rank), eval_batches()
+  data             data_dir(), load_tokens(), get_batch() (deterministic in seed/step), eval_batches()
   evaluation       evaluate(): mean cross-entropy over a fixed held-out token set
-  checkpoints      atomic_save(), read_checkpoint(), load_model()
+  checkpoints      atomic_save(), atomic_write_json(), read_checkpoint(), load_model()
   gradient norms   LayerGradNorms (one fused reduction, no host sync), GradNormDump (the
                    grad_norms.npz format every script reads), load_grad_dump()
   devices          autocast_for(), peak_flops()
 """
 import ast
 import difflib
+import json
 import os
 import sys
 from contextlib import nullcontext
@@ -79,10 +80,8 @@ def read_config(argv, defaults=None, model_only=False):
     model_only: the known keys are GPTConfig's fields; keys a config file sets for other
     scripts (batch_size, ...) are ignored, but an unknown --override is still an error."""
     from model import GPTConfig
-    from dataclasses import fields
     if model_only:
-        defaults = {f.name: (f.default_factory() if callable(f.default_factory) else f.default)
-                    for f in fields(GPTConfig)}
+        defaults = GPTConfig.defaults()
     cfg = dict(defaults)
 
     def unknown(key, where):
@@ -129,20 +128,38 @@ def load_tokens(path, vocab_size=None):
     return data
 
 
+def data_dir(train_config, override=None):
+    """The folder holding train.bin/val.bin: override (a folder, or a dataset name under data/),
+    else the run's data_dir as given, else this repository's data/<dataset> (found from this
+    file, so scripts work from any directory)."""
+    repo_data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    if override:
+        return override if os.path.isdir(override) else os.path.join(repo_data, override)
+    return train_config.get("data_dir") or os.path.join(repo_data, str(train_config.get("dataset") or ""))
+
+
 def _windows_to_tensors(data, offsets, block_size):
     xy = np.stack([np.asarray(data[o:o + block_size + 1], dtype=np.int64) for o in offsets])
     xy = torch.from_numpy(xy)
     return xy[:, :-1], xy[:, 1:]
 
 
-def get_batch(data, batch_size, block_size, step, seed, rank=0):
-    """Training batch for (seed, step, rank): random windows, identical on every call, so
-    resume and DDP are exact and each rank reads different data. Returns CPU int64 (x, y)."""
+def get_batch(data, batch_size, block_size, step, seed, rows=slice(None)):
+    """The global training batch of (seed, step): random windows, identical on every call, so
+    resume is exact. rows: the rows this DDP rank reads (the rest are never read), so any world
+    size trains on the same global batch. Returns CPU int64 (x, y)."""
     if len(data) <= block_size + 1:
         raise UserError(f"dataset has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
-    rng = np.random.default_rng([seed, step, rank])
+    rng = np.random.default_rng([seed, step, 0])   # the trailing 0 keeps the batches of the runs in docs/
     offsets = rng.integers(0, len(data) - block_size - 1, size=batch_size)
-    return _windows_to_tensors(data, offsets, block_size)
+    return _windows_to_tensors(data, offsets[rows], block_size)
+
+
+def clip_coef(total_norm, max_norm):
+    """The factor clip_grad_norm_ applies, as a device tensor (no host sync); 1 when max_norm <= 0."""
+    if max_norm <= 0:
+        return torch.ones_like(total_norm)
+    return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
 
 
 def eval_batches(data, block_size, batch_size, n_batches):
@@ -183,6 +200,14 @@ def atomic_save(obj, path):
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path, **kw):
+    """json.dump to a temporary file, then rename over path (same guarantee as atomic_save)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, **kw)
     os.replace(tmp, path)
 
 
@@ -307,10 +332,13 @@ class GradNormDump:
         """Restore rows, dropping any at or after before_step (the resumed step)."""
         if list(sd["names"]) != self.names:
             raise UserError("the checkpoint's gradient dump has other layer names than this model")
+        if self.equalized != ("norms_equalized" in sd):
+            raise UserError(f"the checkpoint was trained with equalize={not self.equalized}: resume with the same "
+                            f"equalize setting")
         keep = [i for i, s in enumerate(sd["steps"]) if before_step is None or s < before_step]
         self.steps = [int(sd["steps"][i]) for i in keep]
         self.norms = [sd["norms"][i] for i in keep]
-        if self.equalized and "norms_equalized" in sd:
+        if self.equalized:
             self.norms_eq = [sd["norms_equalized"][i] for i in keep]
         self._pending = []
 

@@ -19,8 +19,9 @@ which is what config/*/virtual_depth.py uses.
 Measurement, per run directory (written by train.py, or by resnet.py):
   share       Eq. 2, from grad_norms.npz (per physical layer; the dump already sums a repeated
               layer's gradient over its repeats)
-  importance  dM_i = PPL(layer i passed through) - PPL(all layers), on a fixed held-out set
-              (common.eval_batches); cached in <run>/importance.json, recomputed when the eval
+  importance  dM_i = PPL(layer i passed through) - PPL(the model as configured), on a fixed held-out
+              set (common.eval_batches); a run's own passthrough layers stay skipped throughout
+              (their dM is 0). Cached in <run>/importance.json, recomputed when the eval
               settings or the checkpoint's iter_num change. ResNet runs bring their own
               importance.json (metric top1_drop) and have no ckpt.pt.
   statistics  Spearman rho (share vs theory, share vs importance) with a two-sided
@@ -36,8 +37,10 @@ import os
 import numpy as np
 import torch
 
-from common import (UserError, cli, read_config, load_grad_dump, load_tokens, load_model, evaluate, autocast_for,
-                    read_checkpoint)
+from common import (UserError, atomic_write_json, autocast_for, cli, data_dir, evaluate, load_grad_dump, load_model,
+                    load_tokens, read_checkpoint, read_config)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 VIRTUAL_NOTE = ("note: the paper's text says repeats 2,3,3,4 for layers 5-8 (16 virtual positions), but its "
                 "fan-in numbers 18,17,16,15,27,33,24,20 come out exactly with repeats [1,1,1,1,2,3,3,5] "
@@ -55,20 +58,11 @@ def fanin_deep_supervision(N):
     return [(N - l + 1) * (N - l + 2) // 2 for l in range(N)]
 
 
-def fanin_virtual(repeats):
-    """FanIn(L_p) = sum over virtual positions i (1-indexed) of block p of (N_virt - i + 2)."""
-    n_virt = sum(repeats)
-    out, i = [], 0
-    for r in repeats:
-        out.append(sum(n_virt - (i + k + 1) + 2 for k in range(r)))
-        i += r
-    return out
-
-
 def fanin_general(repeats, deep_supervision):
-    """Both at once: virtual positions as in fanin_virtual, and with deep supervision an extra
-    (e - i + 1) from the auxiliary head after every physical block (at virtual position e >= i).
-    Reduces to the three formulas above in their cases (the tests check it)."""
+    """Virtual depth: FanIn(L_p) = sum over the virtual positions i (1-indexed) of block p of
+    (N_virt - i + 2); with deep supervision an extra (e - i + 1) from the auxiliary head after
+    every physical block (at virtual position e >= i). Reduces to the two formulas above when
+    there is no repetition (the tests check it and the paper's virtual-depth numbers)."""
     n_virt = sum(repeats)
     ends = list(itertools.accumulate(repeats))            # virtual position after each block
     out, i = [], 0
@@ -219,16 +213,23 @@ def default_device():
 
 
 def compute_importance(model, data, block_size, batch_size, n_batches, device, dtype="float32", log=print):
-    """Baseline perplexity and, per layer, the perplexity increase when it is passed through."""
+    """Perplexity of the model as configured and, per layer i, with i passed through as well.
+    Layers the run already passes through (its config's passthrough) are not evaluated again:
+    skipping them changes nothing, so their ablated ppl is the baseline (importance 0)."""
     ctx = autocast_for(torch.device(device).type, dtype)
     ppl = lambda: math.exp(evaluate(model, data, block_size, batch_size, n_batches, device, ctx))
-    keep = model.passthrough
+    keep = frozenset(model.passthrough)
     base = ppl()
-    log(f"importance: baseline ppl {base:.4f}")
+    log(f"importance: baseline ppl {base:.4f}" + (f" (layers {sorted(keep)} passed through as configured)"
+                                                   if keep else ""))
     ablated = []
     try:
         for i in range(model.config.n_layer):
-            model.set_passthrough([i])
+            if i in keep:
+                ablated.append(base)
+                log(f"importance: layer {i:>2} is passed through in the run's config: importance 0")
+                continue
+            model.set_passthrough(keep | {i})   # add to the run's own passthrough, do not replace it
             ablated.append(ppl())
             log(f"importance: layer {i:>2} passed through: ppl {ablated[-1]:.4f} ({ablated[-1] - base:+.4f})")
     finally:
@@ -236,17 +237,22 @@ def compute_importance(model, data, block_size, batch_size, n_batches, device, d
     return base, ablated
 
 
-def importance_for_run(run, args, log=print):
-    """Load or compute <run>/importance.json for an LM run (train.py's ckpt.pt)."""
+def _data_key(path):
+    """The held-out file as the cache records it: relative to this repository when inside it, so
+    the cache stays valid from any working directory and on another machine."""
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path, ROOT)
+    return path if rel.startswith("..") else rel
+
+
+def importance_for_run(run, ckpt, args, log=print):
+    """Load or compute <run>/importance.json for an LM run; ckpt is its read_checkpoint()."""
     path = os.path.join(run, "importance.json")
-    ckpt_path = os.path.join(run, "ckpt.pt")
-    ckpt = read_checkpoint(ckpt_path)
-    tc, mc = ckpt.get("train_config", {}), ckpt["model_config"]
+    tc, mc = ckpt.get("train_config") or {}, ckpt["model_config"]
     device = args.device or default_device()
     on_gpu = torch.device(device).type == "cuda"
-    data_dir = tc.get("data_dir") or os.path.join("data", str(tc.get("dataset", "")))
-    data_path = args.data or os.path.join(data_dir, "val.bin")
-    settings = {"data": os.path.normpath(data_path),
+    data_path = args.data or os.path.join(data_dir(tc), "val.bin")
+    settings = {"data": _data_key(data_path),
                 "block_size": int(args.block_size or min(tc.get("block_size", mc["block_size"]), mc["block_size"])),
                 "batch_size": int(args.batch_size or min(int(tc.get("batch_size", 16)), 16)),
                 "eval_batches": int(args.eval_batches or (40 if on_gpu else 8)),
@@ -258,11 +264,10 @@ def importance_for_run(run, args, log=print):
             log(f"{run}: importance from cache {path}")
             return cached
         log(f"{run}: {path} is stale (other eval settings or checkpoint), recomputing")
-    del ckpt
     if not os.path.isfile(data_path):
         raise UserError(f"held-out data {data_path} does not exist: prepare the dataset "
                         f"'{tc.get('dataset')}' or pass --data path/to/val.bin")
-    model, _ = load_model(ckpt_path, device)
+    model, _ = load_model(run, device)
     data = load_tokens(data_path, model.config.vocab_size)
     log(f"{run}: measuring importance on {device}: {settings['eval_batches']} batches x {settings['batch_size']} "
         f"x {settings['block_size']} tokens of {data_path}, {model.config.n_layer + 1} evaluations")
@@ -271,10 +276,7 @@ def importance_for_run(run, args, log=print):
     result = {"metric": "ppl_increase", "baseline": base, "importance": [a - base for a in ablated],
               "layer_names": [f"layer.{i}" for i in range(model.config.n_layer)], "ablated": ablated,
               "settings": settings, "device": device}
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(result, path, indent=1)
     return result
 
 
@@ -288,8 +290,9 @@ def analyse(run, args, log=print):
     share = np.asarray(dump["share"], dtype=np.float64)
     has_ckpt = os.path.isfile(os.path.join(run, "ckpt.pt"))
     if has_ckpt:
-        mc = read_checkpoint(run)["model_config"]
-        imp = None if args.no_importance else importance_for_run(run, args, log)
+        ckpt = read_checkpoint(run)   # one read for the configs; load_model only when importance is recomputed
+        mc = ckpt["model_config"]
+        imp = None if args.no_importance else importance_for_run(run, ckpt, args, log)
     else:   # no checkpoint (yet): resnet.py's runs, or an LM run before its first checkpoint
         cfg_path, imp_path = os.path.join(run, "model_config.json"), os.path.join(run, "importance.json")
         if os.path.isfile(cfg_path):
@@ -519,8 +522,10 @@ def main(argv=None):
     if args.fig_dir:
         os.makedirs(args.fig_dir, exist_ok=True)
 
+    base = analyse(args.baseline, args) if args.baseline else None   # first: a bad baseline fails before any work
+    if base and "importance" not in base:
+        raise UserError(f"baseline {args.baseline} has no importance: give a run with ckpt.pt or importance.json")
     runs = [analyse(p, args) for p in args.paths]
-    base = analyse(args.baseline, args) if args.baseline else None
     for r in runs + ([base] if base else []):
         print_report(r)
 
@@ -537,10 +542,11 @@ def main(argv=None):
             fig678(r, dest(r, "fig678_layerwise.png"))
             if base:
                 fig5(r, base, dest(r, f"fig5_vs_{base['name']}.png"))
-    summary = os.path.join(args.fig_dir or runs[0]["run"], "fanin_summary.json")
-    with open(summary, "w") as f:
-        json.dump({"runs": runs, "baseline": base}, f, indent=1, default=float)
-    print(f"wrote {summary}")
+    summary = {"runs": runs, "baseline": base}
+    path = os.path.join(args.fig_dir or runs[0]["run"], "fanin_summary.json")
+    atomic_write_json(summary, path, indent=1, default=float)
+    print(f"wrote {path}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ passthrough (layers skipped as identity; used by pruning and importance ablation
     python model.py config/cascade_a2.py [--key=value ...]   # print the architecture
 """
 import math
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -123,6 +123,11 @@ class GPTConfig:
         return GPTConfig(**d)
 
     @classmethod
+    def defaults(cls):
+        """{field: default}: the model keys a config file or --key=value may set."""
+        return {f.name: (f.default_factory() if callable(f.default_factory) else f.default) for f in fields(cls)}
+
+    @classmethod
     def from_dict(cls, d):
         """Build from a dict that may hold other keys (a config file, a checkpoint's train config)."""
         names = {f.name for f in fields(cls)}
@@ -218,8 +223,6 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.passthrough = frozenset()
-        self.set_passthrough(cfg.passthrough)
         # Init: every weight N(0, 0.02); the two projections that write into the residual
         # stream (attn.proj, ffn.down) get 0.02 / sqrt(2 * virtual depth) so the residual
         # variance stays O(1) however deep the (unrolled) stack is (GPT-2 / nanoGPT).
@@ -234,12 +237,14 @@ class GPT(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
+    @property
+    def passthrough(self):
+        """The skipped layers; the config is the one source, so a saved config records them."""
+        return frozenset(self.config.passthrough)
+
     def set_passthrough(self, layers):
-        layers = frozenset(int(i) for i in layers)
-        bad = [i for i in layers if not 0 <= i < self.config.n_layer]
-        if bad:
-            raise ConfigError(f"passthrough index {bad[0]}: must be in [0, {self.config.n_layer - 1}]")
-        self.passthrough = layers
+        """Skip exactly `layers` (identity) from now on; GPTConfig checks the indices."""
+        self.config = replace(self.config, passthrough=sorted(int(i) for i in layers))
 
     # ---- forward -------------------------------------------------------------------------
     def _head_loss(self, x, targets):
@@ -254,16 +259,19 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.tok_emb(idx)
         aux = None
-        deep = self.config.deep_supervision and self.training and targets is not None
+        skip = self.passthrough
+        run = [i for i in range(self.config.n_layer) if i not in skip]
+        deep = self.config.deep_supervision and self.training and targets is not None and bool(run)
         v = 0   # virtual position, indexes the KV cache
         for i, block in enumerate(self.blocks):
-            if i in self.passthrough:
+            if i in skip:
                 v += self.repeats[i]
                 continue
             for _ in range(self.repeats[i]):
                 x = block(x, cos, sin, None if kv_cache is None else kv_cache[v], pos)
                 v += 1
-            if deep:   # recompute logits in backward: peak memory holds one layer's logits, not N
+            if deep and i != run[-1]:   # the last exit is the final loss, weighted below
+                # recompute logits in backward: peak memory holds one layer's logits, not N
                 li = self.alphas[i] * checkpoint(self._head_loss, x, targets, use_reentrant=False)
                 aux = li if aux is None else aux + li
         if targets is None:
@@ -271,6 +279,8 @@ class GPT(nn.Module):
             return logits, None
         logits = self.lm_head(self.norm_f(x))
         loss = cross_entropy(logits, targets, ignore_index=-1)
+        if deep:   # CE(final) + alpha_last * CE(exit after the last block), which is the same CE
+            loss = loss * (1 + self.alphas[run[-1]])
         return logits, (loss if aux is None else loss + aux)
 
     # ---- generation with a KV cache ----------------------------------------------------------

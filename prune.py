@@ -9,15 +9,14 @@ Methods (paper Appendix A.4); each prints its full ranking, then prunes by passt
 (the removed layers are skipped as identity, model.set_passthrough):
   cfp         the k layers with the lowest accumulated training-gradient share (Eq. 2, from
               <run>/grad_norms.npz), at any positions.
-  magnitude   block score = sum over the block's weights of |W|, computed as: each matrix is
-              reduced over its input dim (per-output L1 norm), the per-output scores of all the
-              block's matrices and its RMSNorm gains (1-D, taken as-is) are then summed. We
-              sum rather than average so a narrower (tapered) layer counts as the smaller mass
-              it is; for uniform widths both give the same ranking. Embeddings, LM head and
-              final norm are excluded. The k lowest blocks are removed.
-  taylor      on --calib_batches batches of TRAINING data (fixed windows), accumulate
-              |W * dL/dW| elementwise, summed over batches (one backward per batch, L = the
-              final LM loss), then the same per-output reduction and block sum. k lowest go.
+  magnitude   block score = sum of |W| over all the block's weights (matrices and RMSNorm
+              gains; the same as summing per-output L1 norms). We sum rather than average so a
+              narrower (tapered) layer counts as the smaller mass it is; for uniform widths both
+              give the same ranking. Embeddings, LM head and final norm are excluded. The k
+              lowest blocks are removed.
+  taylor      on --calib_batches batches of TRAINING data (fixed windows): block score = sum
+              over batches and over the block's weights of |W * dL/dW| (elementwise |.| per
+              batch, one backward per batch, L = the final LM loss). k lowest go.
   similarity  Gromov et al.: angular distance arccos(cos(h_l, h_{l+k})) / pi between the input
               of layer l and the input of layer l+k (h_N = the last block's output), per token,
               averaged over ALL token positions of the calibration batches (Gromov use only the
@@ -46,10 +45,11 @@ from itertools import combinations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from common import (GradNormDump, UserError, accumulated_share, atomic_save, autocast_for, checkpoint_path, cli,
-                    evaluate, get_batch, load_grad_dump, load_model, load_tokens, read_checkpoint)
+from common import (GradNormDump, UserError, accumulated_share, atomic_save, atomic_write_json, autocast_for,
+                    checkpoint_path, cli, data_dir, evaluate, get_batch, load_grad_dump, load_model, load_tokens,
+                    read_checkpoint)
+from fanin import spearman   # the one Spearman of the codebase (rho, p)
 from model import drop_layers
 
 METHODS = ("cfp", "similarity", "taylor", "magnitude")   # the paper's column order
@@ -57,45 +57,43 @@ LABELS = {"cfp": "CFP (ours)", "similarity": "Similarity", "taylor": "Taylor", "
 
 
 # ---- block scores ------------------------------------------------------------------------------
-def block_score(tensors):
-    """Per-output reduction (sum over the input dim of each matrix; 1-D gains as-is), then the
-    sum over all outputs of the block."""
-    total = 0.0
-    for t in tensors:
-        per_output = t.sum(dim=1) if t.dim() == 2 else t
-        total += per_output.double().sum().item()
-    return total
+def _abs_sum(tensors):
+    """sum of |t| over all elements of all tensors, a float64 scalar on their device (no host sync)."""
+    return sum(t.abs().sum(dtype=torch.float64) for t in tensors)
 
 
+@torch.no_grad()
 def magnitude_scores(model):
-    return np.array([block_score([p.detach().abs() for p in b.parameters()]) for b in model.blocks])
+    """Per block: sum of |W| over its weights; one host copy for all blocks."""
+    return torch.stack([_abs_sum(b.parameters()) for b in model.blocks]).cpu().numpy()
 
 
 def taylor_scores(model, batches, device, ctx):
-    """sum over batches of |W * dL/dW| per element, reduced per block. Gradients only for blocks."""
+    """Per block: sum over batches and weights of |W * dL/dW|. Gradients only for the blocks;
+    the scores accumulate on the device in float64, one host copy at the end."""
     was_training = model.training
-    model.eval()   # no deep-supervision aux losses: L is the final LM loss
     flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
     params = [list(b.parameters()) for b in model.blocks]
-    for ps in params:
-        for p in ps:
+    flat = [p for ps in params for p in ps]
+    acc = torch.zeros(len(params), device=device, dtype=torch.float64)
+    try:
+        model.eval()   # no deep-supervision aux losses: L is the final LM loss
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in flat:
             p.requires_grad_(True)
-    acc = [[torch.zeros_like(p) for p in ps] for ps in params]
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with ctx:
-            _, loss = model(x, y)
-        grads = torch.autograd.grad(loss, [p for ps in params for p in ps])
-        it = iter(grads)
-        for ps, a in zip(params, acc):
-            for p, s in zip(ps, a):
-                s += (p.detach() * next(it)).abs()
-    for p, f in flags.items():
-        p.requires_grad_(f)
-    model.train(was_training)
-    return np.array([block_score(a) for a in acc])
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with ctx:
+                _, loss = model(x, y)
+            grads = iter(torch.autograd.grad(loss, flat))
+            for b, ps in enumerate(params):
+                acc[b] += _abs_sum(p.detach() * next(grads) for p in ps)
+    finally:   # an error mid-way must not leave the model frozen or in eval mode
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+    return acc.cpu().numpy()
 
 
 @torch.no_grad()
@@ -103,7 +101,7 @@ def angular_distances(model, batches, device, ctx):
     """D[l, m] (l < m, m <= N): mean over all tokens of arccos(cos(h_l, h_m)) / pi, where h_l is
     the input of block l (its first application if repeated) and h_N the input of the final norm."""
     N = model.config.n_layer
-    hidden = {}
+    hidden = {}   # i -> input of block i (i = N: of the final norm), one forward's worth
 
     def grab(i):
         def hook(module, args):
@@ -113,28 +111,30 @@ def angular_distances(model, batches, device, ctx):
     hooks.append(model.norm_f.register_forward_pre_hook(grab(N)))
     was_training = model.training
     model.eval()
-    D, count = torch.zeros(N + 1, N + 1, dtype=torch.float64), 0
+    D, count = torch.zeros(N + 1, N + 1, device=device, dtype=torch.float64), 0
     try:
         for x, _ in batches:
             hidden.clear()
             with ctx:
                 model(x.to(device))
-            h = [F.normalize(hidden[i].float().flatten(0, 1), dim=-1) for i in range(N + 1)]
-            for l, m in combinations(range(N + 1), 2):
-                cos = (h[l] * h[m]).sum(-1).clamp(-1.0, 1.0)
-                D[l, m] += (torch.arccos(cos) / math.pi).double().sum().cpu()
-            count += h[0].size(0)
+            # [tokens, N+1, C], unit rows; float64 so the cosines near 1 (where arccos is steep)
+            # keep their digits and no TF32 matmul touches them
+            h = torch.stack([hidden[i] for i in range(N + 1)], dim=2).flatten(0, 1).double()
+            h.div_(h.norm(dim=-1, keepdim=True).clamp_min(1e-12))   # in place: h is the big tensor here
+            cos = torch.bmm(h, h.transpose(1, 2)).clamp(-1.0, 1.0)   # all pairs (l, m) of every token at once
+            D += torch.arccos(cos).sum(0) / math.pi
+            count += h.size(0)
     finally:
         for hk in hooks:
             hk.remove()
         model.train(was_training)
-    return (D / count).numpy()
+    return (D.triu(1) / count).cpu().numpy()   # l < m only, as before; the diagonal is 0
 
 
 def cfp_share(run_dir, n_layer, ckpt=None):
     """Eq. 2 share per layer from <run>/grad_norms.npz (else the dump inside the checkpoint)."""
-    npz = os.path.join(run_dir, "grad_norms.npz") if os.path.isdir(run_dir) else None
-    if npz and os.path.isfile(npz):
+    npz = os.path.join(os.path.dirname(checkpoint_path(run_dir)), "grad_norms.npz")   # a run dir or its ckpt.pt
+    if os.path.isfile(npz):
         share = np.asarray(load_grad_dump(npz)["share"], dtype=np.float64)
     else:
         if ckpt is None:
@@ -302,16 +302,6 @@ def parse_methods(text):
     return [m for m in METHODS if m in ms]
 
 
-def data_dir_for(args, ckpt, run):
-    """--data (a folder, or a name under data/), else the run's train_config data_dir / dataset."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-    tc = ckpt.get("train_config") or {}
-    ds = args.data or tc.get("data_dir") or tc.get("dataset")
-    if not ds:
-        raise UserError(f"run {run} does not name its dataset: pass --data <dataset name or folder>")
-    return ds if os.path.isdir(ds) else os.path.join(here, ds)
-
-
 def prune_run(run, args, ks, methods, hs_items, device, ctx):
     """Scores, choices and evaluations for one run: a dict for the table."""
     t0 = time.time()
@@ -324,7 +314,10 @@ def prune_run(run, args, ks, methods, hs_items, device, ctx):
     if model.passthrough:
         print(f"note: {run} has passthrough layers {sorted(model.passthrough)} in its config; pruning scores all layers")
         model.set_passthrough([])
-    ddir = data_dir_for(args, ckpt, run)
+    tc = ckpt.get("train_config") or {}
+    if not (args.data or tc.get("data_dir") or tc.get("dataset")):
+        raise UserError(f"run {run} does not name its dataset: pass --data <dataset name or folder>")
+    ddir = data_dir(tc, args.data)
     val = load_tokens(os.path.join(ddir, "val.bin"), cfg.vocab_size)
     print(f"== run {run}: {N} layers, {model.num_params() / 1e6:.1f}M params, held-out {ddir}/val.bin")
 
@@ -411,11 +404,6 @@ def _cell(values, digits):
 def stability(results, methods):
     """Mean pairwise Spearman rho of each method's per-layer scores between runs (seeds)."""
     if len(results) < 2:
-        return {}
-    try:
-        from fanin import spearman   # the one Spearman of the codebase (rho, p)
-    except ImportError:
-        print("note: ranking stability skipped: fanin.py (spearman) is not importable")
         return {}
     out = {}
     for m in methods:
@@ -544,7 +532,7 @@ def main(argv=None):
                             f"or pass --runs <run dir>)")
     hs_path = args.hellaswag
     if hs_path is None:
-        hs_path = "data/hellaswag/hellaswag_val.jsonl"
+        hs_path = os.path.join(data_dir({}, "hellaswag"), "hellaswag_val.jsonl")   # the repo's data/, from any cwd
         if not os.path.isfile(hs_path):
             print(f"note: HellaSwag skipped: {hs_path} is absent (run data/hellaswag/prepare.py, or pass "
                   f"--hellaswag <jsonl in HellaSwag layout>)")
@@ -575,8 +563,8 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "table1.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"ks": ks, "methods": methods, "runs": results, "stability": stab}, f, indent=1)
+    atomic_write_json({"ks": ks, "methods": methods, "runs": results, "stability": stab},
+                      os.path.join(out, "results.json"), indent=1)
     plot(results, ks, methods, os.path.join(out, "table1_ppl.png"))
     print(f"wrote {out}/table1.md, table1_ppl.png, results.json")
     return results

@@ -33,11 +33,10 @@ grad_norms.npz (common.GradNormDump format, groups 'stem',
 'layer.0'..'layer.15', 'head'; fanin.py reads it), log.txt, and after training
 importance.json: {"metric": "top1_drop", "baseline": top-1 of the full model (fraction),
 "importance": [16 drops, baseline - top-1 with block i's residual branch removed],
-"accuracy": [16 ablated top-1s], "layer_names", "share" (Eq. 2), "spearman": {rho, p} when
-fanin.py is present}.
+"accuracy": [16 ablated top-1s], "layer_names", and, when the run has a gradient dump, "share"
+(Eq. 2) and "spearman": {rho, p} of share vs importance}.
 """
 import gzip
-import json
 import math
 import os
 import struct
@@ -49,12 +48,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, cli, read_config, atomic_save, autocast_for, LayerGradNorms, GradNormDump
+from common import (UserError, cli, read_config, atomic_save, atomic_write_json, read_checkpoint, autocast_for,
+                    LayerGradNorms, GradNormDump, load_grad_dump)
 
 # ---- defaults (override with --key=value or a config file) -----------------------------------
 out_dir = "out/resnet"
 dataset = "imagenet"             # 'imagenet' (the paper) | 'fashion_mnist' | 'synthetic' (tests)
-data_dir = ""                    # '' -> data/<dataset> (fashion_mnist: else Debian's /usr/share/datasets/fashion-mnist)
+data_dir = ""                    # '' -> this repository's data/<dataset> (fashion_mnist: else Debian's /usr/share/datasets/fashion-mnist)
 stem = "auto"                    # 'imagenet' (7x7/2 + max-pool) | 'small' (3x3/1) | 'auto' (small below 64 px)
 width = 64                       # base width (64 = ResNet-50); smaller only for tests
 image_size = 224                 # imagenet crop / synthetic size (Fashion-MNIST is 28)
@@ -130,7 +130,11 @@ class ResNet50(nn.Module):
         for m in self.modules():             # torchvision's init
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        self.passthrough = frozenset()
+
+    @property
+    def passthrough(self):
+        """The blocks whose residual branch is removed, read from the blocks' own flags (the one source)."""
+        return frozenset(i for i, blk in enumerate(self.blocks) if blk.passthrough)
 
     def min_image_size(self):
         """Smallest input that still leaves a 1x1 map for the last stage (total stride)."""
@@ -142,7 +146,6 @@ class ResNet50(nn.Module):
             raise UserError(f"passthrough blocks {sorted(blocks)}: indices must be in [0, {len(self.blocks) - 1}]")
         for i, blk in enumerate(self.blocks):
             blk.passthrough = i in blocks
-        self.passthrough = blocks
 
     def forward(self, x):
         x = self.stem(x)
@@ -229,7 +232,9 @@ def open_imagenet(root, size):
 
 def load_data(cfg):
     """-> dict(kind='tensor'|'folder', train, val, num_classes, in_channels, size, augment)."""
-    name, root = cfg["dataset"], cfg["data_dir"] or os.path.join("data", cfg["dataset"])
+    # found from this file (as train.py does), so the script works from any directory
+    name = cfg["dataset"]
+    root = cfg["data_dir"] or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
     if name == "fashion_mnist" and not cfg["data_dir"] and not os.path.isdir(root) and os.path.isdir(DEBIAN_FMNIST):
         root = DEBIAN_FMNIST
     if name == "synthetic":
@@ -317,31 +322,35 @@ def evaluate(model, data, cfg, dev, ctx, world=1, rank=0):
     """(top-1 accuracy, mean CE) over the validation set, summed over DDP ranks."""
     was = model.training
     model.eval()
-    tot = torch.zeros(3, device=dev, dtype=torch.float64)     # correct, loss sum, count
+    tot, n = torch.zeros(2, device=dev, dtype=torch.float64), 0    # correct, loss sum on the device; count on the host
     for x, y in val_batches(data, cfg, world, rank, dev):
         if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with ctx:
             logits = model(x).float()
-        tot += torch.stack([(logits.argmax(1) == y).sum().double(),
-                            F.cross_entropy(logits, y, reduction="sum").double(), torch.tensor(len(y), device=dev).double()])
+        tot += torch.stack([(logits.argmax(1) == y).sum().double(), F.cross_entropy(logits, y, reduction="sum").double()])
+        n += len(y)
+    tot = torch.cat([tot, torch.tensor([float(n)], dtype=torch.float64, device=dev)])
     if world > 1:
-        torch.distributed.all_reduce(tot)
+        torch.distributed.all_reduce(tot)                              # one tensor: correct, loss sum, count
     model.train(was)
-    return (tot[0] / tot[2]).item(), (tot[1] / tot[2]).item()
+    correct, loss_sum, count = tot.tolist()
+    return correct / count, loss_sum / count
 
 
 # ---- block importance -------------------------------------------------------------------------
 def block_importance(model, data, cfg, dev, ctx, world=1, rank=0, log=print):
     """Top-1 drop on the validation set when each block's residual branch is removed."""
     keep = model.passthrough
-    base, _ = evaluate(model, data, cfg, dev, ctx, world, rank)
-    accs = []
-    for i in range(len(model.blocks)):
-        model.set_passthrough([i])
-        accs.append(evaluate(model, data, cfg, dev, ctx, world, rank)[0])
-        log(f"importance block {i:2d}: top-1 {100 * accs[-1]:6.2f}%  drop {100 * (base - accs[-1]):6.2f} pts")
-    model.set_passthrough(keep)
+    try:
+        base, _ = evaluate(model, data, cfg, dev, ctx, world, rank)
+        accs = []
+        for i in range(len(model.blocks)):
+            model.set_passthrough([i])
+            accs.append(evaluate(model, data, cfg, dev, ctx, world, rank)[0])
+            log(f"importance block {i:2d}: top-1 {100 * accs[-1]:6.2f}%  drop {100 * (base - accs[-1]):6.2f} pts")
+    finally:                  # an interrupted analysis must not leave a block ablated
+        model.set_passthrough(keep)
     return base, accs
 
 
@@ -351,18 +360,12 @@ def write_importance(out, base, accs, log=print):
            "accuracy": accs, "layer_names": names}
     dump = os.path.join(out, "grad_norms.npz")
     if os.path.isfile(dump):
-        with np.load(dump) as z:
-            res["share"] = [float(s) for s in z["share"]]
-        try:
-            from fanin import spearman                  # fanin.py owns the statistics
-            rho, p = spearman(res["share"], res["importance"])
-            res["spearman"] = {"rho": float(rho), "p": float(p)}
-            log(f"Spearman(share, top-1 drop) rho={rho:.3f} p={p:.3g}  (paper, ResNet-50 on ImageNet: 0.83)")
-        except ImportError:
-            pass
-    with open(os.path.join(out, "importance.json.tmp"), "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(os.path.join(out, "importance.json.tmp"), os.path.join(out, "importance.json"))
+        res["share"] = [float(s) for s in load_grad_dump(dump)["share"]]
+        from fanin import spearman                      # fanin.py owns the statistics
+        rho, p = spearman(res["share"], res["importance"])
+        res["spearman"] = {"rho": float(rho), "p": float(p)}
+        log(f"Spearman(share, top-1 drop) rho={rho:.3f} p={p:.3g}  (paper, ResNet-50 on ImageNet: 0.83)")
+    atomic_write_json(res, os.path.join(out, "importance.json"), indent=1)
     log(f"wrote {os.path.join(out, 'importance.json')}: baseline top-1 {100 * base:.2f}%, drops (pts) "
         + " ".join(f"{100 * d:.2f}" for d in res["importance"]))
     return res
@@ -406,7 +409,7 @@ def main(argv=None):
     if cfg["analyse"] or cfg["init_from"] == "resume":
         if not os.path.isfile(ckpt_file):
             raise UserError(f"no checkpoint at {ckpt_file}: train first (or fix --out_dir)")
-        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(ckpt_file)
         if cfg["analyse"]:   # the run's own data and model; where the data lives may differ here
             cfg = ckpt["train_config"] | {k: cfg[k] for k in ("out_dir", "device", "dtype", "eval_batch_size", "num_workers", "analyse")} \
                 | ({"data_dir": cfg["data_dir"]} if cfg["data_dir"] else {})
@@ -482,6 +485,11 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def save():
+        # a finite loss does not prove finite weights (an inf gradient, a NaN in BN statistics): check them too,
+        # on every rank alike (they hold the same weights), so a diverged model never replaces the last good one
+        state = [t for t in raw.state_dict().values() if t.is_floating_point()]
+        if not torch.isfinite(torch.stack(torch._foreach_norm(state))).all():
+            raise UserError(f"the weights are not finite at step {it}: stopping, the last good checkpoint {ckpt_file} is kept")
         if master:
             dump.flush()
             atomic_save({"model": raw.state_dict(), "model_config": raw.config, "train_config": cfg, "iter_num": it,
@@ -510,10 +518,13 @@ def main(argv=None):
         n_img += cfg["batch_size"]
         it += 1
         end_epoch = it % spe == 0
-        if it % cfg["log_interval"] == 0 or end_epoch or it == stop:
-            lv = loss_acc.item() / (n_img // cfg["batch_size"])   # one sync per interval
+        log_due = it % cfg["log_interval"] == 0 or end_epoch or it == stop
+        save_due = end_epoch or it == stop or (cfg["ckpt_interval"] and it % cfg["ckpt_interval"] == 0)
+        if log_due or save_due:   # one sync per interval; before every save too, so a diverged model is never saved
+            lv = loss_acc.item() / (n_img // cfg["batch_size"])
             if not math.isfinite(lv):
                 raise UserError(f"loss is {lv} at step {it}: stopping, the last good checkpoint {ckpt_file} is kept")
+        if log_due:
             dt_s = time.time() - t0
             log(f"step {it:6d}/{max_iters} | epoch {it / spe:5.2f} | loss {lv:.4f} | lr {lr:.2e} | "
                 f"{n_img / dt_s:8.0f} img/s | {1000 * dt_s / (n_img // cfg['batch_size']):6.1f} ms/step")
@@ -525,7 +536,7 @@ def main(argv=None):
             best = max(best, acc)
             log(f"eval epoch {it / spe:5.2f} | val top-1 {100 * acc:.2f}% | val loss {vloss:.4f} | "
                 f"elapsed {time.time() - t_start:.0f}s")
-        if end_epoch or it == stop or (cfg["ckpt_interval"] and it % cfg["ckpt_interval"] == 0):
+        if save_due:
             save()
             t0 = time.time()                  # keep eval and checkpoint time out of img/s
     if it >= max_iters and cfg["importance"]:

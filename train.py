@@ -11,8 +11,8 @@ Defaults below are the paper's Table 5 and the 1.2B model; config files and --ke
 them (every GPTConfig field is a key too, e.g. --F_d=2). batch_size is the GLOBAL batch in
 sequences per optimizer step; it is split over world_size x gradient_accumulation_steps.
 
-Writes to out_dir: ckpt.pt (atomic; model, model_config, train_config, optimizer, step, RNG
-states, gradient dump; common.load_model reads it), model_config.json (the architecture, so a
+Writes to out_dir: ckpt.pt (atomic; model, model_config, train_config, optimizer, step,
+gradient dump; common.load_model reads it), model_config.json (the architecture, so a
 run can be analysed before its first checkpoint), grad_norms.npz (per-step per-layer gradient norms and the
 accumulated share of Eq. 2: common.GradNormDump documents it; rewritten at every log interval),
 log.txt. init_from='resume' continues a run exactly where its checkpoint left it.
@@ -22,21 +22,19 @@ gradient is rescaled to the largest layer norm, target / n_i (1 where n_i = 0); 
 and head groups are left alone (the paper equalises "each layer i", the same groups Eq. 2's share
 is over); then clipping uses grad_clip * equalize_clip_factor.
 """
-import json
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (UserError, cli, read_config, load_tokens, get_batch, evaluate, atomic_save, LayerGradNorms,
-                    GradNormDump, autocast_for, peak_flops)
+import common
+from common import (UserError, cli, read_config, load_tokens, get_batch, evaluate, atomic_save, atomic_write_json, read_checkpoint,
+                    LayerGradNorms, GradNormDump, clip_coef, autocast_for, peak_flops)
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -71,8 +69,6 @@ wandb_log = False
 wandb_project = "cascadeformer"
 wandb_run_name = ""
 _DEFAULTS = {k: v for k, v in globals().items() if k not in _before and not k.startswith("_")}
-_MODEL_DEFAULTS = {f.name: (f.default_factory() if callable(f.default_factory) else f.default)
-                   for f in fields(GPTConfig)}
 
 
 def get_lr(it, cfg):
@@ -85,7 +81,7 @@ def get_lr(it, cfg):
 
 
 def main(argv):
-    cfg = read_config(argv, _MODEL_DEFAULTS | _DEFAULTS)
+    cfg = read_config(argv, GPTConfig.defaults() | _DEFAULTS)
     model_cfg = GPTConfig.from_dict(cfg)
     T = model_cfg.block_size
 
@@ -117,7 +113,7 @@ def main(argv):
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
     # ---- data (the embedded Shakespeare is prepared on first use, so a fresh clone runs) -------
-    data_dir = cfg["data_dir"] or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg["dataset"])
+    data_dir = common.data_dir(cfg)
     if not cfg["data_dir"] and cfg["dataset"] == "shakespeare" and local_rank == 0 and not all(
             os.path.isfile(os.path.join(data_dir, f"{s}.bin")) for s in ("train", "val")):
         import importlib.util
@@ -135,7 +131,7 @@ def main(argv):
     if cfg["init_from"] == "resume":
         if not os.path.isfile(ckpt_path):
             raise UserError(f"init_from='resume' but {ckpt_path} does not exist (train with init_from='scratch' first)")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(ckpt_path)
         want, have = asdict(model_cfg), ckpt["model_config"]
         diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         if diff:
@@ -146,8 +142,7 @@ def main(argv):
         raise UserError(f"init_from={cfg['init_from']!r}: use 'scratch' or 'resume'")
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "model_config.json"), "w") as f:
-            json.dump(asdict(model_cfg), f, indent=1)
+        atomic_write_json(asdict(model_cfg), os.path.join(out_dir, "model_config.json"), indent=1)
 
     torch.manual_seed(cfg["seed"])   # same init on every rank (DDP broadcasts rank 0's anyway)
     raw_model = GPT(model_cfg)
@@ -170,13 +165,7 @@ def main(argv):
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
         dump.load_state_dict(ckpt["grad_dump"], before_step=iter_num)
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        if device_type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        del ckpt
+        del ckpt   # no RNG state to restore: batches come from (seed, step), and nothing else draws
     start_iter = iter_num
 
     model = raw_model
@@ -222,8 +211,6 @@ def main(argv):
     def save():
         atomic_save({"model": raw_model.state_dict(), "model_config": asdict(model_cfg), "train_config": dict(cfg),
                      "iter_num": iter_num, "optimizer": optimizer.state_dict(), "best_val_loss": best_val,
-                     "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                             "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
                      "grad_dump": dump.state_dict()}, ckpt_path)
 
     history = {"loss": {}, "val": {}}   # what the log printed; main() returns it (tests)
@@ -242,7 +229,8 @@ def main(argv):
                     wandb.log({"step": iter_num, "val/loss": val, "val/ppl": math.exp(min(val, 50))})
                 improved = val < best_val
                 best_val = min(best_val, val)
-                if iter_num > start_iter and (improved or cfg["always_save_checkpoint"]):
+                stopping = 0 < cfg["stop_iter"] <= iter_num   # a stop is for resuming: always save
+                if iter_num > start_iter and (improved or cfg["always_save_checkpoint"] or stopping):
                     dump.flush()
                     save()
             t_last, it_last = time.time(), iter_num   # eval time is not training time
@@ -255,9 +243,8 @@ def main(argv):
             group["lr"] = lr
         # the global batch of this step is fixed by (seed, step); rank r takes its own rows, so
         # any world size / accumulation computes the same gradient as one process
-        x, y = get_batch(train_data, B, T, step=iter_num, seed=cfg["seed"], rank=0)
-        rows = slice(rank * micro * accum, (rank + 1) * micro * accum)
-        x, y = x[rows], y[rows]
+        x, y = get_batch(train_data, B, T, step=iter_num, seed=cfg["seed"],
+                         rows=slice(rank * micro * accum, (rank + 1) * micro * accum))
         if device_type == "cuda":
             x, y = x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
         loss_sum = torch.zeros((), device=dev)
@@ -284,7 +271,7 @@ def main(argv):
             norms_eq = layer_norms()
         total = (norms if norms_eq is None else norms_eq).square().sum().sqrt()
         if clip > 0:
-            torch._foreach_mul_(grads, (clip / (total + 1e-6)).clamp(max=1.0))
+            torch._foreach_mul_(grads, clip_coef(total, clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if master:

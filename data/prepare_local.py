@@ -96,10 +96,12 @@ def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=
     tmp = {s: f"{p}.tmp{os.getpid()}" for s, p in paths.items()}
     files = {s: open(tmp[s], "wb") for s in tmp}
     counts, n_doc, next_log = {"train": 0, "val": 0}, 0, log_every
-    pool = Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) if workers > 1 else None
-    if pool is None:
-        _init_worker(tokenizer)
+    pool, ok = None, False
     try:
+        if workers > 1:
+            pool = Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+        else:
+            _init_worker(tokenizer)
         batches = _batches(docs, batch_docs)
         done = False
         while not done:
@@ -124,11 +126,15 @@ def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=
             if total >= next_log:
                 print(f"{n_doc:,} documents, {total:,} tokens", flush=True)
                 next_log = total + log_every
+        ok = True
     finally:
         if pool:
             pool.terminate()
         for f in files.values():
             f.close()
+        if not ok:   # a bad input or Ctrl-C mid-stream: leave no half-written temp files behind
+            for t in tmp.values():
+                os.remove(t)
     for s in ("train", "val"):
         if counts[s] == 0:
             for t in tmp.values():
@@ -184,7 +190,12 @@ def iter_documents(paths, text_key="text", chunk_chars=1 << 16):
                         raise UserError(f"{path}:{lineno} is not a JSON object per line (jsonl)") from None
                     if not isinstance(obj, dict) or text_key not in obj:
                         raise UserError(f"{path}:{lineno} has no field '{text_key}'; use --text_key")
-                    yield obj[text_key], True
+                    text = obj[text_key]
+                    if text is None:         # null: an empty document, as in the parquet path
+                        text = ""
+                    if not isinstance(text, str):
+                        raise UserError(f"{path}:{lineno}: field '{text_key}' is a {type(text).__name__}, not text")
+                    yield text, True
         elif kind.endswith((".txt", ".md")):
             with opener(path, "rt", encoding="utf-8") as f:
                 text = f.read()

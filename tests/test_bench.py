@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import common
 from model import GPT
 
 # SPEC: Table 2's cost, 2 x (params - input embedding) x 2048 tokens, TFLOP
@@ -40,8 +41,11 @@ def test_inference_table_and_json(tmp_path):
         assert r["median_ms"] > 0 and r["n"] == 3 and r["tokens"] == 32
         assert r["tok_s"] == pytest.approx(32 / (r["median_ms"] / 1e3))
         assert r["tflops"] == pytest.approx(r["cost_tflop"] / (r["median_ms"] / 1e3))
-    ref = [r for r in d["rows"] if r["config"] == "tiny/vanilla_15l"]
-    assert all(r["latency_vs_ref_pct"] == 0 and r["throughput_vs_ref_pct"] == 0 for r in ref)
+    for dtype in ("float32", "bfloat16"):   # each row relative to the reference row of its dtype
+        ref, a2 = (next(r for r in d["rows"] if r["config"] == c and r["dtype"] == dtype)
+                   for c in ("tiny/vanilla_15l", "tiny/cascade_a2"))
+        assert a2["latency_vs_ref_pct"] == pytest.approx(100 * (a2["median_ms"] / ref["median_ms"] - 1))
+        assert a2["throughput_vs_ref_pct"] == pytest.approx(100 * (ref["median_ms"] / a2["median_ms"] - 1))
     md = out.with_suffix(".md").read_text().splitlines()
     table = [line for line in md if line.startswith("|")]
     assert len(table) == 2 + 4
@@ -104,3 +108,23 @@ def test_profile_kernel_breakdown():
     assert line == ("per call: 2 kernels, busy 0.450 ms (matmul 0.300, attention 0.100, other 0.050), "
                     "span 0.500 ms, idle between kernels 0.050 ms")
     assert bench.kernel_breakdown([ev("aten::mm", 0, 1, cpu)], 1) == "no CUDA kernels recorded"
+
+
+def test_dump_clip_equals_clip_grad_norm():
+    """The 'dump' variant (train.py's path) clips with the total from the per-layer norms: the
+    gradients must come out as torch's clip_grad_norm_ leaves them."""
+    torch.manual_seed(0)
+    model = GPT(bench.load_config("tiny/cascade_a2"))
+    x = torch.randint(1, model.config.vocab_size, (2, 16))
+    model(x, x)[1].backward()
+    params = list(model.parameters())
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for c, p in zip(copies, params):
+        c.grad = p.grad.clone()
+    total = torch.nn.utils.clip_grad_norm_(copies, 0.05)   # torch's own clip, on copies
+    norms = common.LayerGradNorms(model.param_groups_by_layer())()
+    got_total = norms.square().sum().sqrt()
+    torch._foreach_mul_([p.grad for p in params], common.clip_coef(got_total, 0.05))
+    assert got_total.item() == pytest.approx(total.item(), rel=1e-5) and total.item() > 0.05   # clipping happened
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p.grad, c.grad, rtol=1e-5, atol=1e-8)

@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -29,8 +30,9 @@ def test_plain_fanin_paper():
 
 
 def test_virtual_fanin_paper():
-    assert fanin.fanin_virtual([1, 1, 1, 1, 2, 3, 3, 5]) == [18, 17, 16, 15, 27, 33, 24, 20]
-    assert fanin.fanin_virtual([1] * 8) == fanin.fanin_plain(8)
+    assert fanin.fanin_general([1, 1, 1, 1, 2, 3, 3, 5], False) == [18, 17, 16, 15, 27, 33, 24, 20]
+    # by hand: N_virt = 7, positions 1 | 2 | 3,4 | 5,6,7 -> 8 | 7 | 6+5 | 4+3+2
+    assert fanin.fanin_general([1, 1, 2, 3], False) == [8, 7, 11, 9]
 
 
 def test_deep_supervision_triangular():
@@ -46,7 +48,6 @@ def test_deep_supervision_triangular():
 def test_general_reduces_and_theory_for():
     assert fanin.fanin_general([1] * 8, False) == fanin.fanin_plain(8)
     assert fanin.fanin_general([1] * 16, True) == fanin.fanin_deep_supervision(16)
-    assert fanin.fanin_general([1, 1, 1, 1, 2, 3, 3, 5], False) == [18, 17, 16, 15, 27, 33, 24, 20]
     assert fanin.theory_for({"n_layer": 8, "repeats": [1, 1, 1, 1, 2, 3, 3, 5]})[0] == "virtual depth"
     assert fanin.theory_for({"n_layer": 16, "deep_supervision": True})[1][0] == 153
 
@@ -152,14 +153,16 @@ def make_run(tmp, name="run", n_steps=30, seed=0, iter_num=100, **over):
 
 
 def hand_ppl(model, data, skip, T=16, B=4, nb=3):
-    """Perplexity with block `skip` removed, by a forward written out here (not GPT.forward)."""
+    """Perplexity with block `skip` (an index or a set of them) removed, by a forward written
+    out here (not GPT.forward)."""
+    skip = {skip} if isinstance(skip, int) else set(skip or ())
     tot, cnt = 0.0, 0
     with torch.no_grad():
         for x, y in eval_batches(data, T, B, nb):
             h = model.tok_emb(x)
             cos, sin = model.rope_cos[:T], model.rope_sin[:T]
             for i, blk in enumerate(model.blocks):
-                if i != skip:
+                if i not in skip:
                     for _ in range(model.repeats[i]):
                         h = blk(h, cos, sin)
             logits = model.lm_head(model.norm_f(h))
@@ -181,51 +184,57 @@ def test_importance_equals_hand_passthrough(tmp_path, repeats):
     assert model.passthrough == frozenset()   # restored
 
 
-class _Out:
-    def __init__(self, out):
-        self.stdout, self.returncode, self.stderr = out, 0, ""
+def test_importance_adds_to_the_runs_passthrough():
+    # a run configured with layer 1 passed through: ablating layer 0 skips {0, 1}, not just {0}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, passthrough=[1])).eval()
+    data = np.random.default_rng(0).integers(0, 64, 3000).astype(np.uint16)
+    base, ablated = fanin.compute_importance(model, data, 16, 4, 3, "cpu", log=lambda *a: None)
+    assert base == pytest.approx(hand_ppl(model, data, {1}), rel=1e-5)
+    for i in (0, 2, 3):
+        assert ablated[i] - base == pytest.approx(hand_ppl(model, data, {i, 1}) - hand_ppl(model, data, {1}),
+                                                  rel=1e-4, abs=1e-5)
+    assert ablated[1] == base   # already skipped: importance 0, not re-evaluated
+    assert model.passthrough == frozenset({1})   # the run's own set restored
 
 
 def test_cli_full_analysis_figures_and_cache(tmp_path, capsys):
-    _cli = lambda *a: _Out(_main(capsys, *a))
     run, data = make_run(tmp_path, "vanilla")
-    r = _cli(run, "--data", data, "--eval_batches", 2)
-    assert r.returncode == 0, r.stderr
+    out = _main(capsys, run, "--data", data, "--eval_batches", 2)
     for f in ("importance.json", "fig3_share_vs_fanin.png", "fig4_share_vs_importance.png",
               "fig678_layerwise.png", "fanin_summary.json"):
         assert (run / f).stat().st_size > 0, f
     imp = json.loads((run / "importance.json").read_text())
     assert imp["metric"] == "ppl_increase" and len(imp["importance"]) == 4
     assert imp["layer_names"] == [f"layer.{i}" for i in range(4)] and imp["settings"]["iter_num"] == 100
-    assert "rho" in r.stdout and "linear R^2" in r.stdout and "dPPL" in r.stdout
+    assert "rho" in out and "linear R^2" in out and "dPPL" in out
+    summary = json.loads((run / "fanin_summary.json").read_text())
+    assert summary["runs"][0]["importance"] == imp["importance"] and summary["baseline"] is None
     # independent check of the cached numbers
     model = GPT(GPTConfig(**TINY))
     model.load_state_dict(torch.load(run / "ckpt.pt")["model"])
     data_arr = np.fromfile(data, dtype=np.uint16)
     assert imp["baseline"] == pytest.approx(hand_ppl(model, data_arr, None, nb=2), rel=1e-5)
     # the cache is reused with the same settings, recomputed when they change
-    r2 = _cli(run, "--data", data, "--eval_batches", 2, "--fig_dir", tmp_path / "figs")
-    assert r2.returncode == 0 and "from cache" in r2.stdout
-    r3 = _cli(run, "--data", data, "--eval_batches", 3, "--fig_dir", tmp_path / "figs")
-    assert r3.returncode == 0 and "stale" in r3.stdout
+    assert "from cache" in _main(capsys, run, "--data", data, "--eval_batches", 2, "--fig_dir", tmp_path / "figs")
+    assert "stale" in _main(capsys, run, "--data", data, "--eval_batches", 3, "--fig_dir", tmp_path / "figs")
     assert json.loads((run / "importance.json").read_text())["settings"]["eval_batches"] == 3
 
 
 def test_cli_baseline_virtual_depth_and_resnet(tmp_path, capsys):
-    _cli = lambda *a: _Out(_main(capsys, *a))
     base, data = make_run(tmp_path, "vanilla")
     virt, _ = make_run(tmp_path, "virtual", repeats=[1, 1, 2, 3], seed=1)
     ls, _ = make_run(tmp_path, "layerskip", deep_supervision=True, seed=2)
     figs = tmp_path / "figs"
-    r = _cli(virt, ls, "--baseline", base, "--data", data, "--eval_batches", 1, "--fig_dir", figs)
-    assert r.returncode == 0, r.stderr
-    assert "[1,1,1,1,2,3,3,5]" in r.stdout   # SPEC's note is printed for the virtual-depth run
+    out = _main(capsys, virt, ls, "--baseline", base, "--data", data, "--eval_batches", 1, "--fig_dir", figs)
+    assert "[1,1,1,1,2,3,3,5]" in out   # SPEC's note is printed for the virtual-depth run
     names = sorted(os.listdir(figs))
     assert "fig3_share_vs_fanin.png" in names and "virtual_fig5_vs_vanilla.png" in names
     assert "layerskip_fig4_share_vs_importance.png" in names
     summary = json.loads((figs / "fanin_summary.json").read_text())
-    assert summary["runs"][0]["theory"] == fanin.fanin_virtual([1, 1, 2, 3])
+    assert summary["runs"][0]["theory"] == [8, 7, 11, 9]   # virtual depth [1, 1, 2, 3], by hand above
     assert summary["runs"][1]["theory"] == fanin.fanin_deep_supervision(4)
+    assert summary["baseline"]["name"] == "vanilla" and len(summary["baseline"]["importance"]) == 4
     # a ResNet run (resnet.py): no ckpt.pt, its own importance.json
     rn = tmp_path / "resnet"
     rn.mkdir()
@@ -237,9 +246,8 @@ def test_cli_baseline_virtual_depth_and_resnet(tmp_path, capsys):
     (rn / "importance.json").write_text(json.dumps({"metric": "top1_drop", "baseline": 0.9,
                                                     "importance": [0.2 - 0.01 * l for l in range(16)],
                                                     "layer_names": names16[1:-1]}))
-    r = _cli(rn)
-    assert r.returncode == 0, r.stderr
-    assert "rho = 1.000" in r.stdout and (rn / "fig678_layerwise.png").exists()
+    out = _main(capsys, rn)
+    assert "rho = 1.000" in out and (rn / "fig678_layerwise.png").exists()
 
 
 def test_cli_user_errors(tmp_path):
@@ -250,3 +258,11 @@ def test_cli_user_errors(tmp_path):
         fanin.main([str(run), "--data", str(tmp_path / "missing.bin")])
     with pytest.raises(UserError, match="unknown argument"):
         fanin.main([str(run), "--n_layer=3"])
+    # a baseline with a model_config.json but nothing to take importance from (no ckpt.pt, no importance.json)
+    nb, data = make_run(tmp_path, "no_importance")
+    (nb / "ckpt.pt").unlink()
+    (nb / "model_config.json").write_text(json.dumps(TINY))
+    other, _ = make_run(tmp_path, "y")
+    with pytest.raises(UserError, match=re.escape(f"baseline {nb} has no importance")):
+        fanin.main([str(other), "--baseline", str(nb), "--data", str(data), "--eval_batches", "1"])
+    assert not (other / "importance.json").exists()   # it failed before measuring anything

@@ -74,13 +74,6 @@ def test_paper_taper_schedules():
     assert paper_config("layerskip").deep_supervision
 
 
-def test_table2_cost_convention():
-    # SPEC: cost = 2 x (params - input embedding) x 2048 tokens: 4.82 / 4.54 / 4.58 TFLOP
-    for name, tflop in [("vanilla_16l", 4.82), ("vanilla_15l", 4.54), ("cascade_a2", 4.58)]:
-        m = meta_model(paper_config(name))
-        assert abs(2 * m.num_params(include_embedding=False) * 2048 / 1e12 - tflop) < 0.01
-
-
 def test_scaled_families_build_and_keep_the_taper_shape():
     for fam, lo, hi in [("small", 50e6, 150e6), ("tiny", 1e6, 9e6)]:
         for path in sorted((ROOT / "config" / fam).glob("*.py")):
@@ -93,10 +86,28 @@ def test_scaled_families_build_and_keep_the_taper_shape():
         assert f2.layer_ffn()[-1] / f2.layer_ffn()[0] == pytest.approx(4352 / 8192)
 
 
-def test_config_round_trips_through_a_checkpoint_dict():
-    cfg = paper_config("cascade_c2", passthrough=[3, 5])
-    again = GPTConfig(**asdict(cfg))
-    assert again == cfg and again.layer_heads() == cfg.layer_heads() and again.layer_ffn() == cfg.layer_ffn()
+def test_config_round_trips_through_a_checkpoint(tmp_path):
+    cfg = tiny(n_layer=5, n_head=[4, 3, 2, 4, 1], d_ffn=[48, 40, 32, 24, 16], passthrough=[3])
+    m = build(cfg)
+    m.set_passthrough([1, 3])   # set at run time: the saved config must record it
+    torch.save({"model_config": asdict(m.config), "model": m.state_dict()}, tmp_path / "c.pt")
+    ck = torch.load(tmp_path / "c.pt", weights_only=False)
+    again = GPT(GPTConfig(**ck["model_config"])).double()
+    again.load_state_dict(ck["model"])
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    assert again.passthrough == {1, 3} and torch.equal(again(x)[0], m(x)[0])
+
+
+def test_drop_layers_keeps_the_run_time_passthrough():
+    # a config that skips layer 3, then every layer switched on, then layer 0 removed:
+    # the smaller model must skip nothing (it used to inherit the config's stale [3] as [2])
+    m = build(tiny(n_layer=5, passthrough=[3]))
+    m.set_passthrough([])
+    small = drop_layers(m, [0])
+    assert small.passthrough == frozenset() and small.config.passthrough == []
+    x = torch.randint(0, 61, (2, 12))
+    m.set_passthrough([0])
+    assert torch.equal(small(x)[0], m(x)[0])
 
 
 def test_passthrough_equals_model_without_the_layer():
@@ -174,6 +185,19 @@ def test_rope_scores_depend_only_on_relative_position():
     assert not torch.allclose(score(7, 3), score(7, 4))
 
 
+def test_rope_matches_complex_rotation_by_hand():
+    # independent reference: pair x[j] with x[j + D/2] as a complex number and rotate it by
+    # pos * theta^(-2j/D), theta = rope_theta (Llama's rotate-half convention)
+    D, theta = 8, 500.0
+    m = GPT(tiny(rope_theta=theta))
+    x = torch.randn(2, 3, 11, D, dtype=torch.double)
+    got = apply_rope(x, m.rope_cos[:11].double(), m.rope_sin[:11].double())
+    freq = theta ** (-torch.arange(0, D, 2, dtype=torch.double) / D)
+    rot = torch.polar(torch.ones(11, D // 2, dtype=torch.double), torch.arange(11.0, dtype=torch.double)[:, None] * freq)
+    z = torch.complex(x[..., :D // 2], x[..., D // 2:]) * rot
+    torch.testing.assert_close(got, torch.cat((z.real, z.imag), -1), rtol=0, atol=1e-6)   # fp32 tables
+
+
 def test_deep_supervision_loss_is_the_weighted_sum_of_per_layer_ce():
     alphas = [0.5, 0.25, 2.0]
     cfg = tiny(n_layer=3, deep_supervision=True, ds_alpha=alphas, repeats=[1, 2, 1])
@@ -196,6 +220,25 @@ def test_deep_supervision_loss_is_the_weighted_sum_of_per_layer_ce():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     m.eval()   # eval reports the final exit only
     torch.testing.assert_close(m(x, y)[1], ce(h), rtol=1e-12, atol=1e-12)
+    # the last block's exit is the final exit: one LM-head pass per executed block, not one more
+    calls = []
+    hook = m.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        m.train()(x, y)
+    hook.remove()
+    assert len(calls) == 3
+
+
+def test_deep_supervision_with_a_passthrough_last_layer():
+    # the last *executed* block's exit is the final one: layer 2 skipped, so alpha_1 weights it
+    alphas = [0.5, 0.25, 2.0]
+    m = build(tiny(n_layer=3, deep_supervision=True, ds_alpha=alphas, passthrough=[2])).train()
+    x, y = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16))
+    ce = lambda h: F.cross_entropy(m.lm_head(m.norm_f(h)).view(-1, 61), y.view(-1))
+    cos, sin = m.rope_cos[:16], m.rope_sin[:16]
+    h0 = m.blocks[0](m.tok_emb(x), cos, sin)
+    h1 = m.blocks[1](h0, cos, sin)
+    torch.testing.assert_close(m(x, y)[1], alphas[0] * ce(h0) + alphas[1] * ce(h1) + ce(h1), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kw", [{}, {"repeats": [1, 2, 1, 3], "passthrough": [2]}])

@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fanin
 import prune
 from common import GradNormDump, UserError, eval_batches, evaluate, load_model
-from model import GPT, GPTConfig, drop_layers
+from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 4
@@ -127,6 +128,11 @@ def test_cfp_picks_smallest_share(tmp_path, data_dir):
     run = make_run(tmp_path / "run", tiny_model(), data_dir, share_min=3)
     share = prune.cfp_share(run, N)
     assert prune.lowest(share, 1) == [3] and share.sum() == pytest.approx(1.0)
+    # given the ckpt.pt itself, the grad_norms.npz beside it is still the source
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=False)
+    torch.save(dict(ckpt, grad_dump=None), os.path.join(run, "ckpt.pt"))
+    assert np.allclose(prune.cfp_share(os.path.join(run, "ckpt.pt"), N), share)
+    torch.save(ckpt, os.path.join(run, "ckpt.pt"))
     os.remove(os.path.join(run, "grad_norms.npz"))   # falls back to the dump inside the checkpoint
     assert np.allclose(prune.cfp_share(run, N), share)
 
@@ -148,6 +154,16 @@ def test_taylor_matches_hand_computation(data_dir):
     parts = sum(prune.taylor_scores(m, [b], "cpu", torch.autocast("cpu", enabled=False)) for b in two)
     assert np.allclose(got2, parts, rtol=1e-5)
     assert all(p.requires_grad for p in m.parameters())   # flags restored
+
+
+def test_taylor_restores_the_model_after_an_error(data_dir):
+    m = tiny_model().train()
+    m.tok_emb.weight.requires_grad_(False)
+    (x, y), = batches(data_dir, n=1)
+    with pytest.raises(IndexError):   # token ids past the vocabulary: the forward fails mid-way
+        prune.taylor_scores(m, [(x, y), (x + 1000, y)], "cpu", torch.autocast("cpu", enabled=False))
+    assert m.training and not m.tok_emb.weight.requires_grad
+    assert all(p.requires_grad for n, p in m.named_parameters() if n != "tok_emb.weight")
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
@@ -189,18 +205,15 @@ def test_perplexity_is_exp_mean_ce(data_dir):
     assert math.exp(a) == pytest.approx(math.exp(torch.cat(nll).mean().item()), rel=1e-5)
 
 
-def test_passthrough_equals_dropped_layers():
-    m = tiny_model(n_layer=5)
-    x = torch.randint(0, 256, (2, 16))
-    m.set_passthrough([1, 3])
-    with torch.no_grad():
-        a = m(x)[0]
-        b = drop_layers(m, [1, 3])(x)[0]
-    assert torch.allclose(a, b, atol=1e-5)
-
-
 # ---- end to end -----------------------------------------------------------------------------------------
-def test_cli_table_two_seeds_and_save_pruned(tmp_path, data_dir, capsys):
+def test_cli_table_two_seeds_and_save_pruned(tmp_path, data_dir, monkeypatch):
+    evaluated = []   # the removed set of every perplexity evaluation
+    real_evaluate = prune.evaluate
+
+    def counting_evaluate(model, *a, **kw):
+        evaluated.append(model.passthrough)
+        return real_evaluate(model, *a, **kw)
+    monkeypatch.setattr(prune, "evaluate", counting_evaluate)
     runs = []
     for seed in (0, 1):
         m = tiny_model(seed)
@@ -212,12 +225,21 @@ def test_cli_table_two_seeds_and_save_pruned(tmp_path, data_dir, capsys):
                       "--calib_batches", "2", "--device", "cpu", "--out", str(out)])
     text = (out / "table1.md").read_text()
     assert (out / "table1_ppl.png").stat().st_size > 0 and "acc_norm" in text and "± " in text
-    assert "Ranking stability" in text or "stability skipped" in capsys.readouterr().out
+    assert "Ranking stability" in text
+    stab = json.loads((out / "results.json").read_text())["stability"]
+    for m in prune.METHODS:   # two runs: one pair, its rho is the mean
+        rho = fanin.spearman(res[0]["scores"][m], res[1]["scores"][m])[0]
+        assert stab[m][0] == pytest.approx(rho, nan_ok=True) and stab[m][1] == [pytest.approx(rho, nan_ok=True)]
+    assert any(0 < abs(stab[m][0]) < 1 for m in prune.METHODS)   # not only the trivial +-1 cases
     for r in res:
         assert r["cells"]["cfp/1"]["layers"] == [1]
         assert r["cells"]["magnitude/1"]["layers"] == [2] and r["cells"]["similarity/1"]["layers"] == [2]
-        # identical removed sets share one evaluation
-        assert r["cells"]["magnitude/1"]["ppl"] == r["cells"]["similarity/1"]["ppl"]
+    # identical removed sets share one evaluation: per run, one per distinct set (baseline included)
+    distinct = [{frozenset()} | {frozenset(c["layers"]) for c in r["cells"].values()} for r in res]
+    n0 = len(distinct[0])
+    assert len(evaluated) == n0 + len(distinct[1])
+    assert set(evaluated[:n0]) == distinct[0] and set(evaluated[n0:]) == distinct[1]   # each set once
+    assert len(evaluated) < sum(1 + len(r["cells"]) for r in res)   # magnitude/1 = similarity/1 = [2]: shared
     # the pruned checkpoint is physically smaller and scores what passthrough scored
     small = tmp_path / "small"
     r = prune.main(["--runs", runs[0], "--k", "2", "--methods", "cfp", "--hellaswag", "none", "--eval_batches", "2",

@@ -59,6 +59,7 @@ def test_passthrough_equals_hand_computation():
         # block 0: projection shortcut (1x1 conv + BN) is kept, the residual branch dropped
         b0 = model.blocks[0]
         b0.passthrough = True
+        assert model.passthrough == {0}          # the model's set is read from the blocks' flags
         conv, bn = b0.shortcut[0], b0.shortcut[1]
         hand0 = F.relu(_bn(F.conv2d(h0, conv.weight, stride=conv.stride), bn))
         assert torch.allclose(b0(h0), hand0, atol=1e-6)
@@ -128,6 +129,59 @@ def test_training_lowers_loss_and_writes_the_run(tmp_path):
     assert np.allclose(again["importance"], imp["importance"]) and again["baseline"] == imp["baseline"]
 
 
+def test_block_importance_restores_passthrough_on_error(monkeypatch):
+    model = resnet.ResNet50(num_classes=10, in_channels=3, small_stem=True, width=4)
+    model.set_passthrough([5])
+    calls = []
+
+    def evaluate(*a):
+        calls.append(model.passthrough)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return 0.5, 1.0
+    monkeypatch.setattr(resnet, "evaluate", evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        resnet.block_importance(model, None, None, "cpu", None, log=lambda m: None)
+    assert calls == [{5}, {0}, {1}] and model.passthrough == {5}
+
+
+@pytest.mark.parametrize("what", ["loss", "weights"])
+def test_non_finite_model_never_replaces_the_last_checkpoint(tmp_path, monkeypatch, what):
+    """Step 5 is a checkpoint step but not a log step: the run must stop there, before saving,
+    both for a NaN loss and for an inf weight that the loss of that step could not show yet."""
+    out = str(tmp_path / "run")
+    batches = resnet.train_batches
+
+    def poisoned(data, cfg, start, *a):       # step 4 (the first of epoch 2) sees a NaN image
+        for step, (x, y) in enumerate(batches(data, cfg, start, *a), start):
+            yield (x * float("nan") if step == 4 else x), y
+
+    class PoisonedAdamW(torch.optim.AdamW):  # the 5th update leaves an inf in a weight
+        def step(self):
+            super().step()
+            self.n = getattr(self, "n", 0) + 1
+            if self.n == 5:
+                self.param_groups[0]["params"][0].data.view(-1)[0] = float("inf")
+    if what == "loss":
+        monkeypatch.setattr(resnet, "train_batches", poisoned)
+    else:
+        monkeypatch.setattr(resnet.torch.optim, "AdamW", PoisonedAdamW)
+    msg = "loss is nan" if what == "loss" else "the weights are not finite"
+    with pytest.raises(UserError, match=f"{msg} at step 5: .*last good checkpoint .* is kept"):
+        resnet.main(TINY + ["--epochs=2", "--log_interval=100", "--ckpt_interval=1", f"--out_dir={out}"])
+    ckpt = torch.load(os.path.join(out, resnet.CKPT_NAME), weights_only=False)
+    assert ckpt["iter_num"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_default_data_dir_is_next_to_the_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                # not the repository: data/<dataset> must not be looked up here
+    os.makedirs(tmp_path / "data" / "imagenet" / "train")
+    here = os.path.join(os.path.dirname(os.path.abspath(resnet.__file__)), "data", "imagenet")
+    with pytest.raises(UserError, match=re.escape(here)):
+        resnet.load_data(dict(dataset="imagenet", data_dir="", image_size=32))
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = TINY + ["--epochs=2", "--importance=False"]
@@ -166,12 +220,19 @@ def test_fashion_mnist_idx_reader(tmp_path):
 
 
 def test_gpu_augment_is_a_shifted_flipped_crop():
-    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
-    out = resnet.gpu_augment(x, torch.Generator().manual_seed(1), pad=2, fill=-1.0)
-    xp = F.pad(x, (2, 2, 2, 2), value=-1.0)
-    for b in range(2):     # each output equals some crop of the padded image, maybe flipped
-        crops = [xp[b, :, i:i + 5, j:j + 5] for i in range(5) for j in range(5)]
-        assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(2)) for c in crops)
+    B, pad = 8, 2
+    x = torch.arange(B * 3 * 5 * 5, dtype=torch.float32).view(B, 3, 5, 5)
+    out = resnet.gpu_augment(x, torch.Generator().manual_seed(1), pad=pad, fill=-1.0)
+    # the same draws, in the same order, from the same seed: row offsets, column offsets, flips
+    g = torch.Generator().manual_seed(1)
+    oy, ox = torch.randint(0, 2 * pad + 1, (B,), generator=g), torch.randint(0, 2 * pad + 1, (B,), generator=g)
+    flip = torch.rand(B, generator=g) < 0.5
+    assert flip.any() and (~flip).any() and (oy != pad).any() and (ox != pad).any()   # the seed exercises every case
+    xp = F.pad(x, (pad, pad, pad, pad), value=-1.0)
+    for b in range(B):
+        crop = xp[b, :, oy[b]:oy[b] + 5, ox[b]:ox[b] + 5]
+        assert torch.equal(out[b], crop.flip(2) if flip[b] else crop), b
+    assert (out == -1.0).any() and not torch.equal(out, x)
 
 
 @pytest.mark.parametrize("args, msg", [

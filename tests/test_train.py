@@ -90,7 +90,8 @@ def test_dumped_norms_equal_hand_computed(tmp_path):
     hand = [torch.sqrt(sum((p.grad.double() ** 2).sum() for p in groups[n])).item() for n in dump["names"]]
     assert dump["names"] == ["embed", "layer.0", "layer.1", "head"]
     np.testing.assert_allclose(dump["norms"][0], hand, rtol=1e-5)
-    np.testing.assert_allclose(dump["share"].sum(), 1.0)
+    layers = np.array(hand[1:-1])   # Eq. 2 over the transformer layers only (not embed / head)
+    np.testing.assert_allclose(dump["share"], layers / layers.sum(), rtol=1e-5)
 
 
 def test_equalize_makes_layer_norms_equal(tmp_path):
@@ -169,6 +170,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     train.main(TINY + ["--max_iters=4", "--eval_interval=2", "--stop_iter=2", f"--out_dir={out}"])
     fails("--n_layer=4", "--init_from=resume", f"--out_dir={out}", expect="n_layer (checkpoint 3, requested 4)")
     fails("--init_from=resume", f"--out_dir={tmp_path / 'none'}", expect="does not exist")
+    fails("--init_from=resume", "--equalize=True", f"--out_dir={out}", expect="trained with equalize=False")
     msg = fails("--init_from=resume", "--learning_rate=1e30", "--max_iters=8", f"--out_dir={out}", expect="non-finite")
     step = int(msg.split("at step ")[1].split(":")[0])
     assert step >= 2
