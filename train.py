@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 from common import (UserError, cli, read_config, load_tokens, get_batch, evaluate, atomic_save, atomic_write_json, read_checkpoint,
-                    LayerGradNorms, GradNormDump, clip_coef, autocast_for, peak_flops)
+                    LayerGradNorms, GradNormDump, clip_coef, scaled_step, autocast_for, peak_flops)
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -271,8 +271,9 @@ def main(argv):
             norms_eq = layer_norms()
         total = (norms if norms_eq is None else norms_eq).square().sum().sqrt()
         if clip > 0:
-            torch._foreach_mul_(grads, clip_coef(total, clip))
-        optimizer.step()
+            scaled_step(optimizer, grads, clip_coef(total, clip))
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if master:
             dump.record(iter_num, norms, norms_eq)

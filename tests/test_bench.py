@@ -98,33 +98,59 @@ def test_profile_kernel_breakdown():
     """--profile's per-call summary on hand-made kernel events: busy time by kind, span, idle gap."""
     from types import SimpleNamespace as Ev
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-    def ev(name, start, end, dev=cuda):
-        return Ev(name=name, device_type=dev, time_range=Ev(start=start, end=end))   # microseconds
+    def ev(name, start, end, dev=cuda, annotation=False):
+        return Ev(name=name, device_type=dev, time_range=Ev(start=start, end=end), is_user_annotation=annotation)   # us
     events = [ev("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", 0, 600),
               ev("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 650, 850),
-              ev("triton_poi_fused__unsafe_view_mul_silu_split_4", 900, 1000),
-              ev("aten::mm", 0, 5000, cpu)]   # host-side op: not GPU time
+              ev("triton_poi_fused__unsafe_view_mul_silu_split_4", 900, 950),
+              ev("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_cat_mul_2", 950, 1000),   # RoPE
+              ev("aten::mm", 0, 5000, cpu),   # host-side op: not GPU time
+              ev("Command Buffer Full", 0, 2000),   # CUPTI's marker, not a kernel
+              ev("Optimizer.step#AdamW.step", 0, 900, annotation=True)]   # a record_function range on the GPU
     line = bench.kernel_breakdown(events, n=2)   # the events of 2 calls
     assert line == ("per call: 2 kernels, busy 0.450 ms (matmul 0.300, attention 0.100, other 0.050), "
                     "span 0.500 ms, idle between kernels 0.050 ms")
     assert bench.kernel_breakdown([ev("aten::mm", 0, 1, cpu)], 1) == "no CUDA kernels recorded"
+    overlap = [ev("nvjet_a", 0, 100), ev("triton_poi_b", 50, 150), ev("triton_poi_c", 200, 300)]   # two streams
+    assert bench.kernel_breakdown(overlap, 1).endswith("busy 0.300 ms (other 0.200, matmul 0.100), "
+                                                       "span 0.300 ms, idle between kernels 0.050 ms")
+    kinds = {"triton_tem_fused_flex_attention_0": "attention", "triton_tem_fused_mm_3": "matmul",
+             "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>": "attention",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>": "attention",
+             "triton_red_fused__fused_rms_norm__unsafe_view_add_9": "other", "Memset (Device)": "other"}
+    assert {k: bench.kernel_kind(k) for k in kinds} == kinds
 
 
-def test_dump_clip_equals_clip_grad_norm():
-    """The 'dump' variant (train.py's path) clips with the total from the per-layer norms: the
-    gradients must come out as torch's clip_grad_norm_ leaves them."""
+def _clip_step_pair(device, fused):
+    """train.py's step (the clip's total from the per-layer norms, applied by common.scaled_step)
+    and torch's own clip_grad_norm_ then a single-tensor AdamW step, on copies of one state."""
     torch.manual_seed(0)
-    model = GPT(bench.load_config("tiny/cascade_a2"))
-    x = torch.randint(1, model.config.vocab_size, (2, 16))
+    model = GPT(bench.load_config("tiny/cascade_a2")).to(device)
+    x = torch.randint(1, model.config.vocab_size, (2, 16), device=device)
     model(x, x)[1].backward()
     params = list(model.parameters())
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for c, p in zip(copies, params):
         c.grad = p.grad.clone()
-    total = torch.nn.utils.clip_grad_norm_(copies, 0.05)   # torch's own clip, on copies
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    total = torch.nn.utils.clip_grad_norm_(copies, 0.05)
+    torch.optim.AdamW(copies, foreach=False, **hyper).step()
     norms = common.LayerGradNorms(model.param_groups_by_layer())()
     got_total = norms.square().sum().sqrt()
-    torch._foreach_mul_([p.grad for p in params], common.clip_coef(got_total, 0.05))
+    opt = torch.optim.AdamW(params, fused=fused, foreach=None if fused else True, **hyper)
+    common.scaled_step(opt, [p.grad for p in params], common.clip_coef(got_total, 0.05))
+    assert not hasattr(opt, "grad_scale")   # the next step is not scaled again
     assert got_total.item() == pytest.approx(total.item(), rel=1e-5) and total.item() > 0.05   # clipping happened
     for p, c in zip(params, copies):
-        torch.testing.assert_close(p.grad, c.grad, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(p.grad, c.grad, rtol=1e-5, atol=1e-8)   # left clipped, as clip_grad_norm_ leaves them
+        torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipped_step_equals_clip_grad_norm_then_adamw(fused):
+    _clip_step_pair("cpu", fused)
+
+
+@pytest.mark.gpu
+def test_clipped_step_equals_clip_grad_norm_then_adamw_gpu():
+    _clip_step_pair("cuda", True)
