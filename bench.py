@@ -31,7 +31,6 @@ A100's 19.5 TFLOP/s fp32 peak, so its matmuls must have run in TF32: compare its
 """
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -738,11 +737,10 @@ def main(argv=None):
                       f"`{meta['command']}`\n\ncompile={args.compile}, fullgraph={meta['fullgraph']}, bf16={args.bf16}, "
                       f"warm-up {args.warmup}, median of {args.runs}\n\n")
             md_path = os.path.splitext(args.out)[0] + ".md"
-            for path, text in ((md_path, header + md + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"),
-                               (args.out, json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))):
-                with open(path + ".tmp", "w") as f:
-                    f.write(text)
-                os.replace(path + ".tmp", path)
+            common.atomic_write_json({"meta": meta, "rows": rows}, args.out, indent=1, default=str)
+            with open(md_path + ".tmp", "w") as f:
+                f.write(header + md + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+            os.replace(md_path + ".tmp", md_path)
         if final:
             print("\n" + md)
             for n in notes:

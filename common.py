@@ -167,7 +167,8 @@ def scaled_step(optimizer, grads, coef):
     clip_coef's); the gradients are left scaled, as an in-place clip leaves them. A fused optimizer
     scales inside its own pass over the gradients, through grad_scale (the hook torch.amp.GradScaler
     uses: the kernel divides each gradient by it and writes the result back). That saves the
-    separate in-place pass over every gradient: -1.5 % of a Vanilla-16L training step on an H100."""
+    separate in-place pass over every gradient: -0.5 % to -1.5 % of a Vanilla-16L training step
+    on an H100 (docs/bench/probes/train_switches.py)."""
     if optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False):
         optimizer.grad_scale = coef.float().reciprocal()
         try:
@@ -186,7 +187,7 @@ def eval_batches(data, block_size, batch_size, n_batches):
     span = len(data) - block_size - 1
     if span < 0:
         raise UserError(f"held-out data has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
-    offsets = np.linspace(0, span, n).astype(np.int64) if n > 1 else np.zeros(1, dtype=np.int64)
+    offsets = np.linspace(0, span, n).astype(np.int64)
     for b in range(n_batches):
         yield _windows_to_tensors(data, offsets[b * batch_size:(b + 1) * batch_size], block_size)
 
@@ -268,7 +269,6 @@ class LayerGradNorms:
                 self.params.append(p)
                 index.append(g)
         self.index = torch.tensor(index)
-        self.group_params = [list(groups[name]) for name in self.names]
 
     def __call__(self):
         dev = self.params[0].device

@@ -79,27 +79,27 @@ def fanin_general(repeats, deep_supervision):
 
 
 def theory_for(mc):
-    """(kind, per-layer fan-in) for a model-config dict (GPTConfig fields)."""
+    """(kind, per-layer fan-in, per-layer repeats) for a model-config dict (GPTConfig fields)."""
     N = mc["n_layer"]
     repeats = list(mc.get("repeats") or [1] * N)
     deep = bool(mc.get("deep_supervision", False))
     virtual = any(r != 1 for r in repeats)
     kind = ("virtual depth + deep supervision" if virtual and deep else "virtual depth" if virtual
             else "deep supervision (quadratic)" if deep else "plain (linear)")
-    return kind, fanin_general(repeats, deep)
+    return kind, fanin_general(repeats, deep), repeats
 
 
 def print_theory(mc):
-    kind, phi = theory_for(mc)
+    kind, phi, repeats = theory_for(mc)
     N = mc["n_layer"]
-    repeats = list(mc.get("repeats") or [1] * N)
+    plain, deep = fanin_plain(N), fanin_deep_supervision(N)
     starts = [0] + list(itertools.accumulate(repeats))[:-1]
     total = sum(phi)
     print(f"gradient fan-in, {kind}: N = {N} physical layers, {sum(repeats)} virtual positions")
     print(f"{'layer':>5} {'repeats':>7} {'positions':>9} {'plain phi':>9} {'deep phi' + chr(39):>9} {'this run':>8} {'normalised':>10}")
     for l in range(N):
         pos = f"{starts[l] + 1}-{starts[l] + repeats[l]}" if repeats[l] > 1 else f"{starts[l] + 1}"
-        print(f"{l:>5} {repeats[l]:>7} {pos:>9} {fanin_plain(N)[l]:>9} {fanin_deep_supervision(N)[l]:>9} "
+        print(f"{l:>5} {repeats[l]:>7} {pos:>9} {plain[l]:>9} {deep[l]:>9} "
               f"{phi[l]:>8} {phi[l] / total:>10.3f}")
     print("(layer 0-indexed; plain phi and deep phi' are the formulas without repetition; "
           "normalised = this run's fan-in / its sum)")
@@ -245,7 +245,7 @@ def _data_key(path):
     return path if rel.startswith("..") else rel
 
 
-def importance_for_run(run, ckpt, args, log=print):
+def importance_for_run(run, ckpt, args):
     """Load or compute <run>/importance.json for an LM run; ckpt is its read_checkpoint()."""
     path = os.path.join(run, "importance.json")
     tc, mc = ckpt.get("train_config") or {}, ckpt["model_config"]
@@ -261,18 +261,18 @@ def importance_for_run(run, ckpt, args, log=print):
         with open(path) as f:
             cached = json.load(f)
         if cached.get("settings") == settings and len(cached.get("importance", [])) == mc["n_layer"]:
-            log(f"{run}: importance from cache {path}")
+            print(f"{run}: importance from cache {path}")
             return cached
-        log(f"{run}: {path} is stale (other eval settings or checkpoint), recomputing")
+        print(f"{run}: {path} is stale (other eval settings or checkpoint), recomputing")
     if not os.path.isfile(data_path):
         raise UserError(f"held-out data {data_path} does not exist: prepare the dataset "
                         f"'{tc.get('dataset')}' or pass --data path/to/val.bin")
     model, _ = load_model(run, device)
     data = load_tokens(data_path, model.config.vocab_size)
-    log(f"{run}: measuring importance on {device}: {settings['eval_batches']} batches x {settings['batch_size']} "
+    print(f"{run}: measuring importance on {device}: {settings['eval_batches']} batches x {settings['batch_size']} "
         f"x {settings['block_size']} tokens of {data_path}, {model.config.n_layer + 1} evaluations")
     base, ablated = compute_importance(model, data, settings["block_size"], settings["batch_size"],
-                                       settings["eval_batches"], device, args.dtype, log)
+                                       settings["eval_batches"], device, args.dtype)
     result = {"metric": "ppl_increase", "baseline": base, "importance": [a - base for a in ablated],
               "layer_names": [f"layer.{i}" for i in range(model.config.n_layer)], "ablated": ablated,
               "settings": settings, "device": device}
@@ -281,7 +281,7 @@ def importance_for_run(run, ckpt, args, log=print):
 
 
 # ---- one run's analysis ------------------------------------------------------------------------
-def analyse(run, args, log=print):
+def analyse(run, args):
     """Everything about one run directory as a dict (see the keys at the end)."""
     if not os.path.isdir(run):
         raise UserError(f"{run} is not a run directory (train one with `python train.py config/x.py`)")
@@ -292,7 +292,7 @@ def analyse(run, args, log=print):
     if has_ckpt:
         ckpt = read_checkpoint(run)   # one read for the configs; load_model only when importance is recomputed
         mc = ckpt["model_config"]
-        imp = None if args.no_importance else importance_for_run(run, ckpt, args, log)
+        imp = None if args.no_importance else importance_for_run(run, ckpt, args)
     else:   # no checkpoint (yet): resnet.py's runs, or an LM run before its first checkpoint
         cfg_path, imp_path = os.path.join(run, "model_config.json"), os.path.join(run, "importance.json")
         if os.path.isfile(cfg_path):
@@ -309,10 +309,10 @@ def analyse(run, args, log=print):
     N = mc["n_layer"]
     if len(share) != N:
         raise UserError(f"{run}: grad_norms.npz has {len(share)} layers but the model has {N}")
-    kind, phi = theory_for(mc)
+    kind, phi, repeats = theory_for(mc)
     rho_t, p_t = spearman(share, phi)
     out = {"run": run, "name": os.path.basename(os.path.normpath(run)), "kind": kind, "n_layer": N,
-           "repeats": list(mc.get("repeats") or [1] * N), "theory": phi, "share": share.tolist(),
+           "repeats": repeats, "theory": phi, "share": share.tolist(),
            "steps": int(len(dump["steps"])), "rho_theory": rho_t, "p_theory": p_t, "fit": fit_decay(share, N, phi)}
     if imp is not None:
         if len(imp["importance"]) != N:
@@ -359,10 +359,10 @@ def _plt():
     return plt
 
 
-def _save(fig, path, log):
+def _save(fig, path):
     fig.savefig(path, dpi=130, bbox_inches="tight")
     _plt().close(fig)
-    log(f"wrote {path}")
+    print(f"wrote {path}")
 
 
 def _imp_label(r):
@@ -370,7 +370,7 @@ def _imp_label(r):
             "top1_drop": "importance Δtop-1 (block removed)"}.get(r.get("metric"), "importance ΔM")
 
 
-def fig3(runs, path, log=print):
+def fig3(runs, path):
     """Measured share per layer against the normalised theoretical fan-in, several runs."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -393,7 +393,7 @@ def fig3(runs, path, log=print):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if len(runs) > 1 else 1,
               frameon=False)
-    _save(fig, path, log)
+    _save(fig, path)
 
 
 def _wide(vals):
@@ -402,7 +402,7 @@ def _wide(vals):
     return bool((v > 0).all() and v.max() / v.min() > 50)
 
 
-def fig4(r, path, log=print):
+def fig4(r, path):
     """Share vs importance scatter, Spearman rho and p in the title."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
@@ -417,7 +417,7 @@ def fig4(r, path, log=print):
     ax.set_ylabel(_imp_label(r) + (", log" if _wide(r["importance"]) else ""))
     ax.set_title(f"{r['name']}: Spearman ρ = {r['rho']:.2f}, p = {fmt_p(r['p'])}")
     ax.grid(alpha=0.3)
-    _save(fig, path, log)
+    _save(fig, path)
 
 
 def _log_floor(vals):
@@ -428,7 +428,7 @@ def _log_floor(vals):
     return np.maximum(v, floor), floor
 
 
-def fig5(r, base, path, log=print):
+def fig5(r, base, path):
     """Per-layer importance of an intervention run against its baseline (log y); the gradient
     shares in a small panel beside it (the paper's inset, moved out so it never hides data)."""
     plt = _plt()
@@ -457,10 +457,10 @@ def fig5(r, base, path, log=print):
     ins.set_xticks(np.arange(0, n, 2 if n > 10 else 1))
     ins.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    _save(fig, path, log)
+    _save(fig, path)
 
 
-def fig678(r, path, log=print):
+def fig678(r, path):
     """Per-layer share (red, dashed) and importance (blue, solid) on one axis, twin y."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -480,7 +480,7 @@ def fig678(r, path, log=print):
     ax.set_title(f"{r['name']}: share and importance per layer (ρ = {r['rho']:.2f}, p = {fmt_p(r['p'])})")
     ax.legend(l1 + l2, [h.get_label() for h in l1 + l2], fontsize=8, loc="upper center",
               bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
-    _save(fig, path, log)
+    _save(fig, path)
 
 
 # ---- CLI -------------------------------------------------------------------------------------------

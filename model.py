@@ -112,9 +112,14 @@ class GPTConfig:
     def layer_alphas(self):
         return list(self.ds_alpha) if self.ds_alpha else [1.0] * self.n_layer
 
+    def kept_layers(self, drop):
+        """The layer indices left, in order, once layers `drop` are removed."""
+        drop = set(drop)
+        return [l for l in range(self.n_layer) if l not in drop]
+
     def without_layers(self, drop):
         """The config of the same model with layers `drop` physically removed (explicit lists)."""
-        keep = [l for l in range(self.n_layer) if l not in set(drop)]
+        keep = self.kept_layers(drop)
         pick = lambda xs: [xs[l] for l in keep]
         d = asdict(self)
         d.update(n_layer=len(keep), n_head=pick(self.layer_heads()), d_ffn=pick(self.layer_ffn()), F_d=0, S_f=0,
@@ -354,7 +359,7 @@ class GPT(nn.Module):
 def drop_layers(model, drop):
     """A new, physically smaller GPT without layers `drop`, sharing nothing with `model`."""
     cfg = model.config.without_layers(drop)
-    keep = [l for l in range(model.config.n_layer) if l not in set(drop)]
+    keep = model.config.kept_layers(drop)
     new = GPT(cfg).to(model.lm_head.weight.device, model.lm_head.weight.dtype)
     sd = {}
     for k, v in model.state_dict().items():

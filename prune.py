@@ -248,6 +248,9 @@ def hellaswag_logprobs(model, items, encode, device, ctx, max_tokens=16384):
     order = sorted(range(len(items)), key=lambda i: max(len(t) for t, _ in seqs[i]))
     was_training = model.training
     model.eval()
+    cuda = torch.device(device).type == "cuda"
+    to_device = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda else t
+    scored = []
     i = 0
     while i < len(order):
         j = i + 1
@@ -261,15 +264,16 @@ def hellaswag_logprobs(model, items, encode, device, ctx, max_tokens=16384):
             t = torch.tensor(toks)
             x[b, :len(toks) - 1] = t[:-1]
             y[b, len(toks) - 1 - n:len(toks) - 1] = t[len(toks) - n:]
-        x, y = x.to(device), y.to(device)
+        rows, cols = (y >= 0).nonzero(as_tuple=True)   # on the host: no device sync per batch
+        x, rows, cols, tgt = (to_device(t) for t in (x, rows, cols, y[rows, cols]))
         with ctx:
             logits, _ = model(x)
-        mask = y >= 0
-        lp = torch.log_softmax(logits[mask].float(), dim=-1).gather(1, y[mask][:, None])[:, 0]
-        per_seq = torch.zeros(len(batch), device=device, dtype=torch.float64)
-        per_seq.index_add_(0, mask.nonzero()[:, 0], lp.double())
-        out[order[i:j]] = per_seq.view(-1, 4).cpu().numpy()
+        lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(1, tgt[:, None])[:, 0]
+        per_seq = torch.zeros(len(batch), device=device, dtype=torch.float64).index_add_(0, rows, lp.double())
+        scored.append((order[i:j], per_seq))
         i = j
+    for items_of_batch, per_seq in scored:   # one copy back per batch, after all are queued
+        out[items_of_batch] = per_seq.view(-1, 4).cpu().numpy()
     model.train(was_training)
     return out
 
@@ -470,7 +474,7 @@ def save_pruned(path, model, ckpt, layers, run, method, k):
     A directory gets ckpt.pt plus grad_norms.npz (the dump's kept layers, renamed)."""
     from dataclasses import asdict
     small = drop_layers(model, layers)
-    keep = [l for l in range(model.config.n_layer) if l not in set(layers)]
+    keep = model.config.kept_layers(layers)
     train_config = dict(ckpt.get("train_config") or {})
     for key, value in asdict(small.config).items():   # model keys of the train config follow the small model
         if key in train_config:

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 from common import (UserError, cli, read_config, atomic_save, atomic_write_json, read_checkpoint, autocast_for,
                     LayerGradNorms, GradNormDump, load_grad_dump)
 
@@ -232,9 +233,8 @@ def open_imagenet(root, size):
 
 def load_data(cfg):
     """-> dict(kind='tensor'|'folder', train, val, num_classes, in_channels, size, augment)."""
-    # found from this file (as train.py does), so the script works from any directory
     name = cfg["dataset"]
-    root = cfg["data_dir"] or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
+    root = common.data_dir(cfg)
     if name == "fashion_mnist" and not cfg["data_dir"] and not os.path.isdir(root) and os.path.isdir(DEBIAN_FMNIST):
         root = DEBIAN_FMNIST
     if name == "synthetic":
@@ -303,15 +303,14 @@ def train_batches(data, cfg, start, max_iters, world, rank, dev):
 
 def val_batches(data, cfg, world, rank, dev):
     """This rank's share of the whole validation set (every image exactly once over the ranks)."""
-    idx = list(range(rank, n_items(data["val"]), world))
     Bl = cfg["eval_batch_size"]
     if data["kind"] == "tensor":
-        xs, ys = data["val"]
-        for i in range(0, len(idx), Bl):
-            j = torch.tensor(idx[i:i + Bl])
-            yield xs[j].to(dev), ys[j].to(dev)
+        xs, ys = (t[rank::world].to(dev) for t in data["val"])   # no-ops when it lives on the GPU
+        for i in range(0, len(xs), Bl):
+            yield xs[i:i + Bl], ys[i:i + Bl]
     else:
         from torch.utils.data import DataLoader
+        idx = list(range(rank, n_items(data["val"]), world))
         for x, y in DataLoader(data["val"], batch_size=Bl, sampler=idx, num_workers=cfg["num_workers"],
                                pin_memory=dev.type == "cuda"):
             yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -435,8 +434,8 @@ def main(argv=None):
     model.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-        if data["kind"] == "tensor":   # Fashion-MNIST lives on the GPU (188 MB as floats)
-            data["train"] = tuple(t.to(dev) for t in data["train"])
+        if data["kind"] == "tensor":   # Fashion-MNIST lives on the GPU (220 MB as floats, val included)
+            data["train"], data["val"] = (tuple(t.to(dev) for t in data[k]) for k in ("train", "val"))
     log(f"ResNet-50: {sum(p.numel() for p in model.parameters()):,} params, {data['num_classes']} classes, "
         f"{data['in_channels']} ch, {'small' if small else 'imagenet'} stem, width {cfg['width']}, "
         f"{n_items(data['train'])} train / {n_items(data['val'])} val images of {data['size']} px, "

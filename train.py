@@ -264,7 +264,7 @@ def main(argv):
         if cfg["equalize"]:
             target = torch.where(is_layer, norms, torch.zeros_like(norms)).max()
             scale = torch.where(is_layer & (norms > 0), target / norms, torch.ones_like(norms))
-            for g, group_params in enumerate(layer_norms.group_params):
+            for g, group_params in enumerate(groups.values()):   # LayerGradNorms' order
                 gs = [p.grad for p in group_params if p.grad is not None]
                 if gs:
                     torch._foreach_mul_(gs, scale[g])   # 0-dim device tensor: no host sync

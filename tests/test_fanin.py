@@ -184,8 +184,11 @@ def test_importance_equals_hand_passthrough(tmp_path, repeats):
     assert model.passthrough == frozenset()   # restored
 
 
-def test_importance_adds_to_the_runs_passthrough():
+def test_importance_adds_to_the_runs_passthrough(monkeypatch):
     # a run configured with layer 1 passed through: ablating layer 0 skips {0, 1}, not just {0}
+    evaluated = []
+    real = fanin.evaluate
+    monkeypatch.setattr(fanin, "evaluate", lambda m, *a: evaluated.append(m.passthrough) or real(m, *a))
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY, passthrough=[1])).eval()
     data = np.random.default_rng(0).integers(0, 64, 3000).astype(np.uint16)
@@ -194,7 +197,8 @@ def test_importance_adds_to_the_runs_passthrough():
     for i in (0, 2, 3):
         assert ablated[i] - base == pytest.approx(hand_ppl(model, data, {i, 1}) - hand_ppl(model, data, {1}),
                                                   rel=1e-4, abs=1e-5)
-    assert ablated[1] == base   # already skipped: importance 0, not re-evaluated
+    assert ablated[1] == base   # already skipped: importance 0 ...
+    assert evaluated == [{1}, {0, 1}, {1, 2}, {1, 3}]   # ... and not evaluated again
     assert model.passthrough == frozenset({1})   # the run's own set restored
 
 

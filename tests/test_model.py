@@ -261,6 +261,19 @@ def test_kv_cache_decoding_matches_the_full_forward(kw):
     assert torch.equal(out, ref)
 
 
+def test_generate_sampling_respects_top_k_and_seed():
+    cfg = tiny()
+    m = build(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 6))
+    assert torch.equal(m.generate(x, 8, top_k=1), m.generate(x, 8, temperature=0))   # k=1 leaves the argmax
+    draw = lambda seed: m.generate(x, 12, temperature=2.0, top_k=3, generator=torch.Generator().manual_seed(seed))
+    out = draw(0)
+    assert torch.equal(out, draw(0)) and not torch.equal(out, draw(1))   # the generator decides, and matters
+    for t in range(6, 18):   # every sampled token is among the 3 most likely after its prefix
+        top3 = m(out[:, :t])[0][:, -1].topk(3).indices
+        assert (top3 == out[:, t:t + 1]).any(1).all()
+
+
 def test_flops_per_token_hand_count():
     cfg = GPTConfig(vocab_size=100, block_size=16, d_model=32, n_layer=2, head_dim=8, n_head=[4, 2],
                     d_ffn=[64, 48], repeats=[1, 3])
