@@ -9,15 +9,17 @@ Latency, throughput and TFLOP/s of the paper's models (Table 2), decode speed, t
     python bench.py --mode train vanilla_16l --batch 8      # optimizer steps, MFU, grad-norm dump overhead
     python bench.py tiny/vanilla_16l --device cpu --runs 5  # CPU, tiny configs (tests)
 
-Configs are names under config/ (vanilla_16l, tiny/cascade_a2, ...), paths to *.py files, or
-checkpoints (a run directory or ckpt.pt; also --ckpt). Weights are random unless a checkpoint is
-given: timing does not depend on them. Inputs are random token ids in [1, vocab), never zeros.
+Configs are variant names under config/ (vanilla_16l, cascade_a2: the paper's 1.2B scale),
+SCALE/VARIANT for another scale (small/cascade_a2 = config/small.py + config/cascade_a2.py),
+paths to *.py files, or run directories (also --ckpt). Weights are random unless a run is given:
+timing does not depend on them. Inputs are random token ids in [1, vocab), never zeros.
 
 Inference protocol (the paper's, Section 5): model.eval(), no_grad, torch.compile(mode, fullgraph),
 one forward of batch x seq tokens (default 1 x 2048, which is what Table 2's cost column implies),
 10 warm-up runs, then the median of 100 runs timed with CUDA events. The forward computes the LM
 head over all positions, as the paper's cost does. Cost = 2 x (params - input embedding) x tokens
-(Table 2's convention); we also report TFLOP/s counting causal attention (model.flops_per_token).
+(Table 2's convention, docs/paper_notes.md); we also report TFLOP/s counting causal attention
+(model.flops_per_token).
 
 Compile default: mode='default', fullgraph=True. max-autotune (the paper's) benchmarks every GEMM
 shape; a tapered model has many and one model can take minutes, so it is opt-in. Compiled kernels
@@ -30,49 +32,25 @@ reads ~7.5 GB more per run for a 1.2B model). The paper's A100 "fp32" reaches 54
 A100's 19.5 TFLOP/s fp32 peak, so its matmuls must have run in TF32: compare its numbers with tf32.
 """
 import argparse
-import gc
 import os
-import statistics
-import sys
-import threading
 import time
 import traceback
 from contextlib import nullcontext
 from datetime import datetime, timezone
 
 import torch
-import torch.nn.functional as F
 
-import common
-from common import UserError
-from model import GPT, GPTConfig, apply_rope
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from gfa import rundir
+from gfa.benchmark import (CpuEvent, build, build_hf, compiled, cost_tflop, first_call, free, one_line, profile,
+                           resolve, set_dtype, stats, sync, time_calls, uniform, uses_cudagraphs)
+from gfa.cli import UserError, cli
+from gfa.device import autocast_for, peak_flops
+from gfa.training import GradStep, adamw, clip_coef, scaled_step
 TABLE2 = ["vanilla_16l", "vanilla_15l", "vanilla_14l", "vanilla_13l", "vanilla_12l",
           "cascade_a1", "cascade_a2", "cascade_f1", "cascade_f2", "cascade_c1", "cascade_c2"]
 PAPER = {"latency": -8.6, "throughput": 9.4}   # A2 vs Vanilla-15L, Table 2
 DTYPES = {"fp32": "float32", "float32": "float32", "tf32": "tf32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none"]
-
-
-# ---- models ---------------------------------------------------------------------------------
-def resolve(item):
-    """(row name, config path or None, checkpoint path or None) for a CLI item."""
-    if os.path.isdir(item) or item.endswith(".pt"):
-        if not os.path.exists(common.checkpoint_path(item)):
-            raise UserError(f"checkpoint {item} does not exist")
-        name = os.path.basename(os.path.normpath(item if os.path.isdir(item) else os.path.dirname(item) or item))
-        return name, None, item
-    path = item if item.endswith(".py") else os.path.join(ROOT, "config", item + ".py")
-    if not os.path.isfile(path):
-        raise UserError(f"config {item}: no file {path} (names are config/<name>.py, e.g. vanilla_16l, tiny/cascade_a2)")
-    rel = os.path.relpath(os.path.abspath(path), os.path.join(ROOT, "config"))
-    return (rel[:-3] if not rel.startswith("..") else os.path.basename(path)[:-3]), path, None
-
-
-def load_config(item):
-    """GPTConfig of a config name or path (the model keys only)."""
-    return GPTConfig.from_dict(common.read_config([resolve(item)[1]], model_only=True))
 
 
 def pretty(name):
@@ -82,164 +60,6 @@ def pretty(name):
         if stem.startswith(key):
             stem = label + stem[len(key):].upper()
     return f"{prefix}/{stem}" if prefix else stem
-
-
-def build(item, device, seq):
-    """Our GPT for a CLI item, on device, fp32, random init unless it is a checkpoint."""
-    name, path, ckpt = resolve(item)
-    if ckpt:
-        model, _ = common.load_model(ckpt, device)
-    else:
-        cfg = load_config(item)
-        cfg.block_size = max(cfg.block_size, seq)   # only sizes the RoPE table
-        with torch.device(device):
-            model = GPT(cfg)
-    if seq > model.config.block_size:
-        raise UserError(f"--seq {seq} is longer than {name}'s block_size={model.config.block_size}")
-    return name, model
-
-
-def cost_tflop(model, tokens):
-    """Table 2's cost: 2 x (params minus the input embedding) x tokens, in TFLOP."""
-    return 2 * model.num_params(include_embedding=False) * tokens / 1e12
-
-
-def uniform(model):
-    return (len(set(model.heads)) == 1 and len(set(model.ffns)) == 1 and set(model.repeats) == {1}
-            and not model.passthrough)
-
-
-def build_hf(model, device):
-    """HF LlamaForCausalLM with our model's (uniform) config: same widths, untied, no biases, RoPE."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    c = model.config
-    hc = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=model.ffns[0],
-                     num_hidden_layers=c.n_layer, num_attention_heads=model.heads[0],
-                     num_key_value_heads=model.heads[0], head_dim=c.head_dim, max_position_embeddings=c.block_size,
-                     rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=False,
-                     attention_bias=False, mlp_bias=False, hidden_act="silu", use_cache=False,
-                     attn_implementation="sdpa")
-    try:
-        hc._attn_implementation = "sdpa"   # older transformers ignore the constructor argument
-    except Exception:
-        pass
-    with torch.device(device):
-        hf = LlamaForCausalLM(hc)
-    return hf
-
-
-def set_dtype(model, dtype, bf16_mode, device):
-    """Apply the compute dtype; returns the autocast context to run under."""
-    ctx = common.autocast_for(device.type, dtype)   # also sets the TF32 switches
-    if dtype == "bfloat16" and bf16_mode == "cast":
-        keep = {n: b for n, b in model.named_buffers() if n.startswith("rope_")}
-        model.to(torch.bfloat16)
-        for n, b in keep.items():   # RoPE angles stay fp32 (apply_rope computes in fp32)
-            setattr(model, n, b)
-        ctx = nullcontext()
-    return ctx
-
-
-def free():
-    """Release the last model's GPU memory and compiled graphs (call once its frame has returned)."""
-    gc.collect()
-    torch._dynamo.reset()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ---- timing -----------------------------------------------------------------------------------
-class Progress:
-    """Prints 'msg ...' now, a heartbeat while the block runs (compiles can take minutes), and the time."""
-
-    def __init__(self, msg, every=20.0):
-        self.msg, self.every, self.stop = msg, every, threading.Event()
-
-    def __enter__(self):
-        self.t0 = time.time()
-        print(f"{self.msg} ...", flush=True)
-        def beat():
-            while not self.stop.wait(self.every):
-                print(f"  ... {self.msg}: {time.time() - self.t0:.0f} s", flush=True)
-        threading.Thread(target=beat, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.elapsed = time.time() - self.t0
-        print(f"{self.msg}: {'failed after' if exc[0] else 'done in'} {self.elapsed:.1f} s", flush=True)
-
-
-def one_line(e, n=300):
-    """An exception as 'Type: first line of the message', for a table cell or a note."""
-    return f"{type(e).__name__}: {e}".splitlines()[0][:n]
-
-
-def compiled(fn, mode, fullgraph):
-    return fn if mode == "none" else torch.compile(fn, mode=mode, fullgraph=fullgraph)
-
-
-def uses_cudagraphs(mode):
-    return mode in ("reduce-overhead", "max-autotune")
-
-
-def first_call(make, mode, fullgraph, msg):
-    """Compile (on the first call) with progress; if fullgraph fails, report and retry without it.
-    make(mode, fullgraph) -> a zero-argument callable. Returns (callable, compile seconds, note)."""
-    note = ""
-    try:
-        fn = make(mode, fullgraph)
-        with Progress(f"compiling {msg}" if mode != "none" else f"first run {msg}") as p:
-            fn()
-            sync()
-        return fn, p.elapsed, note
-    except Exception as e:
-        if mode == "none" or not fullgraph:
-            raise
-        note = f"fullgraph=True failed ({one_line(e, 200)}); ran fullgraph=False"
-        print(f"warning: {msg}: {note}", flush=True)
-        torch._dynamo.reset()
-        fn = make(mode, False)
-        with Progress(f"compiling {msg} (fullgraph=False)") as p:
-            fn()
-            sync()
-        return fn, p.elapsed, note
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def time_calls(fn, warmup, runs, device, cudagraphs=False):
-    """Milliseconds of each of `runs` calls after `warmup` calls. CUDA: one event pair per call and
-    no host sync between calls, so the host runs ahead and launch gaps are not timed."""
-    mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if cudagraphs else None
-    for _ in range(warmup):
-        mark and mark()
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
-        for start, end in ev:
-            mark and mark()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in ev]
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-def stats(ms):
-    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
-    return {"median_ms": statistics.median(ms), "iqr_ms": q[2] - q[0], "std_ms": statistics.pstdev(ms),
-            "min_ms": min(ms), "mean_ms": statistics.fmean(ms), "n": len(ms)}
 
 
 # ---- inference (Table 2) ----------------------------------------------------------------------
@@ -253,75 +73,9 @@ def bench_forward(model, idx, ctx, args, device, label, hf=False):
         return fwd
     fn, compile_s, note = first_call(make, args.compile, not args.no_fullgraph, label)
     ms = time_calls(fn, args.warmup, args.runs, device, uses_cudagraphs(args.compile))
-    profile(fn, label, args, device)
+    if args.profile:
+        profile(fn, label, device, args.out)
     return stats(ms), compile_s, note
-
-
-def profile(fn, label, args, device, n=3):
-    """--profile: the CUDA kernels of n more calls, by self time, printed and written beside --out."""
-    if not args.profile or device.type != "cuda":
-        return
-    from torch.profiler import ProfilerActivity, profile as prof_ctx
-    # GPU activity only: recording host-side ops as well slows the host enough to starve the GPU,
-    # which shows up as idle time between kernels that the unprofiled runs do not have
-    with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        sync()
-    ka = prof.key_averages()
-    for key in ("self_device_time_total", "self_cuda_time_total"):
-        try:
-            text = ka.table(sort_by=key, row_limit=25, max_name_column_width=90)
-            break
-        except Exception:
-            text = "profile table unavailable"
-    text = f"{label}: {n} calls\n{kernel_breakdown(prof.events(), n)}\n{text}"
-    print(text, flush=True)
-    if args.out:
-        path = os.path.splitext(args.out)[0] + "_profile_" + "".join(c if c.isalnum() else "_" for c in label) + ".txt"
-        with open(path, "w") as f:
-            f.write(text)
-
-
-def kernel_kind(name):
-    low = name.lower()
-    # inductor's element-wise/reduction kernels are named after the ops they feed (the RoPE kernel
-    # is "triton_poi_fused__scaled_dot_product_cudnn_attention_..."), so they are never attention
-    if low.startswith(("triton_poi", "triton_red", "triton_per")):
-        return "other"
-    # cuDNN runs only attention in these models (its backward has helper kernels without "sdpa")
-    if any(k in low for k in ("sdpa", "flash", "attention", "fmha", "cudnn")):
-        return "attention"
-    if "nvjet" in low or "gemm" in low or low.startswith(("triton_tem", "sm90_xmma", "cutlass")):
-        return "matmul"
-    return "other"
-
-
-def kernel_breakdown(events, n):
-    """Per call: GPU kernel time by kind (matmul, attention, other), and the span from the first
-    kernel's start to the last one's end; span minus the time covered by kernels is the time the
-    GPU sat between kernels."""
-    # not kernels: record_function ranges mirrored on the GPU ("Optimizer.step#AdamW.step"), and
-    # "Command Buffer Full", CUPTI's marker for a full launch queue
-    ks = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-          and not getattr(e, "is_user_annotation", False) and e.name != "Command Buffer Full"]
-    if not ks:
-        return "no CUDA kernels recorded"
-    dur = lambda e: (e.time_range.end - e.time_range.start) / 1e3 / n   # us -> ms per call
-    kinds = {}
-    for e in ks:
-        kinds[kernel_kind(e.name)] = kinds.get(kernel_kind(e.name), 0.0) + dur(e)
-    busy = sum(kinds.values())
-    covered, end = 0, None   # union of the kernel intervals: kernels on two streams may overlap
-    for a, b in sorted((e.time_range.start, e.time_range.end) for e in ks):
-        if end is None or a > end:
-            covered, end = covered + (b - a), b
-        elif b > end:
-            covered, end = covered + (b - end), b
-    span = (max(e.time_range.end for e in ks) - min(e.time_range.start for e in ks)) / 1e3 / n
-    parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
-    return (f"per call: {len(ks) / n:.0f} kernels, busy {busy:.3f} ms ({parts}), span {span:.3f} ms, "
-            f"idle between kernels {span - covered / 1e3 / n:.3f} ms")
 
 
 def inference_row(item, dtype, args, device):
@@ -387,7 +141,7 @@ def finish_rows(rows, ref, device):
             r["tok_s"] = r["tokens"] / s
             r["tflops"] = r["cost_tflop"] / s
             r["tflops_with_attention"] = r["tflop_with_attention"] / s
-            peak = common.peak_flops(device, r["dtype"])
+            peak = peak_flops(device, r["dtype"])
             r["pct_peak_with_attention"] = 100 * r["tflops_with_attention"] * 1e12 / peak if peak else None
     for r in rows:
         base = ref_row(rows, ref, r["dtype"])
@@ -440,52 +194,11 @@ def headlines(rows):
 
 
 # ---- decode -----------------------------------------------------------------------------------
-def decode_step(model, tok, pos, cache):
-    """One greedy token for every sequence: static shapes (the whole cache is attended with a mask
-    of positions <= pos, written in place at pos), so it compiles once and replays as a CUDA graph.
-    Same math as GPT.forward with kv_cache and T=1. tok (B, 1), pos 0-d long tensor -> next (B, 1)."""
-    B = tok.size(0)
-    at = pos.view(1)
-    # index_select, not rope_cos[pos]: torch 2.11's fullgraph cannot index with a 0-d tensor
-    cos, sin = model.rope_cos.index_select(0, at), model.rope_sin.index_select(0, at)
-    x = model.tok_emb(tok)
-    L = cache[0][0].size(2)
-    mask = (torch.arange(L, device=tok.device) <= pos).view(1, 1, 1, L)
-    v = 0
-    for i, block in enumerate(model.blocks):
-        if i in model.passthrough:
-            v += model.repeats[i]
-            continue
-        a = block.attn
-        for _ in range(model.repeats[i]):
-            q, k, val = a.qkv(block.attn_norm(x)).view(B, 1, 3, a.n_head, a.head_dim).permute(2, 0, 3, 1, 4)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            kc, vc = cache[v]
-            kc.index_copy_(2, at, k.to(kc.dtype))
-            vc.index_copy_(2, at, val.to(vc.dtype))
-            y = F.scaled_dot_product_attention(q, kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask)
-            x = x + a.proj(y.transpose(1, 2).reshape(B, 1, -1))
-            x = x + block.ffn(block.ffn_norm(x))
-            v += 1
-    logits = model.lm_head(model.norm_f(x))
-    return logits[:, -1].float().argmax(dim=-1, keepdim=True)
-
-
-class CpuEvent:
-    """torch.cuda.Event's record()/elapsed_time() on the host clock, for CPU runs."""
-
-    def record(self):
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end):
-        return (end.t - self.t) * 1e3
-
-
 def greedy_decode(model, prompt, new_tokens, step=None, cache=None, ctx=nullcontext(), events=None):
     """Prefill with GPT.forward, then new_tokens - 1 decode steps: the same tokens as
     model.generate(prompt, new_tokens, temperature=0). events=(start, end) bracket the decode steps."""
     B, P = prompt.shape
-    step = step or (lambda t, p, c: decode_step(model, t, p, c))
+    step = step or model.decode_step
     cache = cache if cache is not None else model.new_kv_cache(B, P + new_tokens)
     positions = torch.arange(P, P + new_tokens, device=prompt.device)
     mark = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
@@ -520,7 +233,7 @@ def decode_row(item, dtype, args, device):
         Event = (lambda: torch.cuda.Event(enable_timing=True)) if device.type == "cuda" else CpuEvent
         ev, times = (Event(), Event()), []
         def make(mode, fullgraph):
-            step = compiled(lambda t, p, c: decode_step(model, t, p, c), mode, fullgraph)
+            step = compiled(model.decode_step, mode, fullgraph)
             def gen():
                 greedy_decode(model, prompt, N, step, cache, ctx, ev)
                 sync()
@@ -554,54 +267,56 @@ def decode_markdown(rows, ref):
 
 
 # ---- training ---------------------------------------------------------------------------------
+def train_steps(model, x, y, ctx, args, device):
+    """make(mode, fullgraph) -> step(variant): one full optimizer step (fwd+bwd, grad clip, fused
+    AdamW) in one of three variants. dump: train.py's own code path (gfa.training.GradStep:
+    per-layer norms, recorded, the clip's total taken from them); nodump: one total-norm pass
+    instead; dump_clip: the dump plus that separate total-norm pass (what the dump would cost
+    without the reuse). All clip through gfa.training.scaled_step."""
+    opt = adamw(model.parameters(), 2e-4, (0.9, 0.95), 0.1, fused=device.type == "cuda")
+    grad_step = GradStep(model.param_groups_by_layer(), opt, args.grad_clip)
+    params = grad_step.params
+    dump = rundir.GradNormDump(grad_step.norms.names, path=None)
+    n_step = [0]
+
+    def make(mode, fullgraph):
+        m = compiled(model, mode, fullgraph)
+
+        def step(variant="nodump"):
+            with ctx:
+                _, loss = m(x, y)
+            loss.backward()
+            if variant == "dump":
+                dump.record(n_step[0], grad_step()[0])
+            else:
+                if variant == "dump_clip":
+                    dump.record(n_step[0], grad_step.norms())
+                grads = [p.grad for p in params if p.grad is not None]
+                if args.grad_clip:
+                    scaled_step(opt, grads, clip_coef(torch.nn.utils.get_total_norm(grads), args.grad_clip))
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+            n_step[0] += 1
+        return step
+    return make
+
+
 def train_row(item, dtype, args, device):
-    """Full optimizer steps (fwd+bwd, grad clip, fused AdamW), with and without the per-layer
-    gradient-norm dump, interleaved in rounds in one process so drift hits both alike. All three
-    clip through common.scaled_step (the fused optimizer applies the factor in its own pass).
-    Variants: nodump (one total-norm pass over the gradients), dump (as train.py: per-layer norms,
-    recorded, and the clip's total taken from them), dump_clip (the dump plus a separate
-    total-norm pass: what the dump would cost without that reuse)."""
+    """The three train_steps variants, interleaved in rounds in one process so drift hits all alike."""
     B, T = args.batch, args.seq
     name, model = build(item, device, T)
     model.train()
     row = {"config": name, "model": pretty(name), "impl": "ours", "dtype": dtype, "batch": B, "seq": T,
            "tokens": B * T, "params": model.num_params(), "flops_per_token_fwd": model.flops_per_token(T)}
-    ctx = common.autocast_for(device.type, dtype)   # training keeps fp32 master weights: autocast
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    lgn = common.LayerGradNorms(model.param_groups_by_layer())
-    dump = common.GradNormDump(lgn.names, path=None)
+    ctx = autocast_for(device.type, dtype)   # training keeps fp32 master weights: autocast
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(1, model.config.vocab_size, (B, T), generator=g).to(device)
     y = torch.randint(1, model.config.vocab_size, (B, T), generator=g).to(device)
-    n_step = [0]
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-
-        def make(mode, fullgraph):
-            m = compiled(model, mode, fullgraph)
-            def step(variant="nodump"):
-                with ctx:
-                    _, loss = m(x, y)
-                loss.backward()
-                grads = [p.grad for p in params if p.grad is not None]
-                total = None
-                if variant == "dump":   # train.py's code path
-                    norms = lgn()
-                    dump.record(n_step[0], norms)
-                    total = norms.square().sum().sqrt()
-                elif variant == "dump_clip":
-                    dump.record(n_step[0], lgn())
-                if args.grad_clip:
-                    if total is None:
-                        total = torch.nn.utils.get_total_norm(grads)
-                    common.scaled_step(opt, grads, common.clip_coef(total, args.grad_clip))
-                else:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                n_step[0] += 1
-            return step
+        make = train_steps(model, x, y, ctx, args, device)
         step, row["compile_s"], row["note"] = first_call(make, args.compile, not args.no_fullgraph, f"{name} train ({dtype})")
         variants = ["nodump", "dump", "dump_clip"]
         times = {v: [] for v in variants}
@@ -611,8 +326,9 @@ def train_row(item, dtype, args, device):
         for r in range(args.rounds):
             for v in variants:
                 times[v] += time_calls(lambda: step(v), 0, per_round, device, uses_cudagraphs(args.compile))
-        peak = common.peak_flops(device, dtype)
-        profile(lambda: step("dump"), f"{name} train ({dtype})", args, device, n=2)
+        peak = peak_flops(device, dtype)
+        if args.profile:
+            profile(lambda: step("dump"), f"{name} train ({dtype})", device, args.out, n=2)
         for v in variants:
             st = stats(times[v])
             tok_s = B * T / (st["median_ms"] / 1e3)
@@ -698,8 +414,7 @@ def parse(argv):
     return a
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv):
     args = parse(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -737,10 +452,8 @@ def main(argv=None):
                       f"`{meta['command']}`\n\ncompile={args.compile}, fullgraph={meta['fullgraph']}, bf16={args.bf16}, "
                       f"warm-up {args.warmup}, median of {args.runs}\n\n")
             md_path = os.path.splitext(args.out)[0] + ".md"
-            common.atomic_write_json({"meta": meta, "rows": rows}, args.out, indent=1, default=str)
-            with open(md_path + ".tmp", "w") as f:
-                f.write(header + md + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-            os.replace(md_path + ".tmp", md_path)
+            rundir.atomic_write_json({"meta": meta, "rows": rows}, args.out, indent=1, default=str)
+            rundir.atomic_write_text(header + md + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n", md_path)
         if final:
             print("\n" + md)
             for n in notes:
@@ -778,4 +491,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

@@ -2,94 +2,48 @@
 Gradient Fan-in Asymmetry (GFA): theory against measurement, layer importance, and the
 paper's Figures 3-8.
 
-    python fanin.py --theory config/vanilla_16l.py [--key=value ...]   # fan-in table of a config
+    python fanin.py --theory config/vanilla_16l.py [--key=value ...]   # a config's layers and fan-in
+    python fanin.py --theory config/small.py config/cascade_a2.py      # ... at the small scale
     python fanin.py out/demo                                          # full analysis of a run
     python fanin.py out/small_vanilla_16l out/small_layerskip         # several runs, one Figure 3
     python fanin.py out/small_equalize --baseline out/small_vanilla_16l   # Figure 5 (intervention)
 
-Theory (Appendix B.1), layer l = 0..N-1:
-    plain stack          phi_l  = (N - l) + 1
-    deep supervision     phi'_l = (N - l + 1)(N - l + 2) / 2           (triangular numbers)
-    virtual depth        FanIn(L_p) = sum over virtual positions i (1-indexed) with V_i = L_p
-                                      of (N_virt - i + 2)
-Note on the paper (SPEC.md): its text says repeats 2,3,3,4 for layers 5-8, but its numbers
-18,17,16,15,27,33,24,20 come out exactly with repeats [1,1,1,1,2,3,3,5] (N_virt = 17),
-which is what config/*/virtual_depth.py uses.
-
-Measurement, per run directory (written by train.py, or by resnet.py):
-  share       Eq. 2, from grad_norms.npz (per physical layer; the dump already sums a repeated
-              layer's gradient over its repeats)
+Theory: gfa/theory.py (Appendix B.1; the virtual-depth repeats are [1,1,1,1,2,3,3,5], see
+docs/paper_notes.md). Measurement, per run directory (train.py's, or resnet.py's):
+  share       Eq. 2, from grad_norms.npz over the steps the checkpoint's weights have seen (per
+              physical layer; the dump already sums a repeated layer's gradient over its repeats)
   importance  dM_i = PPL(layer i passed through) - PPL(the model as configured), on a fixed held-out
-              set (common.eval_batches); a run's own passthrough layers stay skipped throughout
+              set (gfa.data.eval_batches); a run's own passthrough layers stay skipped throughout
               (their dM is 0). Cached in <run>/importance.json, recomputed when the eval
               settings or the checkpoint's iter_num change. ResNet runs bring their own
-              importance.json (metric top1_drop) and have no ckpt.pt.
+              importance.json (metric top1_drop).
   statistics  Spearman rho (share vs theory, share vs importance) with a two-sided
-              permutation p-value (spearman() below), and whether a linear (phi) or a
-              quadratic (phi') fan-in decay fits the share better.
+              permutation p-value, and whether a linear (phi) or a quadratic (phi') fan-in
+              decay fits the share better.
 """
 import argparse
 import itertools
-import json
 import math
 import os
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from common import (UserError, atomic_write_json, autocast_for, cli, data_dir, evaluate, load_grad_dump, load_model,
-                    load_tokens, read_checkpoint, read_config)
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-VIRTUAL_NOTE = ("note: the paper's text says repeats 2,3,3,4 for layers 5-8 (16 virtual positions), but its "
-                "fan-in numbers 18,17,16,15,27,33,24,20 come out exactly with repeats [1,1,1,1,2,3,3,5] "
-                "(17 virtual positions); the configs use the latter (SPEC.md).")
-
-
-# ---- theory (Appendix B.1) ------------------------------------------------------------------
-def fanin_plain(N):
-    """phi_l = (N - l) + 1: the identity path plus the N - l downstream blocks (incl. the head)."""
-    return [N - l + 1 for l in range(N)]
-
-
-def fanin_deep_supervision(N):
-    """phi'_l = (N - l + 1)(N - l + 2) / 2: the final head plus an auxiliary head after every block."""
-    return [(N - l + 1) * (N - l + 2) // 2 for l in range(N)]
-
-
-def fanin_general(repeats, deep_supervision):
-    """Virtual depth: FanIn(L_p) = sum over the virtual positions i (1-indexed) of block p of
-    (N_virt - i + 2); with deep supervision an extra (e - i + 1) from the auxiliary head after
-    every physical block (at virtual position e >= i). Reduces to the two formulas above when
-    there is no repetition (the tests check it and the paper's virtual-depth numbers)."""
-    n_virt = sum(repeats)
-    ends = list(itertools.accumulate(repeats))            # virtual position after each block
-    out, i = [], 0
-    for r in repeats:
-        total = 0
-        for k in range(r):
-            pos = i + k + 1
-            total += n_virt - pos + 2
-            if deep_supervision:
-                total += sum(e - pos + 1 for e in ends if e >= pos)
-        out.append(total)
-        i += r
-    return out
-
-
-def theory_for(mc):
-    """(kind, per-layer fan-in, per-layer repeats) for a model-config dict (GPTConfig fields)."""
-    N = mc["n_layer"]
-    repeats = list(mc.get("repeats") or [1] * N)
-    deep = bool(mc.get("deep_supervision", False))
-    virtual = any(r != 1 for r in repeats)
-    kind = ("virtual depth + deep supervision" if virtual and deep else "virtual depth" if virtual
-            else "deep supervision (quadratic)" if deep else "plain (linear)")
-    return kind, fanin_general(repeats, deep), repeats
+from gfa import rundir
+from gfa.cli import UserError, cli, read_model_config
+from gfa.data import REPO, dataset_dir, load_tokens
+from gfa.device import DTYPES, autocast_for, pick_device
+from gfa.evaluation import evaluate
+from gfa.theory import VIRTUAL_NOTE, fanin_deep_supervision, fanin_plain, fit_decay, spearman, theory_for
+from model import GPT, GPTConfig, describe
 
 
 def print_theory(mc):
+    """A config's architecture (model.describe: widths, repeats, params, FLOPs) and its fan-in table."""
+    with torch.device("meta"):   # shapes only: a 1.2B model is described instantly
+        print(describe(GPT(GPTConfig(**mc))))
+    print()
     kind, phi, repeats = theory_for(mc)
     N = mc["n_layer"]
     plain, deep = fanin_plain(N), fanin_deep_supervision(N)
@@ -107,111 +61,7 @@ def print_theory(mc):
         print(VIRTUAL_NOTE)
 
 
-# ---- Spearman correlation without scipy ----------------------------------------------------
-def rankdata(a):
-    """Ranks 1..n, ties get their average rank."""
-    a = np.asarray(a, dtype=np.float64)
-    order = np.argsort(a, kind="mergesort")
-    ranks = np.empty(len(a))
-    s = a[order]
-    i = 0
-    while i < len(a):
-        j = i
-        while j + 1 < len(a) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-_PERMS = {}
-
-
-def _all_permutations(n):
-    """All n! permutations of range(n) as an int8 array (n <= 10: at most 36 MB), cached."""
-    if n not in _PERMS:
-        p = np.zeros((1, 0), dtype=np.int8)
-        for k in range(n):   # insert value k at every position of every permutation of range(k)
-            new = np.empty((len(p) * (k + 1), k + 1), dtype=np.int8)
-            for pos in range(k + 1):
-                new[pos::k + 1, :pos] = p[:, :pos]
-                new[pos::k + 1, pos] = k
-                new[pos::k + 1, pos + 1:] = p[:, pos:]
-            p = new
-        _PERMS[n] = p
-    return _PERMS[n]
-
-
-def spearman(x, y, exact_max_n=10, n_perm=200_000, seed=0):
-    """Spearman's rho (Pearson correlation of average-tie ranks, as scipy.stats.spearmanr) and a
-    two-sided permutation p-value P(|rho_perm| >= |rho|) under the null of exchangeable pairs.
-
-    n <= exact_max_n: exact, enumerating all n! permutations (ties handled exactly).
-    larger n: Monte Carlo over n_perm random permutations with a fixed seed (deterministic),
-    p = (hits + 1) / (n_perm + 1) so it is never 0 (resolution ~5e-6 with the default).
-    Returns (nan, nan) when x or y is constant or n < 3."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"spearman needs two 1-d arrays of equal length, got {x.shape} and {y.shape}")
-    n = len(x)
-    rx, ry = rankdata(x), rankdata(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt((rx ** 2).sum() * (ry ** 2).sum())
-    if n < 3 or denom == 0:
-        return float("nan"), float("nan")
-    rho = float((rx * ry).sum() / denom)
-    tol = 1e-9 * (rx ** 2).sum() ** 0.5 * (ry ** 2).sum() ** 0.5
-    target = abs(rho) * denom - tol
-    if n <= exact_max_n:
-        perms = _all_permutations(n)
-        acc = np.zeros(len(perms))
-        for j in range(n):
-            acc += rx[j] * ry[perms[:, j]]
-        return rho, float((np.abs(acc) >= target).mean())
-    rng = np.random.default_rng(seed)
-    hits, done = 0, 0
-    while done < n_perm:
-        m = min(50_000, n_perm - done)
-        perms = np.argsort(rng.random((m, n)), axis=1)
-        hits += int((np.abs(ry[perms] @ rx) >= target).sum())
-        done += m
-    return rho, (hits + 1) / (n_perm + 1)
-
-
-# ---- fits of the share's shape -----------------------------------------------------------
-def fit_decay(share, N, theory=None):
-    """Which decay explains the share better: linear phi_l or quadratic phi'_l?
-    For each: R^2 of the least-squares affine fit share ~ a + b * phi/sum(phi) (shape only),
-    and the RMSE between the share and phi/sum(phi) (no free parameters). With theory (e.g. virtual
-    depth's fan-in) the same numbers for it too, under 'theory'; the verdict stays linear vs quadratic."""
-    share = np.asarray(share, dtype=np.float64)
-    share = share / share.sum()
-    out = {}
-    cands = [("linear", fanin_plain(N)), ("quadratic", fanin_deep_supervision(N))]
-    if theory is not None and list(theory) not in (cands[0][1], cands[1][1]):
-        cands.append(("theory", list(theory)))
-    for name, phi in cands:
-        p = np.asarray(phi, dtype=np.float64)
-        p = p / p.sum()
-        A = np.stack([np.ones(N), p], axis=1)
-        coef, *_ = np.linalg.lstsq(A, share, rcond=None)
-        resid = share - A @ coef
-        ss_tot = ((share - share.mean()) ** 2).sum()
-        r2 = 1 - (resid ** 2).sum() / ss_tot if ss_tot > 0 else float("nan")
-        out[name] = {"r2": float(r2), "slope": float(coef[1]), "rmse": float(np.sqrt(((share - p) ** 2).mean()))}
-    decaying = [k for k in ("linear", "quadratic") if out[k]["slope"] > 0 and np.isfinite(out[k]["r2"])]
-    best = max(decaying, key=lambda k: out[k]["r2"]) if decaying else None
-    out["verdict"] = ("neither (the share does not decay with depth)" if best is None
-                      else best if out[best]["r2"] >= 0.5
-                      else f"neither fits well (best {best}, R^2 {out[best]['r2']:.2f} < 0.5)")
-    return out
-
-
 # ---- functional importance -------------------------------------------------------------------
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def compute_importance(model, data, block_size, batch_size, n_batches, device, dtype="float32", log=print):
     """Perplexity of the model as configured and, per layer i, with i passed through as well.
     Layers the run already passes through (its config's passthrough) are not evaluated again:
@@ -241,42 +91,39 @@ def _data_key(path):
     """The held-out file as the cache records it: relative to this repository when inside it, so
     the cache stays valid from any working directory and on another machine."""
     path = os.path.abspath(path)
-    rel = os.path.relpath(path, ROOT)
+    rel = os.path.relpath(path, REPO)
     return path if rel.startswith("..") else rel
 
 
-def importance_for_run(run, ckpt, args):
-    """Load or compute <run>/importance.json for an LM run; ckpt is its read_checkpoint()."""
-    path = os.path.join(run, "importance.json")
-    tc, mc = ckpt.get("train_config") or {}, ckpt["model_config"]
-    device = args.device or default_device()
+def importance_for_run(run, ckpt, mc, args):
+    """Load or compute <run>/importance.json for an LM run; ckpt is its read_checkpoint(), mc its model config."""
+    tc = ckpt.get("train_config") or {}
+    device = pick_device(args.device or "")
     on_gpu = torch.device(device).type == "cuda"
-    data_path = args.data or os.path.join(data_dir(tc), "val.bin")
-    settings = {"data": _data_key(data_path),
-                "block_size": int(args.block_size or min(tc.get("block_size", mc["block_size"]), mc["block_size"])),
+    data_path = args.data or os.path.join(dataset_dir(tc.get("dataset"), tc.get("data_dir")), "val.bin")
+    settings = {"data": _data_key(data_path), "block_size": int(args.block_size or mc["block_size"]),
                 "batch_size": int(args.batch_size or min(int(tc.get("batch_size", 16)), 16)),
                 "eval_batches": int(args.eval_batches or (40 if on_gpu else 8)),
                 "dtype": args.dtype, "iter_num": int(ckpt.get("iter_num", -1))}
-    if os.path.isfile(path) and not args.recompute:
-        with open(path) as f:
-            cached = json.load(f)
+    cached = rundir.read_importance(run)
+    if cached is not None and not args.recompute:
         if cached.get("settings") == settings and len(cached.get("importance", [])) == mc["n_layer"]:
-            print(f"{run}: importance from cache {path}")
+            print(f"{run}: importance from cache {rundir.file(run, rundir.IMPORTANCE)}")
             return cached
-        print(f"{run}: {path} is stale (other eval settings or checkpoint), recomputing")
+        print(f"{run}: {rundir.file(run, rundir.IMPORTANCE)} is stale (other eval settings or checkpoint), recomputing")
     if not os.path.isfile(data_path):
         raise UserError(f"held-out data {data_path} does not exist: prepare the dataset "
                         f"'{tc.get('dataset')}' or pass --data path/to/val.bin")
-    model, _ = load_model(run, device)
+    model, _ = rundir.load_gpt(run, device)
     data = load_tokens(data_path, model.config.vocab_size)
     print(f"{run}: measuring importance on {device}: {settings['eval_batches']} batches x {settings['batch_size']} "
-        f"x {settings['block_size']} tokens of {data_path}, {model.config.n_layer + 1} evaluations")
+          f"x {settings['block_size']} tokens of {data_path}, {model.config.n_layer + 1} evaluations")
     base, ablated = compute_importance(model, data, settings["block_size"], settings["batch_size"],
                                        settings["eval_batches"], device, args.dtype)
     result = {"metric": "ppl_increase", "baseline": base, "importance": [a - base for a in ablated],
               "layer_names": [f"layer.{i}" for i in range(model.config.n_layer)], "ablated": ablated,
               "settings": settings, "device": device}
-    atomic_write_json(result, path, indent=1)
+    rundir.write_importance(run, result)
     return result
 
 
@@ -285,35 +132,31 @@ def analyse(run, args):
     """Everything about one run directory as a dict (see the keys at the end)."""
     if not os.path.isdir(run):
         raise UserError(f"{run} is not a run directory (train one with `python train.py config/x.py`)")
-    dump = load_grad_dump(run)
-    names = dump["layer_names"]
+    kind, mc = rundir.read_model_config(run)
+    ckpt = rundir.read_checkpoint(run, kind) if os.path.isfile(rundir.file(run, rundir.CKPT)) else None
+    # the share over the steps the checkpoint's weights have seen (all logged steps before the first one)
+    dump = rundir.read_grad_dump(run, before_step=ckpt["iter_num"] if ckpt else None, ckpt=ckpt)
     share = np.asarray(dump["share"], dtype=np.float64)
-    has_ckpt = os.path.isfile(os.path.join(run, "ckpt.pt"))
-    if has_ckpt:
-        ckpt = read_checkpoint(run)   # one read for the configs; load_model only when importance is recomputed
-        mc = ckpt["model_config"]
-        imp = None if args.no_importance else importance_for_run(run, ckpt, args)
-    else:   # no checkpoint (yet): resnet.py's runs, or an LM run before its first checkpoint
-        cfg_path, imp_path = os.path.join(run, "model_config.json"), os.path.join(run, "importance.json")
-        if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                mc = json.load(f)
-        elif os.path.isfile(imp_path):   # resnet.py's run: a plain stack of its blocks
-            mc = {"n_layer": len(names)}
-        else:
-            raise UserError(f"{run} has grad_norms.npz but no ckpt.pt, model_config.json or importance.json")
+    if kind == "resnet":   # a plain stack of its blocks; resnet.py measured the importance
+        mc = {"n_layer": len(dump["layer_names"])}
+        imp = None if args.no_importance else rundir.read_importance(run)
+    elif args.no_importance:
         imp = None
-        if os.path.isfile(imp_path) and not args.no_importance:
-            with open(imp_path) as f:
-                imp = json.load(f)
+    elif ckpt is not None:   # an LM run: measured here, or from its cache
+        imp = importance_for_run(run, ckpt, mc, args)
+    else:   # an LM run without its checkpoint (a run still training, or a committed dump): a cached
+        imp = rundir.read_importance(run)   # importance.json if there is one, else share vs theory only
+        if imp is not None:
+            print(f"{run}: importance from {rundir.file(run, rundir.IMPORTANCE)} (no checkpoint to check it against)")
     N = mc["n_layer"]
     if len(share) != N:
         raise UserError(f"{run}: grad_norms.npz has {len(share)} layers but the model has {N}")
     kind, phi, repeats = theory_for(mc)
     rho_t, p_t = spearman(share, phi)
     out = {"run": run, "name": os.path.basename(os.path.normpath(run)), "kind": kind, "n_layer": N,
-           "repeats": repeats, "theory": phi, "share": share.tolist(),
-           "steps": int(len(dump["steps"])), "rho_theory": rho_t, "p_theory": p_t, "fit": fit_decay(share, N, phi)}
+           "repeats": repeats, "theory": phi, "share": share.tolist(), "steps": int(len(dump["steps"])),
+           "step_range": list(dump["step_range"]), "rho_theory": rho_t, "p_theory": p_t,
+           "fit": fit_decay(share, N, phi)}
     if imp is not None:
         if len(imp["importance"]) != N:
             raise UserError(f"{run}/importance.json has {len(imp['importance'])} layers, the dump has {N}")
@@ -329,7 +172,8 @@ def fmt_p(p):
 
 def print_report(r):
     metric = {"ppl_increase": "dPPL", "top1_drop": "dTop1"}.get(r.get("metric"), "dM")
-    print(f"\n== {r['run']}: {r['kind']} fan-in, {r['n_layer']} layers, share over {r['steps']} logged steps")
+    print(f"\n== {r['run']}: {r['kind']} fan-in, {r['n_layer']} layers, share over {r['steps']} logged steps "
+          f"({r['step_range'][0]}-{r['step_range'][1]})")
     print(f"{'layer':>5} {'repeats':>7} {'fan-in':>7} {'fan-in %':>8} {'share %':>8} {metric:>10}")
     tot = sum(r["theory"])
     for l in range(r["n_layer"]):
@@ -484,13 +328,13 @@ def fig678(r, path):
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
-def main(argv=None):
+def main(argv):
     ap = argparse.ArgumentParser(
         description="GFA: fan-in theory vs measured gradient share, layer importance, Figures 3-8.",
-        epilog="--theory CONFIG.py [--key=value ...] prints a config's fan-in table (model keys as everywhere). "
+        epilog="--theory CONFIG.py [--key=value ...] prints a config's layers and fan-in (model keys as everywhere). "
                + VIRTUAL_NOTE)
     ap.add_argument("paths", nargs="*", help="run directories (or, with --theory, a config file)")
-    ap.add_argument("--theory", action="store_true", help="print the theoretical fan-in table and exit")
+    ap.add_argument("--theory", action="store_true", help="print the architecture and the theoretical fan-in, and exit")
     ap.add_argument("--baseline", help="baseline run directory for Figure 5 (e.g. vanilla for equalize)")
     ap.add_argument("--fig_dir", help="write figures and fanin_summary.json here (default: the run directory)")
     ap.add_argument("--data", help="held-out tokens (default data/<dataset>/val.bin of the run)")
@@ -505,9 +349,11 @@ def main(argv=None):
 
     if args.theory:
         if len(args.paths) == 1 and os.path.isdir(args.paths[0]):
-            mc = read_checkpoint(args.paths[0])["model_config"]
+            kind, mc = rundir.read_model_config(args.paths[0])
+            if kind != "gpt":
+                raise UserError(f"{args.paths[0]} is a {kind} run: --theory describes language models")
         else:
-            mc = read_config(args.paths + extra, model_only=True)
+            mc = asdict(read_model_config(args.paths + extra))
         print_theory(mc)
         return
     if extra:
@@ -515,7 +361,7 @@ def main(argv=None):
                         f"see python fanin.py --help)")
     if not args.paths:
         raise UserError("give a run directory, e.g. `python fanin.py out/demo`, or --theory config/x.py")
-    if args.dtype not in ("float32", "tf32", "bfloat16"):
+    if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype}: use float32, tf32 or bfloat16")
     if args.no_importance and args.baseline:
         raise UserError("--baseline compares importance: drop --no_importance")
@@ -544,7 +390,7 @@ def main(argv=None):
                 fig5(r, base, dest(r, f"fig5_vs_{base['name']}.png"))
     summary = {"runs": runs, "baseline": base}
     path = os.path.join(args.fig_dir or runs[0]["run"], "fanin_summary.json")
-    atomic_write_json(summary, path, indent=1, default=float)
+    rundir.atomic_write_json(summary, path, indent=1, default=float)
     print(f"wrote {path}")
     return summary
 

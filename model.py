@@ -13,8 +13,11 @@ given as explicit lists or by the paper's taper rules (Section 4.5):
 Options: deep supervision (an auxiliary LM loss after every block, LayerSkip style),
 shared-layer repetition (block i applied repeats[i] times in a row, "virtual depth") and
 passthrough (layers skipped as identity; used by pruning and importance ablation).
+Generation: a KV cache (generate()), and decode_step(), a static-shape greedy step that
+compiles once and replays as a CUDA graph (bench.py --mode decode).
 
-    python model.py config/cascade_a2.py [--key=value ...]   # print the architecture
+The paper leaves S_d open; Table 2's parameter counts fix it at 128 (docs/paper_notes.md).
+`python fanin.py --theory config/x.py` prints a config's per-layer architecture.
 """
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -179,6 +182,11 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif torch.is_tensor(pos):   # static shapes: write at positions pos, attend to the whole cache, masked
+            cache[0].index_copy_(2, pos, k.to(cache[0].dtype))
+            cache[1].index_copy_(2, pos, v.to(cache[1].dtype))
+            mask = torch.arange(cache[0].size(2), device=x.device) <= pos[:, None]   # (T, cache length)
+            y = F.scaled_dot_product_attention(q, cache[0].to(q.dtype), cache[1].to(q.dtype), attn_mask=mask)
         else:   # KV cache: write this chunk at [pos, pos+T), attend to everything up to it
             cache[0][:, :, pos:pos + T] = k
             cache[1][:, :, pos:pos + T] = v
@@ -257,11 +265,17 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, pos=0, last_only=False):
         """Returns (logits, loss). loss is the final exit's cross-entropy, plus, in train mode
-        with deep supervision, sum_k alpha_k * CE(exit after block k) (the training objective)."""
+        with deep supervision, sum_k alpha_k * CE(exit after block k) (the training objective).
+        With kv_cache, idx continues a sequence at position pos: an int, or a 0-d long tensor for
+        static shapes (decode_step)."""
         B, T = idx.shape
-        if pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        if torch.is_tensor(pos):   # index_select, not rope_cos[pos]: a 0-d tensor index breaks fullgraph
+            pos = pos.view(1) + torch.arange(T, device=pos.device)
+            cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
+        else:
+            if pos + T > self.config.block_size:
+                raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.tok_emb(idx)
         aux = None
         skip = self.passthrough
@@ -323,6 +337,13 @@ class GPT(nn.Module):
             if step + 1 < max_new_tokens:
                 logits, _ = self(nxt, kv_cache=cache, pos=T + step, last_only=True)
         return torch.cat(out, dim=1)
+
+    def decode_step(self, tok, pos, cache):
+        """One greedy token per sequence, with static shapes: tok (B, 1) is written into the cache
+        at pos (a 0-d long tensor) and attends to the whole cache through a mask, so the step
+        compiles once and replays as a CUDA graph. Returns the next tokens (B, 1)."""
+        logits, _ = self(tok, kv_cache=cache, pos=pos, last_only=True)
+        return logits[:, -1].float().argmax(dim=-1, keepdim=True)
 
     # ---- accounting ------------------------------------------------------------------------
     def num_params(self, include_embedding=True):
@@ -387,14 +408,3 @@ def describe(model):
     lines.append(f"flops_per_token: {model.flops_per_token()}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    import sys
-    from common import cli, read_config
-
-    def main():
-        import model   # the importable module, so its ConfigError is the one cli() catches
-        cfg = model.GPTConfig.from_dict(read_config(sys.argv[1:], model_only=True))
-        with torch.device("meta"):   # shapes only: a 1.2B model is described instantly
-            print(model.describe(model.GPT(cfg)))
-    cli(main)

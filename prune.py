@@ -3,12 +3,12 @@ CascadeFlow Pruning (CFP) against three baselines, scored by perplexity and Hell
 
     python prune.py --k 4                                   # the run in out/vanilla_16l
     python prune.py --runs out/a out/b out/c --k 1,2,4,6,8  # seeds: mean +- std per cell
-    python prune.py --runs out/a --k 4 --methods cfp --save_pruned out/a_cfp4   # a smaller checkpoint
+    python prune.py --runs out/a --k 4 --methods cfp --save_pruned out/a_cfp4   # a smaller run directory
 
 Methods (paper Appendix A.4); each prints its full ranking, then prunes by passthrough
 (the removed layers are skipped as identity, model.set_passthrough):
   cfp         the k layers with the lowest accumulated training-gradient share (Eq. 2, from
-              <run>/grad_norms.npz), at any positions.
+              <run>/grad_norms.npz, over the steps the checkpoint's weights have seen), at any positions.
   magnitude   block score = sum of |W| over all the block's weights (matrices and RMSNorm
               gains; the same as summing per-output L1 norms). We sum rather than average so a
               narrower (tapered) layer counts as the smaller mass it is; for uniform widths both
@@ -25,20 +25,13 @@ Methods (paper Appendix A.4); each prints its full ranking, then prunes by passt
               [l, l+k) with the smallest distance goes. Its per-layer ranking (for the
               cross-seed stability) is the k=1 distance.
 
-Evaluation: held-out perplexity = exp(common.evaluate) over a fixed token set (same numbers
-every call); HellaSwag zero-shot (OLMo / lm-eval protocol): each ending is scored by the
-summed log-probability of its tokens given the context; acc = argmax of that sum,
-acc_norm = argmax of the sum divided by the ending's length in characters (lm-eval's
-acc_norm; the joining space not counted). Official HellaSwag rows are cleaned as lm-eval does
-("activity_label: ctx_a Ctx_b", bracket markup removed); other rows use their ctx field.
-Tokenizer from the run's vocab: 256 -> bytes, >= 50257 -> tiktoken GPT-2 BPE (offline: set
-TIKTOKEN_CACHE_DIR). Outputs under --out: table1.md, table1_ppl.png, results.json.
+Evaluation (gfa/evaluation.py): held-out perplexity over a fixed token set (same numbers every
+call) and zero-shot multiple choice on HellaSwag (acc: summed log-prob of the ending; acc_norm:
+log-prob per character). Outputs under --out: table1.md, table1_ppl.png, results.json.
 """
 import argparse
-import json
 import math
 import os
-import re
 import time
 from functools import lru_cache
 from itertools import combinations
@@ -46,10 +39,12 @@ from itertools import combinations
 import numpy as np
 import torch
 
-from common import (GradNormDump, UserError, accumulated_share, atomic_save, atomic_write_json, autocast_for,
-                    checkpoint_path, cli, data_dir, evaluate, get_batch, load_grad_dump, load_model, load_tokens,
-                    read_checkpoint)
-from fanin import spearman   # the one Spearman of the codebase (rho, p)
+from gfa import rundir
+from gfa.cli import UserError, cli
+from gfa.data import DATA, dataset_dir, get_batch, load_tokens
+from gfa.device import autocast_for, pick_device
+from gfa.evaluation import choice_accuracy, ending_logprobs, evaluate, get_encoder, load_multiple_choice
+from gfa.theory import mean_std, spearman
 from model import drop_layers
 
 METHODS = ("cfp", "similarity", "taylor", "magnitude")   # the paper's column order
@@ -131,21 +126,14 @@ def angular_distances(model, batches, device, ctx):
     return (D.triu(1) / count).cpu().numpy()   # l < m only, as before; the diagonal is 0
 
 
-def cfp_share(run_dir, n_layer, ckpt=None):
-    """Eq. 2 share per layer from <run>/grad_norms.npz (else the dump inside the checkpoint)."""
-    npz = os.path.join(os.path.dirname(checkpoint_path(run_dir)), "grad_norms.npz")   # a run dir or its ckpt.pt
-    if os.path.isfile(npz):
-        share = np.asarray(load_grad_dump(npz)["share"], dtype=np.float64)
-    else:
-        if ckpt is None:
-            ckpt = read_checkpoint(run_dir)
-        sd = ckpt.get("grad_dump")
-        if not sd or len(sd.get("steps", [])) == 0:
-            raise UserError(f"run {run_dir} has no gradient dump (grad_norms.npz): CFP needs one; train the run "
-                            f"with train.py, or leave cfp out of --methods")
-        share = accumulated_share(sd["norms"], list(sd["names"]))
+def cfp_share(run, n_layer, ckpt):
+    """Eq. 2 share per layer over the steps the checkpoint's weights have seen (gfa.rundir)."""
+    if not os.path.isfile(rundir.file(run, rundir.GRAD_DUMP)) and not ckpt.get("grad_dump"):
+        raise UserError(f"run {run} has no gradient dump (grad_norms.npz): CFP needs one; train the run "
+                        f"with train.py, or leave cfp out of --methods")
+    share = rundir.read_grad_dump(run, before_step=ckpt["iter_num"], ckpt=ckpt)["share"]
     if len(share) != n_layer:
-        raise UserError(f"gradient dump of {run_dir} has {len(share)} layers but the model has {n_layer}")
+        raise UserError(f"gradient dump of {run} has {len(share)} layers but the model has {n_layer}")
     return share
 
 
@@ -167,126 +155,6 @@ def print_ranking(name, scores, what):
     print("  " + "  ".join(f"L{i}:{scores[i]:.4g}" for i in order))
 
 
-# ---- HellaSwag ---------------------------------------------------------------------------------------
-def get_encoder(vocab_size):
-    if vocab_size == 256:
-        return lambda s: list(s.encode("utf-8"))
-    if vocab_size >= 50257:
-        try:
-            import tiktoken
-            enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR "
-                            f"to a tiktoken cache holding gpt2") from None
-        return lambda s: enc.encode(s, allowed_special="all")
-    raise UserError(f"vocab_size={vocab_size}: no tokenizer known for it (256 = bytes, >= 50257 = GPT-2 BPE)")
-
-
-def _preprocess(text):
-    # HellaSwag's WikiHow rows carry markup such as "[header]", "[title]" (lm-eval / OLMo cleaning)
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def load_hellaswag(path, limit=0):
-    """[(context, [4 continuations], label)] from a HellaSwag-layout jsonl (ctx, endings, label;
-    activity_label optional). Continuations carry their leading space; malformed rows -> UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"HellaSwag file {path} does not exist (run data/hellaswag/prepare.py, or pass any jsonl in "
-                        f"HellaSwag layout with --hellaswag)")
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {n}: not valid JSON") from None
-            if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= set(row):
-                raise UserError(f"{path} line {n}: needs the fields ctx, endings and label")
-            ctx, endings, label = row["ctx"], row["endings"], row["label"]
-            if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != 4 \
-                    or not all(isinstance(e, str) and e.strip() for e in endings):
-                raise UserError(f"{path} line {n}: ctx must be a string and endings a list of 4 non-empty strings")
-            try:
-                label = int(label)
-            except (TypeError, ValueError):
-                label = -1
-            if not 0 <= label < 4:
-                raise UserError(f"{path} line {n}: label must be 0..3, got {row['label']!r}")
-            if isinstance(row.get("ctx_a"), str) and isinstance(row.get("ctx_b"), str):
-                ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()   # official HellaSwag, as lm-eval builds it
-            ctx = _preprocess(ctx)
-            if row.get("activity_label"):
-                ctx = f"{_preprocess(str(row['activity_label']))}: {ctx}"
-            items.append((ctx, [" " + _preprocess(e) for e in endings], label))
-            if limit and len(items) >= limit:
-                break
-    if not items:
-        raise UserError(f"{path} holds no items")
-    return items
-
-
-@torch.no_grad()
-def hellaswag_logprobs(model, items, encode, device, ctx, max_tokens=16384):
-    """[n_items, 4] summed log-prob of each continuation's tokens given its context.
-    All 4 endings of several items go in one right-padded batch (items sorted by length, at most
-    max_tokens padded tokens); contexts longer than block_size are left-truncated."""
-    T = model.config.block_size
-    seqs = []   # per item: 4 x (tokens, number of continuation tokens)
-    for c, ends, _ in items:
-        ce = encode(c)
-        row = []
-        for e in ends:
-            ee = encode(e)
-            toks = (ce + ee)[-(T + 1):]
-            row.append((toks, min(len(ee), len(toks) - 1)))
-        seqs.append(row)
-    out = np.zeros((len(items), 4))
-    order = sorted(range(len(items)), key=lambda i: max(len(t) for t, _ in seqs[i]))
-    was_training = model.training
-    model.eval()
-    cuda = torch.device(device).type == "cuda"
-    to_device = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda else t
-    scored = []
-    i = 0
-    while i < len(order):
-        j = i + 1
-        while j < len(order) and 4 * (j + 1 - i) * (max(len(t) for t, _ in seqs[order[j]]) - 1) <= max_tokens:
-            j += 1
-        batch = [s for it in order[i:j] for s in seqs[it]]
-        L = max(len(t) for t, _ in batch) - 1
-        x = torch.zeros(len(batch), L, dtype=torch.long)
-        y = torch.full((len(batch), L), -1, dtype=torch.long)   # -1: not a continuation token
-        for b, (toks, n) in enumerate(batch):
-            t = torch.tensor(toks)
-            x[b, :len(toks) - 1] = t[:-1]
-            y[b, len(toks) - 1 - n:len(toks) - 1] = t[len(toks) - n:]
-        rows, cols = (y >= 0).nonzero(as_tuple=True)   # on the host: no device sync per batch
-        x, rows, cols, tgt = (to_device(t) for t in (x, rows, cols, y[rows, cols]))
-        with ctx:
-            logits, _ = model(x)
-        lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(1, tgt[:, None])[:, 0]
-        per_seq = torch.zeros(len(batch), device=device, dtype=torch.float64).index_add_(0, rows, lp.double())
-        scored.append((order[i:j], per_seq))
-        i = j
-    for items_of_batch, per_seq in scored:   # one copy back per batch, after all are queued
-        out[items_of_batch] = per_seq.view(-1, 4).cpu().numpy()
-    model.train(was_training)
-    return out
-
-
-def hellaswag_accuracy(logprobs, items):
-    labels = np.array([lab for _, _, lab in items])
-    # characters of the ending itself, without the " " that joins it to the context (lm-eval)
-    chars = np.array([[max(len(e) - 1, 1) for e in ends] for _, ends, _ in items])
-    acc = float((logprobs.argmax(1) == labels).mean())
-    acc_norm = float(((logprobs / chars).argmax(1) == labels).mean())
-    return acc, acc_norm
-
-
 # ---- run-level work ---------------------------------------------------------------------------
 def parse_ks(text):
     try:
@@ -306,10 +174,37 @@ def parse_methods(text):
     return [m for m in METHODS if m in ms]
 
 
+def rank_layers(model, methods, ks, share, calib, device, ctx):
+    """Each method's per-layer scores (higher = more important; printed as a ranking) and its
+    choice of layers to remove for every k: (scores {method: [N]}, choice {(method, k): layers})."""
+    scores, choice = {}, {}
+    for m in methods:
+        if m == "similarity":
+            D = angular_distances(model, calib, device, ctx)
+            scores[m] = np.array([D[l, l + 1] for l in range(model.config.n_layer)])
+            print_ranking("similarity", scores[m], "angular distance d(h_l, h_l+1)")
+            for k in ks:
+                l, cand = similarity_block(D, k)
+                choice[(m, k)] = list(range(l, l + k))
+                print(f"  similarity k={k}: blocks [l, l+{k}) by distance: "
+                      + "  ".join(f"{i}:{cand[i]:.4f}" for i in np.argsort(cand, kind="stable")))
+            continue
+        if m == "cfp":
+            scores[m], what = share, "accumulated gradient share"
+        elif m == "magnitude":
+            scores[m], what = magnitude_scores(model), "sum of |W|"
+        else:
+            scores[m], what = taylor_scores(model, calib, device, ctx), f"sum |W*dL/dW| over {len(calib)} calibration batches"
+        print_ranking(m, scores[m], what)
+        for k in ks:
+            choice[(m, k)] = lowest(scores[m], k)
+    return scores, choice
+
+
 def prune_run(run, args, ks, methods, hs_items, device, ctx):
     """Scores, choices and evaluations for one run: a dict for the table."""
     t0 = time.time()
-    model, ckpt = load_model(run, device)
+    model, ckpt = rundir.load_gpt(run, device)
     cfg = model.config
     N, T = cfg.n_layer, cfg.block_size
     for k in ks:
@@ -321,7 +216,8 @@ def prune_run(run, args, ks, methods, hs_items, device, ctx):
     tc = ckpt.get("train_config") or {}
     if not (args.data or tc.get("data_dir") or tc.get("dataset")):
         raise UserError(f"run {run} does not name its dataset: pass --data <dataset name or folder>")
-    ddir = data_dir(tc, args.data)
+    ddir = ((args.data if os.path.isdir(args.data) else dataset_dir(args.data)) if args.data
+            else dataset_dir(tc.get("dataset"), tc.get("data_dir")))
     val = load_tokens(os.path.join(ddir, "val.bin"), cfg.vocab_size)
     print(f"== run {run}: {N} layers, {model.num_params() / 1e6:.1f}M params, held-out {ddir}/val.bin")
 
@@ -332,32 +228,7 @@ def prune_run(run, args, ks, methods, hs_items, device, ctx):
         # fixed windows of the training data (seeded): the calibration set is the same every call
         calib = [get_batch(train, args.batch_size, T, step, args.calib_seed) for step in range(args.calib_batches)]
 
-    scores, choice = {}, {}   # scores: per-layer (higher = more important); choice[(m, k)] = layers
-    for m in methods:
-        if m == "cfp":
-            scores[m] = share
-            print_ranking("cfp", share, "accumulated gradient share")
-            for k in ks:
-                choice[(m, k)] = lowest(share, k)
-        elif m == "magnitude":
-            scores[m] = magnitude_scores(model)
-            print_ranking("magnitude", scores[m], "sum of |W|")
-            for k in ks:
-                choice[(m, k)] = lowest(scores[m], k)
-        elif m == "taylor":
-            scores[m] = taylor_scores(model, calib, device, ctx)
-            print_ranking("taylor", scores[m], f"sum |W*dL/dW| over {len(calib)} calibration batches")
-            for k in ks:
-                choice[(m, k)] = lowest(scores[m], k)
-        elif m == "similarity":
-            D = angular_distances(model, calib, device, ctx)
-            scores[m] = np.array([D[l, l + 1] for l in range(N)])
-            print_ranking("similarity", scores[m], "angular distance d(h_l, h_l+1)")
-            for k in ks:
-                l, cand = similarity_block(D, k)
-                choice[(m, k)] = list(range(l, l + k))
-                print(f"  similarity k={k}: blocks [l, l+{k}) by distance: "
-                      + "  ".join(f"{i}:{cand[i]:.4f}" for i in np.argsort(cand, kind="stable")))
+    scores, choice = rank_layers(model, methods, ks, share, calib, device, ctx)
 
     cache = {}   # frozenset(layers) -> metrics: methods that agree share one evaluation
     encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size)) if hs_items is not None else None   # once per text
@@ -369,8 +240,8 @@ def prune_run(run, args, ks, methods, hs_items, device, ctx):
             loss = evaluate(model, val, T, args.batch_size, args.eval_batches, device, ctx)
             r = {"ppl": math.exp(loss), "loss": loss}
             if hs_items is not None:
-                lp = hellaswag_logprobs(model, hs_items, encode, device, ctx, args.hs_tokens)
-                r["acc"], r["acc_norm"] = hellaswag_accuracy(lp, hs_items)
+                lp = ending_logprobs(model, hs_items, encode, device, ctx, args.hs_tokens)
+                r["acc"], r["acc_norm"] = choice_accuracy(lp, hs_items)
             model.set_passthrough([])
             cache[key] = r
         return cache[key]
@@ -395,11 +266,6 @@ def _fmt_metrics(r):
 
 
 # ---- Table 1 ----------------------------------------------------------------------------------------
-def mean_std(values):
-    v = np.asarray(values, dtype=np.float64)
-    return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)   # sample std over seeds
-
-
 def _cell(values, digits):
     m, s = mean_std(values)
     return f"{m:.{digits}f} ± {s:.{digits}f}"
@@ -470,41 +336,29 @@ def plot(results, ks, methods, path):
 
 
 def save_pruned(path, model, ckpt, layers, run, method, k):
-    """The model with `layers` physically removed, as a checkpoint train.py/bench.py/prune.py load.
-    A directory gets ckpt.pt plus grad_norms.npz (the dump's kept layers, renamed)."""
-    from dataclasses import asdict
+    """The model with `layers` physically removed, as a run directory (gfa.rundir) that every
+    script loads: model_config.json, ckpt.pt (with pruned_from) and grad_norms.npz (the dump's
+    kept layers, renamed, over the steps the source checkpoint saw)."""
     small = drop_layers(model, layers)
     keep = model.config.kept_layers(layers)
-    train_config = dict(ckpt.get("train_config") or {})
-    for key, value in asdict(small.config).items():   # model keys of the train config follow the small model
-        if key in train_config:
-            train_config[key] = value
-    out = {"model": small.state_dict(), "model_config": asdict(small.config), "train_config": train_config, "iter_num": ckpt.get("iter_num", 0),
-           "pruned_from": {"run": run, "method": method, "k": k, "removed_layers": list(layers)}}
+    extra = {"pruned_from": {"run": run, "method": method, "k": k, "removed_layers": list(layers)}}
     dump = None
-    sd = ckpt.get("grad_dump")
-    if sd and len(sd.get("steps", [])):
-        names = list(sd["names"])
-        cols = [names.index(n) for n in ["embed"] + [f"layer.{l}" for l in keep] + ["head"] if n in names]
+    if os.path.isfile(rundir.file(run, rundir.GRAD_DUMP)) or ckpt.get("grad_dump"):
+        d = rundir.read_grad_dump(run, before_step=ckpt["iter_num"], ckpt=ckpt)
+        cols = [d["names"].index(n) for n in ["embed"] + [f"layer.{l}" for l in keep] + ["head"] if n in d["names"]]
         new_names = ["embed"] + [f"layer.{i}" for i in range(len(keep))] + ["head"]
-        dump = GradNormDump(new_names, None)
-        dump.load_state_dict({"names": new_names, "steps": sd["steps"], "norms": np.asarray(sd["norms"])[:, cols]})
-        out["grad_dump"] = dump.state_dict()
-    if path.endswith(".pt"):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        atomic_save(out, path)
-    else:
-        os.makedirs(path, exist_ok=True)
-        atomic_save(out, os.path.join(path, "ckpt.pt"))
-        if dump is not None:
-            dump.path = os.path.join(path, "grad_norms.npz")
-            dump.flush()
+        dump = rundir.GradNormDump(new_names, rundir.file(path, rundir.GRAD_DUMP))
+        dump.load_state_dict({"names": new_names, "steps": d["steps"], "norms": d["norms"][:, cols]})
+        extra["grad_dump"] = dump.state_dict()
+    rundir.save_gpt(path, small, ckpt.get("train_config") or {}, ckpt.get("iter_num", 0), **extra)
+    if dump is not None:
+        dump.flush()
     print(f"saved the {small.config.n_layer}-layer model ({method}, k={k}, removed {list(layers)}) to {path}")
 
 
-def main(argv=None):
+def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--runs", nargs="+", default=["out/vanilla_16l"], help="run dirs (or ckpt.pt); several = seeds")
+    p.add_argument("--runs", nargs="+", default=["out/vanilla_16l"], help="run directories; several = seeds")
     p.add_argument("--k", default="1,2,4,6,8", help="layers to remove, one or several: 4 or 1,2,4,6,8")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
     p.add_argument("--hellaswag", default=None, help="HellaSwag-layout jsonl (default "
@@ -516,12 +370,12 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=8, help="sequences per batch (perplexity, calibration)")
     p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for Taylor/Similarity")
     p.add_argument("--calib_seed", type=int, default=1234)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="", help="default cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", help="float32 (the paper), tf32 or bfloat16")
     p.add_argument("--out", default=None, help="folder for table1.md, table1_ppl.png, results.json "
                    "(default <first run>/prune)")
     p.add_argument("--save_pruned", default=None, help="write the pruned model (one run, one k, one method) "
-                   "with its layers physically removed: a run folder, or a .pt file")
+                   "with its layers physically removed, as a new run directory")
     args = p.parse_args(argv)
 
     ks, methods = parse_ks(args.k), parse_methods(args.methods)
@@ -531,20 +385,20 @@ def main(argv=None):
     if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):
         raise UserError("--save_pruned writes one model: give one run, one --k and one --methods")
     for run in args.runs:
-        if not os.path.isfile(checkpoint_path(run)):
-            raise UserError(f"checkpoint {checkpoint_path(run)} does not exist (train the run with train.py, "
+        if not os.path.isfile(rundir.file(run, rundir.CKPT)):
+            raise UserError(f"checkpoint {rundir.file(run, rundir.CKPT)} does not exist (train the run with train.py, "
                             f"or pass --runs <run dir>)")
     hs_path = args.hellaswag
     if hs_path is None:
-        hs_path = os.path.join(data_dir({}, "hellaswag"), "hellaswag_val.jsonl")   # the repo's data/, from any cwd
+        hs_path = os.path.join(DATA, "hellaswag", "hellaswag_val.jsonl")   # the repo's data/, from any cwd
         if not os.path.isfile(hs_path):
             print(f"note: HellaSwag skipped: {hs_path} is absent (run data/hellaswag/prepare.py, or pass "
                   f"--hellaswag <jsonl in HellaSwag layout>)")
             hs_path = "none"
-    hs_items = None if hs_path == "none" else load_hellaswag(hs_path, args.hs_items)
+    hs_items = None if hs_path == "none" else load_multiple_choice(hs_path, args.hs_items)
     if hs_items:
         print(f"HellaSwag: {len(hs_items)} items from {hs_path}")
-    device = args.device
+    device = pick_device(args.device)
     ctx = autocast_for(torch.device(device).type, args.dtype)
 
     results = []
@@ -562,12 +416,9 @@ def main(argv=None):
     text = table1(results, ks, methods, stab, hs_path)
     print()
     print(text)
-    out = args.out or os.path.join(args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0]),
-                                   "prune")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table1.md"), "w") as f:
-        f.write(text)
-    atomic_write_json({"ks": ks, "methods": methods, "runs": results, "stability": stab},
+    out = args.out or os.path.join(args.runs[0], "prune")
+    rundir.atomic_write_text(text, os.path.join(out, "table1.md"))
+    rundir.atomic_write_json({"ks": ks, "methods": methods, "runs": results, "stability": stab},
                       os.path.join(out, "results.json"), indent=1)
     plot(results, ks, methods, os.path.join(out, "table1_ppl.png"))
     print(f"wrote {out}/table1.md, table1_ppl.png, results.json")

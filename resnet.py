@@ -27,20 +27,18 @@ t10k-labels-idx1-ubyte, gzipped or not; Debian: `apt-get install dataset-fashion
 them in /usr/share/datasets/fashion-mnist), held on the device, augmented there (random crop
 with 4-pixel padding + flip), the t10k set is the validation set; 'synthetic' (tests).
 
-Outputs in out_dir: resnet_ckpt.pt (model, model_config, train_config, iter_num, optimizer,
-rng, grad_dump, best_val_acc; not named ckpt.pt, which the LM scripts load as a GPT),
-grad_norms.npz (common.GradNormDump format, groups 'stem',
-'layer.0'..'layer.15', 'head'; fanin.py reads it), log.txt, and after training
-importance.json: {"metric": "top1_drop", "baseline": top-1 of the full model (fraction),
-"importance": [16 drops, baseline - top-1 with block i's residual branch removed],
-"accuracy": [16 ablated top-1s], "layer_names", and, when the run has a gradient dump, "share"
-(Eq. 2) and "spearman": {rho, p} of share vs importance}.
+Outputs: a run directory in out_dir (gfa/rundir.py documents it; kind "resnet", so the LM
+scripts refuse its checkpoint with a one-line error): model_config.json (ResNet50's arguments),
+ckpt.pt (with best_val_acc and the RNG state), grad_norms.npz (groups 'stem', 'layer.0'..
+'layer.15', 'head'; fanin.py reads it), log.txt, and after training importance.json:
+{"metric": "top1_drop", "baseline": top-1 of the full model (fraction), "importance": [16 drops,
+baseline - top-1 with block i's residual branch removed], "accuracy": [16 ablated top-1s],
+"layer_names", and, when the run has a gradient dump, "share" (Eq. 2) and "spearman": {rho, p}
+of share vs importance}.
 """
 import gzip
-import math
 import os
 import struct
-import sys
 import time
 
 import numpy as np
@@ -48,9 +46,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-from common import (UserError, cli, read_config, atomic_save, atomic_write_json, read_checkpoint, autocast_for,
-                    LayerGradNorms, GradNormDump, load_grad_dump)
+from gfa import rundir
+from gfa.cli import UserError, cli, read_config
+from gfa.data import dataset_dir
+from gfa.device import autocast_for
+from gfa.theory import spearman
+from gfa.training import FiniteGuard, GradStep, adamw, check_weights, cosine_lr, set_lr, setup_distributed, teardown
 
 # ---- defaults (override with --key=value or a config file) -----------------------------------
 out_dir = "out/resnet"
@@ -70,7 +71,7 @@ seed = 324709
 log_interval = 50                # steps
 ckpt_interval = 0                # steps; 0 = at the end of every epoch only
 stop_iter = 0                    # stop (and checkpoint) at this step without changing the schedule; 0 = run to the end
-init_from = "scratch"            # 'scratch' | 'resume' (from out_dir/resnet_ckpt.pt)
+init_from = "scratch"            # 'scratch' | 'resume' (from out_dir/ckpt.pt)
 eval_batch_size = 1024           # per rank
 importance = True                # after training: block ablation -> importance.json
 analyse = False                  # only the importance analysis of out_dir's checkpoint
@@ -85,7 +86,6 @@ defaults = {k: v for k, v in dict(globals()).items()
 STAGES = ((3, 1), (4, 2), (6, 2), (3, 2))       # (blocks, first stride) per stage: 16 blocks
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
-CKPT_NAME = "resnet_ckpt.pt"   # not ckpt.pt: that name means a GPT checkpoint to common.load_model / fanin / prune
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"    # apt-get install dataset-fashion-mnist
 FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -234,7 +234,7 @@ def open_imagenet(root, size):
 def load_data(cfg):
     """-> dict(kind='tensor'|'folder', train, val, num_classes, in_channels, size, augment)."""
     name = cfg["dataset"]
-    root = common.data_dir(cfg)
+    root = dataset_dir(name, cfg["data_dir"])
     if name == "fashion_mnist" and not cfg["data_dir"] and not os.path.isdir(root) and os.path.isdir(DEBIAN_FMNIST):
         root = DEBIAN_FMNIST
     if name == "synthetic":
@@ -357,69 +357,36 @@ def write_importance(out, base, accs, log=print):
     names = [f"layer.{i}" for i in range(len(accs))]
     res = {"metric": "top1_drop", "baseline": base, "importance": [base - a for a in accs],
            "accuracy": accs, "layer_names": names}
-    dump = os.path.join(out, "grad_norms.npz")
-    if os.path.isfile(dump):
-        res["share"] = [float(s) for s in load_grad_dump(dump)["share"]]
-        from fanin import spearman                      # fanin.py owns the statistics
+    if os.path.isfile(rundir.file(out, rundir.GRAD_DUMP)):
+        res["share"] = [float(s) for s in rundir.read_grad_dump(out)["share"]]
         rho, p = spearman(res["share"], res["importance"])
         res["spearman"] = {"rho": float(rho), "p": float(p)}
         log(f"Spearman(share, top-1 drop) rho={rho:.3f} p={p:.3g}  (paper, ResNet-50 on ImageNet: 0.83)")
-    atomic_write_json(res, os.path.join(out, "importance.json"), indent=1)
-    log(f"wrote {os.path.join(out, 'importance.json')}: baseline top-1 {100 * base:.2f}%, drops (pts) "
+    rundir.write_importance(out, res)
+    log(f"wrote {rundir.file(out, rundir.IMPORTANCE)}: baseline top-1 {100 * base:.2f}%, drops (pts) "
         + " ".join(f"{100 * d:.2f}" for d in res["importance"]))
     return res
 
 
 # ---- main -------------------------------------------------------------------------------------
-def main(argv=None):
-    cfg = read_config(sys.argv[1:] if argv is None else argv, defaults)
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    else:
-        rank, local, world = 0, 0, 1
-    master = rank == 0
-    name = cfg["device"]
-    if name == "auto":
-        name = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-        torch.backends.cudnn.benchmark = True     # fixed shapes: let cuDNN pick the fastest conv kernels
-    if ddp and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    dt = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
-    ctx = autocast_for(dev.type, dt)
-    if cfg["compile"] not in (None, True, False):
-        raise UserError(f"compile={cfg['compile']!r}: use True or False (or leave it out: on for GPUs, off on CPU)")
-    use_compile = cfg["compile"] if cfg["compile"] is not None else dev.type == "cuda"
-    out = cfg["out_dir"]
-    ckpt_file = os.path.join(out, CKPT_NAME)
-    if master:
-        os.makedirs(out, exist_ok=True)
-
-    def log(msg):
-        if master:
-            print(msg, flush=True)
-            with open(os.path.join(out, "log.txt"), "a") as f:
-                f.write(msg + "\n")
-
-    ckpt = None
-    if cfg["analyse"] or cfg["init_from"] == "resume":
-        if not os.path.isfile(ckpt_file):
-            raise UserError(f"no checkpoint at {ckpt_file}: train first (or fix --out_dir)")
-        ckpt = read_checkpoint(ckpt_file)
-        if cfg["analyse"]:   # the run's own data and model; where the data lives may differ here
-            cfg = ckpt["train_config"] | {k: cfg[k] for k in ("out_dir", "device", "dtype", "eval_batch_size", "num_workers", "analyse")} \
-                | ({"data_dir": cfg["data_dir"]} if cfg["data_dir"] else {})
-    elif cfg["init_from"] != "scratch":
+def read_run(cfg):
+    """The checkpoint that --analyse or --init_from=resume continues from (None for a new run);
+    --analyse takes the run's own settings, except where the data lives and how to evaluate."""
+    if cfg["init_from"] not in ("scratch", "resume"):
         raise UserError(f"init_from={cfg['init_from']!r}: use scratch or resume")
-    if cfg["batch_size"] % world:
-        raise UserError(f"batch_size={cfg['batch_size']} does not divide over {world} ranks")
+    if not (cfg["analyse"] or cfg["init_from"] == "resume"):
+        return None, cfg
+    if not os.path.isfile(rundir.file(cfg["out_dir"], rundir.CKPT)):
+        raise UserError(f"no checkpoint at {rundir.file(cfg['out_dir'], rundir.CKPT)}: train first (or fix --out_dir)")
+    ckpt = rundir.read_checkpoint(cfg["out_dir"], kind="resnet")
+    if cfg["analyse"]:
+        keep = ("out_dir", "device", "dtype", "eval_batch_size", "num_workers", "analyse")
+        cfg = ckpt["train_config"] | {k: cfg[k] for k in keep} | ({"data_dir": cfg["data_dir"]} if cfg["data_dir"] else {})
+    return ckpt, cfg
 
-    if cfg["stem"] not in ("auto", "small", "imagenet"):
-        raise UserError(f"stem={cfg['stem']!r}: use auto, small or imagenet")
-    data = load_data(cfg)
+
+def build_model(cfg, data, ckpt, dev):
+    """ResNet-50 for the data (its classes, channels, image size), restored from ckpt if given, on dev."""
     small = cfg["stem"] == "small" or (cfg["stem"] == "auto" and data["size"] < 64)
     torch.manual_seed(cfg["seed"])
     model = ResNet50(data["num_classes"], data["in_channels"], small, cfg["width"])
@@ -428,45 +395,32 @@ def main(argv=None):
                         f"{model.min_image_size()} px the {'small' if small else 'imagenet'} stem needs: "
                         + ("use --stem=small" if cfg["dataset"] == "fashion_mnist" else "use --stem=small or a larger --image_size"))
     if ckpt is not None:
-        if ckpt["model_config"] != model.config:
-            raise UserError(f"checkpoint model {ckpt['model_config']} differs from the requested {model.config}")
+        _, have = rundir.read_model_config(cfg["out_dir"])
+        if have != model.config:
+            raise UserError(f"checkpoint model {have} differs from the requested {model.config}")
         model.load_state_dict(ckpt["model"])
     model.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
         if data["kind"] == "tensor":   # Fashion-MNIST lives on the GPU (220 MB as floats, val included)
             data["train"], data["val"] = (tuple(t.to(dev) for t in data[k]) for k in ("train", "val"))
-    log(f"ResNet-50: {sum(p.numel() for p in model.parameters()):,} params, {data['num_classes']} classes, "
-        f"{data['in_channels']} ch, {'small' if small else 'imagenet'} stem, width {cfg['width']}, "
-        f"{n_items(data['train'])} train / {n_items(data['val'])} val images of {data['size']} px, "
-        f"{world} x {dev}, {dt}, compile={use_compile}")
+    return model
 
-    if cfg["analyse"]:
-        base, accs = block_importance(model, data, cfg, dev, ctx, world, rank, log)
-        if master:
-            write_importance(out, base, accs, log)
-        return
 
-    # schedule in steps (per-step cosine); an epoch is n_train // batch_size steps
-    spe = n_items(data["train"]) // cfg["batch_size"]
+def train(cfg, model, data, ckpt, d, ctx, log, use_compile):
+    """Table 5's schedule in steps (per-step cosine; an epoch is n_train // batch_size steps), the
+    gradient dump, an eval every epoch and a checkpoint every epoch (or ckpt_interval). Returns
+    the step reached."""
+    dev, out, B = torch.device(d.device), cfg["out_dir"], cfg["batch_size"]
+    spe = n_items(data["train"]) // B
     if spe < 1:
-        raise UserError(f"{n_items(data['train'])} training images are fewer than batch_size={cfg['batch_size']}")
+        raise UserError(f"{n_items(data['train'])} training images are fewer than batch_size={B}")
     max_iters, warmup = cfg["epochs"] * spe, max(1, round(cfg["warmup_epochs"] * spe))
     stop = min(max_iters, cfg["stop_iter"] or max_iters)
-
-    def get_lr(it):
-        if it < warmup:
-            return cfg["learning_rate"] * (it + 1) / warmup
-        r = (it - warmup) / max(1, max_iters - warmup)
-        return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * r)) * (cfg["learning_rate"] - cfg["min_lr"])
-
-    decay = [p for p in model.parameters() if p.dim() >= 2]      # no weight decay on BN and biases
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
-                            lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=dev.type == "cuda")
-    groups = model.param_groups_by_layer()
-    grad_norms = LayerGradNorms(groups)
-    dump = GradNormDump(list(groups), os.path.join(out, "grad_norms.npz"))
+    opt = adamw(model.parameters(), cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), cfg["weight_decay"],
+                fused=dev.type == "cuda")
+    step = GradStep(model.param_groups_by_layer(), opt)   # no clipping (Table 5)
+    dump = rundir.GradNormDump(step.norms.names, rundir.file(out, rundir.GRAD_DUMP))
     it, best = 0, 0.0
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
@@ -476,74 +430,97 @@ def main(argv=None):
         np.random.set_state(ckpt["rng"]["numpy"])
         if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        log(f"resumed from {ckpt_file} at step {it}")
+        log(f"resumed from {rundir.file(out, rundir.CKPT)} at step {it}")
     raw = model
     if use_compile:
         model = torch.compile(model)
-    if ddp:
+    if d.ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    guard = FiniteGuard()
+    kept = lambda: (f"the last good checkpoint {rundir.file(out, rundir.CKPT)} is kept"
+                    if os.path.isfile(rundir.file(out, rundir.CKPT)) else "no checkpoint written")
 
-    def save():
-        # a finite loss does not prove finite weights (an inf gradient, a NaN in BN statistics): check them too,
-        # on every rank alike (they hold the same weights), so a diverged model never replaces the last good one
-        state = [t for t in raw.state_dict().values() if t.is_floating_point()]
-        if not torch.isfinite(torch.stack(torch._foreach_norm(state))).all():
-            raise UserError(f"the weights are not finite at step {it}: stopping, the last good checkpoint {ckpt_file} is kept")
-        if master:
+    def save():   # on every rank alike (they hold the same weights), so a diverged model is never saved
+        guard.check(kept())
+        check_weights(raw, it, kept())
+        if d.master:
             dump.flush()
-            atomic_save({"model": raw.state_dict(), "model_config": raw.config, "train_config": cfg, "iter_num": it,
-                         "optimizer": opt.state_dict(), "best_val_acc": best, "grad_dump": dump.state_dict(),
-                         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                 "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}}, ckpt_file)
+            rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                   "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+            rundir.save_checkpoint(out, "resnet", raw.state_dict(), cfg, it, optimizer=opt.state_dict(),
+                                   best_val_acc=best, grad_dump=dump.state_dict(), rng=rng)
 
-    log(f"training {max_iters} steps ({cfg['epochs']} epochs x {spe}), warm-up {warmup}, global batch {cfg['batch_size']}")
+    log(f"training {max_iters} steps ({cfg['epochs']} epochs x {spe}), warm-up {warmup}, global batch {B}")
     model.train()
-    t0, t_start, n_img, loss_acc = time.time(), time.time(), 0, torch.zeros((), device=dev)
-    for x, y in train_batches(data, cfg, it, stop, world, rank, dev):
-        lr = get_lr(it)
-        for g in opt.param_groups:
-            g["lr"] = lr
+    t0, t_start, n_steps, loss_acc = time.time(), time.time(), 0, torch.zeros((), device=dev)
+    for x, y in train_batches(data, cfg, it, stop, d.world, d.rank, dev):
+        lr = cosine_lr(it, cfg["learning_rate"], cfg["min_lr"], warmup, max_iters)
+        set_lr(opt, lr)
         if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with ctx:
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         loss.backward()                                   # DDP all-reduces here
-        if master:
-            dump.record(it, grad_norms())                 # global gradient, no host sync
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        norms, _, _ = step()
+        if d.master:
+            dump.record(it, norms)                        # global gradient, no host sync
+        guard.watch(it, loss)
         loss_acc += loss.detach()
-        n_img += cfg["batch_size"]
-        it += 1
+        it, n_steps = it + 1, n_steps + 1
         end_epoch = it % spe == 0
-        log_due = it % cfg["log_interval"] == 0 or end_epoch or it == stop
-        save_due = end_epoch or it == stop or (cfg["ckpt_interval"] and it % cfg["ckpt_interval"] == 0)
-        if log_due or save_due:   # one sync per interval; before every save too, so a diverged model is never saved
-            lv = loss_acc.item() / (n_img // cfg["batch_size"])
-            if not math.isfinite(lv):
-                raise UserError(f"loss is {lv} at step {it}: stopping, the last good checkpoint {ckpt_file} is kept")
-        if log_due:
-            dt_s = time.time() - t0
-            log(f"step {it:6d}/{max_iters} | epoch {it / spe:5.2f} | loss {lv:.4f} | lr {lr:.2e} | "
-                f"{n_img / dt_s:8.0f} img/s | {1000 * dt_s / (n_img // cfg['batch_size']):6.1f} ms/step")
-            if master:
+        if it % cfg["log_interval"] == 0 or end_epoch or it == stop:   # one host sync per interval
+            guard.check(kept())
+            dt = time.time() - t0
+            log(f"step {it:6d}/{max_iters} | epoch {it / spe:5.2f} | loss {loss_acc.item() / n_steps:.4f} | "
+                f"lr {lr:.2e} | {n_steps * B / dt:8.0f} img/s | {1000 * dt / n_steps:6.1f} ms/step")
+            if d.master:
                 dump.flush()
-            t0, n_img, loss_acc = time.time(), 0, torch.zeros((), device=dev)
+            t0, n_steps, loss_acc = time.time(), 0, torch.zeros((), device=dev)
         if end_epoch or it == stop:
-            acc, vloss = evaluate(raw, data, cfg, dev, ctx, world, rank)
+            acc, vloss = evaluate(raw, data, cfg, dev, ctx, d.world, d.rank)
             best = max(best, acc)
             log(f"eval epoch {it / spe:5.2f} | val top-1 {100 * acc:.2f}% | val loss {vloss:.4f} | "
                 f"elapsed {time.time() - t_start:.0f}s")
-        if save_due:
+        if end_epoch or it == stop or (cfg["ckpt_interval"] and it % cfg["ckpt_interval"] == 0):
             save()
             t0 = time.time()                  # keep eval and checkpoint time out of img/s
-    if it >= max_iters and cfg["importance"]:
-        base, accs = block_importance(raw, data, cfg, dev, ctx, world, rank, log)
-        if master:
+    return it, max_iters
+
+
+def main(argv):
+    cfg = read_config(argv, defaults)
+    d = setup_distributed(cfg["device"])
+    dev = torch.device(d.device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True     # fixed shapes: let cuDNN pick the fastest conv kernels
+    dt = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
+    ctx = autocast_for(dev.type, dt)
+    if cfg["compile"] not in (None, True, False):
+        raise UserError(f"compile={cfg['compile']!r}: use True or False (or leave it out: on for GPUs, off on CPU)")
+    use_compile = cfg["compile"] if cfg["compile"] is not None else dev.type == "cuda"
+    if cfg["batch_size"] % d.world:
+        raise UserError(f"batch_size={cfg['batch_size']} does not divide over {d.world} ranks")
+    if cfg["stem"] not in ("auto", "small", "imagenet"):
+        raise UserError(f"stem={cfg['stem']!r}: use auto, small or imagenet")
+    ckpt, cfg = read_run(cfg)
+    data = load_data(cfg)
+    model = build_model(cfg, data, ckpt, dev)
+    out = cfg["out_dir"]
+    log = rundir.Log(out, d.master)
+    if d.master and ckpt is None:
+        rundir.write_model_config(out, "resnet", model.config)
+    log(f"ResNet-50: {sum(p.numel() for p in model.parameters()):,} params, {data['num_classes']} classes, "
+        f"{data['in_channels']} ch, {'small' if model.config['small_stem'] else 'imagenet'} stem, width {cfg['width']}, "
+        f"{n_items(data['train'])} train / {n_items(data['val'])} val images of {data['size']} px, "
+        f"{d.world} x {dev}, {dt}, compile={use_compile}")
+    it, max_iters = (0, 1) if cfg["analyse"] else train(cfg, model, data, ckpt, d, ctx, log, use_compile)
+    if cfg["analyse"] or (it >= max_iters and cfg["importance"]):
+        base, accs = block_importance(model, data, cfg, dev, ctx, d.world, d.rank, log)
+        if d.master:
             write_importance(out, base, accs, log)
-    if ddp:
-        torch.distributed.destroy_process_group()
+    log.close()
+    teardown(d)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 Train a CascadeFormer / GFA model and dump its per-layer gradient norms.
 
     python train.py config/demo.py                                 # CPU demo, the embedded Shakespeare
+    python train.py config/small.py config/cascade_a2.py           # a scale, then a variant: one GPU
     python train.py config/cascade_a2.py --batch_size=8 --max_iters=100
     torchrun --nproc_per_node=8 train.py config/cascade_a2.py      # DDP on one node
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
@@ -10,17 +11,15 @@ Train a CascadeFormer / GFA model and dump its per-layer gradient norms.
 Defaults below are the paper's Table 5 and the 1.2B model; config files and --key=value override
 them (every GPTConfig field is a key too, e.g. --F_d=2). batch_size is the GLOBAL batch in
 sequences per optimizer step; it is split over world_size x gradient_accumulation_steps.
+out_dir defaults to out/<the config files' names joined by _>, e.g. out/small_cascade_a2.
 
-Writes to out_dir: ckpt.pt (atomic; model, model_config, train_config, optimizer, step,
-gradient dump; common.load_model reads it), model_config.json (the architecture, so a
-run can be analysed before its first checkpoint), grad_norms.npz (per-step per-layer gradient norms and the
-accumulated share of Eq. 2: common.GradNormDump documents it; rewritten at every log interval),
-log.txt. init_from='resume' continues a run exactly where its checkpoint left it.
+Writes the run directory out_dir (gfa/rundir.py documents it): model_config.json, ckpt.pt
+(atomic, at every eval), grad_norms.npz (rewritten at every log interval), log.txt.
+init_from='resume' continues a run exactly where its checkpoint left it.
 
 Norm equalisation (Appendix A.2.2, equalize=True): after backward each transformer layer's
-gradient is rescaled to the largest layer norm, target / n_i (1 where n_i = 0); the embedding
-and head groups are left alone (the paper equalises "each layer i", the same groups Eq. 2's share
-is over); then clipping uses grad_clip * equalize_clip_factor.
+gradient is rescaled to the largest layer norm (gfa.training.GradStep), then clipping uses
+grad_clip * equalize_clip_factor.
 """
 import math
 import os
@@ -29,19 +28,21 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import common
-from common import (UserError, cli, read_config, load_tokens, get_batch, evaluate, atomic_save, atomic_write_json, read_checkpoint,
-                    LayerGradNorms, GradNormDump, clip_coef, scaled_step, autocast_for, peak_flops)
+from gfa import rundir
+from gfa.cli import UserError, cli, config_name, read_config
+from gfa.data import get_batch, load_split, prepare_builtin
+from gfa.device import autocast_for, peak_flops
+from gfa.evaluation import evaluate
+from gfa.training import FiniteGuard, GradStep, adamw, check_weights, cosine_lr, set_lr, setup_distributed, teardown
 from model import GPT, GPTConfig
 
 _before = set(globals())
 # ---- defaults: the paper's Table 5 (model fields come from GPTConfig: the 1.2B Vanilla-16L) ----
-out_dir = "out/run"
+out_dir = ""                   # '' = out/<config names>, e.g. out/small_cascade_a2
 dataset = "dolma"              # data/<dataset>/{train,val}.bin
-data_dir = ""                  # overrides data/<dataset>
+data_dir = ""                  # any folder with train.bin / val.bin (overrides dataset)
 init_from = "scratch"          # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 seed = 324709
 batch_size = 64                # global sequences per optimizer step (x block_size tokens)
@@ -71,242 +72,209 @@ wandb_run_name = ""
 _DEFAULTS = {k: v for k, v in globals().items() if k not in _before and not k.startswith("_")}
 
 
-def get_lr(it, cfg):
-    """Linear warm-up, then cosine decay from learning_rate to min_lr at max_iters."""
-    if it < cfg["warmup_iters"]:
-        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
-    span = max(1, cfg["max_iters"] - cfg["warmup_iters"])
-    ratio = min(1.0, (it - cfg["warmup_iters"]) / span)
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
-
-
-def main(argv):
-    cfg = read_config(argv, GPTConfig.defaults() | _DEFAULTS)
-    model_cfg = GPTConfig.from_dict(cfg)
-    T = model_cfg.block_size
-
-    # ---- devices and DDP ------------------------------------------------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    dev = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if dev.startswith("cuda"):
-            dev = f"cuda:{local_rank}"
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
-    else:
-        rank, local_rank, world = 0, 0, 1
-    master = rank == 0
-    device_type = "cuda" if dev.startswith("cuda") else "cpu"
-    use_compile = cfg["compile"] if cfg["compile"] is not None else device_type == "cuda"
-    ctx = autocast_for(device_type, cfg["dtype"])
-    accum = cfg["gradient_accumulation_steps"]
-    B = cfg["batch_size"]
+def check_settings(cfg, world):
+    """One-line errors for settings that cannot work; returns the micro-batch per rank."""
+    accum, B = cfg["gradient_accumulation_steps"], cfg["batch_size"]
     if accum < 1 or B < 1 or B % (world * accum):
         raise UserError(f"batch_size={B} does not split evenly over world_size {world} x "
                         f"gradient_accumulation_steps {accum}: use a multiple of {world * max(accum, 1)}")
-    micro = B // (world * accum)
     for k in ("max_iters", "eval_interval", "log_interval", "eval_iters", "eval_batch_size"):
         if cfg[k] < 1:
             raise UserError(f"{k}={cfg[k]}: must be >= 1")
-    out_dir = cfg["out_dir"]
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-
-    # ---- data (the embedded Shakespeare is prepared on first use, so a fresh clone runs) -------
-    data_dir = common.data_dir(cfg)
-    if not cfg["data_dir"] and cfg["dataset"] == "shakespeare" and local_rank == 0 and not all(
-            os.path.isfile(os.path.join(data_dir, f"{s}.bin")) for s in ("train", "val")):
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("shakespeare_prepare", os.path.join(data_dir, "prepare.py"))
-        prep = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(prep)
-        prep.prepare(data_dir)
-    if ddp:
-        dist.barrier()
-    train_data = load_tokens(os.path.join(data_dir, "train.bin"), model_cfg.vocab_size)
-    val_data = load_tokens(os.path.join(data_dir, "val.bin"), model_cfg.vocab_size)
-
-    # ---- model, optimizer, resume ---------------------------------------------------------------
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        if not os.path.isfile(ckpt_path):
-            raise UserError(f"init_from='resume' but {ckpt_path} does not exist (train with init_from='scratch' first)")
-        ckpt = read_checkpoint(ckpt_path)
-        want, have = asdict(model_cfg), ckpt["model_config"]
-        diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-        if diff:
-            raise UserError(f"{ckpt_path} holds a different model: " + ", ".join(
-                f"{k} (checkpoint {have.get(k)!r}, requested {want.get(k)!r})" for k in diff)
-                + ": pass the run's config, or another out_dir")
-    elif cfg["init_from"] != "scratch":
+    if cfg["init_from"] not in ("scratch", "resume"):
         raise UserError(f"init_from={cfg['init_from']!r}: use 'scratch' or 'resume'")
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_write_json(asdict(model_cfg), os.path.join(out_dir, "model_config.json"), indent=1)
+    if cfg["compile"] not in (None, True, False):
+        raise UserError(f"compile={cfg['compile']!r}: use True or False (or leave it out: on for GPUs, off on CPU)")
+    return B // (world * accum)
 
+
+def read_resume(cfg, model_cfg):
+    """The checkpoint to continue from (init_from='resume'), checked against the requested model."""
+    if cfg["init_from"] != "resume":
+        return None
+    run = cfg["out_dir"]
+    if not os.path.isfile(rundir.file(run, rundir.CKPT)):
+        raise UserError(f"init_from='resume' but {rundir.file(run, rundir.CKPT)} does not exist "
+                        f"(train with init_from='scratch' first)")
+    ckpt = rundir.read_checkpoint(run)
+    _, have = rundir.read_model_config(run)
+    want = asdict(model_cfg)
+    diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if diff:
+        raise UserError(f"{run} holds a different model: " + ", ".join(
+            f"{k} (checkpoint {have.get(k)!r}, requested {want.get(k)!r})" for k in diff)
+            + ": pass the run's config, or another out_dir")
+    return ckpt
+
+
+def build(cfg, model_cfg, d, ckpt):
+    """Model, optimizer, the step after backward, the gradient dump; restored from ckpt if given."""
     torch.manual_seed(cfg["seed"])   # same init on every rank (DDP broadcasts rank 0's anyway)
-    raw_model = GPT(model_cfg)
+    model = GPT(model_cfg)
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-    raw_model.to(dev)
-    groups = raw_model.param_groups_by_layer()
-    assert sum(len(g) for g in groups.values()) == len(list(raw_model.parameters())), "a parameter has no group"
-    layer_norms = LayerGradNorms(groups)   # one fused reduction, no host sync
-    names = layer_norms.names
-    is_layer = torch.tensor([n.startswith("layer.") for n in names], device=dev)   # embed/head: not equalised
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=device_type == "cuda")
-    dump = GradNormDump(names, os.path.join(out_dir, "grad_norms.npz"), equalized=cfg["equalize"])
+        model.load_state_dict(ckpt["model"])
+    model.to(d.device)
+    optimizer = adamw(model.parameters(), cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), cfg["weight_decay"],
+                      fused=d.device_type == "cuda")
+    clip = cfg["grad_clip"] * (cfg["equalize_clip_factor"] if cfg["equalize"] else 1.0)
+    step = GradStep(model.param_groups_by_layer(), optimizer, clip, cfg["equalize"])
+    dump = rundir.GradNormDump(step.norms.names, rundir.file(cfg["out_dir"], rundir.GRAD_DUMP), cfg["equalize"])
     iter_num, best_val = 0, float("inf")
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
         dump.load_state_dict(ckpt["grad_dump"], before_step=iter_num)
-        del ckpt   # no RNG state to restore: batches come from (seed, step), and nothing else draws
-    start_iter = iter_num
+        # no RNG state to restore: batches come from (seed, step), and nothing else draws
+    return model, optimizer, step, dump, iter_num, best_val
 
+
+def main(argv):
+    cfg = read_config(argv, GPTConfig.defaults() | _DEFAULTS)
+    cfg["out_dir"] = cfg["out_dir"] or os.path.join("out", config_name(argv))
+    model_cfg = GPTConfig.from_dict(cfg)
+    train_cfg = {k: cfg[k] for k in _DEFAULTS}   # the model's keys live in model_config.json only
+    d = setup_distributed(cfg["device"])
+    micro = check_settings(cfg, d.world)
+    if d.local_rank == 0:   # the embedded Shakespeare is prepared on first use, so a fresh clone runs
+        prepare_builtin(cfg["dataset"], cfg["data_dir"])
+    if d.ddp:
+        torch.distributed.barrier()
+    train_data = load_split(cfg["dataset"], cfg["data_dir"], "train", model_cfg.vocab_size)
+    val_data = load_split(cfg["dataset"], cfg["data_dir"], "val", model_cfg.vocab_size)
+    ckpt = read_resume(cfg, model_cfg)
+    if d.master:
+        rundir.write_model_config(cfg["out_dir"], "gpt", asdict(model_cfg))
+    raw_model, optimizer, step, dump, iter_num, best_val = build(cfg, model_cfg, d, ckpt)
+    del ckpt
+    use_compile = cfg["compile"] if cfg["compile"] is not None else d.device_type == "cuda"
     model = raw_model
-    if use_compile:
-        # fullgraph: the forward is one graph (layer loops unroll); a graph break would be a bug
+    if use_compile:   # fullgraph: the forward is one graph (layer loops unroll); a graph break would be a bug
         model = torch.compile(model, fullgraph=not model_cfg.deep_supervision)
     eval_model = model
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
+    if d.ddp:
+        model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None,
                     find_unused_parameters=bool(model_cfg.passthrough))   # passthrough layers get no grad
-
-    fpt = raw_model.flops_per_token(T)
-    peak = peak_flops(dev, cfg["dtype"])
-    if master:
-        print(f"model: {raw_model.num_params():,} params ({raw_model.num_params(False):,} without the embedding), "
-              f"{fpt / 1e6:,.1f} MFLOP/token forward; data {data_dir}: {len(train_data):,} train tokens")
-        print(f"device {dev} x {world}, dtype {cfg['dtype']}, compile {use_compile}; global batch {B} x {T} tokens"
-              f" = {micro} per micro-step x {accum} accumulation x {world} ranks" +
-              (f"; resuming at step {iter_num}" if start_iter else ""))
-    log_file = open(os.path.join(out_dir, "log.txt"), "a") if master else None
-    if cfg["wandb_log"] and master:
-        import wandb
-        wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg)
-
-    def log(line):
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
-
-    pending_bad = []   # (step, device bool): checked at log intervals, never per step (no host sync)
-
-    def check_finite():
-        if pending_bad:
-            flags = torch.stack([b for _, b in pending_bad]).cpu().tolist()
-            steps = [s for s, _ in pending_bad]
-            pending_bad.clear()
-            if any(flags):
-                bad = steps[flags.index(True)]
-                keep = f"{ckpt_path} keeps the last good checkpoint" if os.path.isfile(ckpt_path) else "no checkpoint written"
-                raise UserError(f"non-finite loss or gradient at step {bad}: stopped ({keep}); "
-                                f"try a lower learning_rate or dtype=float32")
-
-    def save():
-        atomic_save({"model": raw_model.state_dict(), "model_config": asdict(model_cfg), "train_config": dict(cfg),
-                     "iter_num": iter_num, "optimizer": optimizer.state_dict(), "best_val_loss": best_val,
-                     "grad_dump": dump.state_dict()}, ckpt_path)
-
-    history = {"loss": {}, "val": {}}   # what the log printed; main() returns it (tests)
-    clip = cfg["grad_clip"] * (cfg["equalize_clip_factor"] if cfg["equalize"] else 1.0)
-    t_last, it_last = time.time(), iter_num
-    while True:
-        # ---- evaluation and checkpoint ------------------------------------------------------------
-        last = iter_num >= cfg["max_iters"] or 0 < cfg["stop_iter"] <= iter_num
-        if iter_num % cfg["eval_interval"] == 0 or last:
-            check_finite()   # never save a checkpoint of a run that went non-finite
-            if master:
-                val = evaluate(eval_model, val_data, T, cfg["eval_batch_size"], cfg["eval_iters"], dev, ctx)
-                history["val"][iter_num] = val
-                log(f"step {iter_num} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f}")
-                if cfg["wandb_log"]:
-                    wandb.log({"step": iter_num, "val/loss": val, "val/ppl": math.exp(min(val, 50))})
-                improved = val < best_val
-                best_val = min(best_val, val)
-                stopping = 0 < cfg["stop_iter"] <= iter_num   # a stop is for resuming: always save
-                if iter_num > start_iter and (improved or cfg["always_save_checkpoint"] or stopping):
-                    dump.flush()
-                    save()
-            t_last, it_last = time.time(), iter_num   # eval time is not training time
-        if last:
-            break
-
-        # ---- one optimizer step: forward/backward over the micro-batches ------------------------
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # the global batch of this step is fixed by (seed, step); rank r takes its own rows, so
-        # any world size / accumulation computes the same gradient as one process
-        x, y = get_batch(train_data, B, T, step=iter_num, seed=cfg["seed"],
-                         rows=slice(rank * micro * accum, (rank + 1) * micro * accum))
-        if device_type == "cuda":
-            x, y = x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
-        loss_sum = torch.zeros((), device=dev)
-        for m in range(accum):
-            if ddp:   # all-reduce only on the last micro-step
-                model.require_backward_grad_sync = m == accum - 1
-            with ctx:
-                _, loss = model(x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro])
-            loss = loss / accum
-            loss.backward()
-            loss_sum += loss.detach()
-
-        # ---- per-layer gradient norms (global gradient: after the all-reduce, before clipping) ----
-        grads = [p.grad for p in params if p.grad is not None]
-        norms = layer_norms()
-        norms_eq = None
-        if cfg["equalize"]:
-            target = torch.where(is_layer, norms, torch.zeros_like(norms)).max()
-            scale = torch.where(is_layer & (norms > 0), target / norms, torch.ones_like(norms))
-            for g, group_params in enumerate(groups.values()):   # LayerGradNorms' order
-                gs = [p.grad for p in group_params if p.grad is not None]
-                if gs:
-                    torch._foreach_mul_(gs, scale[g])   # 0-dim device tensor: no host sync
-            norms_eq = layer_norms()
-        total = (norms if norms_eq is None else norms_eq).square().sum().sqrt()
-        if clip > 0:
-            scaled_step(optimizer, grads, clip_coef(total, clip))
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if master:
-            dump.record(iter_num, norms, norms_eq)
-        pending_bad.append((iter_num, ~(torch.isfinite(loss_sum) & torch.isfinite(total))))
-        step = iter_num
-        iter_num += 1
-
-        # ---- logging (the only host syncs of the loop) ----------------------------------------------
-        if step % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"] or iter_num == cfg["stop_iter"]:
-            check_finite()
-            if ddp:   # the global batch's loss, as one process would report it
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-                loss_sum /= world
-            lossf, gnorm = loss_sum.item(), total.item()
-            dt = (time.time() - t_last) / max(1, iter_num - it_last)
-            t_last, it_last = time.time(), iter_num
-            if master:
-                tok_s = B * T / dt
-                mfu = f"{100 * 3 * fpt * tok_s / (peak * world):.1f}%" if peak else "n/a"
-                history["loss"][step] = lossf
-                log(f"step {step} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {gnorm:.4f} | {dt * 1000:.1f} ms/step"
-                    f" | {tok_s:,.0f} tok/s | MFU {mfu}")
-                dump.flush()
-                if cfg["wandb_log"]:
-                    wandb.log({"step": step, "train/loss": lossf, "lr": lr, "grad_norm": gnorm, "tok_s": tok_s})
-
-    if master:
-        dump.flush()
-        log_file.close()
-    if ddp:
-        dist.destroy_process_group()
+    log = rundir.Log(cfg["out_dir"], d.master)
+    T, B = model_cfg.block_size, cfg["batch_size"]
+    log(f"model: {raw_model.num_params():,} params ({raw_model.num_params(False):,} without the embedding), "
+        f"{raw_model.flops_per_token(T) / 1e6:,.1f} MFLOP/token forward; {len(train_data):,} train tokens")
+    log(f"device {d.device} x {d.world}, dtype {cfg['dtype']}, compile {use_compile}; global batch {B} x {T} tokens"
+        f" = {micro} per micro-step x {cfg['gradient_accumulation_steps']} accumulation x {d.world} ranks"
+        + (f"; resuming at step {iter_num}" if iter_num else ""))
+    loop = Loop(cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro)
+    history = loop.run(train_data, val_data, iter_num, best_val)
+    log.close()
+    teardown(d)
     return history
 
 
+class Loop:
+    """The training loop: evaluation and checkpoint every eval_interval, one optimizer step per
+    iteration, a log line every log_interval (the only host syncs)."""
+
+    def __init__(self, cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro):
+        self.cfg, self.train_cfg, self.d, self.log, self.micro = cfg, train_cfg, d, log, micro
+        self.raw_model, self.model, self.eval_model = raw_model, model, eval_model
+        self.optimizer, self.step, self.dump = optimizer, step, dump
+        self.ctx = autocast_for(d.device_type, cfg["dtype"])
+        self.guard = FiniteGuard()
+        self.history = {"loss": {}, "val": {}}   # what the log printed; main() returns it (tests)
+        self.wandb = None
+        if cfg["wandb_log"] and d.master:
+            import wandb
+            wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg)
+            self.wandb = wandb
+
+    def kept(self):
+        path = rundir.file(self.cfg["out_dir"], rundir.CKPT)
+        return f"{path} keeps the last good checkpoint" if os.path.isfile(path) else "no checkpoint written"
+
+    def evaluate_and_save(self, val_data, it, start, best_val):
+        cfg = self.cfg
+        self.guard.check(self.kept())   # never save a checkpoint of a run that went non-finite
+        if not self.d.master:
+            return best_val
+        val = evaluate(self.eval_model, val_data, self.raw_model.config.block_size, cfg["eval_batch_size"],
+                       cfg["eval_iters"], self.d.device, self.ctx)
+        self.history["val"][it] = val
+        self.log(f"step {it} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f}")
+        if self.wandb:
+            self.wandb.log({"step": it, "val/loss": val, "val/ppl": math.exp(min(val, 50))})
+        stopping = 0 < cfg["stop_iter"] <= it   # a stop is for resuming: always save
+        if it > start and (val < best_val or cfg["always_save_checkpoint"] or stopping):
+            check_weights(self.raw_model, it, self.kept())
+            self.dump.flush()
+            rundir.save_checkpoint(cfg["out_dir"], "gpt", self.raw_model.state_dict(), self.train_cfg, it,
+                                   optimizer=self.optimizer.state_dict(), best_val_loss=min(best_val, val),
+                                   grad_dump=self.dump.state_dict())
+        return min(best_val, val)
+
+    def train_step(self, train_data, it):
+        """One optimizer step over the micro-batches; returns (loss, total gradient norm) on the device."""
+        cfg, d, micro = self.cfg, self.d, self.micro
+        accum, T = cfg["gradient_accumulation_steps"], self.raw_model.config.block_size
+        set_lr(self.optimizer, cosine_lr(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["max_iters"]))
+        # the global batch of this step is fixed by (seed, step); rank r takes its own rows, so
+        # any world size / accumulation computes the same gradient as one process
+        x, y = get_batch(train_data, cfg["batch_size"], T, step=it, seed=cfg["seed"],
+                         rows=slice(d.rank * micro * accum, (d.rank + 1) * micro * accum))
+        if d.device_type == "cuda":
+            x, y = x.pin_memory().to(d.device, non_blocking=True), y.pin_memory().to(d.device, non_blocking=True)
+        loss_sum = torch.zeros((), device=d.device)
+        for m in range(accum):
+            if d.ddp:   # all-reduce only on the last micro-step
+                self.model.require_backward_grad_sync = m == accum - 1
+            with self.ctx:
+                _, loss = self.model(x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro])
+            loss = loss / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        norms, norms_eq, total = self.step()   # norms of the global gradient: after the all-reduce
+        if d.master:
+            self.dump.record(it, norms, norms_eq)
+        self.guard.watch(it, loss_sum, total)
+        return loss_sum, total
+
+    def log_step(self, it, loss_sum, total, dt):
+        cfg, d = self.cfg, self.d
+        self.guard.check(self.kept())
+        if d.ddp:   # the global batch's loss, as one process would report it
+            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.SUM)
+            loss_sum /= d.world
+        lossf, gnorm = loss_sum.item(), total.item()
+        if not d.master:
+            return
+        tok_s = cfg["batch_size"] * self.raw_model.config.block_size / dt
+        peak = peak_flops(d.device, cfg["dtype"])
+        mfu = f"{100 * 3 * self.raw_model.flops_per_token() * tok_s / (peak * d.world):.1f}%" if peak else "n/a"
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.history["loss"][it] = lossf
+        self.log(f"step {it} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {gnorm:.4f} | {dt * 1000:.1f} ms/step"
+                 f" | {tok_s:,.0f} tok/s | MFU {mfu}")
+        self.dump.flush()
+        if self.wandb:
+            self.wandb.log({"step": it, "train/loss": lossf, "lr": lr, "grad_norm": gnorm, "tok_s": tok_s})
+
+    def run(self, train_data, val_data, it, best_val):
+        cfg, start = self.cfg, it
+        t_last, it_last = time.time(), it
+        while True:
+            last = it >= cfg["max_iters"] or 0 < cfg["stop_iter"] <= it
+            if it % cfg["eval_interval"] == 0 or last:
+                best_val = self.evaluate_and_save(val_data, it, start, best_val)
+                t_last, it_last = time.time(), it   # eval time is not training time
+            if last:
+                break
+            loss_sum, total = self.train_step(train_data, it)
+            it += 1
+            if (it - 1) % cfg["log_interval"] == 0 or it in (cfg["max_iters"], cfg["stop_iter"]):
+                dt = (time.time() - t_last) / max(1, it - it_last)
+                t_last, it_last = time.time(), it
+                self.log_step(it - 1, loss_sum, total, dt)
+        if self.d.master:
+            self.dump.flush()
+        return self.history
+
+
 if __name__ == "__main__":
-    cli(lambda: main(sys.argv[1:]))
+    cli(main)

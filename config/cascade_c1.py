@@ -1,17 +1,8 @@
 # CascadeFormer-C1 (Table 4): A1 + F1
-# Scale: the paper's 1.2B scale (Table 3); training hyperparameters are train.py's defaults (Table 5)
-# Table 2 parameter count: 1.160 B (both embeddings included)
-
-out_dir = 'out/cascade_c1'
-dataset = 'dolma'
+# A variant: alone it is the paper's 1.2B model (Table 3; train.py's defaults are Table 5);
+# after a scale file it is that scale's model: python train.py config/small.py config/cascade_c1.py
+# Table 2 parameter count at the paper's scale: 1.160 B (both embeddings included)
 
 n_layer = 16
-d_model = 2048
-head_dim = 64
-vocab_size = 50280
-block_size = 2048
-d_attn0 = 2048    # 32 heads
-S_d = 128    # 2 heads per taper step
 F_d = 4
-d_ffn0 = 8192
-S_f = 128
+S_f = d_ffn0 // 64

@@ -1,6 +1,7 @@
-# The README demo: a tiny 8-layer Vanilla model (the tiny family's widths) on the embedded
-# byte-level Shakespeare; trains on a laptop CPU in a few minutes, then
-# `python fanin.py out/demo` compares its measured gradient shares with the fan-in theory.
+# The README demo: a tiny 8-layer Vanilla model (the tiny scale's widths, spelled out here so the
+# demo reads in one file) on the embedded byte-level Shakespeare; trains on a laptop CPU in a few
+# minutes, then `python fanin.py out/demo` compares its measured gradient shares with the fan-in
+# theory. Equivalent to config/tiny.py config/vanilla_8l.py with min_lr and log_interval below.
 
 out_dir = 'out/demo'
 dataset = 'shakespeare'
@@ -12,9 +13,7 @@ vocab_size = 256
 block_size = 128
 d_attn0 = 128    # 16 heads
 S_d = 8
-F_d = 0
 d_ffn0 = 512
-S_f = 0
 
 batch_size = 16
 max_iters = 300

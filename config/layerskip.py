@@ -1,17 +1,7 @@
-# LayerSkip: Vanilla-16L with deep supervision (an aux LM loss after every block)
-# Scale: the paper's 1.2B scale (Table 3); training hyperparameters are train.py's defaults (Table 5)
-
-out_dir = 'out/layerskip'
-dataset = 'dolma'
+# LayerSkip: Vanilla-16L with deep supervision (an auxiliary LM loss after every block,
+# L_N + sum_k alpha_k L_k, alpha = 1)
+# A variant: alone it is the paper's 1.2B model (Table 3; train.py's defaults are Table 5);
+# after a scale file it is that scale's model: python train.py config/small.py config/layerskip.py
 
 n_layer = 16
-d_model = 2048
-head_dim = 64
-vocab_size = 50280
-block_size = 2048
-d_attn0 = 2048    # 32 heads
-S_d = 128    # 2 heads per taper step
-F_d = 0
-d_ffn0 = 8192
-S_f = 0
 deep_supervision = True

@@ -1,17 +1,6 @@
-# Vanilla-15L: uniform, 15 layers (A2's training-FLOP-matched baseline)
-# Scale: the paper's 1.2B scale (Table 3); training hyperparameters are train.py's defaults (Table 5)
-# Table 2 parameter count: 1.213 B (both embeddings included)
-
-out_dir = 'out/vanilla_15l'
-dataset = 'dolma'
+# Vanilla-15L: uniform, 15 layers (Table 2's reference row for CascadeFormer-A2)
+# A variant: alone it is the paper's 1.2B model (Table 3; train.py's defaults are Table 5);
+# after a scale file it is that scale's model: python train.py config/small.py config/vanilla_15l.py
+# Table 2 parameter count at the paper's scale: 1.213 B (both embeddings included)
 
 n_layer = 15
-d_model = 2048
-head_dim = 64
-vocab_size = 50280
-block_size = 2048
-d_attn0 = 2048    # 32 heads
-S_d = 128    # 2 heads per taper step
-F_d = 0
-d_ffn0 = 8192
-S_f = 0

@@ -1,16 +1,5 @@
-# Vanilla-8L: the reference for the virtual-depth intervention
-# Scale: the paper's 1.2B scale (Table 3); training hyperparameters are train.py's defaults (Table 5)
-
-out_dir = 'out/vanilla_8l'
-dataset = 'dolma'
+# Vanilla-8L: uniform, 8 layers (the reference of the virtual-depth intervention)
+# A variant: alone it is the paper's 1.2B model (Table 3; train.py's defaults are Table 5);
+# after a scale file it is that scale's model: python train.py config/small.py config/vanilla_8l.py
 
 n_layer = 8
-d_model = 2048
-head_dim = 64
-vocab_size = 50280
-block_size = 2048
-d_attn0 = 2048    # 32 heads
-S_d = 128    # 2 heads per taper step
-F_d = 0
-d_ffn0 = 8192
-S_f = 0

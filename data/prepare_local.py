@@ -27,7 +27,7 @@ from multiprocessing import Pool
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root
-from common import UserError, cli  # noqa: E402
+from gfa.cli import UserError, cli  # noqa: E402
 
 TOKENIZERS = ("gpt2", "bytes")
 _enc = None   # per-process tiktoken encoding

@@ -1,10 +1,9 @@
 """model.py against independent expectations: the paper's parameter counts and taper rules,
 hand-written second implementations (unrolled repeats, naive attention, per-layer CE sums),
-and invariants (passthrough == layer removed, KV cache == full forward)."""
+and invariants (passthrough == layer removed, KV cache == full forward, the static-shape
+decode step == generate)."""
 import math
 import re
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import UserError, read_config
+from gfa.cli import read_model_config
 from model import GPT, ConfigError, GPTConfig, apply_rope, drop_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# SPEC / Table 2: parameter counts in billions, both embeddings included
+# Table 2 (docs/paper_notes.md): parameter counts in billions, both embeddings included
 PAPER_PARAMS = {"vanilla_16l": 1.280, "vanilla_15l": 1.213, "vanilla_14l": 1.146, "vanilla_13l": 1.078,
                 "vanilla_12l": 1.011, "cascade_a1": 1.255, "cascade_a2": 1.221, "cascade_f1": 1.185,
                 "cascade_f2": 1.091, "cascade_c1": 1.160, "cascade_c2": 1.032}
@@ -27,9 +26,10 @@ A2_HEADS = [h for h in range(32, 17, -2) for _ in range(2)]
 FFN = {"f1": (8192, 6272), "f2": (8192, 4352)}
 
 
-def paper_config(name, **over):
-    return GPTConfig.from_dict(read_config([str(ROOT / "config" / f"{name}.py")] +
-                                           [f"--{k}={v!r}" for k, v in over.items()], model_only=True))
+def paper_config(name, scale=None):
+    """A variant alone (the paper's 1.2B scale), or after a scale file (config/small.py, config/tiny.py)."""
+    files = ([str(ROOT / "config" / f"{scale}.py")] if scale else []) + [str(ROOT / "config" / f"{name}.py")]
+    return read_model_config(files)
 
 
 def meta_model(cfg):
@@ -74,15 +74,18 @@ def test_paper_taper_schedules():
     assert paper_config("layerskip").deep_supervision
 
 
+VARIANTS = sorted(p.stem for p in (ROOT / "config").glob("*.py") if p.stem not in ("small", "tiny", "demo"))
+
+
 def test_scaled_families_build_and_keep_the_taper_shape():
-    for fam, lo, hi in [("small", 50e6, 150e6), ("tiny", 1e6, 9e6)]:
-        for path in sorted((ROOT / "config" / fam).glob("*.py")):
-            cfg = GPTConfig.from_dict(read_config([str(path)], model_only=True))
-            n = meta_model(cfg).num_params()
-            assert lo <= n <= hi, (path, n)
-        a2 = GPTConfig.from_dict(read_config([str(ROOT / "config" / fam / "cascade_a2.py")], model_only=True))
+    assert len(VARIANTS) == 15
+    for scale, lo, hi in [("small", 50e6, 150e6), ("tiny", 1e6, 9e6)]:
+        for name in VARIANTS:
+            n = meta_model(paper_config(name, scale)).num_params()
+            assert lo <= n <= hi, (scale, name, n)
+        a2 = paper_config("cascade_a2", scale)
         assert [h * 2 for h in a2.layer_heads()] == A2_HEADS   # half the heads, same schedule
-        f2 = GPTConfig.from_dict(read_config([str(ROOT / "config" / fam / "cascade_f2.py")], model_only=True))
+        f2 = paper_config("cascade_f2", scale)
         assert f2.layer_ffn()[-1] / f2.layer_ffn()[0] == pytest.approx(4352 / 8192)
 
 
@@ -261,6 +264,22 @@ def test_kv_cache_decoding_matches_the_full_forward(kw):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("kw", [dict(n_head=[4, 3, 2, 1], d_ffn=[48, 40, 32, 16]),
+                                dict(repeats=[1, 2, 1, 3], passthrough=[2])])
+def test_static_decode_step_matches_generate(kw):
+    """decode_step (whole-cache masked attention, positions as a tensor: bench.py's compiled decode)
+    gives the tokens of generate(), whose cache path slices to the current length."""
+    m = build(tiny(**kw))
+    prompt = torch.randint(0, 61, (2, 5))
+    want = m.generate(prompt, 8, temperature=0)
+    cache = m.new_kv_cache(2, 13)
+    with torch.no_grad():
+        out = [prompt, m(prompt, kv_cache=cache, pos=0, last_only=True)[0][:, -1].argmax(-1, keepdim=True)]
+        for s in range(7):
+            out.append(m.decode_step(out[-1], torch.tensor(5 + s), cache))
+    assert torch.equal(torch.cat(out, 1), want)
+
+
 def test_generate_sampling_respects_top_k_and_seed():
     cfg = tiny()
     m = build(cfg)
@@ -317,39 +336,3 @@ def test_every_parameter_gets_a_gradient():
 def test_bad_configs_raise_one_line_errors(kw, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         tiny(**kw)
-
-
-def test_configurator_types_and_unknown_keys(tmp_path):
-    cfg = read_config(["--n_layer=3", "--n_head=(4,4,2)", "--rope_theta=500", "--deep_supervision=True"],
-                      model_only=True)
-    assert cfg["n_head"] == [4, 4, 2] and cfg["rope_theta"] == 500.0 and cfg["deep_supervision"] is True
-    with pytest.raises(UserError, match="unknown config key 'n_layers'.*did you mean n_layer"):
-        read_config(["--n_layers=3"], model_only=True)
-    with pytest.raises(UserError, match="expected int"):
-        read_config(["--n_layer=3.5"], model_only=True)
-    with pytest.raises(UserError, match="expected bool"):
-        read_config(["--deep_supervision=1"], model_only=True)
-    bad = tmp_path / "bad.py"
-    bad.write_text("n_layer = 'four'\n")
-    with pytest.raises(UserError, match="n_layer='four'"):
-        read_config([str(bad)], model_only=True)
-    typo = tmp_path / "typo.py"
-    typo.write_text("batchsize = 3\n")
-    with pytest.raises(UserError, match="unknown config key 'batchsize' set by"):
-        read_config([str(typo)], defaults={"batch_size": 1})
-
-
-def test_cli_prints_the_architecture_and_one_line_errors():
-    run = lambda *a: subprocess.run([sys.executable, "model.py", *a], cwd=ROOT, capture_output=True, text=True)
-    r = run("config/cascade_a2.py")
-    assert r.returncode == 0 and "params: 1221036032" in r.stdout and "flops_per_token: " in r.stdout
-    heads = [int(line.split()[1]) for line in r.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
-    assert heads == A2_HEADS
-    for args, words in [(("config/cascade_a2.py", "--n_layer=2", "--repeats=[1,0]"), "repeats[1]=0"),
-                        (("config/cascade_a2.py", "--passthrough=[16]"), "passthrough index 16"),
-                        (("config/nope.py",), "does not exist"),
-                        (("config/cascade_a2.py", "--S_f=1024"), "FFN taper reaches zero")]:
-        r = run(*args)
-        assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
-

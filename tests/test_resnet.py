@@ -10,19 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import resnet
-from common import LayerGradNorms, UserError, load_grad_dump
+from gfa import rundir
+from gfa.cli import UserError
+from gfa.training import LayerGradNorms
+
+load_grad_dump = rundir.read_grad_dump
 
 TINY = ["--dataset=synthetic", "--width=8", "--image_size=8", "--n_synthetic=64", "--batch_size=16",
         "--eval_batch_size=64", "--warmup_epochs=1.0", "--learning_rate=5e-3", "--log_interval=4", "--device=cpu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs are dominated by per-op overhead: one thread is faster, above all on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_param_count_equals_torchvision():
@@ -117,6 +112,10 @@ def test_training_lowers_loss_and_writes_the_run(tmp_path):
     assert dump["names"] == ["stem"] + [f"layer.{i}" for i in range(16)] + ["head"]
     assert list(dump["steps"]) == list(range(20)) and dump["norms"].shape == (20, 18)
     assert np.isclose(dump["share"].sum(), 1.0) and len(dump["layer_names"]) == 16
+    kind, mc = rundir.read_model_config(out)
+    assert kind == "resnet" and mc == {"num_classes": 10, "in_channels": 3, "small_stem": True, "width": 8}
+    with pytest.raises(UserError, match="holds a resnet model, not a gpt one"):   # the LM scripts refuse it
+        rundir.load_gpt(out)
     imp = json.load(open(os.path.join(out, "importance.json")))
     assert imp["metric"] == "top1_drop" and len(imp["importance"]) == 16
     assert "top-1" in open(os.path.join(out, "log.txt")).read()
@@ -165,10 +164,10 @@ def test_non_finite_model_never_replaces_the_last_checkpoint(tmp_path, monkeypat
         monkeypatch.setattr(resnet, "train_batches", poisoned)
     else:
         monkeypatch.setattr(resnet.torch.optim, "AdamW", PoisonedAdamW)
-    msg = "loss is nan" if what == "loss" else "the weights are not finite"
-    with pytest.raises(UserError, match=f"{msg} at step 5: .*last good checkpoint .* is kept"):
+    msg = "non-finite loss or gradient at step 4" if what == "loss" else "the weights are not finite after step 5"
+    with pytest.raises(UserError, match=f"{msg}: stopped \\(the last good checkpoint .* is kept\\)"):
         resnet.main(TINY + ["--epochs=2", "--log_interval=100", "--ckpt_interval=1", f"--out_dir={out}"])
-    ckpt = torch.load(os.path.join(out, resnet.CKPT_NAME), weights_only=False)
+    ckpt = torch.load(os.path.join(out, rundir.CKPT), weights_only=False)
     assert ckpt["iter_num"] == 4
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
 
@@ -190,8 +189,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     da, db = load_grad_dump(a), load_grad_dump(b)
     assert list(db["steps"]) == list(range(8))
     assert np.allclose(da["norms"], db["norms"], rtol=1e-4, atol=1e-7)
-    sa = torch.load(os.path.join(a, resnet.CKPT_NAME), weights_only=False)["model"]
-    sb = torch.load(os.path.join(b, resnet.CKPT_NAME), weights_only=False)["model"]
+    sa = torch.load(os.path.join(a, rundir.CKPT), weights_only=False)["model"]
+    sb = torch.load(os.path.join(b, rundir.CKPT), weights_only=False)["model"]
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)
 
 

@@ -1,5 +1,6 @@
-"""train.py on CPU: learning, exact resume, DDP == one process, the gradient-norm dump, norm
-equalisation, the data preparers, and the one-line errors for bad input. Tiny models, fast."""
+"""train.py on CPU: learning, exact resume, DDP == one process (a real torchrun), the gradient-norm
+dump against hand-computed norms, norm equalisation, the run directory it writes, and the
+one-line errors for bad input. Tiny models, fast."""
 import json
 import os
 import subprocess
@@ -8,13 +9,14 @@ import sys
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train  # noqa: E402
-from common import get_batch, load_grad_dump, load_tokens  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+import train
+from gfa import rundir
+from gfa.data import DATA, get_batch, load_tokens
+from helpers import one_line_error
+from model import GPT, GPTConfig
 
-torch.set_num_threads(1)   # tiny models: threads only add overhead (and contention on small machines)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+load_grad_dump = rundir.read_grad_dump
 
 TINY = ["--dataset=shakespeare", "--n_layer=3", "--d_model=32", "--head_dim=8", "--d_attn0=32", "--S_d=8",
         "--d_ffn0=64", "--vocab_size=256", "--block_size=32", "--batch_size=8", "--eval_iters=2",
@@ -84,7 +86,7 @@ def test_dumped_norms_equal_hand_computed(tmp_path):
                     repeats=[1, 2], deep_supervision=True)
     torch.manual_seed(train.seed)
     model = GPT(cfg)
-    x, y = get_batch(load_tokens(os.path.join(ROOT, "data/shakespeare/train.bin")), 8, 32, step=0, seed=train.seed)
+    x, y = get_batch(load_tokens(os.path.join(DATA, "shakespeare/train.bin")), 8, 32, step=0, seed=train.seed)
     model(x, y)[1].backward()
     groups = model.param_groups_by_layer()
     hand = [torch.sqrt(sum((p.grad.double() ** 2).sum() for p in groups[n])).item() for n in dump["names"]]
@@ -107,71 +109,44 @@ def test_equalize_makes_layer_norms_equal(tmp_path):
     np.testing.assert_array_equal(eq[:, other], raw[:, other])   # embed / head untouched
 
 
-def test_local_preparer_bytes_and_gpt2(tmp_path, gpt2_cache, monkeypatch):
-    src = tmp_path / "corpus.jsonl"
-    docs = [f"Document number {i}: to be, or not to be. ü" for i in range(20)]
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    r = cli("data/prepare_local.py", "--out_dir", str(tmp_path / "bytes"), "--tokenizer", "bytes",
-            "--val_fraction", "0.1", "--workers", "2", str(src))
-    assert r.returncode == 0, r.stderr
-    train_ids = np.fromfile(tmp_path / "bytes/train.bin", dtype=np.uint16)
-    val_ids = np.fromfile(tmp_path / "bytes/val.bin", dtype=np.uint16)
-    n = [len(d.encode()) + 1 for d in docs]
-    assert len(val_ids) == n[9] + n[19] and len(train_ids) == sum(n) - len(val_ids)   # docs 9 and 19 held out
-    assert bytes(train_ids[:n[0] - 1].astype(np.uint8)).decode() == docs[0] and train_ids[n[0] - 1] == 0
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", gpt2_cache)
-    r = cli("data/prepare_local.py", "--out_dir", str(tmp_path / "gpt2"), "--val_fraction", "0.1",
-            "--workers", "2", str(src), env=dict(os.environ))
-    assert r.returncode == 0, r.stderr
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
-    val_ids = np.fromfile(tmp_path / "gpt2/val.bin", dtype=np.uint16)
-    assert list(val_ids) == enc.encode_ordinary(docs[9]) + [50256] + enc.encode_ordinary(docs[19]) + [50256]
+def test_run_directory(tmp_path):
+    """The files train.py leaves (gfa/rundir.py's contract): the architecture once, in model_config.json;
+    the training settings without model keys; the default out_dir from the config files' names."""
+    _, out = run(tmp_path, "a", "--max_iters=2")
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "grad_norms.npz", "log.txt", "model_config.json"]
+    kind, mc = rundir.read_model_config(out)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert kind == ckpt["kind"] == "gpt" and mc["n_layer"] == 3 and "model_config" not in ckpt
+    assert "n_layer" not in ckpt["train_config"] and ckpt["train_config"]["batch_size"] == 8
+    old = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        train.main([os.path.join(ROOT, "config/tiny.py"), os.path.join(ROOT, "config/vanilla_8l.py"),
+                    *[a for a in TINY if not a.startswith(("--n_layer", "--dataset"))], "--max_iters=1"])
+    finally:
+        os.chdir(old)
+    assert rundir.read_model_config(str(tmp_path / "out/tiny_vanilla_8l"))[1]["n_layer"] == 8
 
 
-def test_dolma_preparer_streams_through_datasets(tmp_path, gpt2_cache, monkeypatch):
-    """data/dolma/prepare.py's real `datasets` streaming path, on local jsonl.gz shards."""
-    import gzip
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", gpt2_cache)
-    docs = [f"Shard document {i}: the quick brown fox." for i in range(30)]
-    shard = tmp_path / "shard-0000.json.gz"
-    with gzip.open(shard, "wt") as f:
-        f.write("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
-    r = cli("data/dolma/prepare.py", "--data_files", str(shard), "--out_dir", str(tmp_path / "dolma"),
-            "--val_fraction", "0.1", "--workers", "2", env=dict(os.environ))
-    assert r.returncode == 0, r.stderr
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
-    ids = lambda ds: [t for d in ds for t in enc.encode_ordinary(d) + [50256]]
-    val = np.fromfile(tmp_path / "dolma/val.bin", dtype=np.uint16).tolist()
-    train = np.fromfile(tmp_path / "dolma/train.bin", dtype=np.uint16).tolist()
-    assert sorted(val + train) == sorted(ids(docs)) and len(val) > 0
-    assert train[:len(ids(docs[:1]))] == ids(docs[:1])
-
-
-def test_bad_inputs_give_one_line_errors(tmp_path):
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     base = [*TINY, "--max_iters=4", "--eval_interval=2"]
-
-    def fails(*extra, expect):
-        r = cli("train.py", *base, *extra)
-        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-        assert len(err) == 1 and expect in err[0], r.stderr[-2000:]
-        return err[0]
-
-    fails(f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'x'}", expect="does not exist")
+    fails = lambda *extra: one_line_error(train.main, [*base, *extra], capsys)
+    assert "does not exist" in fails(f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'x'}")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty/train.bin").write_bytes(b"")
     (tmp_path / "empty/val.bin").write_bytes(b"")
-    fails(f"--data_dir={tmp_path / 'empty'}", f"--out_dir={tmp_path / 'x'}", expect="is empty")
-    fails("--vocab_size=100", f"--out_dir={tmp_path / 'x'}", expect="vocab_size is 100")
-    fails("--batch_size=7", "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'x'}", expect="batch_size=7")
+    assert "is empty" in fails(f"--data_dir={tmp_path / 'empty'}", f"--out_dir={tmp_path / 'x'}")
+    assert "vocab_size is 100" in fails("--vocab_size=100", f"--out_dir={tmp_path / 'x'}")
+    assert "batch_size=7" in fails("--batch_size=7", "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'x'}")
+    assert "compile='yes'" in fails("--compile=yes", f"--out_dir={tmp_path / 'x'}")
+    assert "n_head has 1 entries but n_layer=3" in fails("--n_head=[4]", f"--out_dir={tmp_path / 'x'}")   # ConfigError
     out = str(tmp_path / "run")
     train.main(TINY + ["--max_iters=4", "--eval_interval=2", "--stop_iter=2", f"--out_dir={out}"])
-    fails("--n_layer=4", "--init_from=resume", f"--out_dir={out}", expect="n_layer (checkpoint 3, requested 4)")
-    fails("--init_from=resume", f"--out_dir={tmp_path / 'none'}", expect="does not exist")
-    fails("--init_from=resume", "--equalize=True", f"--out_dir={out}", expect="trained with equalize=False")
-    msg = fails("--init_from=resume", "--learning_rate=1e30", "--max_iters=8", f"--out_dir={out}", expect="non-finite")
+    assert "n_layer (checkpoint 3, requested 4)" in fails("--n_layer=4", "--init_from=resume", f"--out_dir={out}")
+    assert "does not exist" in fails("--init_from=resume", f"--out_dir={tmp_path / 'none'}")
+    assert "trained with equalize=False" in fails("--init_from=resume", "--equalize=True", f"--out_dir={out}")
+    msg = fails("--init_from=resume", "--learning_rate=1e30", "--max_iters=8", f"--out_dir={out}")
+    assert "non-finite" in msg and "keeps the last good checkpoint" in msg
     step = int(msg.split("at step ")[1].split(":")[0])
     assert step == 3   # resumed at 2; step 2's lr-1e30 update makes step 3's loss non-finite (not a restart from 0)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from prepare_local import write_bins  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from common import UserError, cli  # noqa: E402
+from gfa.cli import UserError, cli  # noqa: E402
 
 
 def main(argv=None):

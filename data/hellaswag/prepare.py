@@ -4,8 +4,8 @@ Fetch the official HellaSwag validation set (10,042 items) for prune.py's zero-s
     python data/hellaswag/prepare.py        # -> data/hellaswag/hellaswag_val.jsonl
 
 Needs the web. Offline, pass prune.py any jsonl in HellaSwag's layout (one JSON object per line
-with ctx: str, endings: [4 str], label: 0..3), e.g. the WikiHow multiple-choice set:
-    python prune.py --hellaswag ../shared/data/wikihow_mc/val.jsonl
+with ctx: str, endings: [4 str], label: 0..3), e.g. a local copy of a multiple-choice set:
+    python prune.py --hellaswag path/to/val.jsonl
 """
 import json
 import os
@@ -23,7 +23,7 @@ try:
         data = r.read()
 except OSError as e:
     print(f"cannot download {URL} ({type(e).__name__}): offline, pass any jsonl in HellaSwag layout (ctx, endings, "
-          f"label) to prune.py with --hellaswag, e.g. ../shared/data/wikihow_mc/val.jsonl")
+          f"label) to prune.py with --hellaswag path/to/val.jsonl")
     sys.exit(1)
 lines = data.decode("utf-8").splitlines()
 first = json.loads(lines[0])

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
-import bench  # noqa: E402
+from gfa import benchmark  # noqa: E402
 
 dev, bf = torch.device("cuda"), torch.bfloat16
 B, H, T, D = 1, 32, 2048, 64
@@ -22,7 +22,7 @@ FLOP = 4 * B * H * T * (T + 1) / 2 * D   # causal QK^T + AV
 
 def median_us(fn, runs=100, warmup=20):
     with torch.no_grad():
-        return 1e3 * bench.stats(bench.time_calls(fn, warmup, runs, dev))["median_ms"]
+        return 1e3 * benchmark.stats(benchmark.time_calls(fn, warmup, runs, dev))["median_ms"]
 
 
 def show(label, us):
@@ -60,4 +60,4 @@ for lname in ("all dense (B,T,H,D)", "all dense (B,H,T,D) (HF)"):
         try:
             show(f"flex {opts}, {lname}", median_us(lambda: flex(q, k, v, block_mask=mask, kernel_options=opts)))
         except Exception as e:   # a block configuration the Triton template rejects
-            print(f"flex {opts}, {lname}: failed ({bench.one_line(e, 120)})", flush=True)
+            print(f"flex {opts}, {lname}: failed ({benchmark.one_line(e, 120)})", flush=True)

@@ -1,0 +1,14 @@
+"""
+Shared modules of the CascadeFormer / GFA scripts. Imports run one way:
+scripts (train.py, fanin.py, prune.py, bench.py, resnet.py) -> gfa.* -> model.py.
+
+  cli          the configurator (config files + --key=value) and one-line errors for user mistakes
+  rundir       the run directory: checkpoint, model config, gradient dump, importance (the contract)
+  data         token files, the deterministic training batches, the fixed held-out windows
+  evaluation   held-out perplexity and multiple-choice (HellaSwag-style) scoring
+  theory       the paper's fan-in formulas (Appendix B.1), Eq. 2's share, Spearman and fits
+  training     LR schedule, AdamW grouping, DDP setup, the optimizer step (per-layer gradient
+               norms, norm equalisation, clipping), the non-finite guard
+  device       device choice, compute dtype (autocast), peak FLOP/s per GPU
+  timing       benchmark timing, compile-with-progress and the kernel profile (bench.py)
+"""

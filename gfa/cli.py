@@ -1,0 +1,105 @@
+"""
+The command line: the nanoGPT-style configurator and one-line errors for user mistakes.
+
+    python train.py config/small.py config/cascade_a2.py --batch_size=8 --F_d=4
+
+Config files are plain Python, run in order; each one sees the values set so far (the
+script's defaults, then earlier files), so a variant can be written relative to a scale,
+e.g. `S_f = d_ffn0 // 64`. Then --key=value overrides (Python literals, or bare strings).
+Unknown keys and type mismatches are one-line errors, like every UserError: cli() prints
+`error: ...` and exits with status 2, without a traceback.
+"""
+import ast
+import difflib
+import os
+import sys
+
+from model import ConfigError, GPTConfig
+
+
+class UserError(ValueError):
+    """Bad input from the user: printed as one line by cli(), no traceback."""
+
+
+def cli(main):
+    """Run main(sys.argv[1:]); user mistakes (UserError, model.ConfigError) exit 2 with one line."""
+    try:
+        return main(sys.argv[1:])
+    except (UserError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _exec_config_file(path, current):
+    """The names a config file assigns, run with the current values visible to it."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist (see config/ for the available ones)")
+    ns = dict(current)
+    try:
+        exec(compile(open(path).read(), path, "exec"), ns)
+    except Exception as e:
+        raise UserError(f"config file {path} failed to run: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in ns.items() if not k.startswith("_") and not callable(v)
+            and not isinstance(v, type(os)) and (k not in current or v is not current[k])}
+
+
+def _coerce(key, value, default):
+    """value with the type of default; one-line error on a mismatch. None defaults take anything."""
+    if default is None or value is None:
+        return value
+    kinds = [(bool, (bool,)), (int, (int,)), (float, (int, float)), ((list, tuple), (list, tuple)), (str, (str,))]
+    for kind, accepted in kinds:
+        if isinstance(default, kind):
+            if isinstance(value, accepted) and (kind is bool or not isinstance(value, bool)):
+                return float(value) if kind is float else type(default)(value) if kind == (list, tuple) else value
+            raise UserError(f"{key}={value!r} has type {type(value).__name__}, expected {type(default).__name__} "
+                            f"(default {default!r})")
+    return value
+
+
+def read_config(argv, defaults, ignore_other_keys=False):
+    """Merge defaults, then config files (positional *.py), then --key=value overrides.
+
+    defaults: the script's keys and their default values (types are enforced).
+    ignore_other_keys: keys a config file sets for other scripts (batch_size, ... when only the
+    model is read) are ignored; an unknown --override is still an error."""
+    cfg = dict(defaults)
+
+    def unknown(key, where):
+        close = difflib.get_close_matches(key, list(defaults), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return UserError(f"unknown config key '{key}' {where}{hint}")
+
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise UserError(f"override {arg} must look like --key=value")
+            key, raw = arg[2:].split("=", 1)
+            if key not in defaults:
+                raise unknown(key, f"in {arg}")
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw   # a bare string, e.g. --device=cuda
+            cfg[key] = _coerce(key, value, defaults[key])
+        elif arg.endswith(".py"):
+            for key, value in _exec_config_file(arg, cfg).items():
+                if key in defaults:
+                    cfg[key] = _coerce(key, value, defaults[key])
+                elif not ignore_other_keys:
+                    raise unknown(key, f"set by {arg}")
+        else:
+            raise UserError(f"argument '{arg}' is neither a config file (*.py) nor a --key=value override")
+    return cfg
+
+
+def read_model_config(argv):
+    """The GPTConfig that config files + overrides describe (other scripts' keys are ignored)."""
+    return GPTConfig.from_dict(read_config(argv, GPTConfig.defaults(), ignore_other_keys=True))
+
+
+def config_name(argv, default="run"):
+    """'small_cascade_a2' for `config/small.py config/cascade_a2.py`: the config files' names
+    joined, the default run name (out/<name>)."""
+    stems = [os.path.splitext(os.path.basename(a))[0] for a in argv if a.endswith(".py") and not a.startswith("--")]
+    return "_".join(stems) or default

@@ -1,0 +1,84 @@
+"""
+Token data: nanoGPT-style uint16 files, the training batch of (seed, step), the fixed held-out windows.
+
+A dataset is a folder holding train.bin and val.bin (uint16 token ids, EOT between documents):
+`dataset=NAME` is this repository's data/NAME/, `data_dir=PATH` any folder. The recipes that
+make them are under data/ (README: Data).
+"""
+import importlib.util
+import os
+
+import numpy as np
+import torch
+
+from gfa.cli import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(REPO, "data")
+BUILTIN = ("shakespeare",)   # prepared on first use: its text is committed, so a fresh clone trains offline
+
+
+def dataset_dir(dataset, data_dir=""):
+    """The folder of a dataset: data_dir if given, else data/<dataset> of this repository (found from
+    this file, so scripts work from any directory)."""
+    return data_dir or os.path.join(DATA, str(dataset or ""))
+
+
+def prepare_builtin(dataset, data_dir=""):
+    """Make data/<dataset>/{train,val}.bin for a built-in dataset when they are missing."""
+    folder = dataset_dir(dataset, data_dir)
+    if data_dir or dataset not in BUILTIN or all(os.path.isfile(os.path.join(folder, f"{s}.bin"))
+                                                 for s in ("train", "val")):
+        return
+    spec = importlib.util.spec_from_file_location(f"{dataset}_prepare", os.path.join(folder, "prepare.py"))
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    prep.prepare(folder)
+
+
+def load_tokens(path, vocab_size=None):
+    """A uint16 token file as a read-only memmap, checked against the vocabulary."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path} does not exist (run the dataset's prepare.py first, see README: Data)")
+    if os.path.getsize(path) < 4:
+        raise UserError(f"data file {path} is empty")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    if vocab_size is not None:
+        top = int(data.max())
+        if top >= vocab_size:
+            raise UserError(f"{path} holds token id {top} but the model's vocab_size is {vocab_size}: "
+                            f"raise vocab_size or use the matching dataset")
+    return data
+
+
+def load_split(dataset, data_dir, split, vocab_size=None):
+    """train.bin or val.bin of a dataset (see dataset_dir)."""
+    return load_tokens(os.path.join(dataset_dir(dataset, data_dir), f"{split}.bin"), vocab_size)
+
+
+def _windows_to_tensors(data, offsets, block_size):
+    xy = torch.from_numpy(np.stack([np.asarray(data[o:o + block_size + 1], dtype=np.int64) for o in offsets]))
+    return xy[:, :-1], xy[:, 1:]
+
+
+def get_batch(data, batch_size, block_size, step, seed, rows=slice(None)):
+    """The global training batch of (seed, step): random windows, identical on every call, so
+    resume is exact. rows: the rows this DDP rank reads (the rest are never read), so any world
+    size trains on the same global batch. Returns CPU int64 (x, y)."""
+    if len(data) <= block_size + 1:
+        raise UserError(f"dataset has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
+    rng = np.random.default_rng([seed, step, 0])   # the trailing 0 keeps the batches of the runs in docs/
+    offsets = rng.integers(0, len(data) - block_size - 1, size=batch_size)
+    return _windows_to_tensors(data, offsets[rows], block_size)
+
+
+def eval_batches(data, block_size, batch_size, n_batches):
+    """A fixed held-out token set: n_batches*batch_size evenly spaced windows (no randomness),
+    so every run, script and call scores exactly the same tokens."""
+    n = batch_size * n_batches
+    span = len(data) - block_size - 1
+    if span < 0:
+        raise UserError(f"held-out data has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
+    offsets = np.linspace(0, span, n).astype(np.int64)
+    for b in range(n_batches):
+        yield _windows_to_tensors(data, offsets[b * batch_size:(b + 1) * batch_size], block_size)

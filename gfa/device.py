@@ -1,0 +1,49 @@
+"""Devices: which one to run on, the compute dtype, and the GPU's peak FLOP/s (for MFU)."""
+from contextlib import nullcontext
+
+import torch
+
+from gfa.cli import UserError
+
+DTYPES = ("float32", "tf32", "bfloat16")
+
+
+def pick_device(name=""):
+    """'' or 'auto': cuda when a GPU is visible, else cpu; otherwise the name as given, checked."""
+    if name in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(name).type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is visible: use device=cpu (or leave it out)")
+    return name
+
+
+def autocast_for(device_type, dtype):
+    """Context for the compute dtype: 'float32' (the paper), 'tf32' or 'bfloat16' (autocast)."""
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype!r}: use float32, tf32 or bfloat16")
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# dense peak TFLOP/s per GPU (bf16, tf32, fp32), from the vendors' data sheets
+_PEAKS = [("H200", (989.4, 494.7, 66.9)), ("H100 NVL", (835.0, 417.5, 60.0)),
+          ("H100 PCIe", (756.0, 378.0, 51.0)), ("H100", (989.4, 494.7, 66.9)),
+          ("GH200", (989.4, 494.7, 66.9)), ("B200", (2250.0, 1100.0, 80.0)),
+          ("A100", (312.0, 156.0, 19.5)), ("A6000", (154.8, 77.4, 38.7)), ("L40S", (362.1, 183.0, 91.6)),
+          ("A10", (125.0, 62.5, 31.2)), ("L4", (121.0, 60.0, 30.3)), ("4090", (165.2, 82.6, 82.6))]
+
+
+def peak_flops(device, dtype):
+    """Peak FLOP/s of the device for dtype, looked up by the GPU's name; None where unknown
+    (CPU, or a GPU missing from the table: then MFU is not reported)."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    col = {"bfloat16": 0, "tf32": 1, "float32": 2}[dtype]
+    for key, peaks in _PEAKS:
+        if key in name:
+            return peaks[col] * 1e12
+    return None

@@ -1,0 +1,159 @@
+"""
+Evaluation: held-out perplexity over a fixed token set, and zero-shot multiple-choice scoring.
+
+Perplexity: exp(evaluate(...)), the mean next-token cross-entropy over gfa.data.eval_batches
+(the same windows for every run, script and call).
+
+Multiple choice (HellaSwag, OLMo / lm-eval protocol): each ending is scored by the summed
+log-probability of its tokens given the context; acc = argmax of that sum, acc_norm = argmax
+of the sum divided by the ending's length in characters (lm-eval's acc_norm; the joining space
+not counted). Official HellaSwag rows are cleaned as lm-eval does ("activity_label: ctx_a
+Ctx_b", bracket markup removed); other rows use their ctx field. Tokenizer from the model's
+vocabulary: 256 -> bytes, >= 50257 -> tiktoken GPT-2 BPE (offline: set TIKTOKEN_CACHE_DIR).
+"""
+import json
+import os
+import re
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from gfa.cli import UserError
+from gfa.data import eval_batches
+from model import cross_entropy
+
+
+@torch.no_grad()
+def evaluate(model, data, block_size, batch_size, n_batches, device, ctx=None):
+    """Mean next-token cross-entropy (nats/token) of model over eval_batches(); ppl = exp(loss)."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    for x, y in eval_batches(data, block_size, batch_size, n_batches):
+        x, y = x.to(device), y.to(device)
+        with ctx or nullcontext():
+            logits, _ = model(x)
+        total += cross_entropy(logits, y, reduction="sum").double()
+        count += y.numel()
+    model.train(was_training)
+    return (total / count).item()
+
+
+def get_encoder(vocab_size):
+    if vocab_size == 256:
+        return lambda s: list(s.encode("utf-8"))
+    if vocab_size >= 50257:
+        try:
+            import tiktoken
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR "
+                            f"to a tiktoken cache holding gpt2") from None
+        return lambda s: enc.encode(s, allowed_special="all")
+    raise UserError(f"vocab_size={vocab_size}: no tokenizer known for it (256 = bytes, >= 50257 = GPT-2 BPE)")
+
+
+def _preprocess(text):
+    # HellaSwag's WikiHow rows carry markup such as "[header]", "[title]" (lm-eval / OLMo cleaning)
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def load_multiple_choice(path, limit=0):
+    """[(context, [4 continuations], label)] from a HellaSwag-layout jsonl (ctx, endings, label;
+    activity_label optional). Continuations carry their leading space; malformed rows -> UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"HellaSwag file {path} does not exist (run data/hellaswag/prepare.py, or pass any jsonl in "
+                        f"HellaSwag layout with --hellaswag)")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path} line {n}: not valid JSON") from None
+            if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= set(row):
+                raise UserError(f"{path} line {n}: needs the fields ctx, endings and label")
+            ctx, endings, label = row["ctx"], row["endings"], row["label"]
+            if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != 4 \
+                    or not all(isinstance(e, str) and e.strip() for e in endings):
+                raise UserError(f"{path} line {n}: ctx must be a string and endings a list of 4 non-empty strings")
+            try:
+                label = int(label)
+            except (TypeError, ValueError):
+                label = -1
+            if not 0 <= label < 4:
+                raise UserError(f"{path} line {n}: label must be 0..3, got {row['label']!r}")
+            if isinstance(row.get("ctx_a"), str) and isinstance(row.get("ctx_b"), str):
+                ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()   # official HellaSwag, as lm-eval builds it
+            ctx = _preprocess(ctx)
+            if row.get("activity_label"):
+                ctx = f"{_preprocess(str(row['activity_label']))}: {ctx}"
+            items.append((ctx, [" " + _preprocess(e) for e in endings], label))
+            if limit and len(items) >= limit:
+                break
+    if not items:
+        raise UserError(f"{path} holds no items")
+    return items
+
+
+@torch.no_grad()
+def ending_logprobs(model, items, encode, device, ctx, max_tokens=16384):
+    """[n_items, 4] summed log-prob of each continuation's tokens given its context.
+    All 4 endings of several items go in one right-padded batch (items sorted by length, at most
+    max_tokens padded tokens); contexts longer than block_size are left-truncated."""
+    T = model.config.block_size
+    seqs = []   # per item: 4 x (tokens, number of continuation tokens)
+    for c, ends, _ in items:
+        ce = encode(c)
+        row = []
+        for e in ends:
+            ee = encode(e)
+            toks = (ce + ee)[-(T + 1):]
+            row.append((toks, min(len(ee), len(toks) - 1)))
+        seqs.append(row)
+    out = np.zeros((len(items), 4))
+    order = sorted(range(len(items)), key=lambda i: max(len(t) for t, _ in seqs[i]))
+    was_training = model.training
+    model.eval()
+    cuda = torch.device(device).type == "cuda"
+    to_device = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda else t
+    scored = []
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and 4 * (j + 1 - i) * (max(len(t) for t, _ in seqs[order[j]]) - 1) <= max_tokens:
+            j += 1
+        batch = [s for it in order[i:j] for s in seqs[it]]
+        L = max(len(t) for t, _ in batch) - 1
+        x = torch.zeros(len(batch), L, dtype=torch.long)
+        y = torch.full((len(batch), L), -1, dtype=torch.long)   # -1: not a continuation token
+        for b, (toks, n) in enumerate(batch):
+            t = torch.tensor(toks)
+            x[b, :len(toks) - 1] = t[:-1]
+            y[b, len(toks) - 1 - n:len(toks) - 1] = t[len(toks) - n:]
+        rows, cols = (y >= 0).nonzero(as_tuple=True)   # on the host: no device sync per batch
+        x, rows, cols, tgt = (to_device(t) for t in (x, rows, cols, y[rows, cols]))
+        with ctx:
+            logits, _ = model(x)
+        lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(1, tgt[:, None])[:, 0]
+        per_seq = torch.zeros(len(batch), device=device, dtype=torch.float64).index_add_(0, rows, lp.double())
+        scored.append((order[i:j], per_seq))
+        i = j
+    for items_of_batch, per_seq in scored:   # one copy back per batch, after all are queued
+        out[items_of_batch] = per_seq.view(-1, 4).cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def choice_accuracy(logprobs, items):
+    labels = np.array([lab for _, _, lab in items])
+    # characters of the ending itself, without the " " that joins it to the context (lm-eval)
+    chars = np.array([[max(len(e) - 1, 1) for e in ends] for _, ends, _ in items])
+    acc = float((logprobs.argmax(1) == labels).mean())
+    acc_norm = float(((logprobs / chars).argmax(1) == labels).mean())
+    return acc, acc_norm

@@ -1,0 +1,246 @@
+"""
+The run directory: one folder per run, read and written only through this module.
+
+    <run>/model_config.json   {"kind": "gpt" | "resnet", "config": {...}}: the architecture, the
+                              one record of it (GPTConfig fields, or resnet.py's ResNet50 arguments);
+                              written when a run starts, so a run can be analysed before its first
+                              checkpoint
+    <run>/ckpt.pt             {"kind", "model" (state dict), "train_config" (the script's settings,
+                              no model keys), "iter_num" (optimizer steps taken), "optimizer",
+                              "grad_dump" (GradNormDump.state_dict(), for exact resume), plus the
+                              script's own extras: best_val_loss (train.py), best_val_acc and rng
+                              (resnet.py), pruned_from (prune.py --save_pruned)}
+    <run>/grad_norms.npz      the gradient-norm dump (GradNormDump below)
+    <run>/importance.json     per-layer functional importance: fanin.py (LMs: ppl_increase, with
+                              the settings it was measured with) or resnet.py (top1_drop)
+    <run>/log.txt             the training log
+    fanin.py also writes fanin_summary.json and its figures there, prune.py a prune/ folder.
+
+Every write is atomic (a temporary file, then a rename): a kill mid-write leaves the previous
+file intact. The Eq. 2 share is never stored: read_grad_dump() derives it from the stored norms,
+over the step range it reports (for a checkpointed run, the steps its weights have seen).
+"""
+import json
+import os
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from gfa.cli import UserError
+from gfa.theory import accumulated_share
+from model import GPT, GPTConfig
+
+CKPT, MODEL_CONFIG, GRAD_DUMP, IMPORTANCE, LOG = (
+    "ckpt.pt", "model_config.json", "grad_norms.npz", "importance.json", "log.txt")
+KINDS = ("gpt", "resnet")
+
+
+def file(run, name):
+    return os.path.join(run, name)
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+def _atomic(path, write, binary=True):
+    """write(f) into a temporary file beside path, fsync, rename over path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(obj, path, **kw):
+    _atomic(path, lambda f: json.dump(obj, f, **kw), binary=False)
+
+
+def atomic_write_text(text, path):
+    _atomic(path, lambda f: f.write(text), binary=False)
+
+
+# ---- model config and checkpoint ------------------------------------------------------------------
+def write_model_config(run, kind, config):
+    assert kind in KINDS, kind
+    atomic_write_json({"kind": kind, "config": dict(config)}, file(run, MODEL_CONFIG), indent=1)
+
+
+def read_model_config(run):
+    """(kind, config dict) of a run: model_config.json, else (runs of earlier versions) the
+    architecture inside ckpt.pt."""
+    path = file(run, MODEL_CONFIG)
+    if os.path.isfile(path):
+        with open(path) as f:
+            d = json.load(f)
+        return (d["kind"], d["config"]) if "kind" in d else ("gpt", d)   # earlier versions: a bare GPTConfig
+    if os.path.isfile(file(run, CKPT)):
+        ckpt = read_checkpoint(run, kind=None)
+        if "model_config" in ckpt:
+            return ckpt.get("kind", "gpt"), ckpt["model_config"]
+    raise UserError(f"{run} has no {MODEL_CONFIG}: not a run directory (train one with train.py or resnet.py)")
+
+
+def save_checkpoint(run, kind, model_state, train_config, iter_num, **extra):
+    """<run>/ckpt.pt, atomically; extra: optimizer, grad_dump and the script's own keys."""
+    assert kind in KINDS, kind
+    atomic_save({"kind": kind, "model": model_state, "train_config": dict(train_config), "iter_num": int(iter_num),
+                 **extra}, file(run, CKPT))
+
+
+def read_checkpoint(run, kind="gpt"):
+    """The dict in <run>/ckpt.pt, memory-mapped (reading its train_config or grad_dump does not
+    pull the weights into memory). kind: the kind the caller can use (None: any)."""
+    if not os.path.isdir(run):
+        raise UserError(f"{run} is not a run directory (train one with train.py, or pass another run)")
+    path = file(run, CKPT)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist (train the run with train.py, or pass another run)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by this codebase")
+    have = ckpt.get("kind", "gpt")
+    if kind is not None and have != kind:
+        raise UserError(f"{run} holds a {have} model, not a {kind} one (pass a run of the right kind)")
+    return ckpt
+
+
+def load_gpt(run, device="cpu"):
+    """(GPT on device, checkpoint dict) of a run directory."""
+    ckpt = read_checkpoint(run, kind="gpt")
+    kind, config = read_model_config(run)
+    model = GPT(GPTConfig(**config))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt
+
+
+def save_gpt(run, model, train_config, iter_num, **extra):
+    """A whole GPT run directory at once: model_config.json and ckpt.pt (prune.py, tests)."""
+    write_model_config(run, "gpt", asdict(model.config))
+    save_checkpoint(run, "gpt", model.state_dict(), train_config, iter_num, **extra)
+
+
+# ---- the gradient-norm dump -----------------------------------------------------------------------
+class GradNormDump:
+    """<run>/grad_norms.npz, np.load-able:
+
+      names            [G] str      'embed', 'layer.0'..'layer.N-1', 'head' (ResNet: 'stem', ..., 'head')
+      steps            [T] int64    optimizer step of each row
+      norms            [T, G] f32   L2 norm of each group's global gradient (after the DDP
+                                    all-reduce, before clipping and before any equalisation)
+      norms_equalized  [T, G] f32   only with norm equalisation: the norms after the rescaling
+
+    record() keeps device tensors (no host sync); flush() copies them to the host once and
+    rewrites the file atomically. state_dict() travels in the checkpoint for exact resume."""
+
+    def __init__(self, names, path, equalized=False):
+        self.names, self.path, self.equalized = list(names), path, equalized
+        self.steps, self.norms, self.norms_eq = [], [], []          # host rows
+        self._pending = []                                          # (step, dev norms, dev eq norms)
+
+    def record(self, step, norms, norms_eq=None):
+        self._pending.append((step, norms.detach(), None if norms_eq is None else norms_eq.detach()))
+
+    def _drain(self):
+        if not self._pending:
+            return
+        self.steps.extend(s for s, _, _ in self._pending)
+        self.norms.extend(torch.stack([n for _, n, _ in self._pending]).float().cpu().numpy())
+        if self.equalized:
+            self.norms_eq.extend(torch.stack([e for _, _, e in self._pending]).float().cpu().numpy())
+        self._pending = []
+
+    def state_dict(self):
+        self._drain()
+        G = len(self.names)
+        out = {"names": self.names, "steps": np.asarray(self.steps, dtype=np.int64),
+               "norms": np.asarray(self.norms, dtype=np.float32).reshape(-1, G)}
+        if self.equalized:
+            out["norms_equalized"] = np.asarray(self.norms_eq, dtype=np.float32).reshape(-1, G)
+        return out
+
+    def flush(self):
+        arrays = self.state_dict()
+        _atomic(self.path, lambda f: np.savez(f, **(arrays | {"names": np.array(self.names)})))
+
+    def load_state_dict(self, sd, before_step=None):
+        """Restore rows, dropping any at or after before_step (the resumed step)."""
+        if list(sd["names"]) != self.names:
+            raise UserError("the checkpoint's gradient dump has other layer names than this model")
+        if self.equalized != ("norms_equalized" in sd):
+            raise UserError(f"the checkpoint was trained with equalize={not self.equalized}: resume with the same "
+                            f"equalize setting")
+        keep = [i for i, s in enumerate(sd["steps"]) if before_step is None or s < before_step]
+        self.steps = [int(sd["steps"][i]) for i in keep]
+        self.norms = [np.asarray(sd["norms"][i]) for i in keep]
+        self.norms_eq = [np.asarray(sd["norms_equalized"][i]) for i in keep] if self.equalized else []
+        self._pending = []
+
+
+def read_grad_dump(run, before_step=None, ckpt=None):
+    """The dump of a run as a dict: names, steps, norms (and norms_equalized), plus, derived here,
+    layer_names and the Eq. 2 share over the rows kept. before_step drops the rows at or after
+    it: pass the checkpoint's iter_num, and the share covers exactly the steps its weights saw.
+    Without grad_norms.npz, the copy inside ckpt (a read_checkpoint dict) is used."""
+    path = file(run, GRAD_DUMP)
+    if os.path.isfile(path):
+        with np.load(path) as z:
+            d = {k: z[k] for k in z.files if k in ("names", "steps", "norms", "norms_equalized")}
+    elif ckpt is not None and ckpt.get("grad_dump"):
+        d = dict(ckpt["grad_dump"])
+    else:
+        raise UserError(f"no gradient dump at {path}: train the run with train.py or resnet.py (they write it)")
+    d["names"] = [str(n) for n in d["names"]]
+    keep = np.ones(len(d["steps"]), dtype=bool) if before_step is None else np.asarray(d["steps"]) < before_step
+    for k in ("steps", "norms", "norms_equalized"):
+        if k in d:
+            d[k] = np.asarray(d[k])[keep]
+    if len(d["steps"]) == 0:
+        raise UserError(f"the gradient dump of {run} holds no steps" + (f" before step {before_step}"
+                                                                        if before_step is not None else ""))
+    d["layer_names"] = [n for n in d["names"] if n.startswith("layer.")]
+    d["share"] = accumulated_share(d["norms"], d["names"])
+    d["step_range"] = (int(d["steps"].min()), int(d["steps"].max()))
+    return d
+
+
+# ---- importance -------------------------------------------------------------------------------------
+def read_importance(run):
+    """<run>/importance.json as a dict, or None when there is none."""
+    path = file(run, IMPORTANCE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_importance(run, result):
+    atomic_write_json(result, file(run, IMPORTANCE), indent=1)
+
+
+# ---- the log ----------------------------------------------------------------------------------------
+class Log:
+    """print() and append to <run>/log.txt; on a DDP rank other than 0, nothing (master=False)."""
+
+    def __init__(self, run, master=True):
+        if master:
+            os.makedirs(run, exist_ok=True)
+        self.file = open(file(run, LOG), "a") if master else None
+
+    def __call__(self, line):
+        if self.file is not None:
+            print(line, flush=True)
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()

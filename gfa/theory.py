@@ -1,0 +1,179 @@
+"""
+The paper's quantities and the statistics the scripts report.
+
+Fan-in (Appendix B.1), layer l = 0..N-1:
+    plain stack          phi_l  = (N - l) + 1
+    deep supervision     phi'_l = (N - l + 1)(N - l + 2) / 2           (triangular numbers)
+    virtual depth        FanIn(L_p) = sum over virtual positions i (1-indexed) with V_i = L_p
+                                      of (N_virt - i + 2)
+The paper's virtual-depth example is inconsistent: its text says repeats 2,3,3,4 for layers
+5-8 (N_virt = 16), but its numbers L1..L8 = 18,17,16,15,27,33,24,20 come out exactly with
+repeats [1,1,1,1,2,3,3,5] (N_virt = 17), which config/virtual_depth.py uses (VIRTUAL_NOTE).
+
+Accumulated gradient share (Eq. 2): per layer, the sum over optimizer steps of the L2 norm of
+its gradient, normalised over the layers. Spearman's rho with a permutation p-value (no scipy),
+linear-vs-quadratic fits of the share, mean and sample std over seeds.
+"""
+import itertools
+import math
+
+import numpy as np
+
+VIRTUAL_NOTE = ("note: the paper's text says repeats 2,3,3,4 for layers 5-8 (16 virtual positions), but its "
+                "fan-in numbers 18,17,16,15,27,33,24,20 come out exactly with repeats [1,1,1,1,2,3,3,5] "
+                "(17 virtual positions); config/virtual_depth.py uses the latter (docs/paper_notes.md).")
+
+
+# ---- theory (Appendix B.1) ------------------------------------------------------------------
+def fanin_plain(N):
+    """phi_l = (N - l) + 1: the identity path plus the N - l downstream blocks (incl. the head)."""
+    return [N - l + 1 for l in range(N)]
+
+
+def fanin_deep_supervision(N):
+    """phi'_l = (N - l + 1)(N - l + 2) / 2: the final head plus an auxiliary head after every block."""
+    return [(N - l + 1) * (N - l + 2) // 2 for l in range(N)]
+
+
+def fanin_general(repeats, deep_supervision):
+    """Virtual depth: FanIn(L_p) = sum over the virtual positions i (1-indexed) of block p of
+    (N_virt - i + 2); with deep supervision an extra (e - i + 1) from the auxiliary head after
+    every physical block (at virtual position e >= i). Reduces to the two formulas above when
+    there is no repetition (the tests check it and the paper's virtual-depth numbers)."""
+    n_virt = sum(repeats)
+    ends = list(itertools.accumulate(repeats))            # virtual position after each block
+    out, i = [], 0
+    for r in repeats:
+        total = 0
+        for k in range(r):
+            pos = i + k + 1
+            total += n_virt - pos + 2
+            if deep_supervision:
+                total += sum(e - pos + 1 for e in ends if e >= pos)
+        out.append(total)
+        i += r
+    return out
+
+
+def theory_for(mc):
+    """(kind, per-layer fan-in, per-layer repeats) for a model-config dict (GPTConfig fields)."""
+    N = mc["n_layer"]
+    repeats = list(mc.get("repeats") or [1] * N)
+    deep = bool(mc.get("deep_supervision", False))
+    virtual = any(r != 1 for r in repeats)
+    kind = ("virtual depth + deep supervision" if virtual and deep else "virtual depth" if virtual
+            else "deep supervision (quadratic)" if deep else "plain (linear)")
+    return kind, fanin_general(repeats, deep), repeats
+
+
+# ---- Spearman correlation without scipy ----------------------------------------------------
+def rankdata(a):
+    """Ranks 1..n, ties get their average rank."""
+    a = np.asarray(a, dtype=np.float64)
+    order = np.argsort(a, kind="mergesort")
+    ranks = np.empty(len(a))
+    s = a[order]
+    i = 0
+    while i < len(a):
+        j = i
+        while j + 1 < len(a) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+_PERMS = {}
+
+
+def _all_permutations(n):
+    """All n! permutations of range(n) as an int8 array (n <= 10: at most 36 MB), cached."""
+    if n not in _PERMS:
+        p = np.zeros((1, 0), dtype=np.int8)
+        for k in range(n):   # insert value k at every position of every permutation of range(k)
+            new = np.empty((len(p) * (k + 1), k + 1), dtype=np.int8)
+            for pos in range(k + 1):
+                new[pos::k + 1, :pos] = p[:, :pos]
+                new[pos::k + 1, pos] = k
+                new[pos::k + 1, pos + 1:] = p[:, pos:]
+            p = new
+        _PERMS[n] = p
+    return _PERMS[n]
+
+
+def spearman(x, y, exact_max_n=10, n_perm=200_000, seed=0):
+    """Spearman's rho (Pearson correlation of average-tie ranks, as scipy.stats.spearmanr) and a
+    two-sided permutation p-value P(|rho_perm| >= |rho|) under the null of exchangeable pairs.
+
+    n <= exact_max_n: exact, enumerating all n! permutations (ties handled exactly).
+    larger n: Monte Carlo over n_perm random permutations with a fixed seed (deterministic),
+    p = (hits + 1) / (n_perm + 1) so it is never 0 (resolution ~5e-6 with the default).
+    Returns (nan, nan) when x or y is constant or n < 3."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"spearman needs two 1-d arrays of equal length, got {x.shape} and {y.shape}")
+    n = len(x)
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    if n < 3 or denom == 0:
+        return float("nan"), float("nan")
+    rho = float((rx * ry).sum() / denom)
+    tol = 1e-9 * (rx ** 2).sum() ** 0.5 * (ry ** 2).sum() ** 0.5
+    target = abs(rho) * denom - tol
+    if n <= exact_max_n:
+        perms = _all_permutations(n)
+        acc = np.zeros(len(perms))
+        for j in range(n):
+            acc += rx[j] * ry[perms[:, j]]
+        return rho, float((np.abs(acc) >= target).mean())
+    rng = np.random.default_rng(seed)
+    hits, done = 0, 0
+    while done < n_perm:
+        m = min(50_000, n_perm - done)
+        perms = np.argsort(rng.random((m, n)), axis=1)
+        hits += int((np.abs(ry[perms] @ rx) >= target).sum())
+        done += m
+    return rho, (hits + 1) / (n_perm + 1)
+
+
+# ---- fits of the share's shape -----------------------------------------------------------
+def fit_decay(share, N, theory=None):
+    """Which decay explains the share better: linear phi_l or quadratic phi'_l?
+    For each: R^2 of the least-squares affine fit share ~ a + b * phi/sum(phi) (shape only),
+    and the RMSE between the share and phi/sum(phi) (no free parameters). With theory (e.g. virtual
+    depth's fan-in) the same numbers for it too, under 'theory'; the verdict stays linear vs quadratic."""
+    share = np.asarray(share, dtype=np.float64)
+    share = share / share.sum()
+    out = {}
+    cands = [("linear", fanin_plain(N)), ("quadratic", fanin_deep_supervision(N))]
+    if theory is not None and list(theory) not in (cands[0][1], cands[1][1]):
+        cands.append(("theory", list(theory)))
+    for name, phi in cands:
+        p = np.asarray(phi, dtype=np.float64)
+        p = p / p.sum()
+        A = np.stack([np.ones(N), p], axis=1)
+        coef, *_ = np.linalg.lstsq(A, share, rcond=None)
+        resid = share - A @ coef
+        ss_tot = ((share - share.mean()) ** 2).sum()
+        r2 = 1 - (resid ** 2).sum() / ss_tot if ss_tot > 0 else float("nan")
+        out[name] = {"r2": float(r2), "slope": float(coef[1]), "rmse": float(np.sqrt(((share - p) ** 2).mean()))}
+    decaying = [k for k in ("linear", "quadratic") if out[k]["slope"] > 0 and np.isfinite(out[k]["r2"])]
+    best = max(decaying, key=lambda k: out[k]["r2"]) if decaying else None
+    out["verdict"] = ("neither (the share does not decay with depth)" if best is None
+                      else best if out[best]["r2"] >= 0.5
+                      else f"neither fits well (best {best}, R^2 {out[best]['r2']:.2f} < 0.5)")
+    return out
+
+
+def accumulated_share(norms, names):
+    """Eq. 2: per-layer sum over steps of ||grad||, normalised over the layers ('layer.*' groups)."""
+    cols = [i for i, n in enumerate(names) if n.startswith("layer.")]
+    acc = np.asarray(norms, dtype=np.float64).reshape(-1, len(names))[:, cols].sum(axis=0)
+    return acc / acc.sum() if acc.sum() > 0 else acc
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof=1; 0 for a single value), e.g. over seeds."""
+    v = np.asarray(values, dtype=np.float64)
+    return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)

@@ -1,0 +1,199 @@
+"""
+The training pieces train.py, resnet.py and bench.py share: LR schedule, AdamW grouping, DDP
+setup, the optimizer step with its per-layer gradient norms, norm equalisation and clipping,
+and the non-finite guard. None of them syncs with the host on the hot path.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gfa.cli import UserError
+from gfa.device import pick_device
+
+
+def cosine_lr(it, peak, floor, warmup, total):
+    """Linear warm-up over `warmup` steps, then cosine decay from peak to floor at step `total`."""
+    if it < warmup:
+        return peak * (it + 1) / (warmup + 1)
+    ratio = min(1.0, (it - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - floor)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def adamw(params, lr, betas, weight_decay, fused):
+    """AdamW with weight decay on matrices and convolutions only (dim >= 2; no norms or biases)."""
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=betas, fused=fused)
+
+
+# ---- processes ----------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    ddp: bool = False
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return torch.device(self.device).type
+
+
+def setup_distributed(device=""):
+    """One process, or one rank of a torchrun job (RANK set): its device (cuda:LOCAL_RANK on GPUs)
+    and the process group (nccl on GPUs, gloo on CPUs)."""
+    dev = pick_device(device)
+    if int(os.environ.get("RANK", -1)) == -1:
+        return Dist(device=dev)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.device(dev).type == "cuda":
+        dev = f"cuda:{local_rank}"
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    return Dist(rank, local_rank, world, dev, ddp=True)
+
+
+def teardown(d):
+    if d.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- the optimizer step -----------------------------------------------------------------------------
+class LayerGradNorms:
+    """L2 norm of each named parameter group's gradient, as one device tensor [G].
+
+    groups: {name: [params]} (GPT.param_groups_by_layer(), or the ResNet's). One fused
+    _foreach_norm over all gradients plus one index_add: no per-layer host sync."""
+
+    def __init__(self, groups):
+        self.names = list(groups)
+        self.params, index = [], []
+        for g, name in enumerate(self.names):
+            for p in groups[name]:
+                self.params.append(p)
+                index.append(g)
+        self.index = torch.tensor(index)
+
+    def __call__(self):
+        dev = self.params[0].device
+        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        sq = torch.zeros(len(self.names), device=dev, dtype=torch.float32)
+        if have:
+            key = (dev, tuple(have))
+            if getattr(self, "_key", None) != key:   # copy the index to the device once, not every step
+                self._key, self._dev_index = key, self.index[have].to(dev)
+            norms = torch._foreach_norm([self.params[i].grad for i in have])
+            sq.index_add_(0, self._dev_index, torch.stack(norms).float() ** 2)
+        return sq.sqrt()
+
+
+def clip_coef(total_norm, max_norm):
+    """The factor clip_grad_norm_ applies, as a device tensor (no host sync); 1 when max_norm <= 0."""
+    if max_norm <= 0:
+        return torch.ones_like(total_norm)
+    return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+
+
+def scaled_step(optimizer, grads, coef):
+    """optimizer.step() on the gradients multiplied by coef (a 0-d fp32 device tensor, such as
+    clip_coef's); the gradients are left scaled, as an in-place clip leaves them. A fused optimizer
+    scales inside its own pass over the gradients, through grad_scale (the hook torch.amp.GradScaler
+    uses: the kernel divides each gradient by it and writes the result back). That saves the
+    separate in-place pass over every gradient: -0.5 % to -1.5 % of a Vanilla-16L training step
+    on an H100 (docs/bench/probes/train_switches.py)."""
+    if optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale = coef.float().reciprocal()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+    else:
+        torch._foreach_mul_(grads, coef)
+        optimizer.step()
+
+
+class GradStep:
+    """Everything after backward, as train.py does it: per-layer gradient norms of the global
+    gradient (one fused reduction), optional norm equalisation, clipping of the total norm
+    (folded into a fused optimizer's own pass), the optimizer step, zero_grad.
+
+    Norm equalisation (Appendix A.2.2): each transformer layer's gradient is rescaled to the
+    largest layer norm, target / n_i (1 where n_i = 0); the other groups (embedding, head, a
+    ResNet's stem) are left alone, the same groups Eq. 2's share is over. The clip then acts
+    on the equalised total. Returns (norms, equalised norms or None, total norm), on the device."""
+
+    def __init__(self, groups, optimizer, grad_clip=0.0, equalize=False):
+        self.norms = LayerGradNorms(groups)
+        self.groups = [list(g) for g in groups.values()]   # LayerGradNorms' order
+        self.params = [p for g in self.groups for p in g]
+        self.optimizer, self.grad_clip, self.equalize = optimizer, grad_clip, equalize
+        self.is_layer = torch.tensor([n.startswith("layer.") for n in self.norms.names],
+                                     device=self.params[0].device)
+
+    def _equalize(self, norms):
+        target = torch.where(self.is_layer, norms, torch.zeros_like(norms)).max()
+        scale = torch.where(self.is_layer & (norms > 0), target / norms, torch.ones_like(norms))
+        for g, params in enumerate(self.groups):
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, scale[g])   # 0-dim device tensor: no host sync
+        return self.norms()
+
+    def __call__(self):
+        norms = self.norms()
+        norms_eq = self._equalize(norms) if self.equalize else None
+        total = (norms if norms_eq is None else norms_eq).square().sum().sqrt()
+        if self.grad_clip > 0:
+            scaled_step(self.optimizer, [p.grad for p in self.params if p.grad is not None],
+                        clip_coef(total, self.grad_clip))
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norms, norms_eq, total
+
+
+# ---- the non-finite guard -----------------------------------------------------------------------------
+class FiniteGuard:
+    """Catches a non-finite loss or gradient without a per-step host sync: each step leaves a
+    device flag, and check() reads them all at once (at log intervals and before every save)."""
+
+    def __init__(self):
+        self.pending = []
+
+    def watch(self, step, *values):
+        self.pending.append((step, ~torch.stack([torch.isfinite(v).all() for v in values]).all()))
+
+    def check(self, kept):
+        """UserError naming the first bad step; kept says what happens to the last checkpoint."""
+        if not self.pending:
+            return
+        flags = torch.stack([b for _, b in self.pending]).cpu().tolist()
+        steps = [s for s, _ in self.pending]
+        self.pending.clear()
+        if any(flags):
+            raise UserError(f"non-finite loss or gradient at step {steps[flags.index(True)]}: stopped ({kept}); "
+                            f"try a lower learning_rate or dtype=float32")
+
+
+def check_weights(model, step, kept):
+    """UserError when a weight or buffer is not finite (a finite loss does not prove finite weights:
+    an update can overflow them). One host sync: call it before saving, not every step."""
+    state = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not torch.isfinite(torch.stack(torch._foreach_norm(state))).all():
+        raise UserError(f"the weights are not finite after step {step}: stopped ({kept}); "
+                        f"try a lower learning_rate or dtype=float32")

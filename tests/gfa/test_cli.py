@@ -1,0 +1,79 @@
+"""gfa/cli.py: the configurator (types, unknown keys, files composed in order, a variant written
+relative to a scale, the default run name) and the one-line errors, in process and once end to end."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gfa.cli import UserError, cli, config_name, read_config, read_model_config
+from helpers import one_line_error
+from model import ConfigError, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_configurator_types_and_unknown_keys(tmp_path):
+    cfg = read_config(["--n_layer=3", "--n_head=(4,4,2)", "--rope_theta=500", "--deep_supervision=True"],
+                      GPTConfig.defaults())
+    assert cfg["n_head"] == [4, 4, 2] and cfg["rope_theta"] == 500.0 and cfg["deep_supervision"] is True
+    with pytest.raises(UserError, match="unknown config key 'n_layers'.*did you mean n_layer"):
+        read_config(["--n_layers=3"], GPTConfig.defaults())
+    with pytest.raises(UserError, match="expected int"):
+        read_config(["--n_layer=3.5"], GPTConfig.defaults())
+    with pytest.raises(UserError, match="expected bool"):
+        read_config(["--deep_supervision=1"], GPTConfig.defaults())
+    with pytest.raises(UserError, match="must look like --key=value"):
+        read_config(["--n_layer"], GPTConfig.defaults())
+    bad = tmp_path / "bad.py"
+    bad.write_text("n_layer = 'four'\n")
+    with pytest.raises(UserError, match="n_layer='four'"):
+        read_config([str(bad)], GPTConfig.defaults())
+    typo = tmp_path / "typo.py"
+    typo.write_text("batchsize = 3\n")
+    with pytest.raises(UserError, match="unknown config key 'batchsize' set by"):
+        read_config([str(typo)], {"batch_size": 1})
+    assert read_model_config([str(ROOT / "config/tiny.py")]).d_model == 128   # its batch_size etc. ignored
+    broken = tmp_path / "broken.py"
+    broken.write_text("n_layer = 1 / 0\n")
+    with pytest.raises(UserError, match="failed to run: ZeroDivisionError"):
+        read_config([str(broken)], GPTConfig.defaults())
+
+
+def test_files_compose_in_order_and_see_earlier_values(tmp_path):
+    scale, variant = tmp_path / "scale.py", tmp_path / "variant.py"
+    scale.write_text("d_ffn0 = 640\nn_layer = 4\n")
+    variant.write_text("S_f = d_ffn0 // 64   # relative to whatever scale came first\n")
+    cfg = read_config([str(scale), str(variant), "--n_layer=3"], GPTConfig.defaults())
+    assert (cfg["d_ffn0"], cfg["S_f"], cfg["n_layer"]) == (640, 10, 3)
+    alone = read_config([str(variant)], GPTConfig.defaults())   # after the defaults: the paper's 8192
+    assert alone["S_f"] == 128 and alone["n_layer"] == 16
+    # the shipped files: F1 at each scale tapers by 1/64 of its FFN width, as the paper's 8192 -> 128
+    for s, want in [(None, 128), ("small", 32), ("tiny", 8)]:
+        files = ([str(ROOT / f"config/{s}.py")] if s else []) + [str(ROOT / "config/cascade_f1.py")]
+        assert read_model_config(files).S_f == want
+
+
+def test_config_name_is_the_default_run_name():
+    assert config_name(["config/small.py", "config/cascade_a2.py", "--batch_size=8"]) == "small_cascade_a2"
+    assert config_name(["config/demo.py"]) == "demo" and config_name(["--n_layer=2"]) == "run"
+
+
+def test_cli_prints_one_line_for_user_errors(capsys):
+    def main(argv):
+        raise UserError("bad thing: fix it")
+    assert one_line_error(main, [], capsys) == "error: bad thing: fix it"
+
+    def bad_model(argv):
+        GPTConfig(n_layer=0)
+    assert "n_layer=0" in one_line_error(bad_model, [], capsys)
+    assert issubclass(ConfigError, ValueError)
+    assert cli(lambda argv: 7) == 7
+
+
+def test_end_to_end_one_line_error_without_traceback():
+    """The real entry point, as a user runs it: exit status 2, one line, no traceback."""
+    r = subprocess.run([sys.executable, "fanin.py", "--theory", "config/tiny.py", "config/vanilla_8l.py", "--n_layr=3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == "error: unknown config key 'n_layr' in --n_layr=3 (did you mean n_layer?)"

@@ -1,0 +1,112 @@
+"""gfa/rundir.py: the run directory contract. A GPT run round-trips through save_gpt/load_gpt,
+checkpoints carry their kind (a ResNet run is refused by the LM readers), the share is derived
+from the stored norms over the steps asked for, the checkpoint's copy of the dump stands in for
+a missing grad_norms.npz, runs of earlier versions still load, and a failed write leaves the
+previous file and no temporary file."""
+import json
+import os
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from gfa import rundir
+from gfa.cli import UserError
+from gfa.theory import accumulated_share
+from helpers import tiny_model, write_run
+
+
+def test_gpt_run_round_trips(tmp_path):
+    m = tiny_model(3, passthrough=[2])
+    run = write_run(tmp_path / "r", m, iter_num=7)
+    assert sorted(os.listdir(run)) == ["ckpt.pt", "grad_norms.npz", "model_config.json"]
+    kind, cfg = rundir.read_model_config(run)
+    assert kind == "gpt" and cfg == asdict(m.config)
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=False)
+    assert ckpt["kind"] == "gpt" and ckpt["iter_num"] == 7 and "model_config" not in ckpt   # stored once
+    again, ck = rundir.load_gpt(run)
+    x = torch.randint(0, 256, (2, 9))
+    assert again.passthrough == {2} and torch.equal(again(x)[0], m(x)[0]) and ck["iter_num"] == 7
+
+
+def test_kind_is_checked(tmp_path):
+    run = str(tmp_path / "resnet")
+    rundir.write_model_config(run, "resnet", {"width": 4})
+    rundir.save_checkpoint(run, "resnet", {"w": torch.zeros(1)}, {"lr": 1.0}, 3)
+    with pytest.raises(UserError, match="holds a resnet model, not a gpt one"):
+        rundir.load_gpt(run)
+    assert rundir.read_checkpoint(run, kind="resnet")["iter_num"] == 3
+    with pytest.raises(UserError, match="is not a run directory"):
+        rundir.read_checkpoint(str(tmp_path / "nowhere"))
+    (tmp_path / "junk").mkdir()
+    torch.save([1, 2], tmp_path / "junk" / "ckpt.pt")
+    with pytest.raises(UserError, match="not a checkpoint written by this codebase"):
+        rundir.read_checkpoint(str(tmp_path / "junk"))
+    with pytest.raises(UserError, match="no model_config.json"):
+        rundir.read_model_config(str(tmp_path / "nowhere"))
+
+
+def test_runs_of_earlier_versions_still_load(tmp_path):
+    """Before this layout: the architecture inside ckpt.pt (and a bare model_config.json), no kind."""
+    m = tiny_model(1)
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"model": m.state_dict(), "model_config": asdict(m.config), "iter_num": 4,
+                "train_config": {"dataset": "x"}}, old / "ckpt.pt")
+    again, _ = rundir.load_gpt(str(old))
+    x = torch.randint(0, 256, (1, 5))
+    assert torch.equal(again(x)[0], m(x)[0])
+    (old / "model_config.json").write_text(json.dumps(asdict(m.config)))
+    assert rundir.read_model_config(str(old)) == ("gpt", asdict(m.config))
+
+
+def test_share_is_derived_over_the_steps_asked_for(tmp_path):
+    m = tiny_model()
+    rows = np.random.default_rng(0).random((12, 6)) + 0.5
+    run = write_run(tmp_path / "r", m, rows=rows, iter_num=8)
+    with np.load(os.path.join(run, "grad_norms.npz")) as z:
+        assert sorted(z.files) == ["names", "norms", "steps"]   # no stored share to go stale
+    names = ["embed"] + [f"layer.{i}" for i in range(4)] + ["head"]
+    full = rundir.read_grad_dump(run)
+    assert full["step_range"] == (0, 11) and full["layer_names"] == names[1:-1]
+    np.testing.assert_allclose(full["share"], accumulated_share(rows, names), rtol=1e-6)
+    part = rundir.read_grad_dump(run, before_step=8)
+    assert part["step_range"] == (0, 7) and len(part["norms"]) == 8
+    np.testing.assert_allclose(part["share"], accumulated_share(rows[:8], names), rtol=1e-6)
+    # without grad_norms.npz, the copy in the checkpoint (written with it) stands in
+    os.remove(os.path.join(run, "grad_norms.npz"))
+    ckpt = rundir.read_checkpoint(run)
+    np.testing.assert_allclose(rundir.read_grad_dump(run, 8, ckpt)["share"], part["share"])
+    with pytest.raises(UserError, match="no gradient dump"):
+        rundir.read_grad_dump(run)
+    with pytest.raises(UserError, match="holds no steps before step 0"):
+        rundir.read_grad_dump(run, 0, ckpt)
+
+
+def test_dump_resume_drops_rows_at_and_after_the_step(tmp_path):
+    d = rundir.GradNormDump(["layer.0", "layer.1"], str(tmp_path / "g.npz"), equalized=True)
+    for s in range(5):
+        d.record(s, torch.tensor([s, 1.0]), torch.tensor([2.0, 2.0]))
+    sd = d.state_dict()
+    e = rundir.GradNormDump(["layer.0", "layer.1"], str(tmp_path / "g.npz"), equalized=True)
+    e.load_state_dict(sd, before_step=3)
+    assert e.state_dict()["steps"].tolist() == [0, 1, 2] and e.state_dict()["norms_equalized"].shape == (3, 2)
+    with pytest.raises(UserError, match="equalize=True"):
+        rundir.GradNormDump(["layer.0", "layer.1"], None).load_state_dict(sd)
+    with pytest.raises(UserError, match="other layer names"):
+        rundir.GradNormDump(["layer.0"], None, equalized=True).load_state_dict(sd)
+
+
+def test_failed_write_keeps_the_previous_file_and_no_temporary(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    rundir.atomic_save({"a": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        rundir.atomic_save({"a": Unpicklable()}, path)
+    assert torch.load(path) == {"a": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
+    rundir.atomic_write_text("x", str(tmp_path / "sub" / "t.md"))   # makes the folder
+    assert (tmp_path / "sub" / "t.md").read_text() == "x"

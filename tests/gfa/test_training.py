@@ -1,0 +1,110 @@
+"""gfa/training.py: the optimizer step equals torch's own clip_grad_norm_ then a single-tensor
+AdamW (fused and foreach, CPU and CUDA), norm equalisation, the LR schedule, the parameter
+groups, and the non-finite guard."""
+import math
+
+import pytest
+import torch
+
+from gfa.benchmark import load_config
+from gfa.cli import UserError
+from gfa.training import (FiniteGuard, GradStep, LayerGradNorms, adamw, check_weights, clip_coef, cosine_lr,
+                          scaled_step)
+from helpers import tiny_model
+from model import GPT
+
+
+def _clip_step_pair(device, fused):
+    """train.py's step (the clip's total from the per-layer norms, applied by scaled_step)
+    and torch's own clip_grad_norm_ then a single-tensor AdamW step, on copies of one state."""
+    torch.manual_seed(0)
+    model = GPT(load_config("tiny/cascade_a2")).to(device)
+    x = torch.randint(1, model.config.vocab_size, (2, 16), device=device)
+    model(x, x)[1].backward()
+    params = list(model.parameters())
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for c, p in zip(copies, params):
+        c.grad = p.grad.clone()
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    total = torch.nn.utils.clip_grad_norm_(copies, 0.05)
+    torch.optim.AdamW(copies, foreach=False, **hyper).step()
+    norms = LayerGradNorms(model.param_groups_by_layer())()
+    got_total = norms.square().sum().sqrt()
+    opt = torch.optim.AdamW(params, fused=fused, foreach=None if fused else True, **hyper)
+    scaled_step(opt, [p.grad for p in params], clip_coef(got_total, 0.05))
+    assert not hasattr(opt, "grad_scale")   # the next step is not scaled again
+    assert got_total.item() == pytest.approx(total.item(), rel=1e-5) and total.item() > 0.05   # clipping happened
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p.grad, c.grad, rtol=1e-5, atol=1e-8)   # left clipped, as clip_grad_norm_ leaves them
+        torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipped_step_equals_clip_grad_norm_then_adamw(fused):
+    _clip_step_pair("cpu", fused)
+
+
+@pytest.mark.gpu
+def test_clipped_step_equals_clip_grad_norm_then_adamw_gpu():
+    _clip_step_pair("cuda", True)
+
+
+def test_grad_step_is_train_pys_step():
+    """GradStep (train.py's and bench's 'dump' path) == per-layer norms by hand, then clip_grad_norm_
+    and AdamW; it returns the norms before clipping."""
+    a, b = tiny_model(2).train(), tiny_model(2).train()
+    x = torch.randint(0, 256, (2, 16))
+    for m in (a, b):
+        m(x, x)[1].backward()
+    groups = a.param_groups_by_layer()
+    hand = torch.stack([torch.cat([p.grad.flatten() for p in g]).norm() for g in groups.values()])
+    norms, norms_eq, total = GradStep(groups, adamw(a.parameters(), 1e-2, (0.9, 0.95), 0.1, fused=False), 0.05)()
+    torch.testing.assert_close(norms, hand)
+    torch.testing.assert_close(total, hand.square().sum().sqrt())
+    assert norms_eq is None and all(p.grad is None for p in a.parameters())   # zero_grad(set_to_none)
+    torch.nn.utils.clip_grad_norm_(list(b.parameters()), 0.05)
+    adamw(b.parameters(), 1e-2, (0.9, 0.95), 0.1, fused=False).step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_equalisation_rescales_layers_to_the_largest():
+    m = tiny_model(0).train()
+    x = torch.randint(0, 256, (2, 16))
+    m(x, x)[1].backward()
+    groups = m.param_groups_by_layer()
+    norms, eq, total = GradStep(groups, torch.optim.SGD(m.parameters(), lr=0.0), equalize=True)()
+    layers = [i for i, n in enumerate(groups) if n.startswith("layer.")]
+    assert norms[layers].std() > 0
+    torch.testing.assert_close(eq[layers], norms[layers].max().expand(len(layers)))
+    assert eq[0] == norms[0] and eq[-1] == norms[-1]   # embed and head untouched
+    torch.testing.assert_close(total, eq.square().sum().sqrt())
+
+
+def test_cosine_schedule_by_hand():
+    lr = lambda it: cosine_lr(it, 1.0, 0.1, warmup=4, total=14)
+    assert [lr(i) for i in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert lr(4) == 1.0 and lr(9) == pytest.approx(0.55) and lr(14) == pytest.approx(0.1) and lr(99) == pytest.approx(0.1)
+
+
+def test_adamw_decays_matrices_only():
+    opt = adamw(tiny_model().parameters(), 1e-3, (0.9, 0.95), 0.1, fused=False)
+    decay, rest = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert rest["weight_decay"] == 0.0 and rest["params"] and all(p.dim() == 1 for p in rest["params"])
+
+
+def test_finite_guard_names_the_first_bad_step():
+    g = FiniteGuard()
+    g.watch(3, torch.tensor(1.0), torch.tensor(2.0))
+    g.check("kept")   # all finite: nothing
+    g.watch(4, torch.tensor(1.0), torch.tensor(float("inf")))
+    g.watch(5, torch.tensor(float("nan")))
+    with pytest.raises(UserError, match=r"non-finite loss or gradient at step 4: stopped \(kept\)"):
+        g.check("kept")
+    m = tiny_model()
+    check_weights(m, 7, "kept")
+    with torch.no_grad():
+        m.blocks[1].ffn.down.weight[0, 0] = math.inf
+    with pytest.raises(UserError, match="the weights are not finite after step 7"):
+        check_weights(m, 7, "kept")

@@ -1,0 +1,66 @@
+"""What several test files share: the tiny model config, run directories written through
+gfa.rundir as train.py writes them, and the in-process check of a one-line error."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gfa import rundir
+from gfa.cli import cli
+from model import GPT, GPTConfig
+
+# the shared tiny shape: 4 layers of 4 heads x 8, d_model 32, bytes
+TINY = dict(vocab_size=256, block_size=32, d_model=32, n_layer=4, head_dim=8, d_attn0=32, S_d=8, d_ffn0=64)
+
+
+def tiny_config(**over):
+    return GPTConfig(**(TINY | over))
+
+
+def tiny_model(seed=0, **over):
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**over)).eval()
+
+
+def text_tokens(n, seed):
+    """Byte 'text' with structure (repeated words), so a model's numbers are not degenerate."""
+    rng = np.random.default_rng(seed)
+    words = [b"the ", b"cat ", b"sat ", b"on ", b"a ", b"mat. ", b"dog ", b"ran "]
+    out = b"".join(words[i] for i in rng.integers(0, len(words), n))
+    return np.frombuffer(out[:n], dtype=np.uint8).astype(np.uint16)
+
+
+def write_run(path, model, data_dir=None, rows=None, iter_num=5, dump=True, train_config=None):
+    """A run directory as train.py writes it (gfa.rundir): model_config.json, ckpt.pt, grad_norms.npz.
+    rows: the per-step norm rows, [steps, groups] (default: 5 random rows)."""
+    names = list(model.param_groups_by_layer())
+    d = rundir.GradNormDump(names, rundir.file(str(path), rundir.GRAD_DUMP))
+    if rows is None:
+        rows = 1.0 + np.random.default_rng(0).random((5, len(names)))
+    for step, row in enumerate(rows):
+        d.record(step, torch.tensor(row, dtype=torch.float32))
+    tc = {"dataset": "", "data_dir": str(data_dir or ""), "batch_size": 4, "seed": 0} | (train_config or {})
+    rundir.save_gpt(str(path), model, tc, iter_num, grad_dump=d.state_dict() if dump else None)
+    if dump:
+        d.flush()
+    return str(path)
+
+
+def write_jsonl(path, rows):
+    """rows: dicts (written as JSON) or raw lines."""
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def one_line_error(main, argv, capsys):
+    """Run main(argv) as its __main__ does (gfa.cli.cli); assert it exits 2 with one stderr line
+    'error: ...' and no traceback. Returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli(lambda _: main([str(a) for a in argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]

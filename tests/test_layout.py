@@ -1,0 +1,52 @@
+"""The layout's rules, checked on the source: imports run one way (scripts -> gfa.* -> model.py),
+no script imports another script, no import circle among the shared modules, and nothing in
+the repository refers to files outside it."""
+import ast
+import glob
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["train", "fanin", "prune", "bench", "resnet"]
+
+
+def project_imports(path):
+    """The project modules a file imports ('model', 'gfa.x', or a script's name), anywhere in it."""
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + ([f"gfa.{a.name}" for a in node.names] if node.module == "gfa" else [])
+        out |= {n for n in names if n == "model" or n.startswith("gfa.") or n in SCRIPTS}
+    return out - {"gfa"}
+
+
+def test_imports_run_one_way():
+    assert project_imports(os.path.join(ROOT, "model.py")) == set()   # the bottom: torch only
+    shared = {os.path.splitext(os.path.basename(p))[0]: project_imports(p)
+              for p in glob.glob(os.path.join(ROOT, "gfa", "*.py")) if not p.endswith("__init__.py")}
+    for name, deps in shared.items():
+        assert all(d == "model" or d.startswith("gfa.") for d in deps), (name, deps)   # never a script
+    scripts = [os.path.join(ROOT, f"{s}.py") for s in SCRIPTS] + glob.glob(os.path.join(ROOT, "data", "**", "*.py"),
+                                                                             recursive=True) \
+        + glob.glob(os.path.join(ROOT, "docs", "**", "*.py"), recursive=True)
+    for path in scripts:
+        deps = project_imports(path)
+        assert not deps & set(SCRIPTS), (path, deps)   # no script imports another script
+    # no circle among the shared modules: a topological order exists
+    graph = {n: {d[4:] for d in deps if d.startswith("gfa.")} for n, deps in shared.items()}
+    done = set()
+    while graph.keys() - done:
+        ready = [n for n in graph.keys() - done if graph[n] <= done]
+        assert ready, f"import circle among {sorted(graph.keys() - done)}"
+        done |= set(ready)
+
+
+def test_nothing_refers_outside_the_repository():
+    r = subprocess.run(["git", "grep", "-nE", r"\.\./shared|SPEC\.md", "--", ".", ":!tests/test_layout.py"],
+                       cwd=ROOT, capture_output=True, text=True)
+    if r.returncode == 128:   # not a git checkout (an unpacked archive): nothing to check against
+        return
+    assert r.stdout == "", r.stdout
