@@ -2,7 +2,7 @@
 Tokenise local text / jsonl / parquet files into nanoGPT-style uint16 train.bin / val.bin.
 
     python data/prepare_local.py --out_dir data/mycorpus corpus/*.jsonl.gz more_text.txt
-    python train.py config/small/vanilla_16l.py --dataset=mycorpus     # or --data_dir=/path/to/dir
+    python train.py config/small.py config/vanilla_16l.py --dataset=mycorpus   # or --data_dir=/path/to/dir
 
 Inputs (files or folders, searched recursively, in sorted order):
   .txt / .md          plain text; cut into ~64 KiB pieces at line breaks, which only matter for
