@@ -10,5 +10,5 @@ scripts (train.py, fanin.py, prune.py, bench.py, resnet.py) -> gfa.* -> model.py
   training     LR schedule, AdamW grouping, DDP setup, the optimizer step (per-layer gradient
                norms, norm equalisation, clipping), the non-finite guard
   device       device choice, compute dtype (autocast), peak FLOP/s per GPU
-  timing       benchmark timing, compile-with-progress and the kernel profile (bench.py)
+  benchmark    models to time, compile-with-progress, CUDA-event timing, the kernel profile (bench.py)
 """
