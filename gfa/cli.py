@@ -22,12 +22,16 @@ class UserError(ValueError):
 
 
 def cli(main):
-    """Run main(sys.argv[1:]); user mistakes (UserError, model.ConfigError) exit 2 with one line."""
+    """Run main(sys.argv[1:]); user mistakes (UserError, model.ConfigError) exit 2 with one line.
+    A closed stdout (`python fanin.py ... | head`) ends the script quietly, as it ends `cat`."""
     try:
         return main(sys.argv[1:])
     except (UserError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:   # Python's documented recipe: no traceback, no second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def _exec_config_file(path, current):

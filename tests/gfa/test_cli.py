@@ -77,3 +77,14 @@ def test_end_to_end_one_line_error_without_traceback():
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip() == "error: unknown config key 'n_layr' in --n_layr=3 (did you mean n_layer?)"
+
+
+def test_closed_stdout_ends_quietly():
+    """`python fanin.py --theory ... | head -1`: no BrokenPipeError traceback. 1000 layers print far
+    more than a pipe buffers, so the script is still writing when the reader goes away."""
+    p = subprocess.Popen([sys.executable, "fanin.py", "--theory", "config/tiny.py", "config/vanilla_8l.py",
+                          "--n_layer=1000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().startswith("d_model 128")
+    p.stdout.close()   # the reader goes away, as head does after its lines
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 1 and err == "", err
