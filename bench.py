@@ -44,7 +44,7 @@ from gfa import rundir
 from gfa.benchmark import (CpuEvent, build, build_hf, compiled, cost_tflop, first_call, free, one_line, profile,
                            resolve, set_dtype, stats, sync, time_calls, uniform, uses_cudagraphs)
 from gfa.cli import UserError, cli
-from gfa.device import autocast_for, peak_flops
+from gfa.device import autocast_for, peak_flops, pick_device
 from gfa.training import GradStep, adamw, clip_coef, scaled_step
 TABLE2 = ["vanilla_16l", "vanilla_15l", "vanilla_14l", "vanilla_13l", "vanilla_12l",
           "cascade_a1", "cascade_a2", "cascade_f1", "cascade_f2", "cascade_c1", "cascade_c2"]
@@ -367,7 +367,7 @@ def parse(argv):
     p.add_argument("configs", nargs="*", help="config names/paths or checkpoints (default: Table 2's 11 configs; "
                    "train: vanilla_16l)")
     p.add_argument("--mode", choices=["inference", "decode", "train"], default="inference")
-    p.add_argument("--ckpt", action="append", default=[], help="a checkpoint to time (repeatable)")
+    p.add_argument("--ckpt", action="append", default=[], help="a run directory to time (repeatable)")
     p.add_argument("--dtype", default="bfloat16", help="comma list of float32, tf32, bfloat16 (fp32/bf16 too)")
     p.add_argument("--bf16", choices=["cast", "autocast"], default="cast", help="inference/decode bf16: cast the "
                    "weights (default) or autocast over fp32 weights; training always autocasts")
@@ -389,12 +389,13 @@ def parse(argv):
     p.add_argument("--profile", action="store_true", help="CUDA: kernel time per call by kind (matmul, attention, "
                    "other, idle between kernels) and the top kernels of a few extra runs")
     p.add_argument("--hf", action="store_true", help="also time HF LlamaForCausalLM for each uniform config")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="", help="default cuda when available, else cpu")
     p.add_argument("--out", default=None, help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--cache_dir", default=None, help="inductor + triton on-disk cache (default: torch's)")
     p.add_argument("--deadline", type=float, default=0, help="seconds: skip models not started by then (0 = none)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    a.device = pick_device(a.device)
     a.compile = "none" if a.compile == "eager" else a.compile
     if a.compile is None:
         a.compile = "none" if not a.device.startswith("cuda") else ("reduce-overhead" if a.mode == "decode" else "default")
@@ -417,8 +418,6 @@ def parse(argv):
 def main(argv):
     args = parse(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible: use --device cpu with a tiny config")
     if args.cache_dir:
         os.makedirs(args.cache_dir, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(args.cache_dir)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from gfa import rundir
-from gfa.cli import UserError, cli, read_model_config
+from gfa.cli import UserError, cli, gpt_config
 from gfa.data import REPO, dataset_dir, load_tokens
 from gfa.device import DTYPES, autocast_for, pick_device
 from gfa.evaluation import evaluate
@@ -101,6 +101,8 @@ def importance_for_run(run, ckpt, mc, args):
     device = pick_device(args.device or "")
     on_gpu = torch.device(device).type == "cuda"
     data_path = args.data or os.path.join(dataset_dir(tc.get("dataset"), tc.get("data_dir")), "val.bin")
+    if args.block_size and not 1 <= args.block_size <= mc["block_size"]:
+        raise UserError(f"--block_size {args.block_size}: must be in [1, {mc['block_size']}], the model's block_size")
     settings = {"data": _data_key(data_path), "block_size": int(args.block_size or mc["block_size"]),
                 "batch_size": int(args.batch_size or min(int(tc.get("batch_size", 16)), 16)),
                 "eval_batches": int(args.eval_batches or (40 if on_gpu else 8)),
@@ -133,7 +135,7 @@ def analyse(run, args):
     if not os.path.isdir(run):
         raise UserError(f"{run} is not a run directory (train one with `python train.py config/x.py`)")
     kind, mc = rundir.read_model_config(run)
-    ckpt = rundir.read_checkpoint(run, kind) if os.path.isfile(rundir.file(run, rundir.CKPT)) else None
+    ckpt = rundir.read_checkpoint(run, kind) if rundir.has_checkpoint(run) else None
     # the share over the steps the checkpoint's weights have seen (all logged steps before the first one)
     dump = rundir.read_grad_dump(run, before_step=ckpt["iter_num"] if ckpt else None, ckpt=ckpt)
     share = np.asarray(dump["share"], dtype=np.float64)
@@ -353,7 +355,7 @@ def main(argv):
             if kind != "gpt":
                 raise UserError(f"{args.paths[0]} is a {kind} run: --theory describes language models")
         else:
-            mc = asdict(read_model_config(args.paths + extra))
+            mc = asdict(gpt_config(args.paths + extra))
         print_theory(mc)
         return
     if extra:

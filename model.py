@@ -395,7 +395,7 @@ def drop_layers(model, drop):
 
 
 def describe(model):
-    """The per-layer table `python model.py` prints."""
+    """The per-layer table of a model (`python fanin.py --theory config/x.py` prints it)."""
     cfg = model.config
     lines = [f"d_model {cfg.d_model}  head_dim {cfg.head_dim}  vocab {cfg.vocab_size}  block_size {cfg.block_size}"
              f"  deep_supervision {cfg.deep_supervision}",

@@ -14,6 +14,8 @@ a block with a projection shortcut keeps the projection, an identity block becom
 
 Training follows Table 5: AdamW (0.9, 0.999), weight decay 0.05 (not on BN/bias), peak lr 5e-4,
 per-step cosine with 5 warm-up epochs, global batch 512, 30 epochs, no clipping, seed 324709.
+The schedule is train.py's (gfa.training.cosine_lr: warm-up lr * (it + 1) / (warmup + 1); the
+committed Fashion-MNIST run used lr * (it + 1) / warmup, 0.2 % higher during its 585 warm-up steps).
 bf16 autocast + channels_last + torch.compile on GPUs, DDP under torchrun.
 
     python resnet.py --dataset=fashion_mnist --data_dir=/usr/share/datasets/fashion-mnist
@@ -51,7 +53,8 @@ from gfa.cli import UserError, cli, read_config
 from gfa.data import dataset_dir
 from gfa.device import autocast_for
 from gfa.theory import spearman
-from gfa.training import FiniteGuard, GradStep, adamw, check_weights, cosine_lr, set_lr, setup_distributed, teardown
+from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_weights, cosine_lr, set_lr,
+                          setup_distributed, teardown, use_compile)
 
 # ---- defaults (override with --key=value or a config file) -----------------------------------
 out_dir = "out/resnet"
@@ -72,6 +75,7 @@ log_interval = 50                # steps
 ckpt_interval = 0                # steps; 0 = at the end of every epoch only
 stop_iter = 0                    # stop (and checkpoint) at this step without changing the schedule; 0 = run to the end
 init_from = "scratch"            # 'scratch' | 'resume' (from out_dir/ckpt.pt)
+overwrite = False                # True: a new run may replace the run already in out_dir
 eval_batch_size = 1024           # per rank
 importance = True                # after training: block ablation -> importance.json
 analyse = False                  # only the importance analysis of out_dir's checkpoint
@@ -372,11 +376,10 @@ def write_importance(out, base, accs, log=print):
 def read_run(cfg):
     """The checkpoint that --analyse or --init_from=resume continues from (None for a new run);
     --analyse takes the run's own settings, except where the data lives and how to evaluate."""
-    if cfg["init_from"] not in ("scratch", "resume"):
-        raise UserError(f"init_from={cfg['init_from']!r}: use scratch or resume")
+    check_init_from(cfg["init_from"])
     if not (cfg["analyse"] or cfg["init_from"] == "resume"):
         return None, cfg
-    if not os.path.isfile(rundir.file(cfg["out_dir"], rundir.CKPT)):
+    if not rundir.has_checkpoint(cfg["out_dir"]):
         raise UserError(f"no checkpoint at {rundir.file(cfg['out_dir'], rundir.CKPT)}: train first (or fix --out_dir)")
     ckpt = rundir.read_checkpoint(cfg["out_dir"], kind="resnet")
     if cfg["analyse"]:
@@ -407,7 +410,7 @@ def build_model(cfg, data, ckpt, dev):
     return model
 
 
-def train(cfg, model, data, ckpt, d, ctx, log, use_compile):
+def train(cfg, model, data, ckpt, d, ctx, log, compiled):
     """Table 5's schedule in steps (per-step cosine; an epoch is n_train // batch_size steps), the
     gradient dump, an eval every epoch and a checkpoint every epoch (or ckpt_interval). Returns
     the step reached."""
@@ -432,17 +435,15 @@ def train(cfg, model, data, ckpt, d, ctx, log, use_compile):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         log(f"resumed from {rundir.file(out, rundir.CKPT)} at step {it}")
     raw = model
-    if use_compile:
+    if compiled:
         model = torch.compile(model)
     if d.ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     guard = FiniteGuard()
-    kept = lambda: (f"the last good checkpoint {rundir.file(out, rundir.CKPT)} is kept"
-                    if os.path.isfile(rundir.file(out, rundir.CKPT)) else "no checkpoint written")
 
     def save():   # on every rank alike (they hold the same weights), so a diverged model is never saved
-        guard.check(kept())
-        check_weights(raw, it, kept())
+        guard.check(rundir.kept(out))
+        check_weights(raw, it, rundir.kept(out))
         if d.master:
             dump.flush()
             rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
@@ -470,7 +471,7 @@ def train(cfg, model, data, ckpt, d, ctx, log, use_compile):
         it, n_steps = it + 1, n_steps + 1
         end_epoch = it % spe == 0
         if it % cfg["log_interval"] == 0 or end_epoch or it == stop:   # one host sync per interval
-            guard.check(kept())
+            guard.check(rundir.kept(out))
             dt = time.time() - t0
             log(f"step {it:6d}/{max_iters} | epoch {it / spe:5.2f} | loss {loss_acc.item() / n_steps:.4f} | "
                 f"lr {lr:.2e} | {n_steps * B / dt:8.0f} img/s | {1000 * dt / n_steps:6.1f} ms/step")
@@ -496,9 +497,7 @@ def main(argv):
         torch.backends.cudnn.benchmark = True     # fixed shapes: let cuDNN pick the fastest conv kernels
     dt = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
     ctx = autocast_for(dev.type, dt)
-    if cfg["compile"] not in (None, True, False):
-        raise UserError(f"compile={cfg['compile']!r}: use True or False (or leave it out: on for GPUs, off on CPU)")
-    use_compile = cfg["compile"] if cfg["compile"] is not None else dev.type == "cuda"
+    compiled = use_compile(cfg["compile"], dev.type)
     if cfg["batch_size"] % d.world:
         raise UserError(f"batch_size={cfg['batch_size']} does not divide over {d.world} ranks")
     if cfg["stem"] not in ("auto", "small", "imagenet"):
@@ -507,14 +506,14 @@ def main(argv):
     data = load_data(cfg)
     model = build_model(cfg, data, ckpt, dev)
     out = cfg["out_dir"]
+    if ckpt is None:   # a new run: never into a folder that holds another one (unless overwrite)
+        rundir.start_run(out, "resnet", model.config, cfg["overwrite"], write=d.master)
     log = rundir.Log(out, d.master)
-    if d.master and ckpt is None:
-        rundir.write_model_config(out, "resnet", model.config)
     log(f"ResNet-50: {sum(p.numel() for p in model.parameters()):,} params, {data['num_classes']} classes, "
         f"{data['in_channels']} ch, {'small' if model.config['small_stem'] else 'imagenet'} stem, width {cfg['width']}, "
         f"{n_items(data['train'])} train / {n_items(data['val'])} val images of {data['size']} px, "
-        f"{d.world} x {dev}, {dt}, compile={use_compile}")
-    it, max_iters = (0, 1) if cfg["analyse"] else train(cfg, model, data, ckpt, d, ctx, log, use_compile)
+        f"{d.world} x {dev}, {dt}, compile={compiled}")
+    it, max_iters = (0, 1) if cfg["analyse"] else train(cfg, model, data, ckpt, d, ctx, log, compiled)
     if cfg["analyse"] or (it >= max_iters and cfg["importance"]):
         base, accs = block_importance(model, data, cfg, dev, ctx, d.world, d.rank, log)
         if d.master:

@@ -32,10 +32,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gfa import rundir
 from gfa.cli import UserError, cli, config_name, read_config
-from gfa.data import get_batch, load_split, prepare_builtin
-from gfa.device import autocast_for, peak_flops
+from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
+from gfa.device import DTYPES, autocast_for, peak_flops
 from gfa.evaluation import evaluate
-from gfa.training import FiniteGuard, GradStep, adamw, check_weights, cosine_lr, set_lr, setup_distributed, teardown
+from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_weights, cosine_lr, set_lr,
+                          setup_distributed, teardown, use_compile)
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -44,6 +45,7 @@ out_dir = ""                   # '' = out/<config names>, e.g. out/small_cascade
 dataset = "dolma"              # data/<dataset>/{train,val}.bin
 data_dir = ""                  # any folder with train.bin / val.bin (overrides dataset)
 init_from = "scratch"          # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+overwrite = False              # True: a new run may replace the run already in out_dir
 seed = 324709
 batch_size = 64                # global sequences per optimizer step (x block_size tokens)
 gradient_accumulation_steps = 1
@@ -81,10 +83,9 @@ def check_settings(cfg, world):
     for k in ("max_iters", "eval_interval", "log_interval", "eval_iters", "eval_batch_size"):
         if cfg[k] < 1:
             raise UserError(f"{k}={cfg[k]}: must be >= 1")
-    if cfg["init_from"] not in ("scratch", "resume"):
-        raise UserError(f"init_from={cfg['init_from']!r}: use 'scratch' or 'resume'")
-    if cfg["compile"] not in (None, True, False):
-        raise UserError(f"compile={cfg['compile']!r}: use True or False (or leave it out: on for GPUs, off on CPU)")
+    if cfg["dtype"] not in DTYPES:
+        raise UserError(f"dtype={cfg['dtype']!r}: use float32, tf32 or bfloat16")
+    check_init_from(cfg["init_from"])
     return B // (world * accum)
 
 
@@ -142,13 +143,13 @@ def main(argv):
     train_data = load_split(cfg["dataset"], cfg["data_dir"], "train", model_cfg.vocab_size)
     val_data = load_split(cfg["dataset"], cfg["data_dir"], "val", model_cfg.vocab_size)
     ckpt = read_resume(cfg, model_cfg)
-    if d.master:
-        rundir.write_model_config(cfg["out_dir"], "gpt", asdict(model_cfg))
+    if ckpt is None:   # a new run: never into a folder that holds another one (unless overwrite)
+        rundir.start_run(cfg["out_dir"], "gpt", asdict(model_cfg), cfg["overwrite"], write=d.master)
     raw_model, optimizer, step, dump, iter_num, best_val = build(cfg, model_cfg, d, ckpt)
     del ckpt
-    use_compile = cfg["compile"] if cfg["compile"] is not None else d.device_type == "cuda"
+    compiled = use_compile(cfg["compile"], d.device_type)
     model = raw_model
-    if use_compile:   # fullgraph: the forward is one graph (layer loops unroll); a graph break would be a bug
+    if compiled:   # fullgraph: the forward is one graph (layer loops unroll); a graph break would be a bug
         model = torch.compile(model, fullgraph=not model_cfg.deep_supervision)
     eval_model = model
     if d.ddp:
@@ -156,9 +157,10 @@ def main(argv):
                     find_unused_parameters=bool(model_cfg.passthrough))   # passthrough layers get no grad
     log = rundir.Log(cfg["out_dir"], d.master)
     T, B = model_cfg.block_size, cfg["batch_size"]
+    data = dataset_dir(cfg["dataset"], cfg["data_dir"])
     log(f"model: {raw_model.num_params():,} params ({raw_model.num_params(False):,} without the embedding), "
-        f"{raw_model.flops_per_token(T) / 1e6:,.1f} MFLOP/token forward; {len(train_data):,} train tokens")
-    log(f"device {d.device} x {d.world}, dtype {cfg['dtype']}, compile {use_compile}; global batch {B} x {T} tokens"
+        f"{raw_model.flops_per_token(T) / 1e6:,.1f} MFLOP/token forward; data {data}: {len(train_data):,} train tokens")
+    log(f"device {d.device} x {d.world}, dtype {cfg['dtype']}, compile {compiled}; global batch {B} x {T} tokens"
         f" = {micro} per micro-step x {cfg['gradient_accumulation_steps']} accumulation x {d.world} ranks"
         + (f"; resuming at step {iter_num}" if iter_num else ""))
     loop = Loop(cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro)
@@ -185,13 +187,10 @@ class Loop:
             wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg)
             self.wandb = wandb
 
-    def kept(self):
-        path = rundir.file(self.cfg["out_dir"], rundir.CKPT)
-        return f"{path} keeps the last good checkpoint" if os.path.isfile(path) else "no checkpoint written"
-
     def evaluate_and_save(self, val_data, it, start, best_val):
         cfg = self.cfg
-        self.guard.check(self.kept())   # never save a checkpoint of a run that went non-finite
+        self.guard.check(rundir.kept(cfg["out_dir"]))   # never save a checkpoint of a run that went non-finite
+        check_weights(self.raw_model, it, rundir.kept(cfg["out_dir"]))   # an update can overflow the weights
         if not self.d.master:
             return best_val
         val = evaluate(self.eval_model, val_data, self.raw_model.config.block_size, cfg["eval_batch_size"],
@@ -202,7 +201,6 @@ class Loop:
             self.wandb.log({"step": it, "val/loss": val, "val/ppl": math.exp(min(val, 50))})
         stopping = 0 < cfg["stop_iter"] <= it   # a stop is for resuming: always save
         if it > start and (val < best_val or cfg["always_save_checkpoint"] or stopping):
-            check_weights(self.raw_model, it, self.kept())
             self.dump.flush()
             rundir.save_checkpoint(cfg["out_dir"], "gpt", self.raw_model.state_dict(), self.train_cfg, it,
                                    optimizer=self.optimizer.state_dict(), best_val_loss=min(best_val, val),
@@ -237,7 +235,7 @@ class Loop:
 
     def log_step(self, it, loss_sum, total, dt):
         cfg, d = self.cfg, self.d
-        self.guard.check(self.kept())
+        self.guard.check(rundir.kept(self.cfg["out_dir"]))
         if d.ddp:   # the global batch's loss, as one process would report it
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.SUM)
             loss_sum /= d.world

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from gfa import rundir
-from gfa.cli import UserError, read_model_config
+from gfa.cli import UserError, gpt_config
 from gfa.data import REPO
 from gfa.device import autocast_for
 from model import GPT
@@ -31,17 +31,19 @@ def resolve(item):
         files = [item]
     else:   # vanilla_16l -> config/vanilla_16l.py; small/cascade_a2 -> config/small.py, config/cascade_a2.py
         files = [os.path.join(REPO, "config", part + ".py") for part in item.split("/")]
-    for f in files:
-        if not os.path.isfile(f):
-            raise UserError(f"config {item}: no file {f} (names are config/<variant>.py, e.g. vanilla_16l, or "
-                            f"<scale>/<variant>, e.g. tiny/cascade_a2)")
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing and (item.endswith(".pt") or os.path.isfile(item)):
+        raise UserError(f"{item}: pass the run directory that holds it (ckpt.pt with model_config.json)")
+    if missing:
+        raise UserError(f"{item}: no run directory, and no config file {missing[0]} (names are config/<variant>.py, "
+                        f"e.g. vanilla_16l, or <scale>/<variant>, e.g. tiny/cascade_a2)")
     name = item if not item.endswith(".py") else os.path.basename(item)[:-3]
     return name, files, None
 
 
 def load_config(item):
     """GPTConfig of a config name or path (the model keys only)."""
-    return read_model_config(resolve(item)[1])
+    return gpt_config(resolve(item)[1])
 
 
 def build(item, device, seq):

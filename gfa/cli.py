@@ -3,11 +3,13 @@ The command line: the nanoGPT-style configurator and one-line errors for user mi
 
     python train.py config/small.py config/cascade_a2.py --batch_size=8 --F_d=4
 
-Config files are plain Python, run in order; each one sees the values set so far (the
-script's defaults, then earlier files), so a variant can be written relative to a scale,
-e.g. `S_f = d_ffn0 // 64`. Then --key=value overrides (Python literals, or bare strings).
-Unknown keys and type mismatches are one-line errors, like every UserError: cli() prints
-`error: ...` and exits with status 2, without a traceback.
+Config files (plain Python) and --key=value overrides (Python literals, or bare strings) are
+applied in the order given. Each file sees the values set before it (the script's defaults,
+then earlier files and overrides), so a variant can be written relative to a scale, e.g.
+`S_f = d_ffn0 // 64`. Changing a value after a file computed from it would leave that result
+stale, so it is an error that says which order to use. Unknown keys and type mismatches are
+one-line errors too, like every UserError: cli() prints `error: ...` and exits with status 2,
+without a traceback.
 """
 import ast
 import difflib
@@ -34,17 +36,30 @@ def cli(main):
         sys.exit(1)
 
 
+class _Namespace(dict):
+    """A config file's namespace: it remembers the names the file reads."""
+
+    def __init__(self, values):
+        super().__init__(values)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
 def _exec_config_file(path, current):
-    """The names a config file assigns, run with the current values visible to it."""
+    """(the names a config file assigns, the names it reads), run with the current values visible."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist (see config/ for the available ones)")
-    ns = dict(current)
-    try:
-        exec(compile(open(path).read(), path, "exec"), ns)
+    ns = _Namespace(current)
+    try:   # the values as globals too, so a comprehension in the file sees them
+        exec(compile(open(path).read(), path, "exec"), dict(current), ns)
     except Exception as e:
         raise UserError(f"config file {path} failed to run: {type(e).__name__}: {e}") from None
-    return {k: v for k, v in ns.items() if not k.startswith("_") and not callable(v)
-            and not isinstance(v, type(os)) and (k not in current or v is not current[k])}
+    assigned = {k: v for k, v in ns.items() if not k.startswith("_") and not callable(v)
+                and not isinstance(v, type(os)) and (k not in current or v is not current[k])}
+    return assigned, ns.read
 
 
 def _coerce(key, value, default):
@@ -62,17 +77,24 @@ def _coerce(key, value, default):
 
 
 def read_config(argv, defaults, ignore_other_keys=False):
-    """Merge defaults, then config files (positional *.py), then --key=value overrides.
+    """Merge defaults, then config files (positional *.py) and --key=value overrides, in order.
 
     defaults: the script's keys and their default values (types are enforced).
     ignore_other_keys: keys a config file sets for other scripts (batch_size, ... when only the
-    model is read) are ignored; an unknown --override is still an error."""
-    cfg = dict(defaults)
+    model is read) are ignored, though later files still see them; an unknown --override is
+    still an error."""
+    cfg, seen, used = dict(defaults), dict(defaults), {}   # seen: what the next file sees; used: key -> reader
 
     def unknown(key, where):
         close = difflib.get_close_matches(key, list(defaults), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         return UserError(f"unknown config key '{key}' {where}{hint}")
+
+    def change(key, value, where):
+        if key in used and key in seen and value != seen[key]:
+            raise UserError(f"{where} changes {key} after {used[key]} computed from it: give {where} "
+                            f"before {used[key]}")
+        seen[key] = value
 
     for arg in argv:
         if arg.startswith("--"):
@@ -86,18 +108,23 @@ def read_config(argv, defaults, ignore_other_keys=False):
             except (ValueError, SyntaxError):
                 value = raw   # a bare string, e.g. --device=cuda
             cfg[key] = _coerce(key, value, defaults[key])
+            change(key, cfg[key], arg)
         elif arg.endswith(".py"):
-            for key, value in _exec_config_file(arg, cfg).items():
+            assigned, read = _exec_config_file(arg, seen)
+            for key, value in assigned.items():
                 if key in defaults:
                     cfg[key] = _coerce(key, value, defaults[key])
                 elif not ignore_other_keys:
                     raise unknown(key, f"set by {arg}")
+                change(key, value, arg)
+            for key in read:
+                used.setdefault(key, arg)
         else:
             raise UserError(f"argument '{arg}' is neither a config file (*.py) nor a --key=value override")
     return cfg
 
 
-def read_model_config(argv):
+def gpt_config(argv):
     """The GPTConfig that config files + overrides describe (other scripts' keys are ignored)."""
     return GPTConfig.from_dict(read_config(argv, GPTConfig.defaults(), ignore_other_keys=True))
 

@@ -21,6 +21,7 @@ import torch
 
 from gfa.cli import UserError
 from gfa.data import eval_batches
+from gfa.prepare import load_encoding
 from model import cross_entropy
 
 
@@ -41,15 +42,11 @@ def evaluate(model, data, block_size, batch_size, n_batches, device, ctx=None):
 
 
 def get_encoder(vocab_size):
+    """text -> token ids for a model's vocabulary: 256 -> UTF-8 bytes, >= 50257 -> GPT-2 BPE."""
     if vocab_size == 256:
         return lambda s: list(s.encode("utf-8"))
     if vocab_size >= 50257:
-        try:
-            import tiktoken
-            enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR "
-                            f"to a tiktoken cache holding gpt2") from None
+        enc = load_encoding("gpt2")
         return lambda s: enc.encode(s, allowed_special="all")
     raise UserError(f"vocab_size={vocab_size}: no tokenizer known for it (256 = bytes, >= 50257 = GPT-2 BPE)")
 

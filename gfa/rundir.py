@@ -3,8 +3,8 @@ The run directory: one folder per run, read and written only through this module
 
     <run>/model_config.json   {"kind": "gpt" | "resnet", "config": {...}}: the architecture, the
                               one record of it (GPTConfig fields, or resnet.py's ResNet50 arguments);
-                              written when a run starts, so a run can be analysed before its first
-                              checkpoint
+                              written when a run starts (start_run), so a run can be analysed
+                              before its first checkpoint
     <run>/ckpt.pt             {"kind", "model" (state dict), "train_config" (the script's settings,
                               no model keys), "iter_num" (optimizer steps taken), "optimizer",
                               "grad_dump" (GradNormDump.state_dict(), for exact resume), plus the
@@ -17,8 +17,11 @@ The run directory: one folder per run, read and written only through this module
     fanin.py also writes fanin_summary.json and its figures there, prune.py a prune/ folder.
 
 Every write is atomic (a temporary file, then a rename): a kill mid-write leaves the previous
-file intact. The Eq. 2 share is never stored: read_grad_dump() derives it from the stored norms,
-over the step range it reports (for a checkpointed run, the steps its weights have seen).
+file intact. A new run never starts in a folder that holds another run's checkpoint or dump
+(start_run), so the files of a run always belong together. The Eq. 2 share is never stored:
+read_grad_dump() derives it from the stored norms, over the step range it reports (for a
+checkpointed run, the steps its weights have seen). Runs of earlier versions (the architecture
+inside ckpt.pt, a bare model_config.json, resnet.py's resnet_ckpt.pt) are still read.
 """
 import json
 import os
@@ -34,6 +37,7 @@ from model import GPT, GPTConfig
 CKPT, MODEL_CONFIG, GRAD_DUMP, IMPORTANCE, LOG = (
     "ckpt.pt", "model_config.json", "grad_norms.npz", "importance.json", "log.txt")
 KINDS = ("gpt", "resnet")
+OLD_RESNET_CKPT = "resnet_ckpt.pt"   # resnet.py's checkpoint before checkpoints carried their kind
 
 
 def file(run, name):
@@ -69,6 +73,21 @@ def atomic_write_text(text, path):
 
 
 # ---- model config and checkpoint ------------------------------------------------------------------
+def start_run(run, kind, config, overwrite=False, write=True):
+    """Begin a new run in `run`: refuse a folder that holds another run (its checkpoint or gradient
+    dump) unless overwrite, which first removes that run's files (those listed above); then write
+    model_config.json. write=False (DDP ranks other than 0) only checks."""
+    existing = [f for f in (CKPT, GRAD_DUMP, OLD_RESNET_CKPT) if os.path.isfile(file(run, f))]
+    if existing and not overwrite:
+        raise UserError(f"{run} already holds a run ({', '.join(existing)}): continue it with --init_from=resume, "
+                        f"pick another --out_dir, or replace it with --overwrite=True")
+    if write:
+        for f in (CKPT, GRAD_DUMP, OLD_RESNET_CKPT, IMPORTANCE, LOG):
+            if os.path.isfile(file(run, f)):
+                os.remove(file(run, f))
+        write_model_config(run, kind, config)
+
+
 def write_model_config(run, kind, config):
     assert kind in KINDS, kind
     atomic_write_json({"kind": kind, "config": dict(config)}, file(run, MODEL_CONFIG), indent=1)
@@ -76,17 +95,28 @@ def write_model_config(run, kind, config):
 
 def read_model_config(run):
     """(kind, config dict) of a run: model_config.json, else (runs of earlier versions) the
-    architecture inside ckpt.pt."""
+    architecture inside its checkpoint, or a ResNet run known by its importance metric."""
     path = file(run, MODEL_CONFIG)
     if os.path.isfile(path):
-        with open(path) as f:
-            d = json.load(f)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
         return (d["kind"], d["config"]) if "kind" in d else ("gpt", d)   # earlier versions: a bare GPTConfig
-    if os.path.isfile(file(run, CKPT)):
+    if os.path.isfile(file(run, CKPT)) or os.path.isfile(file(run, OLD_RESNET_CKPT)):
         ckpt = read_checkpoint(run, kind=None)
         if "model_config" in ckpt:
-            return ckpt.get("kind", "gpt"), ckpt["model_config"]
+            return ckpt["kind"], ckpt["model_config"]
+    if (read_importance(run) or {}).get("metric") == "top1_drop":
+        return "resnet", {}
     raise UserError(f"{run} has no {MODEL_CONFIG}: not a run directory (train one with train.py or resnet.py)")
+
+
+def kept(run):
+    """What a stopped run leaves, for its error message."""
+    path = file(run, CKPT)
+    return f"the last good checkpoint {path} is kept" if os.path.isfile(path) else "no checkpoint written"
 
 
 def save_checkpoint(run, kind, model_state, train_config, iter_num, **extra):
@@ -102,15 +132,21 @@ def read_checkpoint(run, kind="gpt"):
     if not os.path.isdir(run):
         raise UserError(f"{run} is not a run directory (train one with train.py, or pass another run)")
     path = file(run, CKPT)
+    if not os.path.isfile(path) and os.path.isfile(file(run, OLD_RESNET_CKPT)):
+        path = file(run, OLD_RESNET_CKPT)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist (train the run with train.py, or pass another run)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by this codebase")
-    have = ckpt.get("kind", "gpt")
+    have = ckpt.setdefault("kind", "resnet" if path.endswith(OLD_RESNET_CKPT) else "gpt")   # earlier versions: none
     if kind is not None and have != kind:
         raise UserError(f"{run} holds a {have} model, not a {kind} one (pass a run of the right kind)")
     return ckpt
+
+
+def has_checkpoint(run):
+    return os.path.isfile(file(run, CKPT)) or os.path.isfile(file(run, OLD_RESNET_CKPT))
 
 
 def load_gpt(run, device="cpu"):
@@ -123,8 +159,11 @@ def load_gpt(run, device="cpu"):
 
 
 def save_gpt(run, model, train_config, iter_num, **extra):
-    """A whole GPT run directory at once: model_config.json and ckpt.pt (prune.py, tests)."""
+    """A whole GPT run directory at once: model_config.json and ckpt.pt (prune.py, tests). Model
+    keys in train_config (runs of earlier versions kept them there) are dropped: the architecture
+    is model_config.json's alone."""
     write_model_config(run, "gpt", asdict(model.config))
+    train_config = {k: v for k, v in train_config.items() if k not in GPTConfig.defaults()}
     save_checkpoint(run, "gpt", model.state_dict(), train_config, iter_num, **extra)
 
 

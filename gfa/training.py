@@ -14,6 +14,18 @@ from gfa.cli import UserError
 from gfa.device import pick_device
 
 
+def check_init_from(value):
+    if value not in ("scratch", "resume"):
+        raise UserError(f"init_from={value!r}: use 'scratch' or 'resume'")
+
+
+def use_compile(setting, device_type):
+    """compile=None (the default): on for GPUs, off on CPUs; True / False as given."""
+    if setting not in (None, True, False):
+        raise UserError(f"compile={setting!r}: use True or False (or leave it out: on for GPUs, off on CPU)")
+    return device_type == "cuda" if setting is None else setting
+
+
 def cosine_lr(it, peak, floor, warmup, total):
     """Linear warm-up over `warmup` steps, then cosine decay from peak to floor at step `total`."""
     if it < warmup:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gfa.cli import read_model_config
+from gfa.cli import gpt_config
 from model import GPT, ConfigError, GPTConfig, apply_rope, drop_layers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ FFN = {"f1": (8192, 6272), "f2": (8192, 4352)}
 def paper_config(name, scale=None):
     """A variant alone (the paper's 1.2B scale), or after a scale file (config/small.py, config/tiny.py)."""
     files = ([str(ROOT / "config" / f"{scale}.py")] if scale else []) + [str(ROOT / "config" / f"{name}.py")]
-    return read_model_config(files)
+    return gpt_config(files)
 
 
 def meta_model(cfg):

@@ -134,6 +134,9 @@ def test_cli_table_two_seeds_and_save_pruned(tmp_path, byte_data, monkeypatch):
         m = tiny_model(seed)
         zero_branch(m, 2)
         runs.append(make_run(tmp_path / f"seed{seed}", m, byte_data, share_min=1))
+    old_style = torch.load(os.path.join(runs[0], "ckpt.pt"), weights_only=False)   # as earlier versions wrote it
+    old_style["train_config"]["n_layer"] = N
+    torch.save(old_style, os.path.join(runs[0], "ckpt.pt"))
     hs = write_jsonl(tmp_path / "hs.jsonl", HS_ROWS)
     out = tmp_path / "table"
     res = prune.main(["--runs", *runs, "--k", "1,2", "--hellaswag", hs, "--eval_batches", "2", "--batch_size", "4",
@@ -161,6 +164,7 @@ def test_cli_table_two_seeds_and_save_pruned(tmp_path, byte_data, monkeypatch):
     model, ckpt = rundir.load_gpt(str(small))
     assert model.config.n_layer == N - 2 and ckpt["pruned_from"]["removed_layers"] == r[0]["cells"]["cfp/2"]["layers"]
     assert rundir.read_model_config(str(small))[1]["n_layer"] == N - 2   # the run's files agree
+    assert "n_layer" not in ckpt["train_config"]   # a source run of an earlier version kept model keys there
     assert rundir.read_grad_dump(str(small))["layer_names"] == ["layer.0", "layer.1"]
     r2 = prune.main(["--runs", str(small), "--k", "1", "--methods", "cfp,magnitude", "--hellaswag", "none",
                      "--eval_batches", "2", "--batch_size", "4", "--device", "cpu", "--out", str(tmp_path / "t3")])

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import resnet
 from gfa import rundir
 from gfa.cli import UserError
-from gfa.training import LayerGradNorms
+from gfa.training import LayerGradNorms, cosine_lr
 
 load_grad_dump = rundir.read_grad_dump
 
@@ -107,6 +107,9 @@ def test_training_lowers_loss_and_writes_the_run(tmp_path):
     resnet.main(TINY + ["--epochs=5", f"--out_dir={out}"])
     losses = _losses(out)
     assert len(losses) == 5 * 4 // 4
+    # the schedule is train.py's (gfa.training.cosine_lr): 4 steps per epoch, 1 warm-up epoch, 20 steps
+    logged = re.findall(r"step +(\d+)/20 .*\| lr ([0-9.e+-]+) \|", open(os.path.join(out, "log.txt")).read())
+    assert [lr for _, lr in logged] == [f"{cosine_lr(int(s) - 1, 5e-3, 1e-6, 4, 20):.2e}" for s, _ in logged]
     assert losses[-1] < 0.8 * losses[0], losses
     dump = load_grad_dump(out)                       # the format fanin.py reads
     assert dump["names"] == ["stem"] + [f"layer.{i}" for i in range(16)] + ["head"]

@@ -128,6 +128,23 @@ def test_run_directory(tmp_path):
     assert rundir.read_model_config(str(tmp_path / "out/tiny_vanilla_8l"))[1]["n_layer"] == 8
 
 
+def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
+    """A run directory's files belong to one run: a new run into a folder holding another is
+    refused (files untouched) unless --overwrite=True, which replaces the old run's files."""
+    import hashlib
+    _, out = run(tmp_path, "a", "--max_iters=2")
+    digest = lambda: {f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest() for f in os.listdir(out)}
+    before = digest()
+    for extra in (["--n_layer=2"], ["--n_layer=2", "--dtype=fp16"]):
+        msg = one_line_error(train.main, [*TINY, f"--out_dir={out}", "--max_iters=2", *extra], capsys)
+        assert "already holds a run" in msg or "dtype='fp16'" in msg, msg
+        assert digest() == before
+    train.main(TINY + [f"--out_dir={out}", "--max_iters=2", "--n_layer=2", "--overwrite=True"])
+    model, ckpt = rundir.load_gpt(out)   # the files agree: the 2-layer architecture, the 2-layer weights
+    assert model.config.n_layer == 2 and rundir.read_grad_dump(out, ckpt["iter_num"])["norms"].shape == (2, 4)
+    assert open(os.path.join(out, "log.txt")).read().count("model: ") == 1   # the old run's log went with it
+
+
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     base = [*TINY, "--max_iters=4", "--eval_interval=2"]
     fails = lambda *extra: one_line_error(train.main, [*base, *extra], capsys)
@@ -146,7 +163,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "does not exist" in fails("--init_from=resume", f"--out_dir={tmp_path / 'none'}")
     assert "trained with equalize=False" in fails("--init_from=resume", "--equalize=True", f"--out_dir={out}")
     msg = fails("--init_from=resume", "--learning_rate=1e30", "--max_iters=8", f"--out_dir={out}")
-    assert "non-finite" in msg and "keeps the last good checkpoint" in msg
+    assert "non-finite" in msg and f"the last good checkpoint {out}/ckpt.pt is kept" in msg
     step = int(msg.split("at step ")[1].split(":")[0])
     assert step == 3   # resumed at 2; step 2's lr-1e30 update makes step 3's loss non-finite (not a restart from 0)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)

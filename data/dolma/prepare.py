@@ -10,17 +10,15 @@ EOT token (50256) after each document. Stops at a token budget (the paper: one e
 Needs network access to the Hugging Face Hub (or a local mirror via HF_HOME / HF_DATASETS_OFFLINE)
 and tiktoken's gpt2 files (TIKTOKEN_CACHE_DIR for an offline cache). 7B tokens are 14 GB on disk.
 Already have Dolma's .json.gz shards locally? `python data/dolma/prepare.py --data_files shards/*.json.gz`
-streams them through the same `datasets` code (so does data/prepare_local.py, without `datasets`). The tokenise-and-write code is data/prepare_local.py's write_bins().
+streams them through the same `datasets` code (so does data/prepare_local.py, without `datasets`). The tokenise-and-write code is gfa/prepare.py's write_bins().
 """
 import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # data/
-from prepare_local import write_bins  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))   # the repo root
 from gfa.cli import UserError, cli  # noqa: E402
+from gfa.prepare import write_bins  # noqa: E402
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ import pytest
 
 from gfa.cli import UserError
 from gfa.data import DATA
+from gfa.prepare import write_bins
 
 sys.path.insert(0, DATA)
 import prepare_local  # noqa: E402
@@ -86,6 +87,6 @@ def test_bad_line_mid_stream_leaves_no_files(tmp_path, bad, msg, workers):
     # one document per batch: the first windows are tokenised and written before the bad line is read
     docs = prepare_local.iter_documents([src])
     with pytest.raises(UserError, match=f"c.jsonl:31.*{msg}") as e:
-        prepare_local.write_bins(docs, str(out), "bytes", val_fraction=0.1, workers=workers, batch_docs=1)
+        write_bins(docs, str(out), "bytes", val_fraction=0.1, workers=workers, batch_docs=1)
     assert "\n" not in str(e.value)
     assert os.listdir(out) == []          # no train.bin / val.bin, no .tmp<pid> files

@@ -24,13 +24,15 @@ def test_names_and_resolution(tmp_path):
     assert name == "tiny/cascade_a2" and [f.rsplit("/", 2)[-2:] for f in files] == [["config", "tiny.py"],
                                                                                     ["config", "cascade_a2.py"]]
     assert benchmark.load_config("tiny/cascade_a2").d_model == 128 and benchmark.load_config("cascade_a2").d_model == 2048
-    with pytest.raises(UserError, match="no file"):
+    with pytest.raises(UserError, match="no run directory, and no config file .*vanila_16l.py"):
         benchmark.resolve("vanila_16l")
     run = write_run(tmp_path / "myrun", tiny_model(seed=4))
     name, model = benchmark.build(run, "cpu", 16)
     assert name == "myrun" and torch.equal(model.lm_head.weight, tiny_model(seed=4).lm_head.weight)
     with pytest.raises(UserError, match="holds no checkpoint"):
         benchmark.resolve(str(tmp_path))
+    with pytest.raises(UserError, match="pass the run directory that holds it"):
+        benchmark.resolve(f"{run}/ckpt.pt")
 
 
 def test_profile_kernel_breakdown():

@@ -1,12 +1,13 @@
 """gfa/cli.py: the configurator (types, unknown keys, files composed in order, a variant written
 relative to a scale, the default run name) and the one-line errors, in process and once end to end."""
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from gfa.cli import UserError, cli, config_name, read_config, read_model_config
+from gfa.cli import UserError, cli, config_name, gpt_config, read_config
 from helpers import one_line_error
 from model import ConfigError, GPTConfig
 
@@ -33,7 +34,7 @@ def test_configurator_types_and_unknown_keys(tmp_path):
     typo.write_text("batchsize = 3\n")
     with pytest.raises(UserError, match="unknown config key 'batchsize' set by"):
         read_config([str(typo)], {"batch_size": 1})
-    assert read_model_config([str(ROOT / "config/tiny.py")]).d_model == 128   # its batch_size etc. ignored
+    assert gpt_config([str(ROOT / "config/tiny.py")]).d_model == 128   # its batch_size etc. ignored
     broken = tmp_path / "broken.py"
     broken.write_text("n_layer = 1 / 0\n")
     with pytest.raises(UserError, match="failed to run: ZeroDivisionError"):
@@ -51,7 +52,21 @@ def test_files_compose_in_order_and_see_earlier_values(tmp_path):
     # the shipped files: F1 at each scale tapers by 1/64 of its FFN width, as the paper's 8192 -> 128
     for s, want in [(None, 128), ("small", 32), ("tiny", 8)]:
         files = ([str(ROOT / f"config/{s}.py")] if s else []) + [str(ROOT / "config/cascade_f1.py")]
-        assert read_model_config(files).S_f == want
+        assert gpt_config(files).S_f == want
+
+
+def test_changing_a_value_a_file_computed_from_is_an_error(tmp_path):
+    f1, small = str(ROOT / "config/cascade_f1.py"), str(ROOT / "config/small.py")
+    with pytest.raises(UserError, match=f"{small} changes d_ffn0 after {f1} computed from it: give {small} before {f1}"):
+        read_config([f1, small], GPTConfig.defaults(), ignore_other_keys=True)
+    with pytest.raises(UserError, match=f"--d_ffn0=1024 changes d_ffn0 after {f1} computed from it"):
+        gpt_config([f1, "--d_ffn0=1024"])
+    assert gpt_config(["--d_ffn0=1024", f1]).S_f == 16 and gpt_config([f1, "--d_ffn0=8192", "--S_f=7"]).S_f == 7
+    # reading only the model, later files still see what earlier ones set for other scripts
+    scale, variant = tmp_path / "scale.py", tmp_path / "variant.py"
+    scale.write_text("max_iters = 100\nd_model = 64\n")
+    variant.write_text("warmup_iters = max_iters // 25\nn_layer = d_model // 32\n")
+    assert gpt_config([str(scale), str(variant)]).n_layer == 2
 
 
 def test_config_name_is_the_default_run_name():
@@ -88,3 +103,33 @@ def test_closed_stdout_ends_quietly():
     p.stdout.close()   # the reader goes away, as head does after its lines
     err = p.stderr.read()
     assert p.wait(timeout=120) == 1 and err == "", err
+
+
+ENTRY_POINTS = {"train.py": ["--n_layers=3"], "fanin.py": ["no/such/run"], "prune.py": ["--runs", "no/such/run"],
+                "bench.py": ["no_such_config", "--device", "cpu"], "resnet.py": ["--stem=big", "--device=cpu"],
+                "data/prepare_local.py": ["--out_dir", "unused", "no/such/file.txt"]}
+
+
+def test_every_entry_point_prints_one_line():
+    """Each script as `python <script>` runs it (its __main__ wiring through gfa.cli.cli): a bad
+    argument ends with status 2 and one 'error:' line. One interpreter for all, to keep it fast."""
+    probe = f"""
+import contextlib, io, json, runpy, sys
+out = {{}}
+for script, argv in {ENTRY_POINTS!r}.items():
+    err = io.StringIO()
+    sys.argv = [script, *argv]
+    try:
+        with contextlib.redirect_stderr(err):
+            runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out[script] = [code, err.getvalue()]
+print(json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    for script, (code, err) in results.items():
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (script, code, err)

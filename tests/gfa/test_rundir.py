@@ -59,6 +59,28 @@ def test_runs_of_earlier_versions_still_load(tmp_path):
     assert torch.equal(again(x)[0], m(x)[0])
     (old / "model_config.json").write_text(json.dumps(asdict(m.config)))
     assert rundir.read_model_config(str(old)) == ("gpt", asdict(m.config))
+    (old / "model_config.json").write_text("{broken")
+    with pytest.raises(UserError, match="model_config.json cannot be read"):
+        rundir.read_model_config(str(old))
+
+
+def test_resnet_runs_of_earlier_versions_still_load(tmp_path):
+    """resnet.py used to write resnet_ckpt.pt (its config inside) and no model_config.json."""
+    old = tmp_path / "old_resnet"
+    old.mkdir()
+    cfg = {"num_classes": 10, "in_channels": 1, "small_stem": True, "width": 4}
+    torch.save({"model": {"w": torch.zeros(1)}, "model_config": cfg, "iter_num": 8, "train_config": {}},
+               old / "resnet_ckpt.pt")
+    assert rundir.read_model_config(str(old)) == ("resnet", cfg) and rundir.has_checkpoint(str(old))
+    assert rundir.read_checkpoint(str(old), kind="resnet")["iter_num"] == 8
+    with pytest.raises(UserError, match="holds a resnet model, not a gpt one"):
+        rundir.load_gpt(str(old))
+    with pytest.raises(UserError, match="already holds a run"):
+        rundir.start_run(str(old), "resnet", cfg)
+    bare = tmp_path / "copied"   # only its dump and importance.json were kept (docs/runs/)
+    bare.mkdir()
+    (bare / "importance.json").write_text(json.dumps({"metric": "top1_drop", "importance": [0.1]}))
+    assert rundir.read_model_config(str(bare)) == ("resnet", {})
 
 
 def test_share_is_derived_over_the_steps_asked_for(tmp_path):
