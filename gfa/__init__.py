@@ -5,6 +5,7 @@ scripts (train.py, fanin.py, prune.py, bench.py, resnet.py) -> gfa.* -> model.py
   cli          the configurator (config files + --key=value) and one-line errors for user mistakes
   rundir       the run directory: checkpoint, model config, gradient dump, importance (the contract)
   data         token files, the deterministic training batches, the fixed held-out windows
+  prepare      tokenising documents into train.bin / val.bin (the recipes under data/ share it)
   evaluation   held-out perplexity and multiple-choice (HellaSwag-style) scoring
   theory       the paper's fan-in formulas (Appendix B.1), Eq. 2's share, Spearman and fits
   training     LR schedule, AdamW grouping, DDP setup, the optimizer step (per-layer gradient
