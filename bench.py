@@ -31,7 +31,6 @@ fp32) or fp32 weights under autocast (--bf16 autocast: re-casts every weight on 
 reads ~7.5 GB more per run for a 1.2B model). The paper's A100 "fp32" reaches 54 TFLOP/s, above the
 A100's 19.5 TFLOP/s fp32 peak, so its matmuls must have run in TF32: compare its numbers with tf32.
 """
-import argparse
 import os
 import time
 import traceback
@@ -41,9 +40,9 @@ from datetime import datetime, timezone
 import torch
 
 from gfa import rundir
-from gfa.benchmark import (CpuEvent, build, build_hf, compiled, cost_tflop, first_call, free, one_line, profile,
-                           resolve, set_dtype, stats, sync, time_calls, uniform, uses_cudagraphs)
-from gfa.cli import UserError, cli
+from gfa.benchmark import (CpuEvent, build, build_hf, compiled, cost_tflop, first_call, free, item_params, one_line,
+                           profile, resolve, set_dtype, stats, sync, time_calls, uniform, uses_cudagraphs)
+from gfa.cli import ArgumentParser, UserError, cli
 from gfa.device import autocast_for, peak_flops, pick_device
 from gfa.training import GradStep, adamw, clip_coef, scaled_step
 TABLE2 = ["vanilla_16l", "vanilla_15l", "vanilla_14l", "vanilla_13l", "vanilla_12l",
@@ -51,6 +50,7 @@ TABLE2 = ["vanilla_16l", "vanilla_15l", "vanilla_14l", "vanilla_13l", "vanilla_1
 PAPER = {"latency": -8.6, "throughput": 9.4}   # A2 vs Vanilla-15L, Table 2
 DTYPES = {"fp32": "float32", "float32": "float32", "tf32": "tf32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none"]
+CPU_MAX_PARAMS = 200e6   # above this (the paper's 1.2B models), a CPU run takes hours: refused
 
 
 def pretty(name):
@@ -363,10 +363,11 @@ def train_markdown(rows, ref):
 
 # ---- main -----------------------------------------------------------------------------------
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("configs", nargs="*", help="config names/paths or checkpoints (default: Table 2's 11 configs; "
                    "train: vanilla_16l)")
-    p.add_argument("--mode", choices=["inference", "decode", "train"], default="inference")
+    p.add_argument("--mode", choices=["inference", "decode", "train"], default="inference",
+                   help="inference: Table 2's forward; decode: KV-cache generation; train: optimizer steps")
     p.add_argument("--ckpt", action="append", default=[], help="a run directory to time (repeatable)")
     p.add_argument("--dtype", default="bfloat16", help="comma list of float32, tf32, bfloat16 (fp32/bf16 too)")
     p.add_argument("--bf16", choices=["cast", "autocast"], default="cast", help="inference/decode bf16: cast the "
@@ -381,8 +382,8 @@ def parse(argv):
                    "(decode), 20 steps per variant (train)")
     p.add_argument("--rounds", type=int, default=4, help="train: variants interleaved in this many rounds")
     p.add_argument("--grad_clip", type=float, default=1.0, help="train: clip norm (0 = off), as Table 5")
-    p.add_argument("--prompt_len", type=int, default=128)
-    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--prompt_len", type=int, default=128, help="decode: prompt tokens (prefilled)")
+    p.add_argument("--new_tokens", type=int, default=128, help="decode: tokens generated")
     p.add_argument("--ref", default="vanilla_15l", help="reference row for the relative columns")
     p.add_argument("--sdpa", choices=["auto", "flash", "cudnn", "efficient", "math"], default="auto",
                    help="inference/train: allow only this SDPA backend (auto: PyTorch's choice)")
@@ -393,7 +394,7 @@ def parse(argv):
     p.add_argument("--out", default=None, help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--cache_dir", default=None, help="inductor + triton on-disk cache (default: torch's)")
     p.add_argument("--deadline", type=float, default=0, help="seconds: skip models not started by then (0 = none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random weights and token ids")
     a = p.parse_args(argv)
     a.device = pick_device(a.device)
     a.compile = "none" if a.compile == "eager" else a.compile
@@ -412,6 +413,10 @@ def parse(argv):
     a.items = a.configs + a.ckpt or (["vanilla_16l"] if a.mode == "train" else TABLE2)
     for it in a.items:
         resolve(it)   # fail on a typo now, not after minutes of compiling
+        params = item_params(it)
+        if a.device == "cpu" and params > CPU_MAX_PARAMS:
+            raise UserError(f"{it} has {params / 1e6:,.0f}M parameters: too big to time on the CPU (no GPU is in use); "
+                            f"on a CPU time the tiny models, e.g. python bench.py tiny/vanilla_16l tiny/cascade_a2")
     return a
 
 
@@ -438,7 +443,7 @@ def main(argv):
             "batch": args.batch, "seq": args.seq, "ref": args.ref, "sdpa": args.sdpa}
     print(f"bench {args.mode} on {dev_name}, torch {torch.__version__}, compile={args.compile}, "
           f"fullgraph={not args.no_fullgraph}, dtypes={args.dtypes}, batch={args.batch}", flush=True)
-    t0, rows = time.time(), []
+    rows = []
 
     def report(final=False):
         if args.mode == "inference":
@@ -460,6 +465,18 @@ def main(argv):
             if args.out:
                 print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.md")
 
+    run_all(args, device, run_one, rows, report)
+    report(final=True)
+    failed = [r for r in rows if r.get("impl") == "ours" and "error" in r and not r["error"].startswith("skipped")]
+    if failed:   # the table is written; the exit status still says that it is incomplete
+        raise UserError(f"{len(failed)} of {len(rows)} rows failed, e.g. {failed[0]['model']} ({failed[0]['dtype']}): "
+                        f"{failed[0]['error']}; the traceback is above")
+    return rows
+
+
+def run_all(args, device, run_one, rows, report):
+    """Every item at every dtype; one model failing (OOM, a compile error) is a row with its error."""
+    t0 = time.time()
     for dtype in args.dtypes:
         for item in args.items:
             name = resolve(item)[0]
@@ -472,22 +489,19 @@ def main(argv):
                 new = run_one(item, dtype, args, device)
             except (UserError, KeyboardInterrupt):
                 raise
-            except Exception as e:   # one model failing (OOM, a compile error) must not kill the table
+            except Exception as e:
                 traceback.print_exc()
                 new = [{"config": name, "model": pretty(name), "impl": "ours", "dtype": dtype,
                         "error": one_line(e)}]
             free()
             rows += new
             report()
-            done = [r for r in new if "median_ms" in r or "ms_per_token" in r or "nodump" in r]
-            for r in done:
-                summary = (f"{r['median_ms']:.2f} ms" if "median_ms" in r else
-                           f"{r['ms_per_token']:.3f} ms/token" if "ms_per_token" in r else
-                           f"{r['nodump']['ms_step']:.1f} ms/step")
-                print(f"  {r['model']} ({dtype}): {summary}", flush=True)
-    report(final=True)
-    return rows
-
+            for r in new:
+                if "median_ms" in r or "ms_per_token" in r or "nodump" in r:
+                    summary = (f"{r['median_ms']:.2f} ms" if "median_ms" in r else
+                               f"{r['ms_per_token']:.3f} ms/token" if "ms_per_token" in r else
+                               f"{r['nodump']['ms_step']:.1f} ms/step")
+                    print(f"  {r['model']} ({dtype}): {summary}", flush=True)
 
 if __name__ == "__main__":
     cli(main)

@@ -15,13 +15,13 @@ docs/paper_notes.md). Measurement, per run directory (train.py's, or resnet.py's
   importance  dM_i = PPL(layer i passed through) - PPL(the model as configured), on a fixed held-out
               set (gfa.data.eval_batches); a run's own passthrough layers stay skipped throughout
               (their dM is 0). Cached in <run>/importance.json, recomputed when the eval
-              settings or the checkpoint's iter_num change. ResNet runs bring their own
+              settings or the checkpoint's weights change (a hash of them is part of the cache's
+              key). ResNet runs bring their own
               importance.json (metric top1_drop).
   statistics  Spearman rho (share vs theory, share vs importance) with a two-sided
               permutation p-value, and whether a linear (phi) or a quadratic (phi') fan-in
               decay fits the share better.
 """
-import argparse
 import itertools
 import math
 import os
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from gfa import rundir
-from gfa.cli import UserError, cli, gpt_config
+from gfa.cli import ArgumentParser, UserError, cli, gpt_config
 from gfa.data import REPO, dataset_dir, load_tokens
 from gfa.device import DTYPES, autocast_for, pick_device
 from gfa.evaluation import evaluate
@@ -106,13 +106,15 @@ def importance_for_run(run, ckpt, mc, args):
     settings = {"data": _data_key(data_path), "block_size": int(args.block_size or mc["block_size"]),
                 "batch_size": int(args.batch_size or min(int(tc.get("batch_size", 16)), 16)),
                 "eval_batches": int(args.eval_batches or (40 if on_gpu else 8)),
-                "dtype": args.dtype, "iter_num": int(ckpt.get("iter_num", -1))}
+                "dtype": args.dtype, "iter_num": int(ckpt.get("iter_num", -1)),
+                "weights": rundir.checkpoint_id(ckpt)}   # the cache belongs to these weights, not to the folder
     cached = rundir.read_importance(run)
     if cached is not None and not args.recompute:
         if cached.get("settings") == settings and len(cached.get("importance", [])) == mc["n_layer"]:
             print(f"{run}: importance from cache {rundir.file(run, rundir.IMPORTANCE)}")
             return cached
-        print(f"{run}: {rundir.file(run, rundir.IMPORTANCE)} is stale (other eval settings or checkpoint), recomputing")
+        print(f"{run}: {rundir.file(run, rundir.IMPORTANCE)} is stale (other eval settings or other weights), "
+              f"recomputing")
     if not os.path.isfile(data_path):
         raise UserError(f"held-out data {data_path} does not exist: prepare the dataset "
                         f"'{tc.get('dataset')}' or pass --data path/to/val.bin")
@@ -331,7 +333,7 @@ def fig678(r, path):
 
 # ---- CLI -------------------------------------------------------------------------------------------
 def main(argv):
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         description="GFA: fan-in theory vs measured gradient share, layer importance, Figures 3-8.",
         epilog="--theory CONFIG.py [--key=value ...] prints a config's layers and fan-in (model keys as everywhere). "
                + VIRTUAL_NOTE)
@@ -363,6 +365,9 @@ def main(argv):
                         f"see python fanin.py --help)")
     if not args.paths:
         raise UserError("give a run directory, e.g. `python fanin.py out/demo`, or --theory config/x.py")
+    for name in ("eval_batches", "batch_size", "block_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: must be >= 1")
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype}: use float32, tf32 or bfloat16")
     if args.no_importance and args.baseline:

@@ -41,27 +41,27 @@ class ConfigError(ValueError):
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50280
+    vocab_size: int = 50280          # token ids 0..vocab_size-1 (GPT-2 BPE: 50257, padded to 50280)
     block_size: int = 2048           # longest sequence (RoPE table, KV cache)
-    d_model: int = 2048
-    n_layer: int = 16
-    head_dim: int = 64
+    d_model: int = 2048              # residual stream width
+    n_layer: int = 16                # physical layers (blocks)
+    head_dim: int = 64               # per attention head (even: RoPE)
     # explicit per-layer widths; an empty list means "derive from the taper rule below"
-    n_head: list = field(default_factory=list)
-    d_ffn: list = field(default_factory=list)
+    n_head: list = field(default_factory=list)   # heads per layer; empty = the attention taper below
+    d_ffn: list = field(default_factory=list)    # SwiGLU inner size per layer; empty = the FFN taper
     # attention taper: d_attn(l) = d_attn0 - S_d * floor(l / F_d); F_d = 0 switches it off
-    d_attn0: int = 2048
+    d_attn0: int = 2048              # attention width of layer 0 (a multiple of head_dim)
     S_d: int = 128                   # the paper leaves S_d open; Table 2's counts fix it at 128
-    F_d: int = 0
+    F_d: int = 0                     # attention narrows by S_d every F_d layers; 0 = no taper
     # FFN taper: d_ffn(l) = d_ffn0 - S_f * l; S_f = 0 switches it off
-    d_ffn0: int = 8192
-    S_f: int = 0
+    d_ffn0: int = 8192               # FFN inner size of layer 0
+    S_f: int = 0                     # FFN narrows by S_f per layer; 0 = no taper
     repeats: list = field(default_factory=list)       # per layer, >= 1; empty = all 1
     passthrough: list = field(default_factory=list)   # layer indices skipped (identity)
-    deep_supervision: bool = False
+    deep_supervision: bool = False   # an auxiliary LM loss after every block (LayerSkip)
     ds_alpha: list = field(default_factory=list)      # aux-loss weight per block; empty = all 1
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0      # RoPE base
+    norm_eps: float = 1e-5           # RMSNorm epsilon
 
     def __post_init__(self):
         def need(ok, msg):

@@ -29,7 +29,6 @@ Evaluation (gfa/evaluation.py): held-out perplexity over a fixed token set (same
 call) and zero-shot multiple choice on HellaSwag (acc: summed log-prob of the ending; acc_norm:
 log-prob per character). Outputs under --out: table1.md, table1_ppl.png, results.json.
 """
-import argparse
 import math
 import os
 import time
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 
 from gfa import rundir
-from gfa.cli import UserError, cli
+from gfa.cli import ArgumentParser, UserError, cli
 from gfa.data import DATA, dataset_dir, get_batch, load_tokens
 from gfa.device import autocast_for, pick_device
 from gfa.evaluation import choice_accuracy, ending_logprobs, evaluate, get_encoder, load_multiple_choice
@@ -157,13 +156,10 @@ def print_ranking(name, scores, what):
 
 # ---- run-level work ---------------------------------------------------------------------------
 def parse_ks(text):
-    try:
-        ks = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--k {text!r}: give integers separated by commas, e.g. --k 1,2,4,6,8") from None
-    if not ks:
-        raise UserError("--k is empty: give e.g. --k 4")
-    return sorted(set(ks))
+    parts = [v.strip() for v in str(text).split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise UserError(f"--k {text!r}: give positive integers separated by commas, e.g. --k 1,2,4,6,8")
+    return sorted(set(int(p) for p in parts))
 
 
 def parse_methods(text):
@@ -356,8 +352,33 @@ def save_pruned(path, model, ckpt, layers, run, method, k):
     print(f"saved the {small.config.n_layer}-layer model ({method}, k={k}, removed {list(layers)}) to {path}")
 
 
+def check_runs(runs, save_pruned):
+    """Before any work: every run has a checkpoint, all share one architecture (seeds of one config:
+    their numbers are averaged), and --save_pruned writes a new run, not over one."""
+    configs = []
+    for run in runs:
+        if not os.path.isfile(rundir.file(run, rundir.CKPT)):
+            raise UserError(f"checkpoint {rundir.file(run, rundir.CKPT)} does not exist (train the run with train.py, "
+                            f"or pass --runs <run dir>)")
+        kind, mc = rundir.read_model_config(run)
+        if kind != "gpt":
+            raise UserError(f"{run} holds a {kind} model: prune.py prunes language models")
+        configs.append({k: v for k, v in mc.items() if k != "passthrough"})   # pruning scores every layer
+    for run, mc in zip(runs[1:], configs[1:]):
+        diff = sorted(k for k in mc.keys() | configs[0].keys() if mc.get(k) != configs[0].get(k))
+        if diff:
+            what = ", ".join(f"{k} {configs[0].get(k)} vs {mc.get(k)}" for k in diff)
+            raise UserError(f"{runs[0]} and {run} have different architectures ({what}): --runs takes seeds of one "
+                            f"config")
+    if save_pruned:
+        if os.path.realpath(save_pruned) in {os.path.realpath(r) for r in runs}:
+            raise UserError(f"--save_pruned {save_pruned} is the run being pruned: give a new folder")
+        if rundir.has_checkpoint(save_pruned) or os.path.isfile(rundir.file(save_pruned, rundir.GRAD_DUMP)):
+            raise UserError(f"--save_pruned {save_pruned} already holds a run: give a new folder")
+
+
 def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", default=["out/vanilla_16l"], help="run directories; several = seeds")
     p.add_argument("--k", default="1,2,4,6,8", help="layers to remove, one or several: 4 or 1,2,4,6,8")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
@@ -384,10 +405,7 @@ def main(argv):
             raise UserError(f"--{name} must be >= 1")
     if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):
         raise UserError("--save_pruned writes one model: give one run, one --k and one --methods")
-    for run in args.runs:
-        if not os.path.isfile(rundir.file(run, rundir.CKPT)):
-            raise UserError(f"checkpoint {rundir.file(run, rundir.CKPT)} does not exist (train the run with train.py, "
-                            f"or pass --runs <run dir>)")
+    check_runs(args.runs, args.save_pruned)
     hs_path = args.hellaswag
     if hs_path is None:
         hs_path = os.path.join(DATA, "hellaswag", "hellaswag_val.jsonl")   # the repo's data/, from any cwd
@@ -404,9 +422,6 @@ def main(argv):
     results = []
     for run in args.runs:
         res, model, ckpt, choice = prune_run(run, args, ks, methods, hs_items, device, ctx)
-        if results and res["n_layer"] != results[0]["n_layer"]:
-            raise UserError(f"runs have different depths ({results[0]['n_layer']} vs {res['n_layer']}): "
-                            f"pass seeds of one config")
         results.append(res)
         if args.save_pruned:
             save_pruned(args.save_pruned, model, ckpt, choice[(methods[0], ks[0])], run, methods[0], ks[0])

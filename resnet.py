@@ -53,29 +53,31 @@ from gfa.cli import UserError, cli, read_config
 from gfa.data import dataset_dir
 from gfa.device import autocast_for
 from gfa.theory import spearman
-from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_weights, cosine_lr, set_lr,
-                          setup_distributed, teardown, use_compile)
+from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_optimizer_settings, check_resume,
+                          check_weights, cosine_lr, set_lr, setup_distributed, teardown, use_compile)
 
 # ---- defaults (override with --key=value or a config file) -----------------------------------
-out_dir = "out/resnet"
+out_dir = "out/resnet"           # the run directory
 dataset = "imagenet"             # 'imagenet' (the paper) | 'fashion_mnist' | 'synthetic' (tests)
 data_dir = ""                    # '' -> this repository's data/<dataset> (fashion_mnist: else Debian's /usr/share/datasets/fashion-mnist)
 stem = "auto"                    # 'imagenet' (7x7/2 + max-pool) | 'small' (3x3/1) | 'auto' (small below 64 px)
 width = 64                       # base width (64 = ResNet-50); smaller only for tests
 image_size = 224                 # imagenet crop / synthetic size (Fashion-MNIST is 28)
-epochs = 30
-warmup_epochs = 5.0
+epochs = 30                      # passes over the training images
+warmup_epochs = 5.0              # linear warm-up, then a per-step cosine
 batch_size = 512                 # global, over all DDP ranks
-learning_rate = 5e-4
-min_lr = 1e-6
-weight_decay = 0.05
-beta1, beta2 = 0.9, 0.999
-seed = 324709
+learning_rate = 5e-4             # peak (AdamW)
+min_lr = 1e-6                    # end of the cosine
+weight_decay = 0.05              # not on BatchNorm or biases
+beta1 = 0.9                      # AdamW
+beta2 = 0.999                    # AdamW
+seed = 324709                    # init, epoch order and augmentation
 log_interval = 50                # steps
 ckpt_interval = 0                # steps; 0 = at the end of every epoch only
 stop_iter = 0                    # stop (and checkpoint) at this step without changing the schedule; 0 = run to the end
 init_from = "scratch"            # 'scratch' | 'resume' (from out_dir/ckpt.pt)
 overwrite = False                # True: a new run may replace the run already in out_dir
+allow_changes = ""               # resume: settings allowed to differ from the checkpoint's, e.g. "epochs"
 eval_batch_size = 1024           # per rank
 importance = True                # after training: block ablation -> importance.json
 analyse = False                  # only the importance analysis of out_dir's checkpoint
@@ -87,6 +89,10 @@ compile = None                   # None: on for GPUs, off on CPU
 defaults = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
 
+# settings a resume may change freely (where output goes, how often to log or save, the device);
+# everything else shapes the run and must match the checkpoint's unless allow_changes names it
+FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "allow_changes", "device", "compile", "num_workers",
+                  "log_interval", "ckpt_interval", "stop_iter", "eval_batch_size", "importance", "analyse"}
 STAGES = ((3, 1), (4, 2), (6, 2), (3, 2))       # (blocks, first stride) per stage: 16 blocks
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
@@ -382,6 +388,8 @@ def read_run(cfg):
     if not rundir.has_checkpoint(cfg["out_dir"]):
         raise UserError(f"no checkpoint at {rundir.file(cfg['out_dir'], rundir.CKPT)}: train first (or fix --out_dir)")
     ckpt = rundir.read_checkpoint(cfg["out_dir"], kind="resnet")
+    if not cfg["analyse"]:   # recorded with the resume in the log (train())
+        ckpt["changes"] = check_resume(ckpt["train_config"], cfg, FREE_ON_RESUME, cfg["allow_changes"])
     if cfg["analyse"]:
         keep = ("out_dir", "device", "dtype", "eval_batch_size", "num_workers", "analyse")
         cfg = ckpt["train_config"] | {k: cfg[k] for k in keep} | ({"data_dir": cfg["data_dir"]} if cfg["data_dir"] else {})
@@ -433,7 +441,8 @@ def train(cfg, model, data, ckpt, d, ctx, log, compiled):
         np.random.set_state(ckpt["rng"]["numpy"])
         if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        log(f"resumed from {rundir.file(out, rundir.CKPT)} at step {it}")
+        changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in ckpt["changes"].items()) or "settings unchanged"
+        log(f"resumed from {rundir.file(out, rundir.CKPT)} at step {it}: {changes}")
     raw = model
     if compiled:
         model = torch.compile(model)
@@ -490,7 +499,7 @@ def train(cfg, model, data, ckpt, d, ctx, log, compiled):
 
 
 def main(argv):
-    cfg = read_config(argv, defaults)
+    cfg = read_config(argv, defaults, help=(__doc__, [("resnet.py", defaults, __file__)]))
     d = setup_distributed(cfg["device"])
     dev = torch.device(d.device)
     if dev.type == "cuda":
@@ -502,6 +511,10 @@ def main(argv):
         raise UserError(f"batch_size={cfg['batch_size']} does not divide over {d.world} ranks")
     if cfg["stem"] not in ("auto", "small", "imagenet"):
         raise UserError(f"stem={cfg['stem']!r}: use auto, small or imagenet")
+    check_optimizer_settings(cfg)
+    for k in ("epochs", "batch_size", "log_interval", "eval_batch_size", "width"):
+        if cfg[k] < 1:
+            raise UserError(f"{k}={cfg[k]}: must be >= 1")
     ckpt, cfg = read_run(cfg)
     data = load_data(cfg)
     model = build_model(cfg, data, ckpt, dev)

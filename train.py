@@ -21,6 +21,7 @@ Norm equalisation (Appendix A.2.2, equalize=True): after backward each transform
 gradient is rescaled to the largest layer norm (gfa.training.GradStep), then clipping uses
 grad_clip * equalize_clip_factor.
 """
+import inspect
 import math
 import os
 import sys
@@ -35,8 +36,8 @@ from gfa.cli import UserError, cli, config_name, read_config
 from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
 from gfa.device import DTYPES, autocast_for, peak_flops
 from gfa.evaluation import evaluate
-from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_weights, cosine_lr, set_lr,
-                          setup_distributed, teardown, use_compile)
+from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_optimizer_settings, check_resume,
+                          check_weights, cosine_lr, set_lr, setup_distributed, teardown, use_compile)
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -46,32 +47,38 @@ dataset = "dolma"              # data/<dataset>/{train,val}.bin
 data_dir = ""                  # any folder with train.bin / val.bin (overrides dataset)
 init_from = "scratch"          # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 overwrite = False              # True: a new run may replace the run already in out_dir
-seed = 324709
+allow_changes = ""             # resume: settings allowed to differ from the checkpoint's, e.g. "max_iters"
+seed = 324709                  # model init and the training batches of every step
 batch_size = 64                # global sequences per optimizer step (x block_size tokens)
-gradient_accumulation_steps = 1
+gradient_accumulation_steps = 1  # micro-steps per optimizer step (same global batch)
 max_iters = 53400              # one epoch of 7B tokens at 64 x 2048
 stop_iter = 0                  # > 0: stop (and checkpoint) there, schedule unchanged, as if interrupted
 learning_rate = 2e-4           # peak
 min_lr = 2e-5                  # end of the cosine
-warmup_iters = 2000
+warmup_iters = 2000             # linear warm-up steps
 weight_decay = 0.1             # on matrices only (dim >= 2)
-beta1 = 0.9
-beta2 = 0.95
+beta1 = 0.9                    # AdamW
+beta2 = 0.95                   # AdamW
 grad_clip = 1.0                # 0 = off
 equalize = False               # norm equalisation (Appendix A.2.2)
 equalize_clip_factor = 1.0     # clip norm multiplier while equalising
 dtype = "float32"              # 'float32' (paper), 'tf32', 'bfloat16' (autocast)
 device = ""                    # '' = cuda if available, else cpu
 compile = None                 # None = on for cuda, off for cpu
-eval_interval = 1000
+eval_interval = 1000           # steps between held-out evaluations (and checkpoints)
 eval_iters = 20                # batches of the fixed held-out set
 eval_batch_size = 8            # fixed, so val losses compare across batch sizes and world sizes
-log_interval = 10
+log_interval = 10              # steps between log lines (the only host syncs)
 always_save_checkpoint = True  # False: only save when val loss improves
-wandb_log = False
-wandb_project = "cascadeformer"
-wandb_run_name = ""
+wandb_log = False              # log to Weights & Biases (needs the wandb package)
+wandb_project = "cascadeformer"  # its project
+wandb_run_name = ""             # its run name ('' = wandb's)
 _DEFAULTS = {k: v for k, v in globals().items() if k not in _before and not k.startswith("_")}
+# settings a resume may change freely: where output goes, how often to log and evaluate, how the same
+# global batch is computed (accumulation), the device and compiler; everything else shapes the run
+_FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "allow_changes", "device", "compile", "eval_interval",
+                   "eval_iters", "eval_batch_size", "log_interval", "always_save_checkpoint", "stop_iter",
+                   "gradient_accumulation_steps", "wandb_log", "wandb_project", "wandb_run_name"}
 
 
 def check_settings(cfg, world):
@@ -85,14 +92,22 @@ def check_settings(cfg, world):
             raise UserError(f"{k}={cfg[k]}: must be >= 1")
     if cfg["dtype"] not in DTYPES:
         raise UserError(f"dtype={cfg['dtype']!r}: use float32, tf32 or bfloat16")
+    for k in ("warmup_iters", "grad_clip", "stop_iter"):
+        if cfg[k] < 0:
+            raise UserError(f"{k}={cfg[k]}: must be >= 0")
+    if cfg["equalize_clip_factor"] <= 0:
+        raise UserError(f"equalize_clip_factor={cfg['equalize_clip_factor']}: must be > 0")
+    check_optimizer_settings(cfg)
     check_init_from(cfg["init_from"])
+    use_compile(cfg["compile"], "cpu")   # checks the value
     return B // (world * accum)
 
 
 def read_resume(cfg, model_cfg):
-    """The checkpoint to continue from (init_from='resume'), checked against the requested model."""
+    """The checkpoint to continue from (init_from='resume'), checked against the requested model and
+    settings; returns (checkpoint or None, the settings allowed to change)."""
     if cfg["init_from"] != "resume":
-        return None
+        return None, {}
     run = cfg["out_dir"]
     if not os.path.isfile(rundir.file(run, rundir.CKPT)):
         raise UserError(f"init_from='resume' but {rundir.file(run, rundir.CKPT)} does not exist "
@@ -105,7 +120,8 @@ def read_resume(cfg, model_cfg):
         raise UserError(f"{run} holds a different model: " + ", ".join(
             f"{k} (checkpoint {have.get(k)!r}, requested {want.get(k)!r})" for k in diff)
             + ": pass the run's config, or another out_dir")
-    return ckpt
+    changes = check_resume(ckpt["train_config"], {k: cfg[k] for k in _DEFAULTS}, _FREE_ON_RESUME, cfg["allow_changes"])
+    return ckpt, changes
 
 
 def build(cfg, model_cfg, d, ckpt):
@@ -130,7 +146,10 @@ def build(cfg, model_cfg, d, ckpt):
 
 
 def main(argv):
-    cfg = read_config(argv, GPTConfig.defaults() | _DEFAULTS)
+    cfg = read_config(argv, GPTConfig.defaults() | _DEFAULTS,
+                      help=(__doc__, [("train.py", _DEFAULTS, __file__),
+                                      ("the model (model.py's GPTConfig)", GPTConfig.defaults(),
+                                       inspect.getsourcefile(GPTConfig))]))
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("out", config_name(argv))
     model_cfg = GPTConfig.from_dict(cfg)
     train_cfg = {k: cfg[k] for k in _DEFAULTS}   # the model's keys live in model_config.json only
@@ -142,7 +161,7 @@ def main(argv):
         torch.distributed.barrier()
     train_data = load_split(cfg["dataset"], cfg["data_dir"], "train", model_cfg.vocab_size)
     val_data = load_split(cfg["dataset"], cfg["data_dir"], "val", model_cfg.vocab_size)
-    ckpt = read_resume(cfg, model_cfg)
+    ckpt, changes = read_resume(cfg, model_cfg)
     if ckpt is None:   # a new run: never into a folder that holds another one (unless overwrite)
         rundir.start_run(cfg["out_dir"], "gpt", asdict(model_cfg), cfg["overwrite"], write=d.master)
     raw_model, optimizer, step, dump, iter_num, best_val = build(cfg, model_cfg, d, ckpt)
@@ -163,6 +182,9 @@ def main(argv):
     log(f"device {d.device} x {d.world}, dtype {cfg['dtype']}, compile {compiled}; global batch {B} x {T} tokens"
         f" = {micro} per micro-step x {cfg['gradient_accumulation_steps']} accumulation x {d.world} ranks"
         + (f"; resuming at step {iter_num}" if iter_num else ""))
+    if cfg["init_from"] == "resume":   # every resume is recorded, with what it was allowed to change
+        log(f"resumed at step {iter_num}" + (": " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                                             if changes else ", settings unchanged"))
     loop = Loop(cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro)
     history = loop.run(train_data, val_data, iter_num, best_val)
     log.close()
@@ -197,6 +219,9 @@ class Loop:
                        cfg["eval_iters"], self.d.device, self.ctx)
         self.history["val"][it] = val
         self.log(f"step {it} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f}")
+        if not math.isfinite(val):
+            raise UserError(f"non-finite val loss at step {it}: stopped ({rundir.kept(cfg['out_dir'])}); "
+                            f"try a lower learning_rate or dtype=float32")
         if self.wandb:
             self.wandb.log({"step": it, "val/loss": val, "val/ppl": math.exp(min(val, 50))})
         stopping = 0 < cfg["stop_iter"] <= it   # a stop is for resuming: always save

@@ -17,14 +17,13 @@ to train.bin, so the split is deterministic and representative.
 
 The tokenise-and-write routine is gfa/prepare.py's write_bins(); data/dolma/prepare.py uses it too.
 """
-import argparse
 import gzip
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root
-from gfa.cli import UserError, cli  # noqa: E402
+from gfa.cli import ArgumentParser, UserError, cli  # noqa: E402
 from gfa.prepare import TOKENIZERS, write_bins  # noqa: E402
 
 # ---- local files ------------------------------------------------------------------------------
@@ -90,7 +89,7 @@ def iter_documents(paths, text_key="text", chunk_chars=1 << 16):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="files or folders")
     ap.add_argument("--out_dir", required=True, help="where train.bin / val.bin go (train.py --data_dir=...)")
     ap.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS)

@@ -17,7 +17,7 @@ from gfa import rundir
 from gfa.cli import UserError, gpt_config
 from gfa.data import REPO
 from gfa.device import autocast_for
-from model import GPT
+from model import GPT, GPTConfig
 
 
 # ---- models to time -------------------------------------------------------------------------
@@ -44,6 +44,14 @@ def resolve(item):
 def load_config(item):
     """GPTConfig of a config name or path (the model keys only)."""
     return gpt_config(resolve(item)[1])
+
+
+def item_params(item):
+    """Parameters of a CLI item's model, counted on the meta device (nothing allocated)."""
+    _, _, run = resolve(item)
+    cfg = GPTConfig(**rundir.read_model_config(run)[1]) if run else load_config(item)
+    with torch.device("meta"):
+        return GPT(cfg).num_params()
 
 
 def build(item, device, seq):

@@ -11,9 +11,11 @@ stale, so it is an error that says which order to use. Unknown keys and type mis
 one-line errors too, like every UserError: cli() prints `error: ...` and exits with status 2,
 without a traceback.
 """
+import argparse
 import ast
 import difflib
 import os
+import re
 import sys
 
 from model import ConfigError, GPTConfig
@@ -21,6 +23,21 @@ from model import ConfigError, GPTConfig
 
 class UserError(ValueError):
     """Bad input from the user: printed as one line by cli(), no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts that take options (fanin.py, prune.py, bench.py, data/): --help lists
+    every option with its default; a bad option is a one-line UserError, like every other mistake."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=_HelpFormatter, **kw)
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
 
 
 def cli(main):
@@ -76,13 +93,38 @@ def _coerce(key, value, default):
     return value
 
 
-def read_config(argv, defaults, ignore_other_keys=False):
+def _comments(path):
+    """{name: its trailing comment} for the `name = value  # comment` (or `name: type = value  #`)
+    lines of a source file: where a script documents its keys."""
+    out = {}
+    for line in open(path):
+        m = re.match(r"\s*(\w+)\s*(?::[^=]+)?=[^#]*#\s*(.+)$", line)
+        if m:
+            out.setdefault(m.group(1), m.group(2).strip())
+    return out
+
+
+def help_text(doc, sections):
+    """`script.py --help`: the script's docstring, then every key with its default and its comment.
+    sections: [(heading, {key: default}, the source file that documents them)]."""
+    lines = [doc.strip(), "", "keys (config files and --key=value, in order):"]
+    for heading, keys, source in sections:
+        notes = _comments(source)
+        lines += ["", f"{heading}:"] + [(f"  {k} = {v!r}".ljust(40) + f"  # {notes.get(k, '')}").rstrip(" #")
+                                        for k, v in keys.items()]
+    return "\n".join(lines)
+
+
+def read_config(argv, defaults, ignore_other_keys=False, help=None):
     """Merge defaults, then config files (positional *.py) and --key=value overrides, in order.
 
     defaults: the script's keys and their default values (types are enforced).
     ignore_other_keys: keys a config file sets for other scripts (batch_size, ... when only the
     model is read) are ignored, though later files still see them; an unknown --override is
-    still an error."""
+    still an error. help: (docstring, sections) for help_text, printed on --help or -h."""
+    if help and any(a in ("--help", "-h") for a in argv):
+        print(help_text(*help))
+        raise SystemExit(0)
     cfg, seen, used = dict(defaults), dict(defaults), {}   # seen: what the next file sees; used: key -> reader
 
     def unknown(key, where):

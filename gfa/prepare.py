@@ -14,6 +14,7 @@ from multiprocessing import Pool
 import numpy as np
 
 from gfa.cli import UserError
+from gfa.rundir import remove_stale_temporaries
 
 TOKENIZERS = ("gpt2", "bytes")
 _enc = None   # per-process tiktoken encoding
@@ -68,66 +69,79 @@ def _batches(docs, size):
         yield batch
 
 
-def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=None, workers=None,
-               batch_docs=256, log_every=10_000_000):
-    """Tokenise an iterable of (text, end_of_document) in parallel, in order, and write
-    out_dir/train.bin and val.bin (uint16). Stops after max_tokens tokens (a budget, None = all).
-    Deterministic: the output depends only on the documents and the arguments."""
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction={val_fraction}: must be in (0, 1)")
-    load_encoding(tokenizer)   # fail early, in this process, if the tokenizer is unavailable
-    workers = workers or os.cpu_count() or 1
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {s: os.path.join(out_dir, f"{s}.bin") for s in ("train", "val")}
-    tmp = {s: f"{p}.tmp{os.getpid()}" for s, p in paths.items()}
-    files = {s: open(tmp[s], "wb") for s in tmp}
-    counts, n_doc, next_log = {"train": 0, "val": 0}, 0, log_every
-    pool, ok = None, False
+def _stream(docs, files, tokenizer, val_fraction, max_tokens, workers, batch_docs, log_every):
+    """Tokenise the documents in order (in parallel) into the open train/val files; returns
+    (tokens per split, documents, the last training document's ids)."""
+    counts, n_doc, next_log, last_train = {"train": 0, "val": 0}, 0, log_every, None
+    pool = Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) if workers > 1 else None
+    if pool is None:
+        _init_worker(tokenizer)
     try:
-        if workers > 1:
-            pool = Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
-        else:
-            _init_worker(tokenizer)
         batches = _batches(docs, batch_docs)
-        done = False
-        while not done:
+        while True:
             # a bounded window of batches at a time: Pool.imap would pull the whole stream into memory
             window = [(tokenizer, b) for _, b in zip(range(4 * workers), batches)]
             if not window:
                 break
             results = pool.map(_encode, window) if pool else [_encode(w) for w in window]
-            for arrays in results:
-                for ids in arrays:
-                    # doc i goes to val when floor((i+1)f) > floor(i f): exactly a fraction f, evenly spread
-                    split = "val" if int((n_doc + 1) * val_fraction) > int(n_doc * val_fraction) else "train"
-                    ids.tofile(files[split])
-                    counts[split] += len(ids)
-                    n_doc += 1
-                    if max_tokens and counts["train"] + counts["val"] >= max_tokens:
-                        done = True
-                        break
-                if done:
-                    break
+            for ids in (ids for arrays in results for ids in arrays):
+                # doc i goes to val when floor((i+1)f) > floor(i f): exactly a fraction f, evenly spread
+                split = "val" if int((n_doc + 1) * val_fraction) > int(n_doc * val_fraction) else "train"
+                ids.tofile(files[split])
+                counts[split] += len(ids)
+                n_doc += 1
+                last_train = ids if split == "train" else last_train
+                if max_tokens and counts["train"] + counts["val"] >= max_tokens:
+                    return counts, n_doc, last_train
             total = counts["train"] + counts["val"]
             if total >= next_log:
                 print(f"{n_doc:,} documents, {total:,} tokens", flush=True)
                 next_log = total + log_every
-        ok = True
+        return counts, n_doc, last_train
     finally:
         if pool:
             pool.terminate()
-        for f in files.values():
-            f.close()
-        if not ok:   # a bad input or Ctrl-C mid-stream: leave no half-written temp files behind
+
+
+def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=None, workers=None,
+               batch_docs=256, log_every=10_000_000):
+    """Tokenise an iterable of (text, end_of_document) in parallel, in order, and write
+    out_dir/train.bin and val.bin (uint16). Stops after max_tokens tokens (a budget, None = all).
+    Deterministic: the output depends only on the documents and the arguments. An input too small
+    for val_fraction to pick a document gives its last document to val (with a note)."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction={val_fraction}: must be in (0, 1)")
+    load_encoding(tokenizer)   # fail early, in this process, if the tokenizer is unavailable
+    paths = {s: os.path.join(out_dir, f"{s}.bin") for s in ("train", "val")}
+    tmp = {s: f"{p}.tmp{os.getpid()}" for s, p in paths.items()}
+    ok = False
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for p in paths.values():
+            remove_stale_temporaries(p)   # of a killed earlier run
+        with open(tmp["train"], "wb") as ftrain, open(tmp["val"], "wb") as fval:
+            counts, n_doc, last = _stream(docs, {"train": ftrain, "val": fval}, tokenizer, val_fraction, max_tokens,
+                                          workers or os.cpu_count() or 1, batch_docs, log_every)
+        if counts["val"] == 0 and last is not None and counts["train"] > len(last):
+            with open(tmp["train"], "r+b") as f:   # too few documents for val_fraction: the last one goes to val
+                f.truncate(2 * (counts["train"] - len(last)))
+            last.tofile(tmp["val"])
+            counts = {"train": counts["train"] - len(last), "val": len(last)}
+            print(f"note: {n_doc} documents are too few for val_fraction={val_fraction}: the last one is the val split")
+        for s in ("train", "val"):
+            if counts[s] == 0:
+                raise UserError(f"the {s} split came out empty ({n_doc} documents): give more text (a plain-text file "
+                                f"is one document per ~64 KiB)")
+        for s in ("train", "val"):
+            os.replace(tmp[s], paths[s])
+        ok = True
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir}: {e.strerror or e} (a full disk, or a read-only folder?)") from None
+    finally:
+        if not ok:   # a bad input, a full disk or Ctrl-C mid-stream: leave no half-written temp files behind
             for t in tmp.values():
-                os.remove(t)
-    for s in ("train", "val"):
-        if counts[s] == 0:
-            for t in tmp.values():
-                os.remove(t)
-            raise UserError(f"the {s} split came out empty ({n_doc} documents): give more text or change val_fraction")
-    for s in ("train", "val"):
-        os.replace(tmp[s], paths[s])
+                if os.path.exists(t):
+                    os.remove(t)
     print(f"wrote {paths['train']} ({counts['train']:,} tokens) and {paths['val']} ({counts['val']:,} tokens) "
           f"from {n_doc:,} documents, tokenizer {tokenizer}")
     return counts

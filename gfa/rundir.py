@@ -23,6 +23,8 @@ read_grad_dump() derives it from the stored norms, over the step range it report
 checkpointed run, the steps its weights have seen). Runs of earlier versions (the architecture
 inside ckpt.pt, a bare model_config.json, resnet.py's resnet_ckpt.pt) are still read.
 """
+import glob
+import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -45,16 +47,31 @@ def file(run, name):
 
 
 # ---- atomic writes ------------------------------------------------------------------------------
+def remove_stale_temporaries(path):
+    """Temporary files a killed write of `path` left behind (`<path>.tmp<pid>...`)."""
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
+
+
 def _atomic(path, write, binary=True):
-    """write(f) into a temporary file beside path, fsync, rename over path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """write(f) into a temporary file beside path, fsync, rename over path. On any failure (a full
+    disk, a read-only folder) the temporary file is removed and path is left as it was; an OSError
+    becomes a one-line UserError."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        remove_stale_temporaries(path)
         with open(tmp, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e} (a full disk, a read-only or missing folder?); "
+                        f"the previous file is unchanged") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -136,13 +153,27 @@ def read_checkpoint(run, kind="gpt"):
         path = file(run, OLD_RESNET_CKPT)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist (train the run with train.py, or pass another run)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}): restore it from a copy, or train the "
+                        f"run again") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by this codebase")
     have = ckpt.setdefault("kind", "resnet" if path.endswith(OLD_RESNET_CKPT) else "gpt")   # earlier versions: none
     if kind is not None and have != kind:
         raise UserError(f"{run} holds a {have} model, not a {kind} one (pass a run of the right kind)")
     return ckpt
+
+
+def checkpoint_id(ckpt):
+    """A fingerprint of a checkpoint's weights (a hash over every tensor's bytes): what a cache of
+    results computed from them (fanin.py's importance) is keyed on."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(ckpt["model"].items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def has_checkpoint(run):
@@ -230,12 +261,19 @@ def read_grad_dump(run, before_step=None, ckpt=None):
     it: pass the checkpoint's iter_num, and the share covers exactly the steps its weights saw.
     Without grad_norms.npz, the copy inside ckpt (a read_checkpoint dict) is used."""
     path = file(run, GRAD_DUMP)
+    d = None
     if os.path.isfile(path):
-        with np.load(path) as z:
-            d = {k: z[k] for k in z.files if k in ("names", "steps", "norms", "norms_equalized")}
-    elif ckpt is not None and ckpt.get("grad_dump"):
+        try:
+            with np.load(path) as z:
+                d = {k: z[k] for k in z.files if k in ("names", "steps", "norms", "norms_equalized")}
+        except Exception as e:
+            if not (ckpt is not None and ckpt.get("grad_dump")):
+                raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}) and the run has no checkpoint "
+                                f"holding a copy: train the run again") from None
+            print(f"note: {path} is corrupt or truncated ({type(e).__name__}): using the copy in the checkpoint")
+    if d is None and ckpt is not None and ckpt.get("grad_dump"):
         d = dict(ckpt["grad_dump"])
-    else:
+    elif d is None:
         raise UserError(f"no gradient dump at {path}: train the run with train.py or resnet.py (they write it)")
     d["names"] = [str(n) for n in d["names"]]
     keep = np.ones(len(d["steps"]), dtype=bool) if before_step is None else np.asarray(d["steps"]) < before_step

@@ -19,6 +19,34 @@ def check_init_from(value):
         raise UserError(f"init_from={value!r}: use 'scratch' or 'resume'")
 
 
+def check_optimizer_settings(cfg):
+    """One-line errors for optimizer and schedule settings that cannot be meant."""
+    for key in ("learning_rate", "min_lr", "weight_decay", "seed"):
+        if cfg[key] < 0:
+            raise UserError(f"{key}={cfg[key]}: must be >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0 <= cfg[key] < 1:
+            raise UserError(f"{key}={cfg[key]}: must be in [0, 1)")
+
+
+def check_resume(saved, requested, free, allow_changes):
+    """Resume means "continue exactly": the settings that shape the run (the saved training config)
+    must match the requested ones, except `free` keys (where output goes, how often to log or
+    evaluate) and the keys the user allows to change (a comma list, e.g. 'max_iters').
+    Returns {key: (checkpoint value, new value)} of the allowed changes, for the log."""
+    allow = [k.strip() for k in allow_changes.split(",") if k.strip()]
+    unknown = [k for k in allow if k not in requested]
+    if unknown:
+        raise UserError(f"allow_changes names unknown setting(s) {', '.join(unknown)}")
+    changed = {k: (saved[k], v) for k, v in requested.items() if k in saved and k not in free and saved[k] != v}
+    refused = [k for k in changed if k not in allow]
+    if refused:
+        what = ", ".join(f"{k} (checkpoint {changed[k][0]!r}, now {changed[k][1]!r})" for k in refused)
+        raise UserError(f"resuming would change the run: {what}; pass the run's own config and overrides, or allow "
+                        f"the change with --allow_changes={','.join(refused)}")
+    return changed
+
+
 def use_compile(setting, device_type):
     """compile=None (the default): on for GPUs, off on CPUs; True / False as given."""
     if setting not in (None, True, False):
@@ -81,7 +109,10 @@ def setup_distributed(device=""):
 
 
 def teardown(d):
+    """End the process group once every rank is done (rank 0 may still be saving: a rank that
+    destroys the group early can abort at exit)."""
     if d.ddp and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -145,6 +145,50 @@ def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
     assert open(os.path.join(out, "log.txt")).read().count("model: ") == 1   # the old run's log went with it
 
 
+def test_a_blown_up_update_is_never_saved(tmp_path, monkeypatch, capsys):
+    """The loss and gradient of step 3 are finite, but its update leaves a weight at 1e38 (finite,
+    and a dead model): the eval at step 4 must refuse to save it, and keep step 2's checkpoint."""
+    real = train.adamw
+
+    def poisoned(*a, **kw):
+        opt = real(*a, **kw)
+        step = opt.step
+
+        def blow_up(*sa, **skw):
+            step(*sa, **skw)
+            opt.n = getattr(opt, "n", 0) + 1
+            if opt.n == 4:
+                opt.param_groups[0]["params"][0].data.view(-1)[0] = 1e38
+        opt.step = blow_up
+        return opt
+    monkeypatch.setattr(train, "adamw", poisoned)
+    out = str(tmp_path / "run")
+    msg = one_line_error(train.main, [*TINY, f"--out_dir={out}", "--max_iters=6", "--eval_interval=2"], capsys)
+    assert "the weights are not finite after step 4" in msg and f"the last good checkpoint {out}/ckpt.pt is kept" in msg
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["iter_num"] == 2 and max(v.abs().max() for v in ckpt["model"].values()) < 1e3
+
+
+def test_resume_continues_exactly_or_says_what_it_changes(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--max_iters=6", "--eval_interval=2", "--stop_iter=2", f"--out_dir={out}"])
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    import shutil
+    shutil.copytree(os.path.join(DATA, "shakespeare"), tmp_path / "copy")   # the same tokens, another folder
+    for extra, what in [(["--learning_rate=0.1"], "learning_rate (checkpoint 0.003, now 0.1)"),
+                        ([f"--data_dir={tmp_path / 'copy'}"], "data_dir (checkpoint '', now"),
+                        (["--max_iters=9"], "max_iters (checkpoint 6, now 9)")]:
+        msg = one_line_error(train.main, [*TINY, "--max_iters=6", "--eval_interval=2", f"--out_dir={out}",
+                                          "--init_from=resume", *extra], capsys)
+        assert what in msg and "--allow_changes=" in msg, msg
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before   # refused before any write
+    hist = train.main(TINY + ["--max_iters=8", "--eval_interval=2", f"--out_dir={out}", "--init_from=resume",
+                              "--allow_changes=max_iters", "--log_interval=3"])   # log_interval: free to change
+    assert max(hist["val"]) == 8
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "resumed at step 2: max_iters 6 -> 8" in log
+
+
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     base = [*TINY, "--max_iters=4", "--eval_interval=2"]
     fails = lambda *extra: one_line_error(train.main, [*base, *extra], capsys)
@@ -157,12 +201,21 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "batch_size=7" in fails("--batch_size=7", "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'x'}")
     assert "compile='yes'" in fails("--compile=yes", f"--out_dir={tmp_path / 'x'}")
     assert "n_head has 1 entries but n_layer=3" in fails("--n_head=[4]", f"--out_dir={tmp_path / 'x'}")   # ConfigError
+    for bad, words in [("--learning_rate=-1e-3", "learning_rate=-0.001: must be >= 0"),
+                       ("--beta1=1.0", "beta1=1.0: must be in [0, 1)"), ("--seed=-1", "seed=-1: must be >= 0"),
+                       ("--dtype=fp16", "dtype='fp16'"), ("--device=cuda:0", "no CUDA GPU is visible")]:
+        if "cuda" in bad and torch.cuda.is_available():
+            continue
+        assert words in fails(bad, f"--out_dir={tmp_path / 'x'}")
+    assert not os.path.exists(tmp_path / "x")   # a failed start leaves no folder behind
     out = str(tmp_path / "run")
     train.main(TINY + ["--max_iters=4", "--eval_interval=2", "--stop_iter=2", f"--out_dir={out}"])
     assert "n_layer (checkpoint 3, requested 4)" in fails("--n_layer=4", "--init_from=resume", f"--out_dir={out}")
     assert "does not exist" in fails("--init_from=resume", f"--out_dir={tmp_path / 'none'}")
-    assert "trained with equalize=False" in fails("--init_from=resume", "--equalize=True", f"--out_dir={out}")
-    msg = fails("--init_from=resume", "--learning_rate=1e30", "--max_iters=8", f"--out_dir={out}")
+    msg = fails("--init_from=resume", "--equalize=True", f"--out_dir={out}")
+    assert "resuming would change the run: equalize (checkpoint False, now True)" in msg
+    msg = fails("--init_from=resume", "--learning_rate=1e30", "--max_iters=8", f"--out_dir={out}",
+                "--allow_changes=learning_rate,max_iters")
     assert "non-finite" in msg and f"the last good checkpoint {out}/ckpt.pt is kept" in msg
     step = int(msg.split("at step ")[1].split(":")[0])
     assert step == 3   # resumed at 2; step 2's lr-1e30 update makes step 3's loss non-finite (not a restart from 0)

@@ -12,17 +12,16 @@ and tiktoken's gpt2 files (TIKTOKEN_CACHE_DIR for an offline cache). 7B tokens a
 Already have Dolma's .json.gz shards locally? `python data/dolma/prepare.py --data_files shards/*.json.gz`
 streams them through the same `datasets` code (so does data/prepare_local.py, without `datasets`). The tokenise-and-write code is gfa/prepare.py's write_bins().
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))   # the repo root
-from gfa.cli import UserError, cli  # noqa: E402
+from gfa.cli import ArgumentParser, UserError, cli  # noqa: E402
 from gfa.prepare import write_bins  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Stream Dolma, tokenise (GPT-2 BPE), write train.bin / val.bin")
+    ap = ArgumentParser(description="Stream Dolma, tokenise (GPT-2 BPE), write train.bin / val.bin")
     ap.add_argument("--dataset", default="allenai/dolma", help="Hugging Face dataset id")
     ap.add_argument("--name", default="v1_6-sample", help="dataset config (Dolma version)")
     ap.add_argument("--split", default="train")

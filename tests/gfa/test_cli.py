@@ -86,26 +86,19 @@ def test_cli_prints_one_line_for_user_errors(capsys):
     assert cli(lambda argv: 7) == 7
 
 
-def test_end_to_end_one_line_error_without_traceback():
-    """The real entry point, as a user runs it: exit status 2, one line, no traceback."""
-    r = subprocess.run([sys.executable, "fanin.py", "--theory", "config/tiny.py", "config/vanilla_8l.py", "--n_layr=3"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip() == "error: unknown config key 'n_layr' in --n_layr=3 (did you mean n_layer?)"
-
-
 def test_closed_stdout_ends_quietly():
-    """`python fanin.py --theory ... | head -1`: no BrokenPipeError traceback. 1000 layers print far
+    """`python fanin.py --theory ... | head -1`: no BrokenPipeError traceback. 700 layers print far
     more than a pipe buffers, so the script is still writing when the reader goes away."""
     p = subprocess.Popen([sys.executable, "fanin.py", "--theory", "config/tiny.py", "config/vanilla_8l.py",
-                          "--n_layer=1000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--n_layer=700"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().startswith("d_model 128")
     p.stdout.close()   # the reader goes away, as head does after its lines
     err = p.stderr.read()
     assert p.wait(timeout=120) == 1 and err == "", err
 
 
-ENTRY_POINTS = {"train.py": ["--n_layers=3"], "fanin.py": ["no/such/run"], "prune.py": ["--runs", "no/such/run"],
+ENTRY_POINTS = {"train.py": ["--n_layers=3"], "fanin.py": ["--theory", "config/tiny.py", "config/vanilla_8l.py",
+                                                            "--n_layr=3"], "prune.py": ["--runs", "no/such/run"],
                 "bench.py": ["no_such_config", "--device", "cpu"], "resnet.py": ["--stem=big", "--device=cpu"],
                 "data/prepare_local.py": ["--out_dir", "unused", "no/such/file.txt"]}
 
@@ -133,3 +126,4 @@ print(json.dumps(out))
     for script, (code, err) in results.items():
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (script, code, err)
+    assert results["fanin.py"][1].strip() == "error: unknown config key 'n_layr' in --n_layr=3 (did you mean n_layer?)"

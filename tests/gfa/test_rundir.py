@@ -3,6 +3,7 @@ checkpoints carry their kind (a ResNet run is refused by the LM readers), the sh
 from the stored norms over the steps asked for, the checkpoint's copy of the dump stands in for
 a missing grad_norms.npz, runs of earlier versions still load, and a failed write leaves the
 previous file and no temporary file."""
+import errno
 import json
 import os
 from dataclasses import asdict
@@ -130,5 +131,12 @@ def test_failed_write_keeps_the_previous_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         rundir.atomic_save({"a": Unpicklable()}, path)
     assert torch.load(path) == {"a": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
+    full = lambda f: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(UserError, match="cannot write .*ckpt.pt: No space left on device .* previous file is unchanged"):
+        rundir._atomic(path, full)   # a full disk: one line, nothing left behind
+    assert torch.load(path) == {"a": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
+    (tmp_path / "ckpt.pt.tmp4242").write_bytes(b"x" * 100)   # what a killed write leaves
+    rundir.atomic_save({"a": 2}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path) == {"a": 2}
     rundir.atomic_write_text("x", str(tmp_path / "sub" / "t.md"))   # makes the folder
     assert (tmp_path / "sub" / "t.md").read_text() == "x"
