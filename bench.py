@@ -467,7 +467,8 @@ def main(argv):
 
     run_all(args, device, run_one, rows, report)
     report(final=True)
-    failed = [r for r in rows if r.get("impl") == "ours" and "error" in r and not r["error"].startswith("skipped")]
+    failed = [r for r in rows if "error" in r and not r["error"].startswith("skipped")
+              and "this config is tapered" not in r["error"]]   # HF Llama cannot taper: expected, not a failure
     if failed:   # the table is written; the exit status still says that it is incomplete
         raise UserError(f"{len(failed)} of {len(rows)} rows failed, e.g. {failed[0]['model']} ({failed[0]['dtype']}): "
                         f"{failed[0]['error']}; the traceback is above")

@@ -127,7 +127,10 @@ def importance_for_run(run, ckpt, mc, args):
     result = {"metric": "ppl_increase", "baseline": base, "importance": [a - base for a in ablated],
               "layer_names": [f"layer.{i}" for i in range(model.config.n_layer)], "ablated": ablated,
               "settings": settings, "device": device}
-    rundir.write_importance(run, result)
+    try:
+        rundir.write_importance(run, result)
+    except UserError as e:   # the numbers are measured: report them, even when they cannot be cached
+        print(f"note: importance not cached ({e})")
     return result
 
 
@@ -144,6 +147,10 @@ def analyse(run, args):
     if kind == "resnet":   # a plain stack of its blocks; resnet.py measured the importance
         mc = {"n_layer": len(dump["layer_names"])}
         imp = None if args.no_importance else rundir.read_importance(run)
+        if imp and ckpt is not None and imp.get("weights", rundir.checkpoint_id(ckpt)) != rundir.checkpoint_id(ckpt):
+            print(f"note: {run}/importance.json measured other weights than its checkpoint's: ignored (measure "
+                  f"again with python resnet.py --out_dir={run} --analyse=True)")
+            imp = None
     elif args.no_importance:
         imp = None
     elif ckpt is not None:   # an LM run: measured here, or from its cache
@@ -208,8 +215,13 @@ def _plt():
 
 
 def _save(fig, path):
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    _plt().close(fig)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+    except OSError as e:
+        raise rundir.cannot_write(path, e) from None
+    finally:
+        _plt().close(fig)
     print(f"wrote {path}")
 
 
@@ -372,8 +384,8 @@ def main(argv):
         raise UserError(f"--dtype {args.dtype}: use float32, tf32 or bfloat16")
     if args.no_importance and args.baseline:
         raise UserError("--baseline compares importance: drop --no_importance")
-    if args.fig_dir:
-        os.makedirs(args.fig_dir, exist_ok=True)
+    if args.fig_dir and os.path.exists(args.fig_dir) and not os.path.isdir(args.fig_dir):
+        raise UserError(f"--fig_dir {args.fig_dir} is a file: give a folder")
 
     base = analyse(args.baseline, args) if args.baseline else None   # first: a bad baseline fails before any work
     if base and "importance" not in base:

@@ -352,7 +352,7 @@ def save_pruned(path, model, ckpt, layers, run, method, k):
     print(f"saved the {small.config.n_layer}-layer model ({method}, k={k}, removed {list(layers)}) to {path}")
 
 
-def check_runs(runs, save_pruned):
+def check_runs(runs, save_pruned, out):
     """Before any work: every run has a checkpoint, all share one architecture (seeds of one config:
     their numbers are averaged), and --save_pruned writes a new run, not over one."""
     configs = []
@@ -363,6 +363,7 @@ def check_runs(runs, save_pruned):
         kind, mc = rundir.read_model_config(run)
         if kind != "gpt":
             raise UserError(f"{run} holds a {kind} model: prune.py prunes language models")
+        rundir.read_checkpoint(run)   # readable (memory-mapped: the weights are not read here)
         configs.append({k: v for k, v in mc.items() if k != "passthrough"})   # pruning scores every layer
     for run, mc in zip(runs[1:], configs[1:]):
         diff = sorted(k for k in mc.keys() | configs[0].keys() if mc.get(k) != configs[0].get(k))
@@ -375,7 +376,16 @@ def check_runs(runs, save_pruned):
             raise UserError(f"--save_pruned {save_pruned} is the run being pruned: give a new folder")
         if rundir.has_checkpoint(save_pruned) or os.path.isfile(rundir.file(save_pruned, rundir.GRAD_DUMP)):
             raise UserError(f"--save_pruned {save_pruned} already holds a run: give a new folder")
-
+    for folder in [f for f in (out, save_pruned) if f]:   # writable? known before hours of evaluation
+        created, probe = not os.path.exists(folder), os.path.join(folder, f".write_test{os.getpid()}")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            open(probe, "w").close()
+            os.remove(probe)
+            if created:
+                os.rmdir(folder)
+        except OSError as e:
+            raise rundir.cannot_write(folder, e) from None
 
 def main(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -390,7 +400,7 @@ def main(argv):
     p.add_argument("--eval_batches", type=int, default=20, help="held-out batches for perplexity")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per batch (perplexity, calibration)")
     p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for Taylor/Similarity")
-    p.add_argument("--calib_seed", type=int, default=1234)
+    p.add_argument("--calib_seed", type=int, default=1234, help="seed of the calibration windows")
     p.add_argument("--device", default="", help="default cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", help="float32 (the paper), tf32 or bfloat16")
     p.add_argument("--out", default=None, help="folder for table1.md, table1_ppl.png, results.json "
@@ -403,9 +413,12 @@ def main(argv):
     for name in ("eval_batches", "batch_size", "calib_batches", "hs_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
+    if args.calib_seed < 0 or args.hs_items < 0:
+        raise UserError("--calib_seed and --hs_items must be >= 0")
     if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):
         raise UserError("--save_pruned writes one model: give one run, one --k and one --methods")
-    check_runs(args.runs, args.save_pruned)
+    out = args.out or os.path.join(args.runs[0], "prune")
+    check_runs(args.runs, args.save_pruned, out)
     hs_path = args.hellaswag
     if hs_path is None:
         hs_path = os.path.join(DATA, "hellaswag", "hellaswag_val.jsonl")   # the repo's data/, from any cwd
@@ -431,7 +444,6 @@ def main(argv):
     text = table1(results, ks, methods, stab, hs_path)
     print()
     print(text)
-    out = args.out or os.path.join(args.runs[0], "prune")
     rundir.atomic_write_text(text, os.path.join(out, "table1.md"))
     rundir.atomic_write_json({"ks": ks, "methods": methods, "runs": results, "stability": stab},
                       os.path.join(out, "results.json"), indent=1)

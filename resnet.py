@@ -54,7 +54,7 @@ from gfa.data import dataset_dir
 from gfa.device import autocast_for
 from gfa.theory import spearman
 from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_optimizer_settings, check_resume,
-                          check_weights, cosine_lr, set_lr, setup_distributed, teardown, use_compile)
+                          check_weights, cosine_lr, on_master, set_lr, setup_distributed, teardown, use_compile)
 
 # ---- defaults (override with --key=value or a config file) -----------------------------------
 out_dir = "out/resnet"           # the run directory
@@ -364,9 +364,11 @@ def block_importance(model, data, cfg, dev, ctx, world=1, rank=0, log=print):
 
 
 def write_importance(out, base, accs, log=print):
+    """importance.json, tied to the checkpoint it measured (fanin.py ignores it for other weights)."""
     names = [f"layer.{i}" for i in range(len(accs))]
     res = {"metric": "top1_drop", "baseline": base, "importance": [base - a for a in accs],
-           "accuracy": accs, "layer_names": names}
+           "accuracy": accs, "layer_names": names,
+           "weights": rundir.checkpoint_id(rundir.read_checkpoint(out, kind="resnet"))}
     if os.path.isfile(rundir.file(out, rundir.GRAD_DUMP)):
         res["share"] = [float(s) for s in rundir.read_grad_dump(out)["share"]]
         rho, p = spearman(res["share"], res["importance"])
@@ -453,12 +455,14 @@ def train(cfg, model, data, ckpt, d, ctx, log, compiled):
     def save():   # on every rank alike (they hold the same weights), so a diverged model is never saved
         guard.check(rundir.kept(out))
         check_weights(raw, it, rundir.kept(out))
-        if d.master:
+
+        def write():
             dump.flush()
             rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                    "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
             rundir.save_checkpoint(out, "resnet", raw.state_dict(), cfg, it, optimizer=opt.state_dict(),
                                    best_val_acc=best, grad_dump=dump.state_dict(), rng=rng)
+        on_master(d, write)   # a full disk stops every rank with the same line
 
     log(f"training {max_iters} steps ({cfg['epochs']} epochs x {spe}), warm-up {warmup}, global batch {B}")
     model.train()
@@ -521,6 +525,8 @@ def main(argv):
     out = cfg["out_dir"]
     if ckpt is None:   # a new run: never into a folder that holds another one (unless overwrite)
         rundir.start_run(out, "resnet", model.config, cfg["overwrite"], write=d.master)
+    elif d.master and not cfg["analyse"]:   # checked in build_model: a run of an earlier version gets the file
+        rundir.write_model_config(out, "resnet", model.config)
     log = rundir.Log(out, d.master)
     log(f"ResNet-50: {sum(p.numel() for p in model.parameters()):,} params, {data['num_classes']} classes, "
         f"{data['in_channels']} ch, {'small' if model.config['small_stem'] else 'imagenet'} stem, width {cfg['width']}, "

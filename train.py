@@ -1,12 +1,12 @@
-"""
+r"""
 Train a CascadeFormer / GFA model and dump its per-layer gradient norms.
 
     python train.py config/demo.py                                 # CPU demo, the embedded Shakespeare
     python train.py config/small.py config/cascade_a2.py           # a scale, then a variant: one GPU
     python train.py config/cascade_a2.py --batch_size=8 --max_iters=100
     torchrun --nproc_per_node=8 train.py config/cascade_a2.py      # DDP on one node
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
-        train.py config/cascade_a2.py                              # ... and node_rank=1 on the second node
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 train.py \
+        config/cascade_a2.py                                       # ... and node_rank=1 on the second node
 
 Defaults below are the paper's Table 5 and the 1.2B model; config files and --key=value override
 them (every GPTConfig field is a key too, e.g. --F_d=2). batch_size is the GLOBAL batch in
@@ -37,7 +37,7 @@ from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
 from gfa.device import DTYPES, autocast_for, peak_flops
 from gfa.evaluation import evaluate
 from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_optimizer_settings, check_resume,
-                          check_weights, cosine_lr, set_lr, setup_distributed, teardown, use_compile)
+                          check_weights, cosine_lr, on_master, set_lr, setup_distributed, teardown, use_compile)
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -110,9 +110,14 @@ def read_resume(cfg, model_cfg):
         return None, {}
     run = cfg["out_dir"]
     if not os.path.isfile(rundir.file(run, rundir.CKPT)):
-        raise UserError(f"init_from='resume' but {rundir.file(run, rundir.CKPT)} does not exist "
-                        f"(train with init_from='scratch' first)")
+        unfinished = os.path.isfile(rundir.file(run, rundir.GRAD_DUMP))
+        raise UserError(f"init_from='resume' but {rundir.file(run, rundir.CKPT)} does not exist ("
+                        + ("the run stopped before its first checkpoint: start it again with --overwrite=True)"
+                           if unfinished else "train with init_from='scratch' first)"))
     ckpt = rundir.read_checkpoint(run)
+    if "optimizer" not in ckpt:
+        raise UserError(f"{run}/ckpt.pt holds no optimizer state (a model written by prune.py --save_pruned?): "
+                        f"it cannot be resumed")
     _, have = rundir.read_model_config(run)
     want = asdict(model_cfg)
     diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
@@ -164,6 +169,8 @@ def main(argv):
     ckpt, changes = read_resume(cfg, model_cfg)
     if ckpt is None:   # a new run: never into a folder that holds another one (unless overwrite)
         rundir.start_run(cfg["out_dir"], "gpt", asdict(model_cfg), cfg["overwrite"], write=d.master)
+    elif d.master:   # the same architecture, checked: a run of an earlier version gets its model_config.json
+        rundir.write_model_config(cfg["out_dir"], "gpt", asdict(model_cfg))
     raw_model, optimizer, step, dump, iter_num, best_val = build(cfg, model_cfg, d, ckpt)
     del ckpt
     compiled = use_compile(cfg["compile"], d.device_type)
@@ -212,9 +219,12 @@ class Loop:
     def evaluate_and_save(self, val_data, it, start, best_val):
         cfg = self.cfg
         self.guard.check(rundir.kept(cfg["out_dir"]))   # never save a checkpoint of a run that went non-finite
-        check_weights(self.raw_model, it, rundir.kept(cfg["out_dir"]))   # an update can overflow the weights
-        if not self.d.master:
-            return best_val
+        check_weights(self.raw_model, it, rundir.kept(cfg["out_dir"]))   # an update can blow up the weights
+        best = on_master(self.d, lambda: self._evaluate_and_save(val_data, it, start, best_val))
+        return best_val if best is None else best
+
+    def _evaluate_and_save(self, val_data, it, start, best_val):
+        cfg = self.cfg
         val = evaluate(self.eval_model, val_data, self.raw_model.config.block_size, cfg["eval_batch_size"],
                        cfg["eval_iters"], self.d.device, self.ctx)
         self.history["val"][it] = val

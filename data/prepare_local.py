@@ -46,55 +46,63 @@ def expand(inputs):
 
 
 def iter_documents(paths, text_key="text", chunk_chars=1 << 16):
-    """(text, end_of_document) pairs from local files, in order."""
+    """(text, end_of_document) pairs from local files, in order; a file that cannot be read (not
+    gzip, not UTF-8, unreadable) is a one-line error naming it."""
     for path in paths:
-        kind = path.removesuffix(".gz")
-        opener = gzip.open if path.endswith(".gz") else open
-        if kind.endswith(".parquet"):
-            import pyarrow.parquet as pq
-            pf = pq.ParquetFile(path)
-            if text_key not in pf.schema_arrow.names:
-                raise UserError(f"{path} has no column '{text_key}' (columns: {pf.schema_arrow.names}); use --text_key")
-            for batch in pf.iter_batches(columns=[text_key]):
-                for text in batch.column(0).to_pylist():
-                    yield text or "", True
-        elif kind.endswith((".jsonl", ".json")):
-            with opener(path, "rt", encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise UserError(f"{path}:{lineno} is not a JSON object per line (jsonl)") from None
-                    if not isinstance(obj, dict) or text_key not in obj:
-                        raise UserError(f"{path}:{lineno} has no field '{text_key}'; use --text_key")
-                    text = obj[text_key]
-                    if text is None:         # null: an empty document, as in the parquet path
-                        text = ""
-                    if not isinstance(text, str):
-                        raise UserError(f"{path}:{lineno}: field '{text_key}' is a {type(text).__name__}, not text")
-                    yield text, True
-        elif kind.endswith((".txt", ".md")):
-            with opener(path, "rt", encoding="utf-8") as f:
-                text = f.read()
-            start = 0
-            while start < len(text):   # ~chunk_chars pieces cut at a line break
-                end = text.find("\n", start + chunk_chars)
-                end = len(text) if end < 0 else end + 1
-                yield text[start:end], end == len(text)
-                start = end
-        else:
-            raise UserError(f"{path}: unsupported file type (use {', '.join(EXTS)}, optionally .gz)")
+        try:
+            yield from _documents_of(path, text_key, chunk_chars)
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def _documents_of(path, text_key, chunk_chars):
+    kind = path.removesuffix(".gz")
+    opener = gzip.open if path.endswith(".gz") else open
+    if kind.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        pf = pq.ParquetFile(path)
+        if text_key not in pf.schema_arrow.names:
+            raise UserError(f"{path} has no column '{text_key}' (columns: {pf.schema_arrow.names}); use --text_key")
+        for batch in pf.iter_batches(columns=[text_key]):
+            for text in batch.column(0).to_pylist():
+                yield text or "", True
+    elif kind.endswith((".jsonl", ".json")):
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{lineno} is not a JSON object per line (jsonl)") from None
+                if not isinstance(obj, dict) or text_key not in obj:
+                    raise UserError(f"{path}:{lineno} has no field '{text_key}'; use --text_key")
+                text = obj[text_key]
+                if text is None:         # null: an empty document, as in the parquet path
+                    text = ""
+                if not isinstance(text, str):
+                    raise UserError(f"{path}:{lineno}: field '{text_key}' is a {type(text).__name__}, not text")
+                yield text, True
+    elif kind.endswith((".txt", ".md")):
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+        start = 0
+        while start < len(text):   # ~chunk_chars pieces cut at a line break
+            end = text.find("\n", start + chunk_chars)
+            end = len(text) if end < 0 else end + 1
+            yield text[start:end], end == len(text)
+            start = end
+    else:
+        raise UserError(f"{path}: unsupported file type (use {', '.join(EXTS)}, optionally .gz)")
 
 
 def main(argv=None):
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="files or folders")
     ap.add_argument("--out_dir", required=True, help="where train.bin / val.bin go (train.py --data_dir=...)")
-    ap.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS)
+    ap.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS, help="gpt2 (tiktoken's GPT-2 BPE) or bytes")
     ap.add_argument("--text_key", default="text", help="jsonl field / parquet column holding the text")
-    ap.add_argument("--val_fraction", type=float, default=0.01)
+    ap.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out in val.bin")
     ap.add_argument("--tokens", type=float, default=None, help="token budget (default: everything)")
     ap.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: all cores)")
     args = ap.parse_args(argv)

@@ -35,9 +35,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
 
+    def add_argument(self, *args, **kw):
+        if not kw.get("help"):   # a developer's mistake, caught by any --help (tests/test_bad_input.py)
+            raise TypeError(f"option {args[0]} has no help line")
+        return super().add_argument(*args, **kw)
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):   # the default, unless the line already says it or there is none
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
 
 
 def cli(main):

@@ -103,18 +103,34 @@ def _stream(docs, files, tokenizer, val_fraction, max_tokens, workers, batch_doc
             pool.terminate()
 
 
+def _val_from_the_end(tmp, counts, last, n_doc, val_fraction):
+    """Too few documents for val_fraction to pick one: val gets the last document (several), or the
+    end of the only one: val_fraction of its tokens, at least a tenth up to 64 Ki tokens."""
+    n = len(last) if counts["train"] > len(last) else max(int(val_fraction * len(last)),
+                                                           min(len(last) // 10, 1 << 16), 1)
+    with open(tmp["train"], "r+b") as f:
+        f.truncate(2 * (counts["train"] - n))
+    last[-n:].tofile(tmp["val"])
+    what = "the last one" if n == len(last) else f"its last {n:,} tokens"
+    print(f"note: {n_doc} document(s) are too few for val_fraction={val_fraction}: {what} went to val")
+    return {"train": counts["train"] - n, "val": n}
+
+
 def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=None, workers=None,
                batch_docs=256, log_every=10_000_000):
     """Tokenise an iterable of (text, end_of_document) in parallel, in order, and write
     out_dir/train.bin and val.bin (uint16). Stops after max_tokens tokens (a budget, None = all).
     Deterministic: the output depends only on the documents and the arguments. An input too small
-    for val_fraction to pick a document gives its last document to val (with a note)."""
+    for val_fraction to pick a document gives val its last document, or the end of its only one
+    (with a note)."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction={val_fraction}: must be in (0, 1)")
+    if workers is not None and workers < 1:
+        raise UserError(f"workers={workers}: must be >= 1 (or leave it out: all cores)")
     load_encoding(tokenizer)   # fail early, in this process, if the tokenizer is unavailable
     paths = {s: os.path.join(out_dir, f"{s}.bin") for s in ("train", "val")}
     tmp = {s: f"{p}.tmp{os.getpid()}" for s, p in paths.items()}
-    ok = False
+    created, ok = not os.path.exists(out_dir), False
     try:
         os.makedirs(out_dir, exist_ok=True)
         for p in paths.values():
@@ -122,16 +138,11 @@ def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=
         with open(tmp["train"], "wb") as ftrain, open(tmp["val"], "wb") as fval:
             counts, n_doc, last = _stream(docs, {"train": ftrain, "val": fval}, tokenizer, val_fraction, max_tokens,
                                           workers or os.cpu_count() or 1, batch_docs, log_every)
-        if counts["val"] == 0 and last is not None and counts["train"] > len(last):
-            with open(tmp["train"], "r+b") as f:   # too few documents for val_fraction: the last one goes to val
-                f.truncate(2 * (counts["train"] - len(last)))
-            last.tofile(tmp["val"])
-            counts = {"train": counts["train"] - len(last), "val": len(last)}
-            print(f"note: {n_doc} documents are too few for val_fraction={val_fraction}: the last one is the val split")
+        if counts["val"] == 0 and last is not None and len(last) >= 2:
+            counts = _val_from_the_end(tmp, counts, last, n_doc, val_fraction)
         for s in ("train", "val"):
             if counts[s] == 0:
-                raise UserError(f"the {s} split came out empty ({n_doc} documents): give more text (a plain-text file "
-                                f"is one document per ~64 KiB)")
+                raise UserError(f"the {s} split came out empty ({n_doc} documents): give more text")
         for s in ("train", "val"):
             os.replace(tmp[s], paths[s])
         ok = True
@@ -142,6 +153,8 @@ def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=
             for t in tmp.values():
                 if os.path.exists(t):
                     os.remove(t)
+            if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
+                os.rmdir(out_dir)
     print(f"wrote {paths['train']} ({counts['train']:,} tokens) and {paths['val']} ({counts['val']:,} tokens) "
           f"from {n_doc:,} documents, tokenizer {tokenizer}")
     return counts

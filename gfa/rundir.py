@@ -6,18 +6,22 @@ The run directory: one folder per run, read and written only through this module
                               written when a run starts (start_run), so a run can be analysed
                               before its first checkpoint
     <run>/ckpt.pt             {"kind", "model" (state dict), "train_config" (the script's settings,
-                              no model keys), "iter_num" (optimizer steps taken), "optimizer",
-                              "grad_dump" (GradNormDump.state_dict(), for exact resume), plus the
-                              script's own extras: best_val_loss (train.py), best_val_acc and rng
-                              (resnet.py), pruned_from (prune.py --save_pruned)}
+                              no model keys), "iter_num" (optimizer steps taken), "save_id" (new at
+                              every save: what caches of results are keyed on), "optimizer" (training
+                              checkpoints; a pruned model has none), "grad_dump"
+                              (GradNormDump.state_dict(), for exact resume), plus the script's own
+                              extras: best_val_loss (train.py), best_val_acc and rng (resnet.py),
+                              pruned_from (prune.py --save_pruned)}
     <run>/grad_norms.npz      the gradient-norm dump (GradNormDump below)
     <run>/importance.json     per-layer functional importance: fanin.py (LMs: ppl_increase, with
-                              the settings it was measured with) or resnet.py (top1_drop)
+                              the settings and the checkpoint's save_id it was measured with) or
+                              resnet.py (top1_drop, with that save_id too)
     <run>/log.txt             the training log
     fanin.py also writes fanin_summary.json and its figures there, prune.py a prune/ folder.
 
-Every write is atomic (a temporary file, then a rename): a kill mid-write leaves the previous
-file intact. A new run never starts in a folder that holds another run's checkpoint or dump
+Every write of these files is atomic (a temporary file, then a rename; log.txt is appended line
+by line): a kill mid-write leaves the previous file intact, a failed write leaves no temporary
+file, and an OSError (a full disk) is a one-line error. A new run never starts in a folder that holds another run's checkpoint or dump
 (start_run), so the files of a run always belong together. The Eq. 2 share is never stored:
 read_grad_dump() derives it from the stored norms, over the step range it reports (for a
 checkpointed run, the steps its weights have seen). Runs of earlier versions (the architecture
@@ -27,6 +31,9 @@ import glob
 import hashlib
 import json
 import os
+import re
+import shutil
+import uuid
 from dataclasses import asdict
 
 import numpy as np
@@ -47,13 +54,32 @@ def file(run, name):
 
 
 # ---- atomic writes ------------------------------------------------------------------------------
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def remove_stale_temporaries(path):
-    """Temporary files a killed write of `path` left behind (`<path>.tmp<pid>...`)."""
+    """Temporary files a killed write of `path` left behind (`<path>.tmp<pid>...`): those of
+    processes that are gone (a live writer's temporary file is left to it)."""
     for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        digits = re.match(r"\d+", stale[len(path) + 4:])
+        if digits and int(digits.group()) != os.getpid() and _alive(int(digits.group())):
+            continue
         try:
             os.remove(stale)
         except OSError:
             pass
+
+
+def cannot_write(path, e):
+    """The one-line error for an OSError while writing path."""
+    return UserError(f"cannot write {path}: {e.strerror or e} (a full disk, a read-only or missing folder?)")
 
 
 def _atomic(path, write, binary=True):
@@ -70,11 +96,15 @@ def _atomic(path, write, binary=True):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e} (a full disk, a read-only or missing folder?); "
-                        f"the previous file is unchanged") from None
+        raise cannot_write(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_with(path, write):
+    """write(binary file) -> path, atomically (e.g. an array's tofile)."""
+    _atomic(path, write)
 
 
 def atomic_save(obj, path):
@@ -90,19 +120,33 @@ def atomic_write_text(text, path):
 
 
 # ---- model config and checkpoint ------------------------------------------------------------------
+# what a run's scripts write into its folder: --overwrite removes all of it, so nothing of the
+# replaced run stays beside the new one
+_RUN_OUTPUTS = (CKPT, GRAD_DUMP, OLD_RESNET_CKPT, IMPORTANCE, LOG, "fanin_summary.json", "fig*.png", "*_fig*.png")
+
+
 def start_run(run, kind, config, overwrite=False, write=True):
     """Begin a new run in `run`: refuse a folder that holds another run (its checkpoint or gradient
-    dump) unless overwrite, which first removes that run's files (those listed above); then write
-    model_config.json. write=False (DDP ranks other than 0) only checks."""
+    dump) unless overwrite, which first removes everything that run's scripts wrote there
+    (_RUN_OUTPUTS and prune.py's prune/); then write model_config.json. write=False (DDP ranks
+    other than 0) only checks."""
     existing = [f for f in (CKPT, GRAD_DUMP, OLD_RESNET_CKPT) if os.path.isfile(file(run, f))]
     if existing and not overwrite:
-        raise UserError(f"{run} already holds a run ({', '.join(existing)}): continue it with --init_from=resume, "
-                        f"pick another --out_dir, or replace it with --overwrite=True")
-    if write:
-        for f in (CKPT, GRAD_DUMP, OLD_RESNET_CKPT, IMPORTANCE, LOG):
-            if os.path.isfile(file(run, f)):
-                os.remove(file(run, f))
-        write_model_config(run, kind, config)
+        resume = ("continue it with --init_from=resume, " if has_checkpoint(run)
+                  else "it stopped before its first checkpoint: ")
+        raise UserError(f"{run} already holds a run ({', '.join(existing)}): {resume}pick another --out_dir, or "
+                        f"replace it with --overwrite=True")
+    if not write:
+        return
+    try:
+        for pattern in _RUN_OUTPUTS:
+            for f in glob.glob(os.path.join(glob.escape(run), pattern)):
+                os.remove(f)
+        if os.path.isdir(file(run, "prune")):
+            shutil.rmtree(file(run, "prune"))
+    except OSError as e:
+        raise UserError(f"cannot replace the run in {run}: {e.strerror or e}") from None
+    write_model_config(run, kind, config)
 
 
 def write_model_config(run, kind, config):
@@ -139,8 +183,11 @@ def kept(run):
 def save_checkpoint(run, kind, model_state, train_config, iter_num, **extra):
     """<run>/ckpt.pt, atomically; extra: optimizer, grad_dump and the script's own keys."""
     assert kind in KINDS, kind
+    # save_id: a new id for every checkpoint written, what results computed from it are keyed on
     atomic_save({"kind": kind, "model": model_state, "train_config": dict(train_config), "iter_num": int(iter_num),
-                 **extra}, file(run, CKPT))
+                 "save_id": uuid.uuid4().hex, **extra}, file(run, CKPT))
+    if os.path.isfile(file(run, OLD_RESNET_CKPT)):   # a resumed run of an earlier version: one checkpoint only
+        os.remove(file(run, OLD_RESNET_CKPT))
 
 
 def read_checkpoint(run, kind="gpt"):
@@ -167,8 +214,11 @@ def read_checkpoint(run, kind="gpt"):
 
 
 def checkpoint_id(ckpt):
-    """A fingerprint of a checkpoint's weights (a hash over every tensor's bytes): what a cache of
-    results computed from them (fanin.py's importance) is keyed on."""
+    """The identity of a checkpoint's weights, what a cache of results computed from them (fanin.py's
+    importance) is keyed on: its save_id, new at every save (a copy keeps it); for checkpoints of
+    earlier versions, a hash over every tensor's bytes."""
+    if "save_id" in ckpt:
+        return ckpt["save_id"]
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(ckpt["model"].items()):
         h.update(name.encode())
@@ -266,7 +316,10 @@ def read_grad_dump(run, before_step=None, ckpt=None):
         try:
             with np.load(path) as z:
                 d = {k: z[k] for k in z.files if k in ("names", "steps", "norms", "norms_equalized")}
+            if not {"names", "steps", "norms"} <= d.keys():
+                raise ValueError("names, steps or norms missing")
         except Exception as e:
+            d = None
             if not (ckpt is not None and ckpt.get("grad_dump")):
                 raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}) and the run has no checkpoint "
                                 f"holding a copy: train the run again") from None
@@ -295,8 +348,12 @@ def read_importance(run):
     path = file(run, IMPORTANCE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"note: {path} cannot be read ({type(e).__name__}): ignored")
+        return None
 
 
 def write_importance(run, result):
@@ -308,15 +365,22 @@ class Log:
     """print() and append to <run>/log.txt; on a DDP rank other than 0, nothing (master=False)."""
 
     def __init__(self, run, master=True):
+        self.path, self.file = file(run, LOG), None
         if master:
-            os.makedirs(run, exist_ok=True)
-        self.file = open(file(run, LOG), "a") if master else None
+            try:
+                os.makedirs(run, exist_ok=True)
+                self.file = open(self.path, "a")
+            except OSError as e:
+                raise cannot_write(self.path, e) from None
 
     def __call__(self, line):
         if self.file is not None:
             print(line, flush=True)
-            self.file.write(line + "\n")
-            self.file.flush()
+            try:
+                self.file.write(line + "\n")
+                self.file.flush()
+            except OSError as e:
+                raise cannot_write(self.path, e) from None
 
     def close(self):
         if self.file is not None:

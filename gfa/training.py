@@ -37,7 +37,8 @@ def check_resume(saved, requested, free, allow_changes):
     allow = [k.strip() for k in allow_changes.split(",") if k.strip()]
     unknown = [k for k in allow if k not in requested]
     if unknown:
-        raise UserError(f"allow_changes names unknown setting(s) {', '.join(unknown)}")
+        raise UserError(f"allow_changes names {', '.join(unknown)}: not a training setting (the architecture cannot "
+                        f"change on resume)")
     changed = {k: (saved[k], v) for k, v in requested.items() if k in saved and k not in free and saved[k] != v}
     refused = [k for k in changed if k not in allow]
     if refused:
@@ -106,6 +107,25 @@ def setup_distributed(device=""):
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
     return Dist(rank, local_rank, world, dev, ddp=True)
+
+
+def on_master(d, fn):
+    """fn() on rank 0 only; a UserError it raises is raised on every rank (the same one line), so
+    the other ranks stop with it instead of crashing in their next collective. Returns fn()'s
+    result on rank 0, None elsewhere."""
+    error, result = None, None
+    if d.master:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    if d.ddp:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def teardown(d):
@@ -233,10 +253,17 @@ class FiniteGuard:
                             f"try a lower learning_rate or dtype=float32")
 
 
+EXPLODED = 1e10   # no weight of a healthy model comes near this (they are O(0.02)-O(10))
+
+
 def check_weights(model, step, kept):
-    """UserError when a weight or buffer is not finite (a finite loss does not prove finite weights:
-    an update can overflow them). One host sync: call it before saving, not every step."""
-    state = [t for t in model.state_dict().values() if t.is_floating_point()]
-    if not torch.isfinite(torch.stack(torch._foreach_norm(state))).all():
-        raise UserError(f"the weights are not finite after step {step}: stopped ({kept}); "
-                        f"try a lower learning_rate or dtype=float32")
+    """UserError when a weight or buffer is non-finite or has exploded (|w| > EXPLODED): a finite loss
+    does not prove sane weights, since the update after it can blow them up. One fused max-|w|
+    reduction and one host sync: call it before saving, not every step."""
+    named = [(n, t) for n, t in model.state_dict().items() if t.is_floating_point() and t.numel()]
+    top = torch.stack(torch._foreach_norm([t for _, t in named], ord=float("inf"))).float().cpu()
+    bad = ~torch.isfinite(top) | (top > EXPLODED)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise UserError(f"a weight is non-finite or has exploded after step {step} (max |w| {top[i].item():.3g} in "
+                        f"{named[i][0]}): stopped ({kept}); try a lower learning_rate or dtype=float32")

@@ -2,6 +2,7 @@
 problem and the fix, a non-zero exit, and no file of an existing run directory changed (hashes
 before and after). In process; tests/gfa/test_cli.py runs the entry points once end to end."""
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -108,8 +109,9 @@ def test_fanin(run, tmp_path, capsys):
     assert summary["runs"][0]["share"] == good["runs"][0]["share"]
 
 
-def test_prune(run, tmp_path, capsys):
+def test_prune(run, tmp_path, capsys, monkeypatch):
     before = digest(run)
+    monkeypatch.setattr(prune, "prune_run", lambda *a: pytest.fail("a check came after the work"))
     fixed = ["--device", "cpu", "--hellaswag", "none", "--eval_batches", "1", "--batch_size", "2"]
     err = lambda *argv: one_line_error(prune.main, [*fixed, *argv], capsys)
     assert "--k '1,,2'" in err("--runs", run, "--k", "1,,2")
@@ -119,6 +121,9 @@ def test_prune(run, tmp_path, capsys):
     msg = err("--runs", run, other, "--k", "1")
     assert "different architectures (d_model 32 vs 64)" in msg and "seeds of one config" in msg
     assert "already holds a run" in err("--runs", run, "--k", "1", "--methods", "cfp", "--save_pruned", other)
+    (tmp_path / "a_file").write_text("x")
+    assert "cannot write" in err("--runs", run, "--k", "1", "--out", tmp_path / "a_file" / "table")
+    assert err("--runs", run, "--k", "1", "--calib_seed", "-1").endswith("--calib_seed and --hs_items must be >= 0")
     if not torch.cuda.is_available():
         assert "no CUDA GPU is visible" in one_line_error(prune.main, ["--runs", run, "--device", "cuda"], capsys)
     assert digest(run) == before and not os.path.exists(os.path.join(run, "prune"))
@@ -161,29 +166,64 @@ def test_resnet(tmp_path, capsys):
 
 
 def test_prepare_local_small_inputs(tmp_path, capsys):
+    """The default val_fraction (1 document in 100) on inputs of 5 documents and of one: a split that works."""
     src = tmp_path / "few.jsonl"
     src.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(5)))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "train.bin.tmp999").write_bytes(b"left by a killed run")
+    (out / "train.bin.tmp999999999").write_bytes(b"left by a killed run")
     prepare_local.main([str(src), "--out_dir", str(out), "--tokenizer", "bytes", "--workers", "1"])
-    assert "the last one is the val split" in capsys.readouterr().out   # 5 documents, val_fraction 0.01
+    assert "5 document(s) are too few for val_fraction=0.01: the last one went to val" in capsys.readouterr().out
     assert bytes(np.fromfile(out / "val.bin", np.uint16)[:-1].astype(np.uint8)) == b"document 4"
     assert sorted(os.listdir(out)) == ["train.bin", "val.bin"]   # the stale temporary file is gone
     one = tmp_path / "one.txt"
-    one.write_text("a single short text\n")
-    msg = one_line_error(prepare_local.main, [str(one), "--out_dir", str(tmp_path / "o2"), "--tokenizer", "bytes"],
-                         capsys)
-    assert "the val split came out empty (1 documents): give more text" in msg
+    text = "".join(f"line {i} of a short text\n" for i in range(500))   # ~12 KB: one document
+    one.write_text(text)
+    prepare_local.main([str(one), "--out_dir", str(tmp_path / "o2"), "--tokenizer", "bytes", "--workers", "1"])
+    assert "its last" in capsys.readouterr().out
+    train_ids, val_ids = (np.fromfile(tmp_path / "o2" / f"{s}.bin", np.uint16) for s in ("train", "val"))
+    assert len(val_ids) == (len(text) + 1) // 10   # a tenth of the document (+ its end byte)
+    assert bytes(np.concatenate([train_ids, val_ids])[:-1].astype(np.uint8)).decode() == text
+    msg = one_line_error(prepare_local.main, [str(one), "--out_dir", str(tmp_path / "o3"), "--workers", "0"], capsys)
+    assert "workers=0: must be >= 1" in msg and not (tmp_path / "o3").exists()
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_text("not gzip")
+    assert "cannot read" in one_line_error(prepare_local.main, [str(bad), "--out_dir", str(tmp_path / "o4"),
+                                                                 "--tokenizer", "bytes"], capsys)
+
+
+def _script(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(os.path.dirname(path)) + "_prepare", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SCRIPTS_WITH_OPTIONS = [fanin.main, prune.main, bench.main, prepare_local.main] + [
+    _script(os.path.join(DATA, d, "prepare.py")).main for d in ("dolma", "shakespeare", "hellaswag")]
 
 
 @pytest.mark.parametrize("main, words", [(train.main, ["learning_rate = 0.0002", "# peak", "n_layer = 16"]),
                                          (resnet.main, ["batch_size = 512", "# global, over all DDP ranks"]),
-                                         (fanin.main, ["--eval_batches", "--theory"]),
                                          (prune.main, ["--calib_batches", "(default: 8)"]),
                                          (bench.main, ["--mode", "(default: inference)"])])
 def test_help_lists_every_key(main, words, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
-    out = " ".join(capsys.readouterr().out.split())   # argparse wraps its lines
-    assert e.value.code == 0 and all(w in out for w in words), out[-2000:]
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())   # argparse wraps its lines
+    assert e.value.code == 0 and all(w in flat for w in words), flat[-2000:]
+    if main in (train.main, resnet.main):   # every key: its default and a line saying what it is
+        keys = [line for line in out.splitlines() if line.startswith("  ") and " = " in line]
+        assert len(keys) > 20 and all("  # " in line for line in keys), [k for k in keys if "  # " not in k]
+
+
+@pytest.mark.parametrize("main", SCRIPTS_WITH_OPTIONS)
+def test_every_option_has_a_help_line(main, capsys, tmp_path):
+    """gfa.cli.ArgumentParser refuses an option without a help line, so --help succeeding proves it;
+    and --help does nothing else (no preparation, no download)."""
+    before = sorted(os.listdir(os.path.join(DATA, "shakespeare")))
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "show this help message" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(DATA, "shakespeare"))) == before

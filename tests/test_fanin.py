@@ -207,8 +207,8 @@ def test_importance_cache_belongs_to_the_weights(tmp_path, capsys):
     run, data = make_run(tmp_path, "r", iter_num=50)
     first = json.loads(json.dumps(fanin.main([str(run), "--data", str(data), "--eval_batches", "1"])))
     other = tiny_model(7, **TINY)
-    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
-    torch.save(dict(ckpt, model=other.state_dict()), run / "ckpt.pt")   # same iter_num, other weights
+    ckpt = rundir.read_checkpoint(str(run))
+    rundir.save_gpt(str(run), other, ckpt["train_config"], ckpt["iter_num"])   # same step, other weights
     capsys.readouterr()
     again = fanin.main([str(run), "--data", str(data), "--eval_batches", "1"])
     assert "stale" in capsys.readouterr().out

@@ -143,11 +143,31 @@ def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
     model, ckpt = rundir.load_gpt(out)   # the files agree: the 2-layer architecture, the 2-layer weights
     assert model.config.n_layer == 2 and rundir.read_grad_dump(out, ckpt["iter_num"])["norms"].shape == (2, 4)
     assert open(os.path.join(out, "log.txt")).read().count("model: ") == 1   # the old run's log went with it
+    for f in ("fanin_summary.json", "fig3_share_vs_fanin.png", "prune/table1.md"):   # and its results
+        os.makedirs(os.path.dirname(os.path.join(out, f)), exist_ok=True)
+        open(os.path.join(out, f), "w").close()
+    train.main(TINY + [f"--out_dir={out}", "--max_iters=2", "--overwrite=True"])
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "grad_norms.npz", "log.txt", "model_config.json"]
+
+
+def test_resuming_a_run_of_an_earlier_version_brings_it_up_to_date(tmp_path):
+    """Earlier versions kept the architecture inside ckpt.pt and wrote no model_config.json."""
+    _, out = run(tmp_path, "old", "--max_iters=4", "--stop_iter=2", "--eval_interval=2")
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    _, mc = rundir.read_model_config(out)
+    for k in ("kind", "save_id"):
+        del ckpt[k]
+    torch.save(dict(ckpt, model_config=mc), os.path.join(out, "ckpt.pt"))
+    os.remove(os.path.join(out, "model_config.json"))
+    run(tmp_path, "old", "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    assert rundir.read_model_config(out) == ("gpt", mc) and os.path.isfile(os.path.join(out, "model_config.json"))
+    model, ck = rundir.load_gpt(out)
+    assert ck["iter_num"] == 4 and model.config.n_layer == 3
 
 
 def test_a_blown_up_update_is_never_saved(tmp_path, monkeypatch, capsys):
-    """The loss and gradient of step 3 are finite, but its update leaves a weight at 1e38 (finite,
-    and a dead model): the eval at step 4 must refuse to save it, and keep step 2's checkpoint."""
+    """The loss and gradient of step 3 are finite, but its update leaves a weight at 1e38 (finite, an
+    exploded, dead model): the eval at step 4 must refuse to save it, and keep step 2's checkpoint."""
     real = train.adamw
 
     def poisoned(*a, **kw):
@@ -164,7 +184,8 @@ def test_a_blown_up_update_is_never_saved(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "adamw", poisoned)
     out = str(tmp_path / "run")
     msg = one_line_error(train.main, [*TINY, f"--out_dir={out}", "--max_iters=6", "--eval_interval=2"], capsys)
-    assert "the weights are not finite after step 4" in msg and f"the last good checkpoint {out}/ckpt.pt is kept" in msg
+    assert "a weight is non-finite or has exploded after step 4 (max |w| 1e+38 in tok_emb.weight)" in msg
+    assert f"the last good checkpoint {out}/ckpt.pt is kept" in msg
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["iter_num"] == 2 and max(v.abs().max() for v in ckpt["model"].values()) < 1e3
 

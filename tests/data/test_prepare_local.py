@@ -89,4 +89,4 @@ def test_bad_line_mid_stream_leaves_no_files(tmp_path, bad, msg, workers):
     with pytest.raises(UserError, match=f"c.jsonl:31.*{msg}") as e:
         write_bins(docs, str(out), "bytes", val_fraction=0.1, workers=workers, batch_docs=1)
     assert "\n" not in str(e.value)
-    assert os.listdir(out) == []          # no train.bin / val.bin, no .tmp<pid> files
+    assert not out.exists()          # no train.bin / val.bin, no .tmp<pid> files: not even the folder it made

@@ -2,6 +2,7 @@
 AdamW (fused and foreach, CPU and CUDA), norm equalisation, the LR schedule, the parameter
 groups, and the non-finite guard."""
 import math
+import re
 
 import pytest
 import torch
@@ -104,7 +105,12 @@ def test_finite_guard_names_the_first_bad_step():
         g.check("kept")
     m = tiny_model()
     check_weights(m, 7, "kept")
+    for bad, shown in [(math.inf, "inf"), (math.nan, "nan"), (3e11, "3e+11")]:
+        with torch.no_grad():
+            m.blocks[1].ffn.down.weight[0, 0] = bad
+        with pytest.raises(UserError, match=rf"non-finite or has exploded after step 7 \(max \|w\| {re.escape(shown)} in "
+                                            rf"blocks.1.ffn.down.weight\)"):
+            check_weights(m, 7, "kept")
     with torch.no_grad():
-        m.blocks[1].ffn.down.weight[0, 0] = math.inf
-    with pytest.raises(UserError, match="the weights are not finite after step 7"):
-        check_weights(m, 7, "kept")
+        m.blocks[1].ffn.down.weight[0, 0] = 9e9   # large, but below the line
+    check_weights(m, 7, "kept")
