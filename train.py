@@ -195,6 +195,7 @@ def main(argv):
     loop = Loop(cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro)
     history = loop.run(train_data, val_data, iter_num, best_val)
     log.close()
+    del loop, model, eval_model   # DDP's reducer must go before its process group (see teardown)
     teardown(d)
     return history
 

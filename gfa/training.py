@@ -3,6 +3,7 @@ The training pieces train.py, resnet.py and bench.py share: LR schedule, AdamW g
 setup, the optimizer step with its per-layer gradient norms, norm equalisation and clipping,
 and the non-finite guard. None of them syncs with the host on the hot path.
 """
+import gc
 import math
 import os
 from dataclasses import dataclass
@@ -129,9 +130,11 @@ def on_master(d, fn):
 
 
 def teardown(d):
-    """End the process group once every rank is done (rank 0 may still be saving: a rank that
-    destroys the group early can abort at exit)."""
+    """End the process group once every rank is done (rank 0 may still be saving). Call it after
+    dropping the DDP-wrapped model: gloo work still referenced at interpreter exit can abort the
+    process ("terminate called without an active exception")."""
     if d.ddp and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
