@@ -33,6 +33,8 @@ def test_names_and_resolution(tmp_path):
         benchmark.resolve(str(tmp_path))
     with pytest.raises(UserError, match="pass the run directory that holds it"):
         benchmark.resolve(f"{run}/ckpt.pt")
+    with pytest.raises(UserError, match="no run directory there"):
+        benchmark.resolve(str(tmp_path / "not_yet_trained"))
 
 
 def test_profile_kernel_breakdown():
