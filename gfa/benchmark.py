@@ -32,10 +32,10 @@ def resolve(item):
     else:   # vanilla_16l -> config/vanilla_16l.py; small/cascade_a2 -> config/small.py, config/cascade_a2.py
         files = [os.path.join(REPO, "config", part + ".py") for part in item.split("/")]
     missing = [f for f in files if not os.path.isfile(f)]
-    if missing and (os.path.isabs(item) or item.startswith(".") or "" in item.split("/")):
-        raise UserError(f"{item}: no run directory there (pass a folder holding ckpt.pt and model_config.json)")
     if missing and (item.endswith(".pt") or os.path.isfile(item)):
         raise UserError(f"{item}: pass the run directory that holds it (ckpt.pt with model_config.json)")
+    if missing and (os.path.isabs(item) or item.startswith(".") or "" in item.split("/")):
+        raise UserError(f"{item}: no run directory there (pass a folder holding ckpt.pt and model_config.json)")
     if missing:
         raise UserError(f"{item}: no run directory, and no config file {missing[0]} (names are config/<variant>.py, "
                         f"e.g. vanilla_16l, or <scale>/<variant>, e.g. tiny/cascade_a2)")
