@@ -420,6 +420,20 @@ def build_model(cfg, data, ckpt, dev):
     return model
 
 
+def restore(ckpt, opt, dump, dev, log, out):
+    """Optimizer, dump and RNG state of the checkpoint resumed from; returns (step, best top-1)."""
+    opt.load_state_dict(ckpt["optimizer"])
+    it = ckpt["iter_num"]
+    dump.load_state_dict(ckpt["grad_dump"], before_step=it)
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in ckpt["changes"].items()) or "settings unchanged"
+    log(f"resumed from {rundir.file(out, rundir.CKPT)} at step {it}: {changes}")
+    return it, ckpt["best_val_acc"]
+
+
 def train(cfg, model, data, ckpt, d, ctx, log, compiled):
     """Table 5's schedule in steps (per-step cosine; an epoch is n_train // batch_size steps), the
     gradient dump, an eval every epoch and a checkpoint every epoch (or ckpt_interval). Returns
@@ -434,17 +448,7 @@ def train(cfg, model, data, ckpt, d, ctx, log, compiled):
                 fused=dev.type == "cuda")
     step = GradStep(model.param_groups_by_layer(), opt)   # no clipping (Table 5)
     dump = rundir.GradNormDump(step.norms.names, rundir.file(out, rundir.GRAD_DUMP))
-    it, best = 0, 0.0
-    if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-        it, best = ckpt["iter_num"], ckpt["best_val_acc"]
-        dump.load_state_dict(ckpt["grad_dump"], before_step=it)
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in ckpt["changes"].items()) or "settings unchanged"
-        log(f"resumed from {rundir.file(out, rundir.CKPT)} at step {it}: {changes}")
+    it, best = restore(ckpt, opt, dump, dev, log, out) if ckpt is not None else (0, 0.0)
     raw = model
     if compiled:
         model = torch.compile(model)
