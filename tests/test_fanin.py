@@ -198,14 +198,14 @@ def test_share_covers_the_steps_the_checkpoint_saw(tmp_path, capsys):
     assert not np.allclose(summary["share"], accumulated_share(rows, names))
     assert "share over 20 logged steps (0-19)" in out
     os.remove(run / "ckpt.pt")   # before its first checkpoint: every logged step
-    assert json.loads(json.dumps(fanin.main([str(run), "--no_importance"])["runs"][0]["steps"])) == 30
+    assert fanin.main([str(run), "--no_importance"])["runs"][0]["steps"] == 30
 
 
 def test_importance_cache_belongs_to_the_weights(tmp_path, capsys):
     """Another model in the same folder at the same step (a retrain, a copied checkpoint) must not
     be served the first model's importance: the cache is keyed on a hash of the weights."""
     run, data = make_run(tmp_path, "r", iter_num=50)
-    first = json.loads(json.dumps(fanin.main([str(run), "--data", str(data), "--eval_batches", "1"])))
+    first = fanin.main([str(run), "--data", str(data), "--eval_batches", "1"])
     other = tiny_model(7, **TINY)
     ckpt = rundir.read_checkpoint(str(run))
     rundir.save_gpt(str(run), other, ckpt["train_config"], ckpt["iter_num"])   # same step, other weights
