@@ -60,6 +60,13 @@ class GPTConfig:
     passthrough: list = field(default_factory=list)   # layer indices skipped (identity)
     deep_supervision: bool = False   # an auxiliary LM loss after every block (LayerSkip)
     ds_alpha: list = field(default_factory=list)      # aux-loss weight per block; empty = all 1
+    # LayerSkip's schedules 'uniform', 'linear', 'sum', 'sqrt', 'inv', 'inv_sqrt' weight exit l (1-based)
+    # by 1, l, 1+..+l, sqrt(l), 1/l, 1/sqrt(l), the early exits times ds_e_scale, normalised to sum 1
+    ds_scale: str = "paper"          # exit loss weights: 'paper' = L_N + sum_k alpha_k L_k, or a LayerSkip schedule
+    ds_e_scale: float = 1.0          # LayerSkip's e_scale: multiplies every exit but the last
+    # 'scaled': the two projections writing into the residual stream get 0.02 / sqrt(2 * n_layer)
+    # (GPT-2 / nanoGPT; physical layers, so a repeated-layer model and its reference start alike)
+    init: str = "normal"             # 'normal': every weight N(0, 0.02), as HF Llama (the paper); or 'scaled'
     rope_theta: float = 10000.0      # RoPE base
     norm_eps: float = 1e-5           # RMSNorm epsilon
 
@@ -98,6 +105,11 @@ class GPTConfig:
         for i in self.passthrough:
             need(isinstance(i, int) and 0 <= i < N, f"passthrough index {i}: must be in [0, {N - 1}]")
         need(not self.ds_alpha or self.deep_supervision, "ds_alpha is set but deep_supervision=False")
+        need(self.ds_scale in DS_SCALES, f"ds_scale={self.ds_scale!r}: use one of {', '.join(DS_SCALES)}")
+        need(not self.ds_alpha or self.ds_scale == "paper", "ds_alpha weights the 'paper' loss only: drop it, or "
+             "set ds_scale='paper'")
+        need(self.ds_e_scale > 0, f"ds_e_scale={self.ds_e_scale}: must be > 0")
+        need(self.init in ("normal", "scaled"), f"init={self.init!r}: use 'normal' (N(0, 0.02), the paper) or 'scaled'")
 
     # --- resolved per-layer widths (derived, never stored, so a saved config rebuilds exactly)
     def layer_heads(self):
@@ -114,6 +126,19 @@ class GPTConfig:
 
     def layer_alphas(self):
         return list(self.ds_alpha) if self.ds_alpha else [1.0] * self.n_layer
+
+    def exit_weights(self, layers):
+        """Deep supervision: the loss weight of the exit after each of `layers` (the layers that run,
+        in order); the last entry weights the final output. 'paper': alpha_l, and 1 + alpha_last for
+        the final (L_N plus the sum over k = 0..N-1, which includes the last block's exit);
+        LayerSkip's schedules: DS_SCALES[name](l) for exit l = 1..E, the early exits times
+        ds_e_scale, normalised to sum 1 (Elhoushi et al. 2024, as torchtune implements them)."""
+        if self.ds_scale == "paper":
+            a = [self.layer_alphas()[i] for i in layers]
+            return a[:-1] + [1.0 + a[-1]]
+        f = DS_SCALES[self.ds_scale]
+        w = [f(l) * (self.ds_e_scale if l < len(layers) else 1.0) for l in range(1, len(layers) + 1)]
+        return [x / sum(w) for x in w]
 
     def kept_layers(self, drop):
         """The layer indices left, in order, once layers `drop` are removed."""
@@ -140,6 +165,10 @@ class GPTConfig:
         """Build from a dict that may hold other keys (a config file, a checkpoint's train config)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+DS_SCALES = {"paper": None, "uniform": lambda l: 1.0, "linear": lambda l: float(l), "sum": lambda l: l * (l + 1) / 2,
+             "sqrt": math.sqrt, "inv": lambda l: 1.0 / l, "inv_sqrt": lambda l: 1.0 / math.sqrt(l)}
 
 
 def rope_tables(head_dim, length, theta):
@@ -228,7 +257,6 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.heads, self.ffns, self.repeats = cfg.layer_heads(), cfg.layer_ffn(), cfg.layer_repeats()
-        self.alphas = cfg.layer_alphas()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, h, f) for h, f in zip(self.heads, self.ffns))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -236,14 +264,13 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # Init: every weight N(0, 0.02); the two projections that write into the residual
-        # stream (attn.proj, ffn.down) get 0.02 / sqrt(2 * virtual depth) so the residual
-        # variance stays O(1) however deep the (unrolled) stack is (GPT-2 / nanoGPT).
+        # Init (cfg.init): every weight N(0, 0.02), norms 1, as HF Llama; 'scaled' shrinks the
+        # residual-stream projections by sqrt(2 * n_layer), the GPT-2 rule
         self.apply(self._init_weights)
-        resid_std = 0.02 / math.sqrt(2 * sum(self.repeats))
-        for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, std=resid_std)
-            nn.init.normal_(block.ffn.down.weight, std=resid_std)
+        if cfg.init == "scaled":
+            for block in self.blocks:
+                nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(block.ffn.down.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(m):
@@ -281,6 +308,7 @@ class GPT(nn.Module):
         skip = self.passthrough
         run = [i for i in range(self.config.n_layer) if i not in skip]
         deep = self.config.deep_supervision and self.training and targets is not None and bool(run)
+        weights = self.config.exit_weights(run) if deep else None
         v = 0   # virtual position, indexes the KV cache
         for i, block in enumerate(self.blocks):
             if i in skip:
@@ -291,15 +319,15 @@ class GPT(nn.Module):
                 v += 1
             if deep and i != run[-1]:   # the last exit is the final loss, weighted below
                 # recompute logits in backward: peak memory holds one layer's logits, not N
-                li = self.alphas[i] * checkpoint(self._head_loss, x, targets, use_reentrant=False)
+                li = weights[run.index(i)] * checkpoint(self._head_loss, x, targets, use_reentrant=False)
                 aux = li if aux is None else aux + li
         if targets is None:
             logits = self.lm_head(self.norm_f(x[:, -1:] if last_only else x))
             return logits, None
         logits = self.lm_head(self.norm_f(x))
         loss = cross_entropy(logits, targets, ignore_index=-1)
-        if deep:   # CE(final) + alpha_last * CE(exit after the last block), which is the same CE
-            loss = loss * (1 + self.alphas[run[-1]])
+        if deep:   # the final output's weight ('paper': 1 + alpha_last, the last block's exit being the same CE)
+            loss = loss * weights[-1]
         return logits, (loss if aux is None else loss + aux)
 
     # ---- generation with a KV cache ----------------------------------------------------------

@@ -4,31 +4,35 @@ CascadeFlow Pruning (CFP) against three baselines, scored by perplexity and Hell
     python prune.py --k 4                                   # the run in out/vanilla_16l
     python prune.py --runs out/a out/b out/c --k 1,2,4,6,8  # seeds: mean +- std per cell
     python prune.py --runs out/a --k 4 --methods cfp --save_pruned out/a_cfp4   # a smaller run directory
+    python prune.py --combine out/a/prune/results.json out/b/prune/results.json --out t1   # seeds pruned apart
 
 Methods (paper Appendix A.4); each prints its full ranking, then prunes by passthrough
 (the removed layers are skipped as identity, model.set_passthrough):
   cfp         the k layers with the lowest accumulated training-gradient share (Eq. 2, from
               <run>/grad_norms.npz, over the steps the checkpoint's weights have seen), at any positions.
-  magnitude   block score = sum of |W| over all the block's weights (matrices and RMSNorm
-              gains; the same as summing per-output L1 norms). We sum rather than average so a
-              narrower (tapered) layer counts as the smaller mass it is; for uniform widths both
-              give the same ranking. Embeddings, LM head and final norm are excluded. The k
-              lowest blocks are removed.
+  magnitude   A.4: "for projection matrices, values are first reduced along the input dimension
+              to obtain per-output scores, then aggregated within the block". Read with an L1
+              reduction that sentence changes nothing (sum |W| either way), so the default
+              (--magnitude=row_l2) reduces each output row by its L2 norm: block score = sum over
+              the block's matrices of ||W[o, :]||_2 over outputs o, plus sum |g| of its RMSNorm gains
+              (already one value per output). --magnitude=sum is sum |W| over all its weights.
+              Summed rather than averaged, so a narrower (tapered) layer counts as the smaller mass
+              it is. Embeddings, LM head and final norm are excluded. The k lowest blocks go.
   taylor      on --calib_batches batches of TRAINING data (fixed windows): block score = sum
               over batches and over the block's weights of |W * dL/dW| (elementwise |.| per
               batch, one backward per batch, L = the final LM loss). k lowest go.
   similarity  Gromov et al.: angular distance arccos(cos(h_l, h_{l+k})) / pi between the input
-              of layer l and the input of layer l+k (h_N = the last block's output), per token,
-              averaged over ALL token positions of the calibration batches (Gromov use only the
-              last token; every position of a causal LM is a prediction, and averaging over all
-              of them is far less noisy on a small calibration set). The contiguous block
-              [l, l+k) with the smallest distance goes. Its per-layer ranking (for the
-              cross-seed stability) is the k=1 distance.
+              of layer l and the input of layer l+k (h_N = the last block's output), of the LAST
+              token of each calibration sequence, as the authors define it (--similarity_tokens=all
+              averages over every position instead: less noisy on a small calibration set). The
+              contiguous block [l, l+k) with the smallest distance goes. Its per-layer ranking (for
+              the cross-seed stability) is the k=1 distance.
 
 Evaluation (gfa/evaluation.py): held-out perplexity over a fixed token set (same numbers every
 call) and zero-shot multiple choice on HellaSwag (acc: summed log-prob of the ending; acc_norm:
 log-prob per character). Outputs under --out: table1.md, table1_ppl.png, results.json.
 """
+import json
 import math
 import os
 import time
@@ -56,10 +60,19 @@ def _abs_sum(tensors):
     return sum(t.abs().sum(dtype=torch.float64) for t in tensors)
 
 
+MAGNITUDE_READINGS = ("row_l2", "sum")
+
+
 @torch.no_grad()
-def magnitude_scores(model):
-    """Per block: sum of |W| over its weights; one host copy for all blocks."""
-    return torch.stack([_abs_sum(b.parameters()) for b in model.blocks]).cpu().numpy()
+def magnitude_scores(model, reading="row_l2"):
+    """Per block: 'row_l2' = sum over its matrices of the L2 norm of each output row, plus sum |g| of
+    its norm gains; 'sum' = sum of |W| over all its weights. One host copy for all blocks."""
+    def block_score(b):
+        if reading == "sum":
+            return _abs_sum(b.parameters())
+        return sum(p.norm(dim=1, dtype=torch.float64).sum() if p.dim() >= 2 else p.abs().sum(dtype=torch.float64)
+                   for p in b.parameters())
+    return torch.stack([block_score(b) for b in model.blocks]).cpu().numpy()
 
 
 def taylor_scores(model, batches, device, ctx):
@@ -91,9 +104,10 @@ def taylor_scores(model, batches, device, ctx):
 
 
 @torch.no_grad()
-def angular_distances(model, batches, device, ctx):
-    """D[l, m] (l < m, m <= N): mean over all tokens of arccos(cos(h_l, h_m)) / pi, where h_l is
-    the input of block l (its first application if repeated) and h_N the input of the final norm."""
+def angular_distances(model, batches, device, ctx, tokens="last"):
+    """D[l, m] (l < m, m <= N): mean of arccos(cos(h_l, h_m)) / pi over the last token of every
+    sequence (tokens='last', Gromov et al.) or over all tokens ('all'), where h_l is the input of
+    block l (its first application if repeated) and h_N the input of the final norm."""
     N = model.config.n_layer
     hidden = {}   # i -> input of block i (i = N: of the final norm), one forward's worth
 
@@ -113,7 +127,8 @@ def angular_distances(model, batches, device, ctx):
                 model(x.to(device))
             # [tokens, N+1, C], unit rows; float64 so the cosines near 1 (where arccos is steep)
             # keep their digits and no TF32 matmul touches them
-            h = torch.stack([hidden[i] for i in range(N + 1)], dim=2).flatten(0, 1).double()
+            h = torch.stack([hidden[i] for i in range(N + 1)], dim=2)   # [B, T, N+1, C]
+            h = (h[:, -1] if tokens == "last" else h.flatten(0, 1)).double()
             h.div_(h.norm(dim=-1, keepdim=True).clamp_min(1e-12))   # in place: h is the big tensor here
             cos = torch.bmm(h, h.transpose(1, 2)).clamp(-1.0, 1.0)   # all pairs (l, m) of every token at once
             D += torch.arccos(cos).sum(0) / math.pi
@@ -170,15 +185,15 @@ def parse_methods(text):
     return [m for m in METHODS if m in ms]
 
 
-def rank_layers(model, methods, ks, share, calib, device, ctx):
+def rank_layers(model, methods, ks, share, calib, device, ctx, args):
     """Each method's per-layer scores (higher = more important; printed as a ranking) and its
     choice of layers to remove for every k: (scores {method: [N]}, choice {(method, k): layers})."""
     scores, choice = {}, {}
     for m in methods:
         if m == "similarity":
-            D = angular_distances(model, calib, device, ctx)
+            D = angular_distances(model, calib, device, ctx, args.similarity_tokens)
             scores[m] = np.array([D[l, l + 1] for l in range(model.config.n_layer)])
-            print_ranking("similarity", scores[m], "angular distance d(h_l, h_l+1)")
+            print_ranking("similarity", scores[m], f"angular distance d(h_l, h_l+1), {args.similarity_tokens} token(s)")
             for k in ks:
                 l, cand = similarity_block(D, k)
                 choice[(m, k)] = list(range(l, l + k))
@@ -188,7 +203,8 @@ def rank_layers(model, methods, ks, share, calib, device, ctx):
         if m == "cfp":
             scores[m], what = share, "accumulated gradient share"
         elif m == "magnitude":
-            scores[m], what = magnitude_scores(model), "sum of |W|"
+            scores[m] = magnitude_scores(model, args.magnitude)
+            what = "sum of |W|" if args.magnitude == "sum" else "sum of per-output-row L2 norms"
         else:
             scores[m], what = taylor_scores(model, calib, device, ctx), f"sum |W*dL/dW| over {len(calib)} calibration batches"
         print_ranking(m, scores[m], what)
@@ -224,7 +240,7 @@ def prune_run(run, args, ks, methods, hs_items, device, ctx):
         # fixed windows of the training data (seeded): the calibration set is the same every call
         calib = [get_batch(train, args.batch_size, T, step, args.calib_seed) for step in range(args.calib_batches)]
 
-    scores, choice = rank_layers(model, methods, ks, share, calib, device, ctx)
+    scores, choice = rank_layers(model, methods, ks, share, calib, device, ctx, args)
 
     cache = {}   # frozenset(layers) -> metrics: methods that agree share one evaluation
     encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size)) if hs_items is not None else None   # once per text
@@ -401,6 +417,12 @@ def main(argv):
     p.add_argument("--batch_size", type=int, default=8, help="sequences per batch (perplexity, calibration)")
     p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for Taylor/Similarity")
     p.add_argument("--calib_seed", type=int, default=1234, help="seed of the calibration windows")
+    p.add_argument("--similarity_tokens", default="last", choices=("last", "all"),
+                   help="similarity over the last token of each sequence (Gromov et al.) or over all tokens")
+    p.add_argument("--magnitude", default="row_l2", choices=MAGNITUDE_READINGS,
+                   help="magnitude score: per-output-row L2 norms summed (row_l2), or sum |W| (sum)")
+    p.add_argument("--combine", nargs="+", default=None, help="results.json files of earlier prune.py calls "
+                   "(e.g. one per seed, run on different machines): one table over all their runs, no model loaded")
     p.add_argument("--device", default="", help="default cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", help="float32 (the paper), tf32 or bfloat16")
     p.add_argument("--out", default=None, help="folder for table1.md, table1_ppl.png, results.json "
@@ -409,6 +431,8 @@ def main(argv):
                    "with its layers physically removed, as a new run directory")
     args = p.parse_args(argv)
 
+    if args.combine:
+        return write_table(*combine(args.combine), args.out or "prune_combined")
     ks, methods = parse_ks(args.k), parse_methods(args.methods)
     for name in ("eval_batches", "batch_size", "calib_batches", "hs_tokens"):
         if getattr(args, name) < 1:
@@ -439,14 +463,40 @@ def main(argv):
         if args.save_pruned:
             save_pruned(args.save_pruned, model, ckpt, choice[(methods[0], ks[0])], run, methods[0], ks[0])
         del model
+    settings = {"magnitude": args.magnitude, "similarity_tokens": args.similarity_tokens,
+                "calib_batches": args.calib_batches, "batch_size": args.batch_size, "dtype": args.dtype}
+    return write_table(results, ks, methods, hs_path, settings, out)
 
+
+def combine(paths):
+    """The runs of several results.json files, checked to be one table: (results, ks, methods, mc file, settings)."""
+    runs, first = [], None
+    for path in paths:
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            key = (r["ks"], r["methods"], r.get("mc_file", "none"), r.get("settings", {}))
+            runs += r["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--combine {path}: not a results.json of prune.py ({type(e).__name__})") from None
+        if first is not None and key != first[1]:
+            raise UserError(f"--combine: {path} was made with other --k, --methods, multiple-choice file or "
+                            f"settings than {first[0]}: only runs pruned the same way make one table")
+        first = first or (path, key)
+    ks, methods, mc_file, settings = first[1]
+    if len({r["n_layer"] for r in runs}) > 1:
+        raise UserError("--combine: the runs have different numbers of layers: --combine takes seeds of one config")
+    return runs, ks, methods, mc_file, settings
+
+
+def write_table(results, ks, methods, hs_path, settings, out):
     stab = stability(results, methods)
     text = table1(results, ks, methods, stab, hs_path)
     print()
     print(text)
     rundir.atomic_write_text(text, os.path.join(out, "table1.md"))
-    rundir.atomic_write_json({"ks": ks, "methods": methods, "runs": results, "stability": stab},
-                      os.path.join(out, "results.json"), indent=1)
+    rundir.atomic_write_json({"ks": ks, "methods": methods, "mc_file": hs_path, "settings": settings, "runs": results,
+                              "stability": stab}, os.path.join(out, "results.json"), indent=1)
     plot(results, ks, methods, os.path.join(out, "table1_ppl.png"))
     print(f"wrote {out}/table1.md, table1_ppl.png, results.json")
     return results

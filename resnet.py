@@ -16,7 +16,8 @@ Training follows Table 5: AdamW (0.9, 0.999), weight decay 0.05 (not on BN/bias)
 per-step cosine with 5 warm-up epochs, global batch 512, 30 epochs, no clipping, seed 324709.
 The schedule is train.py's (gfa.training.cosine_lr: warm-up lr * (it + 1) / (warmup + 1); the
 committed Fashion-MNIST run used lr * (it + 1) / warmup, 0.2 % higher during its 585 warm-up steps).
-bf16 autocast + channels_last + torch.compile on GPUs, DDP under torchrun.
+float32 by default, as the paper trains (--dtype=bfloat16 for bf16 autocast); channels_last +
+torch.compile on GPUs, DDP under torchrun.
 
     python resnet.py --dataset=fashion_mnist --data_dir=/usr/share/datasets/fashion-mnist
     torchrun --nproc_per_node=8 resnet.py --dataset=imagenet --data_dir=/data/imagenet
@@ -84,7 +85,7 @@ analyse = False                  # only the importance analysis of out_dir's che
 num_workers = 8                  # imagenet DataLoader workers per rank
 n_synthetic = 512                # synthetic train images (val: half)
 device = "auto"                  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = "auto"                   # 'auto' (bfloat16 on GPUs, float32 on CPU) | float32 | tf32 | bfloat16
+dtype = "float32"                # float32 (the paper trains in it) | tf32 | bfloat16 | 'auto' (bf16 on GPUs, fp32 on CPU)
 compile = None                   # None: on for GPUs, off on CPU
 defaults = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}

@@ -19,7 +19,15 @@ init_from='resume' continues a run exactly where its checkpoint left it.
 
 Norm equalisation (Appendix A.2.2, equalize=True): after backward each transformer layer's
 gradient is rescaled to the largest layer norm (gfa.training.GradStep), then clipping uses
-grad_clip * equalize_clip_factor.
+grad_clip * equalize_clip_factor. The paper derives that factor "from the ratio of maximum
+observed norms between the hooked and standard models"; equalize_clip_factor=0 (the default)
+does so: from this run's initialisation and batches, a standard pilot and an equalised pilot
+train equalize_pilot_iters steps each, clipped at grad_clip, and the factor is the ratio of
+their largest total gradient norms. equalize_reference=<run dir> takes the standard maximum over
+the same steps from that run's gradient dump instead of a pilot (a vanilla run of the same
+config and seed). The pilots' weights are discarded; the factor, both maxima and where they came
+from are logged and stored in ckpt.pt (equalize_clip), and the log's last line says on what share
+of steps the clip fired.
 """
 import inspect
 import math
@@ -28,6 +36,7 @@ import sys
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -61,7 +70,9 @@ beta1 = 0.9                    # AdamW
 beta2 = 0.95                   # AdamW
 grad_clip = 1.0                # 0 = off
 equalize = False               # norm equalisation (Appendix A.2.2)
-equalize_clip_factor = 1.0     # clip norm multiplier while equalising
+equalize_clip_factor = 0.0     # clip norm multiplier while equalising; 0 = derive it (see above)
+equalize_pilot_iters = 0       # steps of each pilot that derives the factor (0 = warmup_iters)
+equalize_reference = ""        # a standard run to take the standard maximum from ('' = a standard pilot)
 dtype = "float32"              # 'float32' (paper), 'tf32', 'bfloat16' (autocast)
 device = ""                    # '' = cuda if available, else cpu
 compile = None                 # None = on for cuda, off for cpu
@@ -95,8 +106,11 @@ def check_settings(cfg, world):
     for k in ("warmup_iters", "grad_clip", "stop_iter"):
         if cfg[k] < 0:
             raise UserError(f"{k}={cfg[k]}: must be >= 0")
-    if cfg["equalize_clip_factor"] <= 0:
-        raise UserError(f"equalize_clip_factor={cfg['equalize_clip_factor']}: must be > 0")
+    if cfg["equalize_clip_factor"] < 0 or cfg["equalize_pilot_iters"] < 0:
+        raise UserError("equalize_clip_factor and equalize_pilot_iters must be >= 0 (0 = derive / warmup_iters)")
+    if cfg["equalize"] and not cfg["equalize_clip_factor"] and not cfg["grad_clip"]:
+        raise UserError("equalize=True derives a clip factor, but grad_clip=0 (no clipping): give grad_clip > 0, "
+                        "or equalize_clip_factor=1")
     check_optimizer_settings(cfg)
     check_init_from(cfg["init_from"])
     use_compile(cfg["compile"], "cpu")   # checks the value
@@ -138,7 +152,7 @@ def build(cfg, model_cfg, d, ckpt):
     model.to(d.device)
     optimizer = adamw(model.parameters(), cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), cfg["weight_decay"],
                       fused=d.device_type == "cuda")
-    clip = cfg["grad_clip"] * (cfg["equalize_clip_factor"] if cfg["equalize"] else 1.0)
+    clip = cfg["grad_clip"] * ((cfg["equalize_clip_factor"] or 1.0) if cfg["equalize"] else 1.0)   # 0: derived later
     step = GradStep(model.param_groups_by_layer(), optimizer, clip, cfg["equalize"])
     dump = rundir.GradNormDump(step.norms.names, rundir.file(cfg["out_dir"], rundir.GRAD_DUMP), cfg["equalize"])
     iter_num, best_val = 0, float("inf")
@@ -172,6 +186,7 @@ def main(argv):
     elif d.master:   # the same architecture, checked: a run of an earlier version gets its model_config.json
         rundir.write_model_config(cfg["out_dir"], "gpt", asdict(model_cfg))
     raw_model, optimizer, step, dump, iter_num, best_val = build(cfg, model_cfg, d, ckpt)
+    ckpt_clip = ckpt.get("equalize_clip") if ckpt else None   # a resumed run keeps its factor
     del ckpt
     compiled = use_compile(cfg["compile"], d.device_type)
     model = raw_model
@@ -193,11 +208,49 @@ def main(argv):
         log(f"resumed at step {iter_num}" + (": " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
                                              if changes else ", settings unchanged"))
     loop = Loop(cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro)
+    if cfg["equalize"]:
+        if iter_num and not ckpt_clip and not cfg["equalize_clip_factor"]:
+            raise UserError(f"{cfg['out_dir']}/ckpt.pt does not record its equalisation clip factor (an earlier "
+                            f"version): resume with the factor it was trained with, e.g. --equalize_clip_factor=1.0")
+        loop.set_equalize_clip(ckpt_clip or equalize_clip(cfg, loop, train_data))
     history = loop.run(train_data, val_data, iter_num, best_val)
     log.close()
     del loop, model, eval_model   # DDP's reducer must go before its process group (see teardown)
     teardown(d)
     return history
+
+
+def reference_max_norm(run, steps, model_cfg):
+    """The largest total gradient norm a standard run recorded over steps [0, steps)."""
+    kind, config = rundir.read_model_config(run)
+    if kind != "gpt" or {k: v for k, v in config.items() if k != "passthrough"} != \
+            {k: v for k, v in asdict(model_cfg).items() if k != "passthrough"}:
+        raise UserError(f"equalize_reference={run} holds another model than this run: give a standard run of the "
+                        f"same config, or leave equalize_reference empty (a standard pilot)")
+    d = rundir.read_grad_dump(run, before_step=steps)
+    if "norms_equalized" in d or d["steps"].tolist() != list(range(steps)):
+        raise UserError(f"equalize_reference={run}: needs a standard (not equalised) run whose dump covers steps "
+                        f"0..{steps - 1}")
+    return float(np.sqrt((d["norms"].astype(np.float64) ** 2).sum(1)).max())
+
+
+def equalize_clip(cfg, loop, train_data):
+    """Appendix A.2.2's clip factor: largest total gradient norm of the equalised model over that of the
+    standard model, both over the same first steps from this run's initialisation, clipped at grad_clip."""
+    if cfg["equalize_clip_factor"]:
+        return {"factor": cfg["equalize_clip_factor"], "how": "given (equalize_clip_factor)"}
+    steps = cfg["equalize_pilot_iters"] or cfg["warmup_iters"]
+    if steps < 1:
+        raise UserError("deriving the equalisation clip factor needs pilot steps: set equalize_pilot_iters >= 1")
+    ref = cfg["equalize_reference"]
+    if ref:
+        standard, source = reference_max_norm(ref, steps, loop.raw_model.config), f"the dump of {ref}"
+    else:
+        standard, source = loop.pilot_max_norm(train_data, steps, equalize=False), "a standard pilot"
+    equalised = loop.pilot_max_norm(train_data, steps, equalize=True)
+    return {"factor": equalised / standard, "how": f"derived over steps 0..{steps - 1}: equalised pilot max "
+            f"{equalised:.4g} / standard max {standard:.4g} ({source})", "steps": steps,
+            "equalised_max": equalised, "standard_max": standard, "standard_from": ref or "pilot"}
 
 
 class Loop:
@@ -211,11 +264,45 @@ class Loop:
         self.ctx = autocast_for(d.device_type, cfg["dtype"])
         self.guard = FiniteGuard()
         self.history = {"loss": {}, "val": {}}   # what the log printed; main() returns it (tests)
+        self.equalize_clip = None   # how the equalisation clip factor was set (equalize=True)
         self.wandb = None
         if cfg["wandb_log"] and d.master:
             import wandb
             wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg)
             self.wandb = wandb
+
+    def pilot_max_norm(self, train_data, steps, equalize):
+        """The largest total gradient norm (before clipping, after any equalisation) over `steps`
+        steps trained from the current weights with a fresh optimizer, clipped at grad_clip; the
+        weights are put back afterwards and nothing is recorded."""
+        cfg = self.cfg
+        start = {k: v.to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}
+        saved = self.optimizer, self.step, self.dump
+        self.optimizer = adamw(self.raw_model.parameters(), cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                               cfg["weight_decay"], fused=self.d.device_type == "cuda")
+        self.step = GradStep(self.raw_model.param_groups_by_layer(), self.optimizer, cfg["grad_clip"], equalize)
+        self.dump = None
+        try:
+            totals = torch.stack([self.train_step(train_data, it)[1] for it in range(steps)])
+            self.guard.check("a pilot for the equalisation clip factor; nothing saved")
+        finally:
+            self.raw_model.load_state_dict(start)
+            self.optimizer, self.step, self.dump = saved
+        return totals.max().item()
+
+    def set_equalize_clip(self, record):
+        self.equalize_clip = record
+        self.step.grad_clip = self.cfg["grad_clip"] * record["factor"]
+        self.log(f"equalisation clip factor {record['factor']:.4g} ({record['how']}): clip at {self.step.grad_clip:.4g}")
+
+    def log_clip_share(self):
+        """The share of steps on which the clip fired, from the whole dump (after any equalisation)."""
+        clip = self.step.grad_clip
+        sd = self.dump.state_dict()
+        norms = sd.get("norms_equalized", sd["norms"]).astype(np.float64)
+        if clip > 0 and len(norms):
+            fired = (np.sqrt((norms ** 2).sum(1)) > clip).mean()
+            self.log(f"gradient clip at {clip:.4g} fired on {100 * fired:.1f} % of the {len(norms)} steps recorded")
 
     def evaluate_and_save(self, val_data, it, start, best_val):
         cfg = self.cfg
@@ -238,9 +325,10 @@ class Loop:
         stopping = 0 < cfg["stop_iter"] <= it   # a stop is for resuming: always save
         if it > start and (val < best_val or cfg["always_save_checkpoint"] or stopping):
             self.dump.flush()
+            extra = {"equalize_clip": self.equalize_clip} if self.equalize_clip else {}
             rundir.save_checkpoint(cfg["out_dir"], "gpt", self.raw_model.state_dict(), self.train_cfg, it,
                                    optimizer=self.optimizer.state_dict(), best_val_loss=min(best_val, val),
-                                   grad_dump=self.dump.state_dict())
+                                   grad_dump=self.dump.state_dict(), **extra)
         return min(best_val, val)
 
     def train_step(self, train_data, it):
@@ -264,7 +352,7 @@ class Loop:
             loss.backward()
             loss_sum += loss.detach()
         norms, norms_eq, total = self.step()   # norms of the global gradient: after the all-reduce
-        if d.master:
+        if d.master and self.dump is not None:
             self.dump.record(it, norms, norms_eq)
         self.guard.watch(it, loss_sum, total)
         return loss_sum, total
@@ -307,6 +395,7 @@ class Loop:
                 self.log_step(it - 1, loss_sum, total, dt)
         if self.d.master:
             self.dump.flush()
+            self.log_clip_share()
         return self.history
 
 

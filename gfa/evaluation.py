@@ -6,10 +6,14 @@ Perplexity: exp(evaluate(...)), the mean next-token cross-entropy over gfa.data.
 
 Multiple choice (HellaSwag, OLMo / lm-eval protocol): each ending is scored by the summed
 log-probability of its tokens given the context; acc = argmax of that sum, acc_norm = argmax
-of the sum divided by the ending's length in characters (lm-eval's acc_norm; the joining space
-not counted). Official HellaSwag rows are cleaned as lm-eval does ("activity_label: ctx_a
-Ctx_b", bracket markup removed); other rows use their ctx field. Tokenizer from the model's
-vocabulary: 256 -> bytes, >= 50257 -> tiktoken GPT-2 BPE (offline: set TIKTOKEN_CACHE_DIR).
+of the sum divided by the ending's length in characters (lm-eval's acc_norm; a leading joining
+space not counted). Rows of HellaSwag itself (they carry activity_label, ctx_a and ctx_b) are
+built and cleaned exactly as lm-eval's hellaswag task does: the query is
+preprocess("activity_label: ctx_a Ctx_b"), each ending " " + preprocess(ending). Every other
+file is scored verbatim: ctx, then each ending as written (so an ending carries its own joining
+space). Contexts longer than the model's block_size are left-truncated, with a counted warning.
+Tokenizer from the model's vocabulary: 256 -> bytes, >= 50257 -> tiktoken GPT-2 BPE (offline:
+set TIKTOKEN_CACHE_DIR).
 """
 import json
 import os
@@ -51,19 +55,32 @@ def get_encoder(vocab_size):
     raise UserError(f"vocab_size={vocab_size}: no tokenizer known for it (256 = bytes, >= 50257 = GPT-2 BPE)")
 
 
-def _preprocess(text):
-    # HellaSwag's WikiHow rows carry markup such as "[header]", "[title]" (lm-eval / OLMo cleaning)
+def hellaswag_preprocess(text):
+    """lm-eval's HellaSwag cleaning (WikiHow rows carry markup such as "[header]", "[title]")."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
 
 
+def is_hellaswag_row(row):
+    return all(isinstance(row.get(k), str) for k in ("activity_label", "ctx_a", "ctx_b"))
+
+
+def hellaswag_item(row):
+    """(query, continuations) of an official HellaSwag row, as lm-eval builds them: the joined
+    "activity_label: ctx_a Ctx_b" is cleaned as one string, each ending on its own."""
+    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+    query = hellaswag_preprocess(row["activity_label"] + ": " + ctx)
+    return query, [" " + hellaswag_preprocess(e) for e in row["endings"]]
+
+
 def load_multiple_choice(path, limit=0):
-    """[(context, [4 continuations], label)] from a HellaSwag-layout jsonl (ctx, endings, label;
-    activity_label optional). Continuations carry their leading space; malformed rows -> UserError."""
+    """[(context, [4 continuations], label)] from a jsonl with ctx, endings and label per row.
+    HellaSwag's own rows are cleaned as lm-eval does; any other row is used verbatim (its
+    endings carry their joining space). Malformed rows -> UserError."""
     if not os.path.isfile(path):
-        raise UserError(f"HellaSwag file {path} does not exist (run data/hellaswag/prepare.py, or pass any jsonl in "
-                        f"HellaSwag layout with --hellaswag)")
+        raise UserError(f"HellaSwag file {path} does not exist (run data/hellaswag/prepare.py, or pass "
+                        f"any jsonl in HellaSwag layout with --hellaswag)")
     items = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -85,12 +102,9 @@ def load_multiple_choice(path, limit=0):
                 label = -1
             if not 0 <= label < 4:
                 raise UserError(f"{path} line {n}: label must be 0..3, got {row['label']!r}")
-            if isinstance(row.get("ctx_a"), str) and isinstance(row.get("ctx_b"), str):
-                ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()   # official HellaSwag, as lm-eval builds it
-            ctx = _preprocess(ctx)
-            if row.get("activity_label"):
-                ctx = f"{_preprocess(str(row['activity_label']))}: {ctx}"
-            items.append((ctx, [" " + _preprocess(e) for e in endings], label))
+            if is_hellaswag_row(row):
+                ctx, endings = hellaswag_item(row)
+            items.append((ctx, list(endings), label))
             if limit and len(items) >= limit:
                 break
     if not items:
@@ -102,9 +116,11 @@ def load_multiple_choice(path, limit=0):
 def ending_logprobs(model, items, encode, device, ctx, max_tokens=16384):
     """[n_items, 4] summed log-prob of each continuation's tokens given its context.
     All 4 endings of several items go in one right-padded batch (items sorted by length, at most
-    max_tokens padded tokens); contexts longer than block_size are left-truncated."""
+    max_tokens padded tokens); contexts longer than block_size are left-truncated, and counted in
+    a warning."""
     T = model.config.block_size
     seqs = []   # per item: 4 x (tokens, number of continuation tokens)
+    truncated = 0
     for c, ends, _ in items:
         ce = encode(c)
         row = []
@@ -112,7 +128,11 @@ def ending_logprobs(model, items, encode, device, ctx, max_tokens=16384):
             ee = encode(e)
             toks = (ce + ee)[-(T + 1):]
             row.append((toks, min(len(ee), len(toks) - 1)))
+        truncated += any(len(toks) < len(ce) + n for toks, n in row)   # n: the ending's tokens kept
         seqs.append(row)
+    if truncated:
+        print(f"warning: {truncated} of {len(items)} multiple-choice items are longer than the model's context "
+              f"(block_size {T}): their contexts lost their start (left-truncated)")
     out = np.zeros((len(items), 4))
     order = sorted(range(len(items)), key=lambda i: max(len(t) for t, _ in seqs[i]))
     was_training = model.training
@@ -149,8 +169,8 @@ def ending_logprobs(model, items, encode, device, ctx, max_tokens=16384):
 
 def choice_accuracy(logprobs, items):
     labels = np.array([lab for _, _, lab in items])
-    # characters of the ending itself, without the " " that joins it to the context (lm-eval)
-    chars = np.array([[max(len(e) - 1, 1) for e in ends] for _, ends, _ in items])
+    # characters of the ending itself, without a leading " " that joins it to the context (lm-eval)
+    chars = np.array([[max(len(e.removeprefix(" ")), 1) for e in ends] for _, ends, _ in items])
     acc = float((logprobs.argmax(1) == labels).mean())
     acc_norm = float(((logprobs / chars).argmax(1) == labels).mean())
     return acc, acc_norm

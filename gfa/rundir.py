@@ -10,7 +10,7 @@ The run directory: one folder per run, read and written only through this module
                               every save: what caches of results are keyed on), "optimizer" (training
                               checkpoints; a pruned model has none), "grad_dump"
                               (GradNormDump.state_dict(), for exact resume), plus the script's own
-                              extras: best_val_loss (train.py), best_val_acc and rng (resnet.py),
+                              extras: best_val_loss and equalize_clip (train.py), best_val_acc and rng (resnet.py),
                               pruned_from (prune.py --save_pruned)}
     <run>/grad_norms.npz      the gradient-norm dump (GradNormDump below)
     <run>/importance.json     per-layer functional importance: fanin.py (LMs: ppl_increase, with

@@ -244,6 +244,44 @@ def test_deep_supervision_with_a_passthrough_last_layer():
     torch.testing.assert_close(m(x, y)[1], alphas[0] * ce(h0) + alphas[1] * ce(h1) + ce(h1), rtol=1e-12, atol=1e-12)
 
 
+# LayerSkip's loss-scale schedules, written out by hand for 4 exits (e_scale 0.5 on the first 3)
+LAYERSKIP_BY_HAND = {
+    "uniform": [0.5, 0.5, 0.5, 1.0], "linear": [0.5, 1.0, 1.5, 4.0], "sum": [0.5, 1.5, 3.0, 10.0],
+    "sqrt": [0.5, 0.5 * 2 ** 0.5, 0.5 * 3 ** 0.5, 2.0], "inv": [0.5, 0.25, 0.5 / 3, 0.25],
+    "inv_sqrt": [0.5, 0.5 / 2 ** 0.5, 0.5 / 3 ** 0.5, 0.5]}
+
+
+@pytest.mark.parametrize("scale", sorted(LAYERSKIP_BY_HAND))
+def test_layerskip_scale_schedules_weight_each_exit(scale):
+    cfg = tiny(n_layer=4, deep_supervision=True, ds_scale=scale, ds_e_scale=0.5)
+    m = build(cfg).train()
+    x, y = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16))
+    ce = lambda h: F.cross_entropy(m.lm_head(m.norm_f(h)).view(-1, 61), y.view(-1))
+    cos, sin = m.rope_cos[:16], m.rope_sin[:16]
+    w = torch.tensor(LAYERSKIP_BY_HAND[scale], dtype=torch.double)
+    w = w / w.sum()
+    h, expect = m.tok_emb(x), 0.0
+    for i, b in enumerate(m.blocks):
+        h = b(h, cos, sin)
+        expect = expect + w[i] * ce(h)
+    torch.testing.assert_close(m(x, y)[1], expect, rtol=1e-12, atol=1e-12)
+
+
+def test_init_is_the_papers_normal_and_repeats_do_not_change_it():
+    torch.manual_seed(0)
+    ref = GPT(tiny(n_layer=4, d_model=256, d_ffn0=512, d_attn0=256, head_dim=16, S_d=16))
+    torch.manual_seed(0)
+    virt = GPT(tiny(n_layer=4, d_model=256, d_ffn0=512, d_attn0=256, head_dim=16, S_d=16, repeats=[1, 1, 2, 5]))
+    for (n, a), (_, b) in zip(ref.state_dict().items(), virt.state_dict().items()):
+        assert torch.equal(a, b), n   # an intervention and its reference start from the same weights
+    for name in ("blocks.0.attn.proj.weight", "blocks.3.ffn.down.weight", "tok_emb.weight", "lm_head.weight"):
+        assert abs(ref.state_dict()[name].std().item() - 0.02) < 0.001, name
+    torch.manual_seed(0)
+    scaled = GPT(tiny(n_layer=4, d_model=256, d_ffn0=512, d_attn0=256, head_dim=16, S_d=16, init="scaled"))
+    assert abs(scaled.blocks[2].attn.proj.weight.std().item() - 0.02 / 8 ** 0.5) < 0.0005   # 0.02 / sqrt(2 * 4)
+    assert abs(scaled.blocks[2].attn.qkv.weight.std().item() - 0.02) < 0.001
+
+
 @pytest.mark.parametrize("kw", [{}, {"repeats": [1, 2, 1, 3], "passthrough": [2]}])
 def test_kv_cache_decoding_matches_the_full_forward(kw):
     cfg = tiny(**kw)
@@ -332,6 +370,9 @@ def test_every_parameter_gets_a_gradient():
     (dict(n_head=[4, 4, 0, 4]), "n_head[2]=0"),
     (dict(n_head=[4] * 4, F_d=2), "use one or the other"),
     (dict(ds_alpha=[1.0] * 4), "deep_supervision=False"),
+    (dict(deep_supervision=True, ds_scale="log"), "ds_scale='log'"),
+    (dict(deep_supervision=True, ds_scale="sum", ds_alpha=[1.0] * 4), "ds_alpha weights the 'paper' loss only"),
+    (dict(init="xavier"), "init='xavier'"),
 ])
 def test_bad_configs_raise_one_line_errors(kw, words):
     with pytest.raises(ConfigError, match=re.escape(words)):

@@ -49,10 +49,30 @@ def batches(data_dir, n=2, B=4, T=32, seed=0):
 def test_magnitude_picks_zeroed_branch():
     m = tiny_model()
     zero_branch(m, 2)
-    s = prune.magnitude_scores(m)
-    assert prune.lowest(s, 1) == [2]
-    # the score is the sum of |W| of the block (per-output sums, then summed)
+    for reading in prune.MAGNITUDE_READINGS:
+        assert prune.lowest(prune.magnitude_scores(m, reading), 1) == [2]
+    # 'sum': sum of |W| over the block; 'row_l2' (the default): numpy's row norms of each matrix, summed
+    s = prune.magnitude_scores(m, "sum")
     assert s[1] == pytest.approx(sum(p.abs().sum().item() for p in m.blocks[1].parameters()), rel=1e-6)
+    weights = [p.detach().numpy() for p in m.blocks[1].parameters()]
+    by_hand = sum(np.linalg.norm(w, axis=1).sum() if w.ndim == 2 else np.abs(w).sum() for w in weights)
+    assert prune.magnitude_scores(m)[1] == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_magnitude_readings_rank_differently_where_the_reduction_matters():
+    # layer 0's weights are spread thinly over each row, layer 1's concentrated in one entry per row:
+    # sum |W| ranks layer 1 lower, the per-output L2 norms rank layer 0 lower
+    m = tiny_model()
+    with torch.no_grad():
+        for i, p in enumerate(m.blocks[0].parameters()):
+            if p.dim() == 2:
+                p.fill_(0.1)
+        for p in m.blocks[1].parameters():
+            if p.dim() == 2:
+                p.zero_()
+                p[:, 0] = 0.1 * p.size(1) ** 0.75   # L1 of a row: 0.1 * n^0.75 < 0.1 * n; L2: more than 0.1 * sqrt(n)
+    by_sum, by_row = prune.magnitude_scores(m, "sum"), prune.magnitude_scores(m, "row_l2")
+    assert by_sum[1] < by_sum[0] and by_row[0] < by_row[1]
 
 
 def test_similarity_picks_zeroed_branch(byte_data):
@@ -64,7 +84,7 @@ def test_similarity_picks_zeroed_branch(byte_data):
     # k=2: the blocks [0,2) and [1,3) contain the identity layer; the one chosen must be one of them
     l2, _ = prune.similarity_block(D, 2)
     assert l2 in (0, 1)
-    # distance by hand for one pair on one batch: all tokens, arccos(cos)/pi
+    # distance by hand for one pair on one batch: the last token (default) or all tokens, arccos(cos)/pi
     x, _ = batches(byte_data, n=1)[0]
     h = {}
     hooks = [m.blocks[0].register_forward_pre_hook(lambda mod, a: h.update({0: a[0]}) if 0 not in h else None),
@@ -73,9 +93,13 @@ def test_similarity_picks_zeroed_branch(byte_data):
         m(x)
     for hk in hooks:
         hk.remove()
-    want = (torch.arccos(F.cosine_similarity(h[0], h[N], dim=-1).clamp(-1, 1)) / math.pi).mean().item()
-    D1 = prune.angular_distances(m, [(x, None)], "cpu", torch.autocast("cpu", enabled=False))
-    assert D1[0, N] == pytest.approx(want, rel=1e-4)
+    angle = torch.arccos(F.cosine_similarity(h[0], h[N], dim=-1).clamp(-1, 1)) / math.pi   # [B, T]
+    no_autocast = torch.autocast("cpu", enabled=False)
+    assert prune.angular_distances(m, [(x, None)], "cpu", no_autocast)[0, N] == pytest.approx(
+        angle[:, -1].mean().item(), rel=1e-4)
+    assert prune.angular_distances(m, [(x, None)], "cpu", no_autocast, "all")[0, N] == pytest.approx(
+        angle.mean().item(), rel=1e-4)
+    assert abs(angle[:, -1].mean() - angle.mean()) > 1e-3   # the two readings differ here
 
 
 def test_cfp_picks_smallest_share_over_the_checkpoints_steps(tmp_path, byte_data):
@@ -152,6 +176,21 @@ def test_cli_table_two_seeds_and_save_pruned(tmp_path, byte_data, monkeypatch):
     for r in res:
         assert r["cells"]["cfp/1"]["layers"] == [1]
         assert r["cells"]["magnitude/1"]["layers"] == [2] and r["cells"]["similarity/1"]["layers"] == [2]
+    # the same table from the two runs pruned apart, then combined (as seeds trained on different machines)
+    common = ["--k", "1,2", "--hellaswag", hs, "--eval_batches", "2", "--batch_size", "4", "--calib_batches", "2",
+              "--device", "cpu"]
+    n_joint = len(evaluated)
+    for i, run in enumerate(runs):
+        prune.main(["--runs", run, *common, "--out", str(tmp_path / f"apart{i}")])
+    apart = [str(tmp_path / f"apart{i}" / "results.json") for i in (0, 1)]
+    n_evaluations = len(evaluated)
+    prune.main(["--combine", *apart, "--out", str(tmp_path / "combined")])
+    assert len(evaluated) == n_evaluations   # nothing is evaluated again
+    assert (tmp_path / "combined" / "table1.md").read_text() == text
+    prune.main(["--runs", runs[0], *common, "--magnitude", "sum", "--out", str(tmp_path / "other")])
+    with pytest.raises(UserError, match="other --k, --methods"):
+        prune.main(["--combine", apart[0], str(tmp_path / "other" / "results.json")])
+    del evaluated[n_joint:]
     # identical removed sets share one evaluation: per run, one per distinct set (baseline included)
     distinct = [{frozenset()} | {frozenset(c["layers"]) for c in r["cells"].values()} for r in res]
     n0 = len(distinct[0])

@@ -109,6 +109,45 @@ def test_equalize_makes_layer_norms_equal(tmp_path):
     np.testing.assert_array_equal(eq[:, other], raw[:, other])   # embed / head untouched
 
 
+def total_norms(d, key="norms"):
+    return np.sqrt((d[key].astype(np.float64) ** 2).sum(1))
+
+
+def test_equalize_clip_factor_is_derived_as_the_paper_says(tmp_path, capsys):
+    """Appendix A.2.2: factor = max norm of the equalised model / max norm of the standard model. The two
+    maxima, computed independently here from runs trained on their own, over the same first P steps."""
+    P, common = 4, ["--max_iters=6", "--eval_interval=3", "--equalize_pilot_iters=4"]
+    _, std = run(tmp_path, "standard", *common)                                     # the standard model
+    _, eq1 = run(tmp_path, "eq1", *common, "--equalize=True", "--equalize_clip_factor=1.0")   # clipped alike
+    want = total_norms(load_grad_dump(eq1, before_step=P), "norms_equalized").max() \
+        / total_norms(load_grad_dump(std, before_step=P)).max()
+    _, derived = run(tmp_path, "derived", *common, "--equalize=True")             # two pilots
+    _, from_ref = run(tmp_path, "ref", *common, "--equalize=True", f"--equalize_reference={std}")   # one pilot
+    rec = [torch.load(os.path.join(o, "ckpt.pt"), weights_only=False)["equalize_clip"] for o in (derived, from_ref)]
+    assert abs(want - 1) > 1e-3   # the factor is not trivially 1 here
+    for r in rec:
+        assert r["factor"] == np.float64(want).item() or abs(r["factor"] - want) < 1e-6 * want, (r, want)
+    assert rec[0]["standard_from"] == "pilot" and rec[1]["standard_from"] == std
+    # the pilots leave no trace: the run equals one given the factor outright
+    _, given = run(tmp_path, "given", *common, "--equalize=True", f"--equalize_clip_factor={rec[0]['factor']!r}")
+    a = torch.load(os.path.join(derived, "ckpt.pt"), weights_only=False)["model"]
+    b = torch.load(os.path.join(given, "ckpt.pt"), weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = open(os.path.join(derived, "log.txt")).read()
+    assert "equalisation clip factor" in log and "% of the 6 steps recorded" in log
+    # a resume keeps the recorded factor (no pilots again)
+    run(tmp_path, "derived", *common[1:], "--max_iters=8", "--equalize=True", "--init_from=resume",
+        "--allow_changes=max_iters")
+    again = torch.load(os.path.join(derived, "ckpt.pt"), weights_only=False)["equalize_clip"]
+    assert again == rec[0]
+    # a reference of another model, or without the steps, is a one-line error
+    bad = TINY + [*common, "--equalize=True", f"--equalize_reference={std}"]
+    assert "holds another model" in one_line_error(train.main, bad + [f"--out_dir={tmp_path / 'b1'}", "--d_ffn0=32"],
+                                                   capsys)
+    assert "covers steps 0..7" in one_line_error(train.main, bad + [f"--out_dir={tmp_path / 'b2'}",
+                                                                    "--equalize_pilot_iters=8"], capsys)
+
+
 def test_run_directory(tmp_path):
     """The files train.py leaves (gfa/rundir.py's contract): the architecture once, in model_config.json;
     the training settings without model keys; the default out_dir from the config files' names."""

@@ -1,6 +1,7 @@
 """gfa/evaluation.py: perplexity is exp(mean CE) over the fixed windows, and the multiple-choice
 log-probabilities equal a hand computation (ragged batches, left truncation), on CPU and CUDA."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +38,42 @@ def test_endings_match_hand_logprobs(tmp_path):
     # the same numbers in one big batch
     big = ending_logprobs(m, items, enc, "cpu", torch.autocast("cpu", enabled=False))
     assert np.allclose(big, got, atol=1e-4)
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def test_hellaswag_rows_are_built_as_lm_eval_builds_them():
+    # expected strings written out by hand from lm-eval's hellaswag task: query = preprocess("label: ctx_a
+    # Ctx_b") on the joined string, choices = preprocess(ending), joined to the query with " "
+    (q1, e1, l1), (q2, e2, l2) = load_multiple_choice(str(FIXTURES / "hellaswag_rows.jsonl"))
+    assert q1 == ("Work World: How to retract a resignation letter. Format your letter. Set up it up as a standard, "
+                  "using a legible font such as times new roman 12 point. Address your letter to the person who "
+                  "received your resignation letter.")   # one space after the colon: the [header] went first
+    assert e1[0] == (" This could be your direct supervisor or human resources. Remember that business letters are "
+                     "set up using block-style paragraphing.")
+    assert e1[1] == ("  Include your past employment or financial information such as accounts or salary.. Summarize "
+                     "any previous records pertaining to your resignation letter.")   # lm-eval keeps both quirks
+    assert l1 == 0
+    assert q2 == ("Removing ice from car: Then, the man writes over the snow covering the window of a car, and a woman "
+                  "wearing winter clothes smiles. Then")
+    assert e2[3] == " , the man continues removing the snow on his car." and l2 == 3
+
+
+def test_other_files_are_scored_verbatim(tmp_path):
+    row = {"ctx": "Q: [see above]  the  answer is", "endings": ["  one", "two [x]", " three", "four"], "label": 1}
+    (ctx, endings, label), = load_multiple_choice(write_jsonl(tmp_path / "mc.jsonl", [row]))
+    assert ctx == row["ctx"] and endings == row["endings"] and label == 1
+
+
+def test_truncation_is_counted_in_a_warning(tmp_path, capsys):
+    m = tiny_model(block_size=16)
+    rows = HS_ROWS + [{"ctx": "ab", "endings": [" c", " d", " e", " f"], "label": 0}]
+    items = load_multiple_choice(write_jsonl(tmp_path / "hs.jsonl", rows))
+    ending_logprobs(m, items, get_encoder(256), "cpu", torch.autocast("cpu", enabled=False))
+    # "the cat sat on" + " the dog ran far" is 30 bytes, "a dog" + " sat on the mat." 21: both over 17
+    assert "warning: 2 of 3 multiple-choice items are longer than the model's context (block_size 16)" \
+        in capsys.readouterr().out
 
 
 @pytest.mark.gpu
