@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One run of the small study (docs/RESULTS.md): train, analyse, keep everything but the checkpoint.
+#
+#   bash docs/runs/study.sh <variant> <seed> <data_dir> <mc.jsonl> <dest> [--key=value ...]
+#
+# trains config/small.py config/<variant>.py for 3000 steps of 32 x 1024 tokens (98.3M tokens, ~4.1
+# passes over the 24M-token minipile corpus, README: Data), then fanin.py (share vs theory and
+# importance; with --baseline=<run> for an intervention) and, for vanilla_16l, prune.py (Table 1 for
+# this seed, combined over seeds later with prune.py --combine). Extra --key=value go to train.py.
+# FANIN_BASELINE=<run dir> adds fanin.py --baseline. Copies the run directory without ckpt.pt to
+# <dest>/small_<variant>_s<seed>.
+set -euo pipefail
+variant=$1 seed=$2 data=$3 mc=$4
+dest=$(mkdir -p "$5" && cd "$5" && pwd)
+shift 5
+run=out/small_${variant}_s${seed}
+python train.py config/small.py "config/${variant}.py" --data_dir="$data" --seed="$seed" --out_dir="$run" \
+    --max_iters=3000 --warmup_iters=200 --eval_interval=1000 --log_interval=100 --overwrite=True "$@"
+python fanin.py "$run" ${FANIN_BASELINE:+--baseline "$FANIN_BASELINE"}
+if [ "$variant" = vanilla_16l ]; then
+    python prune.py --runs "$run" --k 1,2,4,6,8 --hellaswag "$mc" --calib_batches 32 --out "$run/prune"
+fi
+mkdir -p "$dest/small_${variant}_s${seed}"
+(cd "$run" && find . -type f ! -name ckpt.pt -print0 | xargs -0 cp --parents -t "$dest/small_${variant}_s${seed}")
