@@ -7,6 +7,7 @@ paper's Figures 3-8.
     python fanin.py out/demo                                          # full analysis of a run
     python fanin.py out/small_vanilla_16l out/small_layerskip         # several runs, one Figure 3
     python fanin.py out/small_equalize --baseline out/small_vanilla_16l   # Figure 5 (intervention)
+    python fanin.py out/v16_s1 out/v16_s2 out/v16_s3 --seeds          # seeds of one config: mean +- std
 
 Theory: gfa/theory.py (Appendix B.1; the virtual-depth repeats are [1,1,1,1,2,3,3,5], see
 docs/paper_notes.md). Measurement, per run directory (train.py's, or resnet.py's):
@@ -35,7 +36,8 @@ from gfa.cli import ArgumentParser, UserError, cli, gpt_config
 from gfa.data import REPO, dataset_dir, load_tokens
 from gfa.device import DTYPES, autocast_for, pick_device
 from gfa.evaluation import evaluate
-from gfa.theory import VIRTUAL_NOTE, fanin_deep_supervision, fanin_plain, fit_decay, spearman, theory_for
+from gfa.theory import (VIRTUAL_NOTE, fanin_deep_supervision, fanin_plain, fit_decay, mean_std, spearman,
+                        theory_for)
 from model import GPT, GPTConfig, describe
 
 
@@ -343,6 +345,59 @@ def fig678(r, path):
     _save(fig, path)
 
 
+# ---- seeds ------------------------------------------------------------------------------------------
+def seed_summary(runs):
+    """Runs that are seeds of one config: every statistic and the per-layer share and importance as
+    mean +- sample std over them, printed and returned."""
+    if len({(r["n_layer"], r["kind"], tuple(r["theory"])) for r in runs}) > 1:
+        raise UserError("--seeds: the runs have different architectures; give seeds of one config")
+    has_imp = all("importance" in r for r in runs)
+    stats = {"rho_theory": [r["rho_theory"] for r in runs], "p_theory": [r["p_theory"] for r in runs],
+             "r2_linear": [r["fit"]["linear"]["r2"] for r in runs],
+             "r2_quadratic": [r["fit"]["quadratic"]["r2"] for r in runs]}
+    if has_imp:
+        stats |= {"rho_importance": [r["rho"] for r in runs], "p_importance": [r["p"] for r in runs],
+                  "baseline": [r["baseline"] for r in runs]}
+    share = np.array([r["share"] for r in runs], dtype=np.float64)
+    out = {"runs": [r["name"] for r in runs], "stats": {k: (*mean_std(v), v) for k, v in stats.items()},
+           "share": [mean_std(share[:, l]) for l in range(share.shape[1])]}
+    if has_imp:
+        imp = np.array([r["importance"] for r in runs], dtype=np.float64)
+        out["importance"] = [mean_std(imp[:, l]) for l in range(imp.shape[1])]
+    print(f"\n== {len(runs)} seeds ({', '.join(out['runs'])}): mean ± sample std")
+    for k, (m, sd, v) in out["stats"].items():
+        print(f"{k:>15}: {m:.4g} ± {sd:.2g}   (" + ", ".join(f"{x:.3g}" for x in v) + ")")
+    tot = sum(runs[0]["theory"])
+    print(f"{'layer':>5} {'fan-in %':>8} {'share %':>15}" + (f" {'importance':>20}" if has_imp else ""))
+    for l, (m, sd) in enumerate(out["share"]):
+        line = f"{l:>5} {100 * runs[0]['theory'][l] / tot:>8.2f} {100 * m:>7.2f} ± {100 * sd:<5.2f}"
+        if has_imp:
+            line += f" {out['importance'][l][0]:>11.4g} ± {out['importance'][l][1]:<8.3g}"
+        print(line)
+    return out
+
+
+def fig3_seeds(runs, summary, path):
+    """Figure 3 over seeds: the share's mean +- std per layer against the normalised fan-in."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    x = np.arange(runs[0]["n_layer"])
+    phi = np.asarray(runs[0]["theory"], dtype=np.float64)
+    m, sd = (np.array(v) for v in zip(*summary["share"]))
+    rho = summary["stats"]["rho_theory"]
+    ax.errorbar(x, m, yerr=sd, fmt="o-", capsize=3, label=f"measured share, mean ± std of {len(runs)} seeds")
+    ax.plot(x, phi / phi.sum(), ":" if "deep" in runs[0]["kind"] else "--", color="black",
+            label=f"theory, {runs[0]['kind']} (Spearman ρ = {rho[0]:.2f} ± {rho[1]:.2f})")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("accumulated gradient share  /  fan-in / sum")
+    ax.set_title("Measured gradient share vs theoretical fan-in (Fig. 3), seeds")
+    ax.set_xticks(x)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 # ---- CLI -------------------------------------------------------------------------------------------
 def main(argv):
     ap = ArgumentParser(
@@ -361,6 +416,8 @@ def main(argv):
     ap.add_argument("--dtype", default="float32", help="float32 (default, as the paper's eval), tf32 or bfloat16")
     ap.add_argument("--recompute", action="store_true", help="ignore a cached importance.json")
     ap.add_argument("--no_importance", action="store_true", help="share vs theory only (no evaluation)")
+    ap.add_argument("--seeds", action="store_true", help="the runs are seeds of one config: also print every "
+                    "statistic as mean ± std over them, and plot the share's mean ± std (fig3_seeds.png)")
     args, extra = ap.parse_known_args(argv)
 
     if args.theory:
@@ -408,6 +465,9 @@ def main(argv):
             if base:
                 fig5(r, base, dest(r, f"fig5_vs_{base['name']}.png"))
     summary = {"runs": runs, "baseline": base}
+    if args.seeds:
+        summary["seeds"] = seed_summary(runs)
+        fig3_seeds(runs, summary["seeds"], os.path.join(args.fig_dir or runs[0]["run"], "fig3_seeds.png"))
     path = os.path.join(args.fig_dir or runs[0]["run"], "fanin_summary.json")
     rundir.atomic_write_json(summary, path, indent=1, default=float)
     print(f"wrote {path}")

@@ -139,6 +139,24 @@ def test_cli_full_analysis_figures_and_cache(tmp_path, capsys):
     assert json.loads((run / "importance.json").read_text())["settings"]["eval_batches"] == 3
 
 
+def test_seeds_summary_is_mean_and_sample_std_over_the_runs(tmp_path, capsys):
+    runs = [make_run(tmp_path, f"s{i}", seed=i, n_steps=20 + 5 * i)[0] for i in range(3)]
+    data = tmp_path / "val.bin"
+    out = fanin.main([str(r) for r in runs] + ["--seeds", "--data", str(data), "--eval_batches", "1",
+                                                 "--fig_dir", str(tmp_path / "figs")])
+    per_run, seeds = out["runs"], out["seeds"]
+    for key, got in (("rho_theory", seeds["stats"]["rho_theory"]), ("rho", seeds["stats"]["rho_importance"])):
+        v = np.array([r[key] for r in per_run])
+        assert got[0] == pytest.approx(v.mean()) and got[1] == pytest.approx(v.std(ddof=1))
+    share = np.array([r["share"] for r in per_run])
+    assert [m for m, _ in seeds["share"]] == pytest.approx(share.mean(0).tolist())
+    assert [s for _, s in seeds["share"]] == pytest.approx(share.std(0, ddof=1).tolist())
+    assert (tmp_path / "figs" / "fig3_seeds.png").stat().st_size > 0
+    other = make_run(tmp_path, "deep", deep_supervision=True)[0]
+    with pytest.raises(UserError, match="different architectures"):
+        fanin.main([str(runs[0]), str(other), "--seeds", "--no_importance"])
+
+
 def test_cli_baseline_virtual_depth_and_resnet(tmp_path, capsys):
     base, data = make_run(tmp_path, "vanilla")
     virt, _ = make_run(tmp_path, "virtual", repeats=[1, 1, 2, 3], seed=1)
