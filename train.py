@@ -89,7 +89,8 @@ _DEFAULTS = {k: v for k, v in globals().items() if k not in _before and not k.st
 # global batch is computed (accumulation), the device and compiler; everything else shapes the run
 _FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "allow_changes", "device", "compile", "eval_interval",
                    "eval_iters", "eval_batch_size", "log_interval", "always_save_checkpoint", "stop_iter",
-                   "gradient_accumulation_steps", "wandb_log", "wandb_project", "wandb_run_name"}
+                   "gradient_accumulation_steps", "wandb_log", "wandb_project", "wandb_run_name",
+                   "equalize_reference", "equalize_pilot_iters"}   # a resume reuses the recorded clip factor
 
 
 def check_settings(cfg, world):
