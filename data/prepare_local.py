@@ -18,13 +18,12 @@ to train.bin, so the split is deterministic and representative.
 The tokenise-and-write routine is gfa/prepare.py's write_bins(); data/dolma/prepare.py uses it too.
 """
 import gzip
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root
 from gfa.cli import ArgumentParser, UserError, cli  # noqa: E402
-from gfa.prepare import TOKENIZERS, write_bins  # noqa: E402
+from gfa.prepare import TOKENIZERS, jsonl_rows, write_bins  # noqa: E402
 
 # ---- local files ------------------------------------------------------------------------------
 EXTS = (".txt", ".md", ".jsonl", ".json", ".parquet")
@@ -67,22 +66,15 @@ def _documents_of(path, text_key, chunk_chars):
             for text in batch.column(0).to_pylist():
                 yield text or "", True
     elif kind.endswith((".jsonl", ".json")):
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}:{lineno} is not a JSON object per line (jsonl)") from None
-                if not isinstance(obj, dict) or text_key not in obj:
-                    raise UserError(f"{path}:{lineno} has no field '{text_key}'; use --text_key")
-                text = obj[text_key]
-                if text is None:         # null: an empty document, as in the parquet path
-                    text = ""
-                if not isinstance(text, str):
-                    raise UserError(f"{path}:{lineno}: field '{text_key}' is a {type(text).__name__}, not text")
-                yield text, True
+        for lineno, obj in jsonl_rows(path):
+            if text_key not in obj:
+                raise UserError(f"{path}:{lineno} has no field '{text_key}'; use --text_key")
+            text = obj[text_key]
+            if text is None:         # null: an empty document, as in the parquet path
+                text = ""
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{lineno}: field '{text_key}' is a {type(text).__name__}, not text")
+            yield text, True
     elif kind.endswith((".txt", ".md")):
         with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()

@@ -15,7 +15,6 @@ space). Contexts longer than the model's block_size are left-truncated, with a c
 Tokenizer from the model's vocabulary: 256 -> bytes, >= 50257 -> tiktoken GPT-2 BPE (offline:
 set TIKTOKEN_CACHE_DIR).
 """
-import json
 import os
 import re
 from contextlib import nullcontext
@@ -25,7 +24,7 @@ import torch
 
 from gfa.cli import UserError
 from gfa.data import eval_batches
-from gfa.prepare import load_encoding
+from gfa.prepare import jsonl_rows, load_encoding
 from model import cross_entropy
 
 
@@ -82,31 +81,24 @@ def load_multiple_choice(path, limit=0):
         raise UserError(f"HellaSwag file {path} does not exist (run data/hellaswag/prepare.py, or pass "
                         f"any jsonl in HellaSwag layout with --hellaswag)")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {n}: not valid JSON") from None
-            if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= set(row):
-                raise UserError(f"{path} line {n}: needs the fields ctx, endings and label")
-            ctx, endings, label = row["ctx"], row["endings"], row["label"]
-            if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != 4 \
-                    or not all(isinstance(e, str) and e.strip() for e in endings):
-                raise UserError(f"{path} line {n}: ctx must be a string and endings a list of 4 non-empty strings")
-            try:
-                label = int(label)
-            except (TypeError, ValueError):
-                label = -1
-            if not 0 <= label < 4:
-                raise UserError(f"{path} line {n}: label must be 0..3, got {row['label']!r}")
-            if is_hellaswag_row(row):
-                ctx, endings = hellaswag_item(row)
-            items.append((ctx, list(endings), label))
-            if limit and len(items) >= limit:
-                break
+    for n, row in jsonl_rows(path):
+        if not {"ctx", "endings", "label"} <= set(row):
+            raise UserError(f"{path}:{n} needs the fields ctx, endings and label")
+        ctx, endings, label = row["ctx"], row["endings"], row["label"]
+        if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != 4 \
+                or not all(isinstance(e, str) and e.strip() for e in endings):
+            raise UserError(f"{path}:{n} ctx must be a string and endings a list of 4 non-empty strings")
+        try:
+            label = int(label)
+        except (TypeError, ValueError):
+            label = -1
+        if not 0 <= label < 4:
+            raise UserError(f"{path}:{n} label must be 0..3, got {row['label']!r}")
+        if is_hellaswag_row(row):
+            ctx, endings = hellaswag_item(row)
+        items.append((ctx, list(endings), label))
+        if limit and len(items) >= limit:
+            break
     if not items:
         raise UserError(f"{path} holds no items")
     return items

@@ -6,8 +6,11 @@ dolma/prepare.py), and the tokenizers by name.
 Tokenizers: gpt2 (tiktoken's GPT-2 BPE, EOT 50256; offline, point TIKTOKEN_CACHE_DIR at a
 tiktoken cache) or bytes (UTF-8 bytes, vocab 256, EOT byte 0). Every k-th document
 (k = 1/val_fraction, spread evenly) goes to val.bin, the rest to train.bin, so the split is
-deterministic and representative.
+deterministic and representative. jsonl_rows() reads the jsonl files the recipes and the
+multiple-choice evaluation take.
 """
+import gzip
+import json
 import os
 from multiprocessing import Pool
 
@@ -18,6 +21,22 @@ from gfa.rundir import remove_stale_temporaries
 
 TOKENIZERS = ("gpt2", "bytes")
 _enc = None   # per-process tiktoken encoding
+
+
+def jsonl_rows(path):
+    """(line number, object) for each non-blank line of a jsonl file (gzipped when it ends in .gz);
+    a line that is not a JSON object is a one-line UserError naming file and line."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                obj = None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{n} is not a JSON object (jsonl: one object per line)")
+            yield n, obj
 
 
 def load_encoding(tokenizer):

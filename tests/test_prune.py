@@ -223,10 +223,10 @@ def test_bad_inputs(tmp_path, byte_data, capsys):
     assert "gradient dump" in err("--runs", nodump, "--k", "1", "--methods", "cfp")
     assert "one --k" in err("--runs", run, "--k", "1,2", "--methods", "cfp", "--save_pruned", tmp_path / "x")
     good = json.dumps(HS_ROWS[0])
-    cases = {"{not json": "not valid JSON", json.dumps({"ctx": "a", "endings": ["b"] * 4}): "label",
+    cases = {"{not json": "not a JSON object", json.dumps({"ctx": "a", "endings": ["b"] * 4}): "label",
              json.dumps({"ctx": "a", "endings": [" b"] * 3, "label": 0}): "4 non-empty",
              json.dumps({"ctx": "a", "endings": [" b"] * 4, "label": 7}): "label must be 0..3"}
     for i, (bad, want) in enumerate(cases.items()):
         path = write_jsonl(tmp_path / f"bad{i}.jsonl", [good, good, bad])
         line = err("--runs", run, "--k", "1", "--hellaswag", path)
-        assert f"bad{i}.jsonl line 3: " in line and want in line, line
+        assert f"bad{i}.jsonl:3 " in line and want in line, line

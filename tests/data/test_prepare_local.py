@@ -77,7 +77,7 @@ def test_null_text_is_an_empty_document(tmp_path):
     assert np.fromfile(tmp_path / "out/val.bin", np.uint16).tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("bad, msg", [("{not json", "is not a JSON object per line"),
+@pytest.mark.parametrize("bad, msg", [("{not json", "is not a JSON object"),
                                       ('{"text": 7}', "field 'text' is a int, not text")], ids=["not_json", "not_text"])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_bad_line_mid_stream_leaves_no_files(tmp_path, bad, msg, workers):
