@@ -239,19 +239,18 @@ def equalize_clip(cfg, loop, train_data):
     """Appendix A.2.2's clip factor: largest total gradient norm of the equalised model over that of the
     standard model, both over the same first steps from this run's initialisation, clipped at grad_clip."""
     if cfg["equalize_clip_factor"]:
-        return {"factor": cfg["equalize_clip_factor"], "how": "given (equalize_clip_factor)"}
+        return {"factor": cfg["equalize_clip_factor"]}   # given outright
     steps = cfg["equalize_pilot_iters"] or cfg["warmup_iters"]
     if steps < 1:
         raise UserError("deriving the equalisation clip factor needs pilot steps: set equalize_pilot_iters >= 1")
     ref = cfg["equalize_reference"]
     if ref:
-        standard, source = reference_max_norm(ref, steps, loop.raw_model.config), f"the dump of {ref}"
+        standard = reference_max_norm(ref, steps, loop.raw_model.config)
     else:
-        standard, source = loop.pilot_max_norm(train_data, steps, equalize=False), "a standard pilot"
+        standard = loop.pilot_max_norm(train_data, steps, equalize=False)
     equalised = loop.pilot_max_norm(train_data, steps, equalize=True)
-    return {"factor": equalised / standard, "how": f"derived over steps 0..{steps - 1}: equalised pilot max "
-            f"{equalised:.4g} / standard max {standard:.4g} ({source})", "steps": steps,
-            "equalised_max": equalised, "standard_max": standard, "standard_from": ref or "pilot"}
+    return {"factor": equalised / standard, "steps": steps, "equalised_max": equalised, "standard_max": standard,
+            "standard_from": ref or "pilot"}
 
 
 class Loop:
@@ -294,7 +293,12 @@ class Loop:
     def set_equalize_clip(self, record):
         self.equalize_clip = record
         self.step.grad_clip = self.cfg["grad_clip"] * record["factor"]
-        self.log(f"equalisation clip factor {record['factor']:.4g} ({record['how']}): clip at {self.step.grad_clip:.4g}")
+        r = record
+        how = "given" if "steps" not in r else (
+            f"derived over steps 0..{r['steps'] - 1}: equalised pilot max {r['equalised_max']:.4g} / standard max "
+            f"{r['standard_max']:.4g} (" + ("a standard pilot" if r["standard_from"] == "pilot" else
+                                            f"the dump of {r['standard_from']}") + ")")
+        self.log(f"equalisation clip factor {r['factor']:.4g} ({how}): clip at {self.step.grad_clip:.4g}")
 
     def log_clip_share(self):
         """The share of steps on which the clip fired, from the whole dump (after any equalisation)."""
