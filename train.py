@@ -32,7 +32,6 @@ of steps the clip fired.
 import inspect
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 

@@ -1,7 +1,6 @@
 """train.py on CPU: learning, exact resume, DDP == one process (a real torchrun), the gradient-norm
 dump against hand-computed norms, norm equalisation, the run directory it writes, and the
 one-line errors for bad input. Tiny models, fast."""
-import json
 import os
 import subprocess
 import sys
