@@ -180,7 +180,7 @@ def test_default_data_dir_is_next_to_the_script(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "data" / "imagenet" / "train")
     here = os.path.join(os.path.dirname(os.path.abspath(resnet.__file__)), "data", "imagenet")
     with pytest.raises(UserError, match=re.escape(here)):
-        resnet.load_data(dict(dataset="imagenet", data_dir="", image_size=32))
+        resnet.load_data(resnet.defaults | dict(dataset="imagenet", data_dir="", image_size=32))
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -210,7 +210,9 @@ def test_fashion_mnist_idx_reader(tmp_path):
     _write_idx(tmp_path / "train-labels-idx1-ubyte", ytr, False)
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", xtr[:2], True)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", ytr[:2], True)
-    x, y, xv, yv = resnet.load_fashion_mnist(str(tmp_path))
+    data = resnet.load_fashion_mnist(str(tmp_path))
+    (x, y), (xv, yv) = data["train"], data["val"]
+    assert data["size"] == 28 and data["in_channels"] == 1 and data["fill"] == [-resnet.FMNIST_MEAN / resnet.FMNIST_STD]
     assert x.shape == (6, 1, 28, 28) and xv.shape == (2, 1, 28, 28) and y.tolist() == ytr.tolist()
     assert torch.allclose(x[:, 0] * resnet.FMNIST_STD + resnet.FMNIST_MEAN, torch.tensor(xtr / 255.0).float(), atol=1e-6)
     aug = resnet.gpu_augment(x, torch.Generator().manual_seed(0), fill=-1.0)
@@ -268,9 +270,9 @@ def test_importance_of_other_weights_is_not_used(tmp_path, capsys):
     shown against the new share (fanin.py ignores it, and says how to measure it again)."""
     import fanin
     out = str(tmp_path / "run")
-    resnet.main(TINY + ["--epochs=1", f"--out_dir={out}"])
+    resnet.main(TINY + ["--epochs=1", "--warmup_epochs=0.5", f"--out_dir={out}"])
     assert "rho" in fanin.main([out, "--fig_dir", str(tmp_path / "f1")])["runs"][0]
-    resnet.main(TINY + ["--epochs=2", f"--out_dir={out}", "--init_from=resume", "--allow_changes=epochs",
+    resnet.main(TINY + ["--epochs=2", "--warmup_epochs=0.5", f"--out_dir={out}", "--init_from=resume", "--allow_changes=epochs",
                         "--importance=False"])
     capsys.readouterr()
     r = fanin.main([out, "--fig_dir", str(tmp_path / "f2")])["runs"][0]
