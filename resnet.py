@@ -5,7 +5,7 @@ ResNet-50 (He et al. 2016, torchvision's v1.5 layout: stride on the 3x3 conv) in
 lines: stem, 16 bottleneck blocks (3-4-6-3, expansion 4, BatchNorm, a projection shortcut on
 the first block of each stage), global pool, linear head. 25,557,032 parameters at 1000
 classes, exactly torchvision's resnet50. Options: a small-image stem (3x3 conv stride 1, no
-max-pool) for 28x28 / 32x32 inputs, any number of input channels (Fashion-MNIST is fed as
+max-pool) for inputs up to 64 px, any number of input channels (Fashion-MNIST is fed as
 one channel, not replicated to three: replication only triples the stem's input bandwidth
 and equals summing its filters), and a width multiplier (tests only).
 
@@ -19,16 +19,31 @@ committed Fashion-MNIST run used lr * (it + 1) / warmup, 0.2 % higher during its
 float32 by default, as the paper trains (--dtype=bfloat16 for bf16 autocast); channels_last +
 torch.compile on GPUs, DDP under torchrun.
 
+    python resnet.py --dataset=cifar10 --download=True             # fetches CIFAR-10 into data/cifar10 once
+    python resnet.py --dataset=folder --data_dir=/data/my_images     # <data_dir>/{train,val}/<class>/<image>
     python resnet.py --dataset=fashion_mnist --data_dir=/usr/share/datasets/fashion-mnist
     torchrun --nproc_per_node=8 resnet.py --dataset=imagenet --data_dir=/data/imagenet
-    python resnet.py --out_dir=out/resnet --analyse=True          # importance of a trained run
+    python resnet.py --out_dir=out/resnet --analyse=True          # importance of a trained (or stopped) run
 
-Data: 'imagenet' = ImageFolder layout <data_dir>/{train,val}/<class>/*.JPEG (RandomResizedCrop
-224 + flip / resize 256 + center crop 224); 'fashion_mnist' = a folder with the four raw idx
-files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
-t10k-labels-idx1-ubyte, gzipped or not; Debian: `apt-get install dataset-fashion-mnist` puts
-them in /usr/share/datasets/fashion-mnist), held on the device, augmented there (random crop
-with 4-pixel padding + flip), the t10k set is the validation set; 'synthetic' (tests).
+Data, and its recipe:
+  'imagenet', 'folder'  an ImageFolder tree <data_dir>/{train,val}/<class>/<image> (val/ may be
+                        test/); 'imagenet' only differs in its default folder, data/imagenet. Images
+                        above 64 px get the ImageNet recipe (RandomResizedCrop image_size + flip;
+                        evaluation: resize to image_size * 256/224 + center crop, skipped for an
+                        image already image_size x image_size); images up to 64 px (all of one
+                        size) the small-image recipe below. --augment=small|imagenet chooses.
+  'cifar10', 'cifar100' torchvision's CIFAR10 / CIFAR100 reading <data_dir>/cifar-10-batches-py
+                        (cifar-100-python), the python version's pickled batches; --download=True
+                        fetches them first (with torchvision, needs the network); test batch = val.
+  'fashion_mnist'       a folder with the four raw idx files (train-images-idx3-ubyte,
+                        train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte,
+                        gzipped or not; Debian: `apt-get install dataset-fashion-mnist` puts them in
+                        /usr/share/datasets/fashion-mnist); t10k = val.
+  'synthetic'           toy images (tests).
+The small-image recipe: the images held as tensors on the device and augmented there (random crop
+with 4-pixel zero padding + flip), normalised with the training set's per-channel mean and std
+(Fashion-MNIST: its published 0.2860 / 0.3530), the 3x3 stem, evaluation at the images' own size.
+DataLoader workers (ImageNet recipe) are capped at this rank's share of the CPU cores.
 
 Outputs: a run directory in out_dir (gfa/rundir.py documents it; kind "resnet", so the LM
 scripts refuse its checkpoint with a one-line error): model_config.json (ResNet50's arguments),
@@ -59,10 +74,10 @@ from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_o
 
 # ---- defaults (override with --key=value or a config file) -----------------------------------
 out_dir = "out/resnet"           # the run directory
-dataset = "imagenet"             # 'imagenet' (the paper) | 'cifar10' | 'cifar100' | 'folder' (any ImageFolder tree) | 'fashion_mnist' | 'synthetic' (tests)
+dataset = "imagenet"             # 'imagenet' (the paper) | 'cifar10' | 'cifar100' | 'folder' (an ImageFolder tree) | 'fashion_mnist' | 'synthetic'
 data_dir = ""                    # '' -> this repository's data/<dataset> (fashion_mnist: else Debian's /usr/share/datasets/fashion-mnist)
 download = False                 # cifar10 / cifar100: fetch the dataset into data_dir first (needs the network)
-augment = "auto"                 # imagenet / folder: 'auto' (by image size: 'small' up to 64 px, else 'imagenet') | 'small' | 'imagenet'
+augment = "auto"                 # imagenet / folder recipe: 'auto' ('small' for images up to 64 px) | 'small' | 'imagenet'
 stem = "auto"                    # 'imagenet' (7x7/2 + max-pool) | 'small' (3x3/1) | 'auto' (small for images up to 64 px)
 width = 64                       # base width (64 = ResNet-50); smaller only for tests
 image_size = 224                 # the ImageNet recipe's crop / synthetic size (small images keep their own size)
@@ -177,13 +192,13 @@ class ResNet50(nn.Module):
 
 
 # ---- data -------------------------------------------------------------------------------------
-def check_data_dir(root, holds):
+def check_data_dir(root, holds, other_way=""):
     """One-line errors for a data path that is a file or missing; holds: what the folder must hold."""
     if os.path.isfile(root):
         raise UserError(f"data_dir {root} is a file, not a folder (an archive? unpack it first): pass "
                         f"--data_dir=<the folder holding {holds}>")
     if not os.path.isdir(root):
-        raise UserError(f"dataset folder {root} does not exist: pass --data_dir=<the folder holding {holds}>")
+        raise UserError(f"dataset folder {root} does not exist: pass --data_dir=<the folder holding {holds}>{other_way}")
 
 
 def loader_workers(requested):
@@ -274,7 +289,7 @@ def load_cifar(name, root):
     """CIFAR-10/100 from torchvision's files (<root>/cifar-10-batches-py or <root>/cifar-100-python,
     the python version's pickled batches), normalised with the training set's channel statistics."""
     cls, root = cifar(name, root)
-    check_data_dir(root, cls.base_folder)
+    check_data_dir(root, cls.base_folder, ", or --download=True to fetch it there")
     try:
         train, val = cls(root, train=True), cls(root, train=False)
     except RuntimeError:   # torchvision: "Dataset not found or corrupted" (a missing file or another checksum)
@@ -366,7 +381,8 @@ def gpu_augment(x, gen, pad=4, fill=0.0):
     """Random crop with padding plus horizontal flip, per image, on x's device. fill: the padding's
     value, one number or one per channel (a zero pixel after normalisation: -mean / std)."""
     B, C, H, W = x.shape
-    xp = torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(-1, 1, 1).expand(B, C, H + 2 * pad, W + 2 * pad).clone()
+    fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    xp = fill.expand(B, C, H + 2 * pad, W + 2 * pad).clone()
     xp[:, :, pad:pad + H, pad:pad + W] = x
     oy = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=gen)
     ox = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=gen)
@@ -534,7 +550,8 @@ def read_run(cfg):
         ckpt["changes"] = check_resume(ckpt["train_config"], cfg, FREE_ON_RESUME, cfg["allow_changes"])
     if cfg["analyse"]:
         keep = ("out_dir", "device", "dtype", "eval_batch_size", "num_workers", "download", "analyse")
-        cfg = defaults | ckpt["train_config"] | {k: cfg[k] for k in keep} | ({"data_dir": cfg["data_dir"]} if cfg["data_dir"] else {})
+        cfg = (defaults | ckpt["train_config"] | {k: cfg[k] for k in keep}    # defaults: keys added since the run
+               | ({"data_dir": cfg["data_dir"]} if cfg["data_dir"] else {}))
     return ckpt, cfg
 
 
@@ -546,7 +563,8 @@ def build_model(cfg, data, ckpt, dev):
     if data["size"] < model.min_image_size():
         raise UserError(f"{cfg['dataset']} images are {data['size']}x{data['size']}, smaller than the "
                         f"{model.min_image_size()} px the {'small' if small else 'imagenet'} stem needs: "
-                        + "use --stem=small" + (" or a larger --image_size" if data["kind"] == "folder" or cfg["dataset"] == "synthetic" else ""))
+                        + "use --stem=small" + (" or a larger --image_size" if data["kind"] == "folder"
+                                                 or cfg["dataset"] == "synthetic" else ""))
     if ckpt is not None:
         _, have = rundir.read_model_config(cfg["out_dir"])
         if have != model.config:
@@ -586,7 +604,8 @@ def schedule(cfg, n_train):
     if warmup >= max_iters:
         raise UserError(f"warmup_epochs={cfg['warmup_epochs']} ({warmup} steps) is not shorter than the run "
                         f"(epochs={cfg['epochs']}, {max_iters} steps): the learning rate would never reach its peak; "
-                        f"give a shorter warm-up (Table 5's share, 5 of 30 epochs: --warmup_epochs={cfg['epochs'] / 6:.2g})")
+                        f"give a shorter warm-up (Table 5's share, 5 of 30 epochs: "
+                        f"--warmup_epochs={cfg['epochs'] / 6:.2g})")
     return spe, max_iters, warmup
 
 

@@ -247,7 +247,7 @@ def test_gpu_augment_is_a_shifted_flipped_crop():
     (["--init_from=resume", "--dataset=synthetic"], "no checkpoint"),
     (["--dataset=imagenet", "--data_dir={file}"], "is a file, not a folder .*train/ and val/ class folders"),
     (["--dataset=cifar10", "--data_dir={file}"], "is a file, not a folder .*cifar-10-batches-py"),
-    (["--dataset=cifar100", "--data_dir=/no/such/dir"], "/no/such/dir does not exist: .*cifar-100-python"),
+    (["--dataset=cifar100", "--data_dir=/no/such/dir"], "/no/such/dir does not exist: .*cifar-100-python>, or --download"),
     (["--dataset=folder", "--data_dir={tmp}"], "has no train/ folder: folder needs the ImageFolder layout"),
     (["--dataset=cifar"], "dataset='cifar': use imagenet, cifar10, cifar100, folder"),
     (["--dataset=synthetic", "--download=True"], "download=True fetches cifar10 or cifar100, not synthetic"),
@@ -286,8 +286,8 @@ def test_importance_of_other_weights_is_not_used(tmp_path, capsys):
     out = str(tmp_path / "run")
     resnet.main(TINY + ["--epochs=1", "--warmup_epochs=0.5", f"--out_dir={out}"])
     assert "rho" in fanin.main([out, "--fig_dir", str(tmp_path / "f1")])["runs"][0]
-    resnet.main(TINY + ["--epochs=2", "--warmup_epochs=0.5", f"--out_dir={out}", "--init_from=resume", "--allow_changes=epochs",
-                        "--importance=False"])
+    resnet.main(TINY + ["--epochs=2", "--warmup_epochs=0.5", f"--out_dir={out}", "--init_from=resume",
+                        "--allow_changes=epochs", "--importance=False"])
     capsys.readouterr()
     r = fanin.main([out, "--fig_dir", str(tmp_path / "f2")])["runs"][0]
     assert "measured other weights" in capsys.readouterr().out and "rho" not in r
@@ -316,7 +316,8 @@ def write_cifar(root, name, n=8, seed=0):
         meta = ("batches.meta", {"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": n, "num_vis": 3072})
     else:
         parts, test = [batch("train", 5 * n, "fine_labels")], batch("test", n, "fine_labels")
-        meta = ("meta", {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"k{i}" for i in range(20)]})
+        meta = ("meta", {"fine_label_names": [f"f{i}" for i in range(100)],
+                         "coarse_label_names": [f"k{i}" for i in range(20)]})
     with open(os.path.join(folder, meta[0]), "wb") as f:
         pickle.dump(meta[1], f, 2)
     return np.concatenate([p[0] for p in parts]), sum((p[1] for p in parts), []), *test
@@ -424,7 +425,7 @@ def test_small_image_folder_gets_the_small_image_recipe(tmp_path):
                      f"--out_dir={out}"])
     assert not os.path.exists(out)
     write_image_folder(str(tmp_path / "mixed"), {"train": [(32, 32), (32, 32), (28, 30)], "val": [(32, 32)] * 2})
-    with pytest.raises(UserError, match=r"002.png is 28x30 px, .*000.png 32x32: the small-image recipe needs images of one size"):
+    with pytest.raises(UserError, match=r"002.png is 28x30 px, .*000.png 32x32: the small-image recipe needs images"):
         resnet.load_data(resnet.defaults | dict(dataset="folder", data_dir=str(tmp_path / "mixed"), num_workers=0))
 
 
