@@ -34,11 +34,11 @@ Data, and its recipe:
                         size) the small-image recipe below. --augment=small|imagenet chooses.
   'cifar10', 'cifar100' torchvision's CIFAR10 / CIFAR100 reading <data_dir>/cifar-10-batches-py
                         (cifar-100-python), the python version's pickled batches; --download=True
-                        fetches them first (with torchvision, needs the network); test batch = val.
+                        fetches them first (with torchvision, needs the network); test batch: val.
   'fashion_mnist'       a folder with the four raw idx files (train-images-idx3-ubyte,
                         train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte,
                         gzipped or not; Debian: `apt-get install dataset-fashion-mnist` puts them in
-                        /usr/share/datasets/fashion-mnist); t10k = val.
+                        /usr/share/datasets/fashion-mnist); t10k: val.
   'synthetic'           toy images (tests).
 The small-image recipe: the images held as tensors on the device and augmented there (random crop
 with 4-pixel zero padding + flip), normalised with the training set's per-channel mean and std
