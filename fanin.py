@@ -153,6 +153,9 @@ def analyse(run, args):
             print(f"note: {run}/importance.json measured other weights than its checkpoint's: ignored (measure "
                   f"again with python resnet.py --out_dir={run} --analyse=True)")
             imp = None
+        elif imp is None and ckpt is not None and not args.no_importance:   # stopped early, or --importance=False
+            print(f"note: {run} has no importance.json: share vs theory only (measure its checkpoint's with "
+                  f"python resnet.py --out_dir={run} --analyse=True)")
     elif args.no_importance:
         imp = None
     elif ckpt is not None:   # an LM run: measured here, or from its cache

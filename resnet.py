@@ -5,7 +5,7 @@ ResNet-50 (He et al. 2016, torchvision's v1.5 layout: stride on the 3x3 conv) in
 lines: stem, 16 bottleneck blocks (3-4-6-3, expansion 4, BatchNorm, a projection shortcut on
 the first block of each stage), global pool, linear head. 25,557,032 parameters at 1000
 classes, exactly torchvision's resnet50. Options: a small-image stem (3x3 conv stride 1, no
-max-pool) for 28x28 / 32x32 inputs, any number of input channels (Fashion-MNIST is fed as
+max-pool) for inputs up to 64 px, any number of input channels (Fashion-MNIST is fed as
 one channel, not replicated to three: replication only triples the stem's input bandwidth
 and equals summing its filters), and a width multiplier (tests only).
 
@@ -19,16 +19,31 @@ committed Fashion-MNIST run used lr * (it + 1) / warmup, 0.2 % higher during its
 float32 by default, as the paper trains (--dtype=bfloat16 for bf16 autocast); channels_last +
 torch.compile on GPUs, DDP under torchrun.
 
+    python resnet.py --dataset=cifar10 --download=True             # fetches CIFAR-10 into data/cifar10 once
+    python resnet.py --dataset=folder --data_dir=/data/my_images     # <data_dir>/{train,val}/<class>/<image>
     python resnet.py --dataset=fashion_mnist --data_dir=/usr/share/datasets/fashion-mnist
     torchrun --nproc_per_node=8 resnet.py --dataset=imagenet --data_dir=/data/imagenet
-    python resnet.py --out_dir=out/resnet --analyse=True          # importance of a trained run
+    python resnet.py --out_dir=out/resnet --analyse=True          # importance of a trained (or stopped) run
 
-Data: 'imagenet' = ImageFolder layout <data_dir>/{train,val}/<class>/*.JPEG (RandomResizedCrop
-224 + flip / resize 256 + center crop 224); 'fashion_mnist' = a folder with the four raw idx
-files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
-t10k-labels-idx1-ubyte, gzipped or not; Debian: `apt-get install dataset-fashion-mnist` puts
-them in /usr/share/datasets/fashion-mnist), held on the device, augmented there (random crop
-with 4-pixel padding + flip), the t10k set is the validation set; 'synthetic' (tests).
+Data, and its recipe:
+  'imagenet', 'folder'  an ImageFolder tree <data_dir>/{train,val}/<class>/<image> (val/ may be
+                        test/); 'imagenet' only differs in its default folder, data/imagenet. Images
+                        above 64 px get the ImageNet recipe (RandomResizedCrop image_size + flip;
+                        evaluation: resize to image_size * 256/224 + center crop, skipped for an
+                        image already image_size x image_size); images up to 64 px (all of one
+                        size) the small-image recipe below. --augment=small|imagenet chooses.
+  'cifar10', 'cifar100' torchvision's CIFAR10 / CIFAR100 reading <data_dir>/cifar-10-batches-py
+                        (cifar-100-python), the python version's pickled batches; --download=True
+                        fetches them first (with torchvision, needs the network); test batch: val.
+  'fashion_mnist'       a folder with the four raw idx files (train-images-idx3-ubyte,
+                        train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte,
+                        gzipped or not; Debian: `apt-get install dataset-fashion-mnist` puts them in
+                        /usr/share/datasets/fashion-mnist); t10k: val.
+  'synthetic'           toy images (tests).
+The small-image recipe: the images held as tensors on the device and augmented there (random crop
+with 4-pixel zero padding + flip), normalised with the training set's per-channel mean and std
+(Fashion-MNIST: its published 0.2860 / 0.3530), the 3x3 stem, evaluation at the images' own size.
+DataLoader workers (ImageNet recipe) are capped at this rank's share of the CPU cores.
 
 Outputs: a run directory in out_dir (gfa/rundir.py documents it; kind "resnet", so the LM
 scripts refuse its checkpoint with a one-line error): model_config.json (ResNet50's arguments),
@@ -59,11 +74,13 @@ from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_o
 
 # ---- defaults (override with --key=value or a config file) -----------------------------------
 out_dir = "out/resnet"           # the run directory
-dataset = "imagenet"             # 'imagenet' (the paper) | 'fashion_mnist' | 'synthetic' (tests)
+dataset = "imagenet"             # 'imagenet' (the paper) | 'cifar10' | 'cifar100' | 'folder' (an ImageFolder tree) | 'fashion_mnist' | 'synthetic'
 data_dir = ""                    # '' -> this repository's data/<dataset> (fashion_mnist: else Debian's /usr/share/datasets/fashion-mnist)
-stem = "auto"                    # 'imagenet' (7x7/2 + max-pool) | 'small' (3x3/1) | 'auto' (small below 64 px)
+download = False                 # cifar10 / cifar100: fetch the dataset into data_dir first (needs the network)
+augment = "auto"                 # imagenet / folder recipe: 'auto' ('small' for images up to 64 px) | 'small' | 'imagenet'
+stem = "auto"                    # 'imagenet' (7x7/2 + max-pool) | 'small' (3x3/1) | 'auto' (small for images up to 64 px)
 width = 64                       # base width (64 = ResNet-50); smaller only for tests
-image_size = 224                 # imagenet crop / synthetic size (Fashion-MNIST is 28)
+image_size = 224                 # the ImageNet recipe's crop / synthetic size (small images keep their own size)
 epochs = 30                      # passes over the training images
 warmup_epochs = 5.0              # linear warm-up, then a per-step cosine
 batch_size = 512                 # global, over all DDP ranks
@@ -82,7 +99,7 @@ allow_changes = ""               # resume: settings allowed to differ from the c
 eval_batch_size = 1024           # per rank
 importance = True                # after training: block ablation -> importance.json
 analyse = False                  # only the importance analysis of out_dir's checkpoint
-num_workers = 8                  # imagenet DataLoader workers per rank
+num_workers = 8                  # DataLoader workers per rank (imagenet recipe; at most the CPU cores per rank)
 n_synthetic = 512                # synthetic train images (val: half)
 device = "auto"                  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = "float32"                # float32 (the paper trains in it) | tf32 | bfloat16 | 'auto' (bf16 on GPUs, fp32 on CPU)
@@ -92,9 +109,11 @@ defaults = {k: v for k, v in dict(globals()).items()
 
 # settings a resume may change freely (where output goes, how often to log or save, the device);
 # everything else shapes the run and must match the checkpoint's unless allow_changes names it
-FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "allow_changes", "device", "compile", "num_workers",
+FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "allow_changes", "device", "compile", "num_workers", "download",
                   "log_interval", "ckpt_interval", "stop_iter", "eval_batch_size", "importance", "analyse"}
 STAGES = ((3, 1), (4, 2), (6, 2), (3, 2))       # (blocks, first stride) per stage: 16 blocks
+DATASETS = ("imagenet", "cifar10", "cifar100", "folder", "fashion_mnist", "synthetic")
+SMALL_IMAGE = 64                                 # images up to this size: the small-image recipe and the 3x3 stem
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"    # apt-get install dataset-fashion-mnist
@@ -173,6 +192,48 @@ class ResNet50(nn.Module):
 
 
 # ---- data -------------------------------------------------------------------------------------
+def check_data_dir(root, holds, other_way=""):
+    """One-line errors for a data path that is a file or missing; holds: what the folder must hold."""
+    if os.path.isfile(root):
+        raise UserError(f"data_dir {root} is a file, not a folder (an archive? unpack it first): pass "
+                        f"--data_dir=<the folder holding {holds}>")
+    if not os.path.isdir(root):
+        raise UserError(f"dataset folder {root} does not exist: pass --data_dir=<the folder holding {holds}>{other_way}")
+
+
+def loader_workers(requested):
+    """DataLoader workers per rank: as requested, at most this rank's share of the CPU cores this
+    process may use (more only wait for a core, and PyTorch warns about them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(requested, max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def channel_stats(x):
+    """Per-channel mean and (population) std of uint8 images [N, C, H, W], as fractions of 255."""
+    s, s2 = torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64)
+    for chunk in x.split(4096):           # float64 a chunk at a time: exact, and no 8x copy of the set
+        c = chunk.double()
+        s, s2 = s + c.sum((0, 2, 3)), s2 + (c * c).sum((0, 2, 3))
+    n = x.numel() // x.shape[1]
+    mean = s / n
+    return (mean / 255).tolist(), ((s2 / n - mean ** 2).clamp(min=0).sqrt() / 255).tolist()
+
+
+def normalised(x, mean, std):
+    """uint8 images [N, C, H, W] -> float32 (x / 255 - mean) / std, per channel."""
+    shape = (1, -1, 1, 1)
+    return x.float().div_(255).sub_(torch.tensor(mean).view(shape)).div_(torch.tensor(std).view(shape))
+
+
+def image_tensors(xtr, ytr, xva, yva, num_classes, mean, std):
+    """Small images held as tensors (on the GPU when training there), normalised per channel, with
+    the small-image recipe: random crop with 4-pixel zero padding + flip (gpu_augment; a zero
+    pixel is -mean/std once normalised), the 3x3 stem, evaluation at the images' own size."""
+    return dict(kind="tensor", train=(normalised(xtr, mean, std), ytr), val=(normalised(xva, mean, std), yva),
+                num_classes=num_classes, in_channels=xtr.shape[1], size=xtr.shape[-1], augment=True,
+                fill=[-m / s for m, s in zip(mean, std)])
+
+
 def read_idx(path):
     """A raw idx file (the MNIST format, gzipped or not) as a numpy uint8 array."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
@@ -197,9 +258,113 @@ def load_fashion_mnist(root):
     xtr, ytr, xva, yva = (read_idx(p) for p in paths)
     if xtr.shape[1:] != (28, 28) or len(xtr) != len(ytr) or len(xva) != len(yva):
         raise UserError(f"the idx files in {root} do not look like Fashion-MNIST (images {xtr.shape}, labels {ytr.shape})")
-    norm = lambda x: ((torch.from_numpy(x.copy()).float() / 255 - FMNIST_MEAN) / FMNIST_STD).unsqueeze(1)
+    img = lambda x: torch.from_numpy(x.copy()).unsqueeze(1)
     lab = lambda y: torch.from_numpy(y.astype(np.int64))
-    return norm(xtr), lab(ytr), norm(xva), lab(yva)
+    return image_tensors(img(xtr), lab(ytr), img(xva), lab(yva), 10, [FMNIST_MEAN], [FMNIST_STD])
+
+
+def cifar(name, root):
+    """(torchvision's dataset class, its root): root may also be the unpacked folder itself."""
+    from torchvision import datasets
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    inside = os.path.basename(os.path.normpath(root)) == cls.base_folder
+    return cls, os.path.dirname(os.path.normpath(root)) if inside else root
+
+
+def download_cifar(name, root):
+    """Fetch CIFAR-10/100 into root with torchvision (nothing to do when the files are there)."""
+    if name not in ("cifar10", "cifar100"):
+        raise UserError(f"download=True fetches cifar10 or cifar100, not {name}: leave it out and pass --data_dir")
+    cls, root = cifar(name, root)
+    if os.path.isfile(root):
+        check_data_dir(root, cls.base_folder)
+    try:
+        cls(root, train=True, download=True)
+    except (OSError, RuntimeError) as e:   # no network (URLError is an OSError), a bad archive
+        raise UserError(f"cannot download {name} into {root}: {e} (no network? unpack {cls.filename} there "
+                        f"yourself and leave out --download)") from None
+
+
+def load_cifar(name, root):
+    """CIFAR-10/100 from torchvision's files (<root>/cifar-10-batches-py or <root>/cifar-100-python,
+    the python version's pickled batches), normalised with the training set's channel statistics."""
+    cls, root = cifar(name, root)
+    check_data_dir(root, cls.base_folder, ", or --download=True to fetch it there")
+    try:
+        train, val = cls(root, train=True), cls(root, train=False)
+    except RuntimeError:   # torchvision: "Dataset not found or corrupted" (a missing file or another checksum)
+        files = ", ".join([f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]])
+        raise UserError(f"{os.path.join(root, cls.base_folder)} is missing or incomplete (it needs {files}, with "
+                        f"torchvision's checksums): unpack {cls.filename} into {root}, or pass --download=True") from None
+    tensors = lambda ds: (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
+    (xtr, ytr), (xva, yva) = tensors(train), tensors(val)
+    return image_tensors(xtr, ytr, xva, yva, len(train.classes), *channel_stats(xtr))
+
+
+class EvalResize:
+    """ImageNet's evaluation resize (shorter side to size * 256/224, then the center size x size),
+    skipped for an image that already is size x size (a validation set stored at that size)."""
+
+    def __init__(self, size):
+        from torchvision import transforms as T
+        self.size, self.resize = size, T.Compose([T.Resize(size * 256 // 224), T.CenterCrop(size)])
+
+    def __call__(self, img):
+        return img if img.size == (self.size, self.size) else self.resize(img)
+
+
+def decode_images(folder, workers):
+    """Every image of an ImageFolder as one uint8 tensor [N, 3, H, W] (they must share a size), and the labels."""
+    from torch.utils.data import DataLoader
+    from torchvision.transforms import PILToTensor
+    folder.transform = PILToTensor()
+    x, i = None, 0
+    for batch in DataLoader(folder, batch_size=256, num_workers=workers, collate_fn=list):
+        for img, _ in batch:
+            if x is None:
+                x = torch.empty(len(folder), *img.shape, dtype=torch.uint8)
+            if img.shape != x.shape[1:]:
+                raise UserError(f"{folder.samples[i][0]} is {img.shape[2]}x{img.shape[1]} px, {folder.samples[0][0]} "
+                                f"{x.shape[3]}x{x.shape[2]}: the small-image recipe needs images of one size (resize "
+                                f"them, or use --augment=imagenet --image_size=<crop>)")
+            x[i], i = img, i + 1
+    return x, torch.tensor(folder.targets)
+
+
+def open_image_folder(root, cfg):
+    """An ImageFolder tree <root>/{train,val}/<class>/<image> (val/ may be test/), with the recipe
+    for its image size: up to SMALL_IMAGE px the small-image one (decoded once into tensors),
+    above it ImageNet's (RandomResizedCrop + flip; the evaluation resize of EvalResize)."""
+    check_data_dir(root, "train/ and val/ class folders")
+    held_out = next((s for s in ("val", "test") if os.path.isdir(os.path.join(root, s))), None)
+    if not os.path.isdir(os.path.join(root, "train")) or held_out is None:
+        raise UserError(f"{root} has no {'val' if os.path.isdir(os.path.join(root, 'train')) else 'train'}/ folder: "
+                        f"{cfg['dataset']} needs the ImageFolder layout <data_dir>/train/<class>/<image> and "
+                        f"<data_dir>/val/<class>/<image> (or test/)")
+    from PIL import Image
+    from torchvision import datasets, transforms as T      # pure-Python parts of torchvision only
+    try:
+        train, val = datasets.ImageFolder(os.path.join(root, "train")), datasets.ImageFolder(os.path.join(root, held_out))
+    except FileNotFoundError as e:   # no class folders, or a class folder without images
+        raise UserError(f"{root}: {e}") from None
+    if train.classes != val.classes:
+        raise UserError(f"{root}: train/ and {held_out}/ hold different class folders")
+    workers = loader_workers(cfg["num_workers"])
+    recipe = cfg["augment"]
+    if recipe == "auto":
+        with Image.open(train.samples[0][0]) as im:     # reads the header only
+            recipe = "small" if max(im.size) <= SMALL_IMAGE else "imagenet"
+    if recipe == "small":
+        (xtr, ytr), (xva, yva) = decode_images(train, workers), decode_images(val, workers)
+        if xva.shape[1:] != xtr.shape[1:]:
+            raise UserError(f"{root}: {held_out}/ images are {xva.shape[3]}x{xva.shape[2]} px, train/ images "
+                            f"{xtr.shape[3]}x{xtr.shape[2]}: the small-image recipe evaluates at the training size")
+        return image_tensors(xtr, ytr, xva, yva, len(train.classes), *channel_stats(xtr))
+    size, norm = cfg["image_size"], T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train.transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    val.transform = T.Compose([EvalResize(size), T.ToTensor(), norm])
+    return dict(kind="folder", train=train, val=val, num_classes=len(train.classes), in_channels=3, size=size,
+                augment=True, workers=workers)
 
 
 def make_synthetic(n, size, classes=10, channels=3, seed=0):
@@ -213,9 +378,12 @@ def make_synthetic(n, size, classes=10, channels=3, seed=0):
 
 
 def gpu_augment(x, gen, pad=4, fill=0.0):
-    """Random crop with zero(=fill)-padding plus horizontal flip, per image, on x's device."""
+    """Random crop with padding plus horizontal flip, per image, on x's device. fill: the padding's
+    value, one number or one per channel (a zero pixel after normalisation: -mean / std)."""
     B, C, H, W = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad), value=fill)
+    fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    xp = fill.expand(B, C, H + 2 * pad, W + 2 * pad).clone()
+    xp[:, :, pad:pad + H, pad:pad + W] = x
     oy = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=gen)
     ox = torch.randint(0, 2 * pad + 1, (B,), device=x.device, generator=gen)
     rows = (oy[:, None] + torch.arange(H, device=x.device))[:, :, None]        # [B, H, 1]
@@ -226,25 +394,17 @@ def gpu_augment(x, gen, pad=4, fill=0.0):
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-def open_imagenet(root, size):
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise UserError(f"{root} has no {split}/ folder: imagenet needs the ImageFolder layout "
-                            f"<data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/*.JPEG")
-    from torchvision import datasets, transforms as T      # pure-Python parts of torchvision only
-    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train = datasets.ImageFolder(os.path.join(root, "train"), T.Compose(
-        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
-    val = datasets.ImageFolder(os.path.join(root, "val"), T.Compose(
-        [T.Resize(size * 256 // 224), T.CenterCrop(size), T.ToTensor(), norm]))
-    if train.classes != val.classes:
-        raise UserError(f"{root}: train/ and val/ hold different class folders")
-    return train, val
-
-
 def load_data(cfg):
-    """-> dict(kind='tensor'|'folder', train, val, num_classes, in_channels, size, augment)."""
+    """-> dict(kind='tensor'|'folder', train, val, num_classes, in_channels, size, augment, and
+    fill (tensor: the padding value) or workers (folder: DataLoader workers per rank))."""
     name = cfg["dataset"]
+    if name not in DATASETS:
+        raise UserError(f"dataset={name!r}: use {', '.join(DATASETS)}")
+    if cfg["augment"] not in ("auto", "small", "imagenet"):
+        raise UserError(f"augment={cfg['augment']!r}: use auto, small or imagenet")
+    if cfg["augment"] != "auto" and name not in ("imagenet", "folder"):
+        raise UserError(f"augment={cfg['augment']!r} chooses the recipe of an image folder: {name} has its own "
+                        f"(leave augment out)")
     root = dataset_dir(name, cfg["data_dir"])
     if name == "fashion_mnist" and not cfg["data_dir"] and not os.path.isdir(root) and os.path.isdir(DEBIAN_FMNIST):
         root = DEBIAN_FMNIST
@@ -252,17 +412,12 @@ def load_data(cfg):
         xtr, ytr, xva, yva = make_synthetic(cfg["n_synthetic"], cfg["image_size"], seed=cfg["seed"])
         return dict(kind="tensor", train=(xtr, ytr), val=(xva, yva), num_classes=10, in_channels=3,
                     size=cfg["image_size"], augment=False, fill=0.0)
-    if name not in ("imagenet", "fashion_mnist"):
-        raise UserError(f"dataset={name!r}: use imagenet, fashion_mnist or synthetic")
-    if not os.path.isdir(root):
-        raise UserError(f"dataset folder {root} does not exist: pass --data_dir=<folder>")
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(name, root)
     if name == "fashion_mnist":
-        xtr, ytr, xva, yva = load_fashion_mnist(root)
-        return dict(kind="tensor", train=(xtr, ytr), val=(xva, yva), num_classes=10, in_channels=1,
-                    size=28, augment=True, fill=-FMNIST_MEAN / FMNIST_STD)
-    train, val = open_imagenet(root, cfg["image_size"])
-    return dict(kind="folder", train=train, val=val, num_classes=len(train.classes), in_channels=3,
-                size=cfg["image_size"], augment=True)
+        check_data_dir(root, "the four Fashion-MNIST idx files")
+        return load_fashion_mnist(root)
+    return open_image_folder(root, cfg)
 
 
 def n_items(ds):
@@ -279,7 +434,7 @@ def epoch_order(n, B, world, rank, epoch, seed):
 
 def train_batches(data, cfg, start, max_iters, world, rank, dev):
     """(x, y) on dev for steps start..max_iters-1; a function of (seed, step, rank) only, so a
-    resumed run sees the same batches (imagenet: same images; crops come from worker RNG)."""
+    resumed run sees the same batches (image folders: the same images; crops come from worker RNG)."""
     n, B = n_items(data["train"]), cfg["batch_size"]
     spe, Bl = n // B, B // world
     step = start
@@ -303,7 +458,7 @@ def train_batches(data, cfg, start, max_iters, world, rank, dev):
         else:
             from torch.utils.data import DataLoader
             loader = DataLoader(data["train"], batch_size=Bl, sampler=order[k * Bl:].tolist(), drop_last=True,
-                                num_workers=cfg["num_workers"], pin_memory=dev.type == "cuda",
+                                num_workers=data["workers"], pin_memory=dev.type == "cuda",
                                 generator=torch.Generator().manual_seed(cfg["seed"] + 7919 * step + rank))
             for x, y in loader:
                 if step >= max_iters:
@@ -322,7 +477,7 @@ def val_batches(data, cfg, world, rank, dev):
     else:
         from torch.utils.data import DataLoader
         idx = list(range(rank, n_items(data["val"]), world))
-        for x, y in DataLoader(data["val"], batch_size=Bl, sampler=idx, num_workers=cfg["num_workers"],
+        for x, y in DataLoader(data["val"], batch_size=Bl, sampler=idx, num_workers=data["workers"],
                                pin_memory=dev.type == "cuda"):
             yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
 
@@ -394,20 +549,22 @@ def read_run(cfg):
     if not cfg["analyse"]:   # recorded with the resume in the log (train())
         ckpt["changes"] = check_resume(ckpt["train_config"], cfg, FREE_ON_RESUME, cfg["allow_changes"])
     if cfg["analyse"]:
-        keep = ("out_dir", "device", "dtype", "eval_batch_size", "num_workers", "analyse")
-        cfg = ckpt["train_config"] | {k: cfg[k] for k in keep} | ({"data_dir": cfg["data_dir"]} if cfg["data_dir"] else {})
+        keep = ("out_dir", "device", "dtype", "eval_batch_size", "num_workers", "download", "analyse")
+        cfg = (defaults | ckpt["train_config"] | {k: cfg[k] for k in keep}    # defaults: keys added since the run
+               | ({"data_dir": cfg["data_dir"]} if cfg["data_dir"] else {}))
     return ckpt, cfg
 
 
 def build_model(cfg, data, ckpt, dev):
     """ResNet-50 for the data (its classes, channels, image size), restored from ckpt if given, on dev."""
-    small = cfg["stem"] == "small" or (cfg["stem"] == "auto" and data["size"] < 64)
+    small = cfg["stem"] == "small" or (cfg["stem"] == "auto" and data["size"] <= SMALL_IMAGE)
     torch.manual_seed(cfg["seed"])
     model = ResNet50(data["num_classes"], data["in_channels"], small, cfg["width"])
     if data["size"] < model.min_image_size():
         raise UserError(f"{cfg['dataset']} images are {data['size']}x{data['size']}, smaller than the "
                         f"{model.min_image_size()} px the {'small' if small else 'imagenet'} stem needs: "
-                        + ("use --stem=small" if cfg["dataset"] == "fashion_mnist" else "use --stem=small or a larger --image_size"))
+                        + "use --stem=small" + (" or a larger --image_size" if data["kind"] == "folder"
+                                                 or cfg["dataset"] == "synthetic" else ""))
     if ckpt is not None:
         _, have = rundir.read_model_config(cfg["out_dir"])
         if have != model.config:
@@ -416,7 +573,7 @@ def build_model(cfg, data, ckpt, dev):
     model.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-        if data["kind"] == "tensor":   # Fashion-MNIST lives on the GPU (220 MB as floats, val included)
+        if data["kind"] == "tensor":   # small images live on the GPU (CIFAR: 740 MB as floats, val included)
             data["train"], data["val"] = (tuple(t.to(dev) for t in data[k]) for k in ("train", "val"))
     return model
 
@@ -435,15 +592,28 @@ def restore(ckpt, opt, dump, dev, log, out):
     return it, ckpt["best_val_acc"]
 
 
-def train(cfg, model, data, ckpt, d, ctx, log, compiled):
-    """Table 5's schedule in steps (per-step cosine; an epoch is n_train // batch_size steps), the
-    gradient dump, an eval every epoch and a checkpoint every epoch (or ckpt_interval). Returns
-    the step reached."""
-    dev, out, B = torch.device(d.device), cfg["out_dir"], cfg["batch_size"]
-    spe = n_items(data["train"]) // B
+def schedule(cfg, n_train):
+    """Table 5's schedule in steps: (steps per epoch = n_train // batch_size, total steps, warm-up
+    steps); one-line errors for a run that cannot follow it."""
+    B = cfg["batch_size"]
+    spe = n_train // B
     if spe < 1:
-        raise UserError(f"{n_items(data['train'])} training images are fewer than batch_size={B}")
+        raise UserError(f"{n_train} training images are fewer than batch_size={B}: lower --batch_size (at most "
+                        f"{n_train}) or give more images")
     max_iters, warmup = cfg["epochs"] * spe, max(1, round(cfg["warmup_epochs"] * spe))
+    if warmup >= max_iters:
+        raise UserError(f"warmup_epochs={cfg['warmup_epochs']} ({warmup} steps) is not shorter than the run "
+                        f"(epochs={cfg['epochs']}, {max_iters} steps): the learning rate would never reach its peak; "
+                        f"give a shorter warm-up (Table 5's share, 5 of 30 epochs: "
+                        f"--warmup_epochs={cfg['epochs'] / 6:.2g})")
+    return spe, max_iters, warmup
+
+
+def train(cfg, model, data, ckpt, d, ctx, log, compiled, sched):
+    """sched (schedule()) in steps with a per-step cosine, the gradient dump, an eval every epoch
+    and a checkpoint every epoch (or ckpt_interval). Returns the step reached."""
+    dev, out, B = torch.device(d.device), cfg["out_dir"], cfg["batch_size"]
+    spe, max_iters, warmup = sched
     stop = min(max_iters, cfg["stop_iter"] or max_iters)
     opt = adamw(model.parameters(), cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), cfg["weight_decay"],
                 fused=dev.type == "cuda")
@@ -504,7 +674,7 @@ def train(cfg, model, data, ckpt, d, ctx, log, compiled):
         if end_epoch or it == stop or (cfg["ckpt_interval"] and it % cfg["ckpt_interval"] == 0):
             save()
             t0 = time.time()                  # keep eval and checkpoint time out of img/s
-    return it, max_iters
+    return it
 
 
 def main(argv):
@@ -524,8 +694,14 @@ def main(argv):
     for k in ("epochs", "batch_size", "log_interval", "eval_batch_size", "width"):
         if cfg[k] < 1:
             raise UserError(f"{k}={cfg[k]}: must be >= 1")
+    for k in ("warmup_epochs", "num_workers"):
+        if cfg[k] < 0:
+            raise UserError(f"{k}={cfg[k]}: must be >= 0")
     ckpt, cfg = read_run(cfg)
+    if cfg["download"]:   # rank 0 fetches, the others wait for it (on_master broadcasts its outcome)
+        on_master(d, lambda: download_cifar(cfg["dataset"], dataset_dir(cfg["dataset"], cfg["data_dir"])))
     data = load_data(cfg)
+    sched = None if cfg["analyse"] else schedule(cfg, n_items(data["train"]))   # before anything is written
     model = build_model(cfg, data, ckpt, dev)
     out = cfg["out_dir"]
     if ckpt is None:   # a new run: never into a folder that holds another one (unless overwrite)
@@ -537,8 +713,14 @@ def main(argv):
         f"{data['in_channels']} ch, {'small' if model.config['small_stem'] else 'imagenet'} stem, width {cfg['width']}, "
         f"{n_items(data['train'])} train / {n_items(data['val'])} val images of {data['size']} px, "
         f"{d.world} x {dev}, {dt}, compile={compiled}")
-    it, max_iters = (0, 1) if cfg["analyse"] else train(cfg, model, data, ckpt, d, ctx, log, compiled)
-    if cfg["analyse"] or (it >= max_iters and cfg["importance"]):
+    if data.get("workers", cfg["num_workers"]) < cfg["num_workers"]:
+        log(f"DataLoader workers: {data['workers']} per rank (num_workers={cfg['num_workers']} is more than this "
+            f"rank's share of the CPU cores)")
+    it = None if cfg["analyse"] else train(cfg, model, data, ckpt, d, ctx, log, compiled, sched)
+    if it is not None and it < sched[1]:
+        log(f"stopped at step {it} of {sched[1]}: continue with --init_from=resume; python fanin.py {out} analyses "
+            f"it, and python resnet.py --out_dir={out} --analyse=True measures these weights' importance")
+    if cfg["analyse"] or (it == sched[1] and cfg["importance"]):
         base, accs = block_importance(model, data, cfg, dev, ctx, d.world, d.rank, log)
         if d.master:
             write_importance(out, base, accs, log)

@@ -152,7 +152,7 @@ def test_bench(tmp_path, capsys, monkeypatch):
 
 def test_resnet(tmp_path, capsys):
     base = ["--dataset=synthetic", "--width=4", "--image_size=8", "--n_synthetic=32", "--batch_size=16",
-            "--eval_batch_size=32", "--epochs=1", "--device=cpu", "--importance=False"]
+            "--eval_batch_size=32", "--epochs=1", "--warmup_epochs=0.5", "--device=cpu", "--importance=False"]
     out = str(tmp_path / "rn")
     resnet.main(base + [f"--out_dir={out}"])
     before = digest(out)
