@@ -70,15 +70,17 @@ def shard(model, d, dtype, compile):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(d.device_type, (d.world,))
     bf16 = dtype == "bfloat16"
+    # bf16: the blocks' parameters gathered in bf16 (autocast would cast them for their matmuls anyway),
+    # gradients reduced in fp32; inputs left as they are, so the residual stream and RoPE tables stay fp32
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                  reduce_dtype=torch.float32 if bf16 else None)
+                                  reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
     for i, block in enumerate(model.blocks):
         if compile:
             block = torch.compile(block, fullgraph=True)
         # a repeated block (virtual depth) stays gathered between its repeats
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=model.repeats[i] == 1)
         model.blocks[i] = block
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh)   # the root: embedding, final norm, head in fp32, as under autocast
     return model
 
 

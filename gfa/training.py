@@ -8,11 +8,11 @@ all-reduce combines the ranks.
 import gc
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from gfa.cli import UserError
 from gfa.device import pick_device
@@ -144,15 +144,22 @@ def teardown(d):
 
 
 # ---- the optimizer step -----------------------------------------------------------------------------
+def is_sharded(t):
+    """Is t a DTensor (FSDP2's parameters and gradients)? Asked only once something has imported
+    DTensor: the import costs ~0.7 s, which a script that shards nothing should not pay."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
 def local_shard(t):
-    """The part of t this rank holds: a DTensor's local shard (FSDP2's parameters and gradients,
-    possibly empty), else t itself. In-place changes to it change t."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    """The part of t this rank holds: a DTensor's local shard (possibly empty), else t itself.
+    In-place changes to it change t."""
+    return t.to_local() if is_sharded(t) else t
 
 
 def shard_group(tensors):
     """The process group over which tensors are sharded (FSDP2's 1D mesh), or None if they are not."""
-    sharded = [t for t in tensors if isinstance(t, DTensor)]
+    sharded = [t for t in tensors if is_sharded(t)]
     return sharded[0].device_mesh.get_group() if sharded else None
 
 
