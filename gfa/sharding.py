@@ -33,12 +33,9 @@ from gfa.training import on_master, setup_distributed
 MODES = ("ddp", "fsdp")
 
 
-def check(parallel, activation_checkpointing):
-    """One-line errors for the parallel settings."""
+def check(parallel):
     if parallel not in MODES:
         raise UserError(f"parallel={parallel!r}: use 'ddp' (every rank holds the whole model) or 'fsdp' (sharded)")
-    if activation_checkpointing not in (True, False):
-        raise UserError(f"activation_checkpointing={activation_checkpointing!r}: use True or False")
 
 
 def setup(parallel, device):
@@ -74,6 +71,8 @@ def shard(model, d, dtype, compile):
     # gradients reduced in fp32; inputs left as they are, so the residual stream and RoPE tables stay fp32
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                   reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
+    if compile:   # a graph per distinct block shape (a tapered model: one per layer), in train and in eval mode
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(model.blocks) + 8)
     for i, block in enumerate(model.blocks):
         if compile:
             block = torch.compile(block, fullgraph=True)

@@ -357,6 +357,9 @@ def test_fsdp_resume_is_exact_and_checkpoints_are_sharded(tmp_path, capsys):
     msg = one_line_error(train.main, [*TINY, *fsdp, f"--out_dir={out_b}", "--init_from=resume", "--parallel=ddp",
                                       "--max_iters=6", "--allow_changes=max_iters"], capsys)
     assert "a sharded checkpoint: resume it with --parallel=fsdp" in msg
+    for bad, words in [("--parallel=zero", "parallel='zero': use 'ddp'"),
+                       ("--activation_checkpointing=1", "activation_checkpointing=1 has type int")]:
+        assert words in one_line_error(train.main, [*TINY, f"--out_dir={tmp_path / 'x'}", bad], capsys)
     import shutil
     shutil.rmtree(os.path.join(out_b, rundir.SHARDED))
     with pytest.raises(rundir.UserError, match="missing or incomplete"):
@@ -371,3 +374,20 @@ def test_fsdp_bf16_keeps_the_numbers_of_autocast(tmp_path):
     assert fsdp["loss"][0] == plain["loss"][0]   # the first forward: the same bf16 matmuls
     for s in plain["loss"]:
         assert fsdp["loss"][s] == pytest.approx(plain["loss"][s], abs=2e-3)
+
+
+@pytest.mark.gpu
+def test_fsdp_on_a_gpu_compiled_bf16_checkpointed(tmp_path):
+    """What CPUs cannot check: FSDP on CUDA (an NCCL group of one; fully_shard moves the shards to the GPU),
+    compiled per block, bf16 gathering, activation checkpointing: close to the plain compiled bf16 run, and
+    a resume continues it."""
+    gpu = ["--device=cuda", "--compile=True", "--dtype=bfloat16", "--max_iters=4", "--eval_interval=2"]
+    plain, _ = run(tmp_path, "plain", *gpu)
+    fsdp = [*gpu, "--parallel=fsdp", "--activation_checkpointing=True"]
+    full, out_a = run(tmp_path, "a", *fsdp)
+    part, out_b = run(tmp_path, "b", *fsdp, "--stop_iter=2")
+    rest, _ = run(tmp_path, "b", *fsdp, "--init_from=resume")
+    for s, loss in plain["loss"].items():
+        assert full["loss"][s] == pytest.approx(loss, abs=5e-3)
+        assert (part["loss"] | rest["loss"])[s] == pytest.approx(full["loss"][s], abs=1e-4)
+    np.testing.assert_allclose(load_grad_dump(out_b)["norms"], load_grad_dump(out_a)["norms"], rtol=1e-3)
