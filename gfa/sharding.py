@@ -6,13 +6,13 @@ Sharded data parallelism for train.py (parallel='fsdp'): PyTorch's FSDP2 (fully_
     torchrun --nproc_per_node=8 train.py config/cascade_a2.py --parallel=fsdp
     python train.py config/demo.py --parallel=fsdp          # one process: a process group of one
 
-shard() wraps each block (activation checkpointing if asked, then torch.compile, then
-fully_shard: the order torchtitan uses, so the compiled graph holds no collectives), then the
-root (embedding, final norm, head). With dtype=bfloat16 the blocks' parameters are gathered in
-bf16 and gradients reduced in fp32 (MixedPrecisionPolicy); the sharded master weights and the
-optimizer state stay fp32, and autocast still keeps the ops it keeps in fp32 there. Every rank
-initialises the whole model from the seed (the same weights as one process or DDP) on the CPU,
-and fully_shard moves only its own shards to the GPU.
+shard() wraps each block (after checkpoint_blocks() when activation checkpointing is on: then
+torch.compile, then fully_shard, the order torchtitan uses, so the compiled graphs hold no
+collectives), then the root (embedding, final norm, head). With dtype=bfloat16 the blocks'
+parameters are gathered in bf16 and gradients reduced in fp32 (MixedPrecisionPolicy); the root,
+the sharded master weights and the optimizer state stay fp32, and so does the residual stream,
+as under DDP's autocast. Every rank initialises the whole model from the seed (the same weights
+as one process or DDP) on the CPU, and fully_shard moves only its own shards to the GPU.
 
 The gradient-norm dump and norm equalisation work on the sharded gradients: gfa.training sums
 the squares of each rank's shards and all-reduces them, one collective and no host sync, so the
@@ -92,7 +92,7 @@ def state(model, optimizer):
 
 def save(run, d, model, optimizer, train_config, iter_num, **extra):
     """A sharded checkpoint (collective: every rank calls it): each rank writes its shards, then
-    rank 0 commits ckpt.pt (gfa.rundir.save_sharded_checkpoint); a failure is a UserError on every rank."""
+    rank 0 commits them by writing ckpt.pt; a failure is a UserError on every rank."""
     box = [uuid.uuid4().hex]
     dist.broadcast_object_list(box, src=0)   # one folder name for all ranks
     rundir.write_shards(run, box[0], state(model, optimizer))
