@@ -8,6 +8,7 @@ Latency, throughput and TFLOP/s of the paper's models (Table 2), decode speed, t
     python bench.py --mode decode --prompt_len 128 --new_tokens 128
     python bench.py --mode train vanilla_16l --batch 8      # optimizer steps, MFU, grad-norm dump overhead
     python bench.py --mode train vanilla_16l --hf           # ... and HF LlamaForCausalLM's step, same run
+    python bench.py --mode train vanilla_16l --fsdp         # ... and the step under FSDP (train.py --parallel=fsdp)
     python bench.py tiny/vanilla_16l --device cpu --runs 5  # CPU, tiny configs (tests)
 
 Configs are variant names under config/ (vanilla_16l, cascade_a2: the paper's 1.2B scale),
@@ -40,12 +41,12 @@ from datetime import datetime, timezone
 
 import torch
 
-from gfa import rundir
+from gfa import rundir, sharding
 from gfa.benchmark import (CpuEvent, build, build_hf, compiled, cost_tflop, first_call, free, item_params, one_line,
                            profile, resolve, set_dtype, stats, sync, time_calls, uniform, uses_cudagraphs)
 from gfa.cli import ArgumentParser, UserError, cli
 from gfa.device import autocast_for, peak_flops, pick_device
-from gfa.training import GradStep, adamw, clip_coef, scaled_step
+from gfa.training import GradStep, adamw, clip_coef, scaled_step, teardown
 from model import GPT, cross_entropy
 TABLE2 = ["vanilla_16l", "vanilla_15l", "vanilla_14l", "vanilla_13l", "vanilla_12l",
           "cascade_a1", "cascade_a2", "cascade_f1", "cascade_f2", "cascade_c1", "cascade_c2"]
@@ -364,7 +365,38 @@ def train_row(item, dtype, args, device):
         row["error"] = one_line(e)
         return [row]
     free()
-    return [row] + ([hf_train_row(model, x, y, ctx, row, args, device)] if args.hf else [])
+    return ([row] + ([hf_train_row(model, x, y, ctx, row, args, device)] if args.hf else [])
+            + ([fsdp_train_row(item, x, y, ctx, row, args, device)] if args.fsdp else []))
+
+
+def fsdp_train_row(item, x, y, ctx, ours, args, device):
+    """The same model and step under train.py's parallel=fsdp (gfa.sharding over a process group of one:
+    compiled per block, bf16 gathering), timed as our dump step (train.py's), against which it is reported."""
+    row = {k: ours[k] for k in ("config", "dtype", "batch", "seq", "tokens", "params", "flops_per_token_fwd")}
+    row.update(model=f"{ours['model']} FSDP", impl="ours-fsdp")
+    d = sharding.setup("fsdp", args.device)
+    try:
+        torch.manual_seed(args.seed)
+        _, model = build(item, torch.device("cpu"), args.seq)   # fully_shard moves each shard to the device
+        model.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sharding.shard(model, d, ours["dtype"], compile=args.compile != "none")
+        make = train_steps(model, lambda m: m(x, y)[1], ctx, args, device)
+        _, times, row["compile_s"], row["note"] = time_train_variants(
+            lambda mode, fullgraph: make("none", fullgraph),   # compiled per block by shard()
+            ["dump"], f"{ours['model']} FSDP train ({ours['dtype']})", args, device)
+        row["dump"] = step_stats(times["dump"], ours["tokens"], ours["flops_per_token_fwd"],
+                                 peak_flops(device, ours["dtype"]))
+        row["dump"]["overhead_pct"] = 100 * (row["dump"]["ms_step"] / ours["dump"]["ms_step"] - 1)
+        if device.type == "cuda":
+            row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    except Exception as e:
+        traceback.print_exc()
+        row["error"] = one_line(e)
+    finally:
+        teardown(d)
+    return row
 
 
 def hf_train_row(model, x, y, ctx, ours, args, device):
@@ -401,10 +433,10 @@ def hf_train_row(model, x, y, ctx, ours, args, device):
 
 
 def train_markdown(rows, ref):
-    lines = ["| model | dtype | batch x seq | variant | ms/step | IQR ms | tok/s | MFU | dump overhead | peak mem GB |",
+    lines = ["| model | dtype | batch x seq | variant | ms/step | IQR ms | tok/s | MFU | overhead % | peak mem GB |",
              "|" + "---|" * 10]
-    for r in rows:
-        if "nodump" not in r:
+    for r in rows:   # overhead: vs the model's nodump step; an FSDP row's dump step vs our (DDP-path) dump step
+        if not any(v in r for v in ("nodump", "dump")):
             lines.append(f"| {r['model']} | {r['dtype']} | | {r.get('error', 'not run')} | | | | | | |")
             continue
         for v in ("nodump", "dump", "dump_clip"):
@@ -446,6 +478,8 @@ def parse(argv):
                    "other, idle between kernels) and the top kernels of a few extra runs")
     p.add_argument("--hf", action="store_true", help="also time HF LlamaForCausalLM for each uniform config (inference: "
                    "the forward; train: the same training step)")
+    p.add_argument("--fsdp", action="store_true", help="train: also time the step under train.py's parallel=fsdp "
+                   "(one process, compiled per block); its overhead is against our dump step")
     p.add_argument("--device", default="", help="default cuda when available, else cpu")
     p.add_argument("--out", default=None, help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--cache_dir", default=None, help="inductor + triton on-disk cache (default: torch's)")
@@ -554,10 +588,10 @@ def run_all(args, device, run_one, rows, report):
             rows += new
             report()
             for r in new:
-                if "median_ms" in r or "ms_per_token" in r or "nodump" in r:
+                if "median_ms" in r or "ms_per_token" in r or "dump" in r or "nodump" in r:
                     summary = (f"{r['median_ms']:.2f} ms" if "median_ms" in r else
                                f"{r['ms_per_token']:.3f} ms/token" if "ms_per_token" in r else
-                               f"{r['nodump']['ms_step']:.1f} ms/step")
+                               f"{r.get('nodump', r.get('dump'))['ms_step']:.1f} ms/step")
                     print(f"  {r['model']} ({dtype}): {summary}", flush=True)
 
 if __name__ == "__main__":

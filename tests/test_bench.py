@@ -90,3 +90,13 @@ def test_train_mode_times_hf_llama_the_same_way(tmp_path):
     assert ours["speedup_vs_hf"] == pytest.approx(hf["nodump"]["ms_step"] / ours["nodump"]["ms_step"])
     md = out.with_suffix(".md").read_text()
     assert "HF-Llama (tiny/Vanilla-8L) | float32 | 1 x 16 | nodump" in md and "faster than HF LlamaForCausalLM" in md
+
+
+def test_train_mode_times_the_fsdp_step():
+    """--fsdp: the same step under train.py's parallel=fsdp (a process group of one), against our dump step."""
+    rows = bench.main(["tiny/vanilla_8l", "--mode", "train", "--device", "cpu", "--dtype", "float32", "--fsdp",
+                       "--batch", "1", "--seq", "16", "--warmup", "0", "--runs", "2", "--rounds", "1"])
+    ours, fsdp = rows
+    assert fsdp["impl"] == "ours-fsdp" and "error" not in fsdp, fsdp
+    assert fsdp["dump"]["overhead_pct"] == pytest.approx(100 * (fsdp["dump"]["ms_step"] / ours["dump"]["ms_step"] - 1))
+    assert not torch.distributed.is_initialized()   # its group of one is gone
