@@ -212,7 +212,8 @@ def main(argv):
     del ckpt
     compiled = use_compile(cfg["compile"], d.device_type)
     model = raw_model
-    if compiled and not d.sharded:   # fullgraph: the forward is one graph (layer loops unroll); a graph break would be a bug
+    if compiled and not d.sharded:   # (FSDP compiled each block in build)
+        # fullgraph: the forward is one graph (layer loops unroll); a graph break would be a bug
         model = torch.compile(model, fullgraph=not model_cfg.deep_supervision)
     eval_model = model
     if d.ddp and not d.sharded:
