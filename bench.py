@@ -7,6 +7,8 @@ Latency, throughput and TFLOP/s of the paper's models (Table 2), decode speed, t
     python bench.py --compile max-autotune           # the paper's exact protocol (slow to compile)
     python bench.py --mode decode --prompt_len 128 --new_tokens 128
     python bench.py --mode train vanilla_16l --batch 8      # optimizer steps, MFU, grad-norm dump overhead
+    python bench.py --mode train vanilla_16l --hf           # ... and HF LlamaForCausalLM's step, same run
+    python bench.py --mode train vanilla_16l --fsdp         # ... and the step under FSDP (train.py --parallel=fsdp)
     python bench.py tiny/vanilla_16l --device cpu --runs 5  # CPU, tiny configs (tests)
 
 Configs are variant names under config/ (vanilla_16l, cascade_a2: the paper's 1.2B scale),
@@ -39,12 +41,13 @@ from datetime import datetime, timezone
 
 import torch
 
-from gfa import rundir
+from gfa import rundir, sharding
 from gfa.benchmark import (CpuEvent, build, build_hf, compiled, cost_tflop, first_call, free, item_params, one_line,
                            profile, resolve, set_dtype, stats, sync, time_calls, uniform, uses_cudagraphs)
 from gfa.cli import ArgumentParser, UserError, cli
 from gfa.device import autocast_for, peak_flops, pick_device
-from gfa.training import GradStep, adamw, clip_coef, scaled_step
+from gfa.training import GradStep, adamw, clip_coef, scaled_step, teardown
+from model import GPT, cross_entropy
 TABLE2 = ["vanilla_16l", "vanilla_15l", "vanilla_14l", "vanilla_13l", "vanilla_12l",
           "cascade_a1", "cascade_a2", "cascade_f1", "cascade_f2", "cascade_c1", "cascade_c2"]
 PAPER = {"latency": -8.6, "throughput": 9.4}   # A2 vs Vanilla-15L, Table 2
@@ -181,7 +184,12 @@ def inference_markdown(rows, ref):
 def headlines(rows):
     out = []
     for r in rows:
-        if r.get("speedup_vs_hf"):
+        if r.get("speedup_vs_hf") and "nodump" in r:   # a training step
+            s = r["nodump"]
+            out.append(f"{r['model']} train ({r['dtype']}): {s['ms_step']:.1f} ms/step" + (
+                f", MFU {s['mfu_pct']:.1f} %" if s["mfu_pct"] else "") + f"; {r['speedup_vs_hf']:.2f}x faster than "
+                f"HF LlamaForCausalLM (the same step)")
+        elif r.get("speedup_vs_hf"):
             out.append(f"{r['model']} ({r['dtype']}): {r['median_ms']:.2f} ms, {r['tflops_with_attention']:.0f} "
                        f"TFLOP/s incl. attn; {r['speedup_vs_hf']:.2f}x faster than HF LlamaForCausalLM")
         if r.get("note"):
@@ -267,16 +275,17 @@ def decode_markdown(rows, ref):
 
 
 # ---- training ---------------------------------------------------------------------------------
-def train_steps(model, x, y, ctx, args, device):
+def train_steps(model, loss_of, ctx, args, device):
     """make(mode, fullgraph) -> step(variant): one full optimizer step (fwd+bwd, grad clip, fused
-    AdamW) in one of three variants. dump: train.py's own code path (gfa.training.GradStep:
-    per-layer norms, recorded, the clip's total taken from them); nodump: one total-norm pass
-    instead; dump_clip: the dump plus that separate total-norm pass (what the dump would cost
-    without the reuse). All clip through gfa.training.scaled_step."""
+    AdamW) in one of three variants; loss_of(compiled model) is the forward and loss. dump:
+    train.py's own code path (gfa.training.GradStep: per-layer norms, recorded, the clip's total
+    taken from them); nodump: one total-norm pass instead; dump_clip: the dump plus that separate
+    total-norm pass (what the dump would cost without the reuse). All clip through
+    gfa.training.scaled_step. A model without per-layer groups (HF Llama) has nodump only."""
     opt = adamw(model.parameters(), 2e-4, (0.9, 0.95), 0.1, fused=device.type == "cuda")
-    grad_step = GradStep(model.param_groups_by_layer(), opt, args.grad_clip)
-    params = grad_step.params
-    dump = rundir.GradNormDump(grad_step.norms.names, path=None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_step = GradStep(model.param_groups_by_layer(), opt, args.grad_clip) if isinstance(model, GPT) else None
+    dump = rundir.GradNormDump(grad_step.norms.names, path=None) if grad_step else None
     n_step = [0]
 
     def make(mode, fullgraph):
@@ -284,7 +293,7 @@ def train_steps(model, x, y, ctx, args, device):
 
         def step(variant="nodump"):
             with ctx:
-                _, loss = m(x, y)
+                loss = loss_of(m)
             loss.backward()
             if variant == "dump":
                 dump.record(n_step[0], grad_step()[0])
@@ -302,6 +311,26 @@ def train_steps(model, x, y, ctx, args, device):
     return make
 
 
+def time_train_variants(make, variants, label, args, device):
+    """Compile, then time the step variants interleaved in args.rounds rounds (drift hits all alike)."""
+    step, compile_s, note = first_call(make, args.compile, not args.no_fullgraph, label)
+    times = {v: [] for v in variants}
+    per_round = max(1, args.runs // args.rounds)
+    for v in variants:
+        time_calls(lambda: step(v), args.warmup, 0, device, uses_cudagraphs(args.compile))
+    for r in range(args.rounds):
+        for v in variants:
+            times[v] += time_calls(lambda: step(v), 0, per_round, device, uses_cudagraphs(args.compile))
+    return step, times, compile_s, note
+
+
+def step_stats(ms, tokens, flops_per_token, peak):
+    st = stats(ms)
+    tok_s = tokens / (st["median_ms"] / 1e3)
+    return {"ms_step": st["median_ms"], "iqr_ms": st["iqr_ms"], "n": st["n"], "tok_s": tok_s,
+            "mfu_pct": 100 * 3 * flops_per_token * tok_s / peak if peak else None}
+
+
 def train_row(item, dtype, args, device):
     """The three train_steps variants, interleaved in rounds in one process so drift hits all alike."""
     B, T = args.batch, args.seq
@@ -313,27 +342,19 @@ def train_row(item, dtype, args, device):
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(1, model.config.vocab_size, (B, T), generator=g).to(device)
     y = torch.randint(1, model.config.vocab_size, (B, T), generator=g).to(device)
+    peak = peak_flops(device, dtype)
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        make = train_steps(model, x, y, ctx, args, device)
-        step, row["compile_s"], row["note"] = first_call(make, args.compile, not args.no_fullgraph, f"{name} train ({dtype})")
+        make = train_steps(model, lambda m: m(x, y)[1], ctx, args, device)
         variants = ["nodump", "dump", "dump_clip"]
-        times = {v: [] for v in variants}
-        per_round = max(1, args.runs // args.rounds)
-        for v in variants:
-            time_calls(lambda: step(v), args.warmup, 0, device, uses_cudagraphs(args.compile))
-        for r in range(args.rounds):
-            for v in variants:
-                times[v] += time_calls(lambda: step(v), 0, per_round, device, uses_cudagraphs(args.compile))
-        peak = peak_flops(device, dtype)
+        step, times, row["compile_s"], row["note"] = time_train_variants(make, variants, f"{name} train ({dtype})",
+                                                                         args, device)
         if args.profile:
             profile(lambda: step("dump"), f"{name} train ({dtype})", device, args.out, n=2)
+        del make, step   # the optimizer state goes before HF Llama's comes
         for v in variants:
-            st = stats(times[v])
-            tok_s = B * T / (st["median_ms"] / 1e3)
-            row[v] = {"ms_step": st["median_ms"], "iqr_ms": st["iqr_ms"], "n": st["n"], "tok_s": tok_s,
-                      "mfu_pct": 100 * 3 * row["flops_per_token_fwd"] * tok_s / peak if peak else None}
+            row[v] = step_stats(times[v], B * T, row["flops_per_token_fwd"], peak)
         base = row["nodump"]["ms_step"]
         for v in variants[1:]:
             row[v]["overhead_pct"] = 100 * (row[v]["ms_step"] / base - 1)
@@ -342,14 +363,80 @@ def train_row(item, dtype, args, device):
     except Exception as e:
         traceback.print_exc()
         row["error"] = one_line(e)
-    return [row]
+        return [row]
+    free()
+    return ([row] + ([hf_train_row(model, x, y, ctx, row, args, device)] if args.hf else [])
+            + ([fsdp_train_row(item, x, y, ctx, row, args, device)] if args.fsdp else []))
+
+
+def fsdp_train_row(item, x, y, ctx, ours, args, device):
+    """The same model and step under train.py's parallel=fsdp (gfa.sharding over a process group of one:
+    compiled per block, bf16 gathering), timed as our dump step (train.py's), against which it is reported."""
+    row = {k: ours[k] for k in ("config", "dtype", "batch", "seq", "tokens", "params", "flops_per_token_fwd")}
+    row.update(model=f"{ours['model']} FSDP", impl="ours-fsdp")
+    d = sharding.setup("fsdp", args.device)
+    try:
+        torch.manual_seed(args.seed)
+        _, model = build(item, torch.device("cpu"), args.seq)   # fully_shard moves each shard to the device
+        model.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sharding.shard(model, d, ours["dtype"], compile=args.compile != "none")
+        make = train_steps(model, lambda m: m(x, y)[1], ctx, args, device)
+        _, times, row["compile_s"], row["note"] = time_train_variants(
+            lambda mode, fullgraph: make("none", fullgraph),   # compiled per block by shard()
+            ["dump"], f"{ours['model']} FSDP train ({ours['dtype']})", args, device)
+        row["dump"] = step_stats(times["dump"], ours["tokens"], ours["flops_per_token_fwd"],
+                                 peak_flops(device, ours["dtype"]))
+        row["dump"]["overhead_pct"] = 100 * (row["dump"]["ms_step"] / ours["dump"]["ms_step"] - 1)
+        if device.type == "cuda":
+            row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    except Exception as e:
+        traceback.print_exc()
+        row["error"] = one_line(e)
+    finally:
+        teardown(d)
+    return row
+
+
+def hf_train_row(model, x, y, ctx, ours, args, device):
+    """HF LlamaForCausalLM with the same config, its training step timed as our nodump step: the
+    same batch, the same loss (model.cross_entropy over every position), compile, fused AdamW, clip."""
+    row = {k: ours[k] for k in ("config", "dtype", "batch", "seq", "tokens", "flops_per_token_fwd")}
+    row.update(model=f"HF-Llama ({pretty(ours['config'])})", impl="hf-llama")
+    try:
+        if not uniform(model):
+            raise UserError("HF Llama has one width for all layers; this config is tapered")
+        hf = build_hf(model, device)
+        try:
+            hf.train()
+            row["params"] = sum(p.numel() for p in hf.parameters())
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            make = train_steps(hf, lambda m: cross_entropy(m(input_ids=x, use_cache=False).logits, y), ctx, args, device)
+            _, times, row["compile_s"], row["note"] = time_train_variants(
+                make, ["nodump"], f"HF Llama {ours['config']} train ({ours['dtype']})", args, device)
+            row["nodump"] = step_stats(times["nodump"], ours["tokens"], ours["flops_per_token_fwd"],
+                                       peak_flops(device, ours["dtype"]))
+            ours["speedup_vs_hf"] = row["nodump"]["ms_step"] / ours["nodump"]["ms_step"]
+            if device.type == "cuda":
+                row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            import transformers
+            row["transformers"] = transformers.__version__
+        finally:
+            del hf
+            free()
+    except Exception as e:
+        row["error"] = one_line(e)
+        print(f"HF Llama {ours['config']} train ({ours['dtype']}): {row['error']}", flush=True)
+    return row
 
 
 def train_markdown(rows, ref):
-    lines = ["| model | dtype | batch x seq | variant | ms/step | IQR ms | tok/s | MFU | dump overhead | peak mem GB |",
+    lines = ["| model | dtype | batch x seq | variant | ms/step | IQR ms | tok/s | MFU | overhead % | peak mem GB |",
              "|" + "---|" * 10]
-    for r in rows:
-        if "nodump" not in r:
+    for r in rows:   # overhead: vs the model's nodump step; an FSDP row's dump step vs our (DDP-path) dump step
+        if not any(v in r for v in ("nodump", "dump")):
             lines.append(f"| {r['model']} | {r['dtype']} | | {r.get('error', 'not run')} | | | | | | |")
             continue
         for v in ("nodump", "dump", "dump_clip"):
@@ -389,7 +476,10 @@ def parse(argv):
                    help="inference/train: allow only this SDPA backend (auto: PyTorch's choice)")
     p.add_argument("--profile", action="store_true", help="CUDA: kernel time per call by kind (matmul, attention, "
                    "other, idle between kernels) and the top kernels of a few extra runs")
-    p.add_argument("--hf", action="store_true", help="also time HF LlamaForCausalLM for each uniform config")
+    p.add_argument("--hf", action="store_true", help="also time HF LlamaForCausalLM for each uniform config (inference: "
+                   "the forward; train: the same training step)")
+    p.add_argument("--fsdp", action="store_true", help="train: also time the step under train.py's parallel=fsdp "
+                   "(one process, compiled per block); its overhead is against our dump step")
     p.add_argument("--device", default="", help="default cuda when available, else cpu")
     p.add_argument("--out", default=None, help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--cache_dir", default=None, help="inductor + triton on-disk cache (default: torch's)")
@@ -449,7 +539,7 @@ def main(argv):
         if args.mode == "inference":
             finish_rows(rows, args.ref, device)
         md = table(rows, args.ref)
-        notes = headlines(rows) if args.mode == "inference" else []
+        notes = headlines(rows)
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             header = (f"{args.mode} on {dev_name}, torch {torch.__version__}, {meta['date']}\n\n"
@@ -498,10 +588,10 @@ def run_all(args, device, run_one, rows, report):
             rows += new
             report()
             for r in new:
-                if "median_ms" in r or "ms_per_token" in r or "nodump" in r:
+                if "median_ms" in r or "ms_per_token" in r or "dump" in r or "nodump" in r:
                     summary = (f"{r['median_ms']:.2f} ms" if "median_ms" in r else
                                f"{r['ms_per_token']:.3f} ms/token" if "ms_per_token" in r else
-                               f"{r['nodump']['ms_step']:.1f} ms/step")
+                               f"{r.get('nodump', r.get('dump'))['ms_step']:.1f} ms/step")
                     print(f"  {r['model']} ({dtype}): {summary}", flush=True)
 
 if __name__ == "__main__":

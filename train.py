@@ -5,6 +5,7 @@ Train a CascadeFormer / GFA model and dump its per-layer gradient norms.
     python train.py config/small.py config/cascade_a2.py           # a scale, then a variant: one GPU
     python train.py config/cascade_a2.py --batch_size=8 --max_iters=100
     torchrun --nproc_per_node=8 train.py config/cascade_a2.py      # DDP on one node
+    torchrun --nproc_per_node=8 train.py config/cascade_a2.py --parallel=fsdp   # sharded (FSDP2, gfa/sharding.py)
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 train.py \
         config/cascade_a2.py                                       # ... and node_rank=1 on the second node
 
@@ -16,6 +17,10 @@ out_dir defaults to out/<the config files' names joined by _>, e.g. out/small_ca
 Writes the run directory out_dir (gfa/rundir.py documents it): model_config.json, ckpt.pt
 (atomic, at every eval), grad_norms.npz (rewritten at every log interval), log.txt.
 init_from='resume' continues a run exactly where its checkpoint left it.
+
+parallel='fsdp' shards parameters, gradients and optimizer state over the ranks (FSDP2,
+gfa/sharding.py) instead of holding the whole model on each (DDP); its checkpoints are sharded
+(torch.distributed.checkpoint, <out_dir>/ckpt_sharded/) and resume on any number of ranks.
 
 Norm equalisation (Appendix A.2.2, equalize=True): after backward each transformer layer's
 gradient is rescaled to the largest layer norm (gfa.training.GradStep), then clipping uses
@@ -39,13 +44,14 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gfa import rundir
+from gfa import rundir, sharding
 from gfa.cli import UserError, cli, config_name, read_config
 from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
 from gfa.device import DTYPES, autocast_for, peak_flops
 from gfa.evaluation import evaluate
 from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_optimizer_settings, check_resume,
-                          check_weights, cosine_lr, on_master, set_lr, setup_distributed, teardown, use_compile)
+                          check_weights, copy_weights, cosine_lr, on_master, restore_weights, set_lr, teardown,
+                          use_compile)
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -75,6 +81,8 @@ equalize_reference = ""        # a standard run to take the standard maximum fro
 dtype = "float32"              # 'float32' (paper), 'tf32', 'bfloat16' (autocast)
 device = ""                    # '' = cuda if available, else cpu
 compile = None                 # None = on for cuda, off for cpu
+parallel = "ddp"               # with torchrun: 'ddp' (whole model on every rank) or 'fsdp' (sharded, FSDP2)
+activation_checkpointing = False  # recompute each block's activations in backward (less memory, ~1/3 more compute)
 eval_interval = 1000           # steps between held-out evaluations (and checkpoints)
 eval_iters = 20                # batches of the fixed held-out set
 eval_batch_size = 8            # fixed, so val losses compare across batch sizes and world sizes
@@ -89,6 +97,7 @@ _DEFAULTS = {k: v for k, v in globals().items() if k not in _before and not k.st
 _FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "allow_changes", "device", "compile", "eval_interval",
                    "eval_iters", "eval_batch_size", "log_interval", "always_save_checkpoint", "stop_iter",
                    "gradient_accumulation_steps", "wandb_log", "wandb_project", "wandb_run_name",
+                   "parallel", "activation_checkpointing",
                    "equalize_reference", "equalize_pilot_iters"}   # a resume reuses the recorded clip factor
 
 
@@ -129,9 +138,12 @@ def read_resume(cfg, model_cfg):
                         + ("the run stopped before its first checkpoint: start it again with --overwrite=True)"
                            if unfinished else "train with init_from='scratch' first)"))
     ckpt = rundir.read_checkpoint(run)
-    if "optimizer" not in ckpt:
+    if "optimizer" not in ckpt and "sharded" not in ckpt:
         raise UserError(f"{run}/ckpt.pt holds no optimizer state (a model written by prune.py --save_pruned?): "
                         f"it cannot be resumed")
+    if ("sharded" in ckpt) != (cfg["parallel"] == "fsdp"):
+        raise UserError(f"{run}/ckpt.pt is " + ("a sharded checkpoint: resume it with --parallel=fsdp (any number of "
+                        "ranks)" if "sharded" in ckpt else "not sharded: resume it with --parallel=ddp"))
     _, have = rundir.read_model_config(run)
     want = asdict(model_cfg)
     diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
@@ -144,12 +156,18 @@ def read_resume(cfg, model_cfg):
 
 
 def build(cfg, model_cfg, d, ckpt):
-    """Model, optimizer, the step after backward, the gradient dump; restored from ckpt if given."""
+    """Model, optimizer, the step after backward, the gradient dump; restored from ckpt if given.
+    parallel='fsdp': the model is sharded (and compiled per block) here, before the optimizer."""
     torch.manual_seed(cfg["seed"])   # same init on every rank (DDP broadcasts rank 0's anyway)
     model = GPT(model_cfg)
-    if ckpt is not None:
+    if ckpt is not None and not d.sharded:
         model.load_state_dict(ckpt["model"])
-    model.to(d.device)
+    if cfg["activation_checkpointing"]:
+        sharding.checkpoint_blocks(model)
+    if d.sharded:
+        sharding.shard(model, d, cfg["dtype"], use_compile(cfg["compile"], d.device_type))
+    else:
+        model.to(d.device)
     optimizer = adamw(model.parameters(), cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), cfg["weight_decay"],
                       fused=d.device_type == "cuda")
     clip = cfg["grad_clip"] * ((cfg["equalize_clip_factor"] or 1.0) if cfg["equalize"] else 1.0)   # 0: derived later
@@ -157,7 +175,10 @@ def build(cfg, model_cfg, d, ckpt):
     dump = rundir.GradNormDump(step.norms.names, rundir.file(cfg["out_dir"], rundir.GRAD_DUMP), cfg["equalize"])
     iter_num, best_val = 0, float("inf")
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if d.sharded:
+            sharding.load(cfg["out_dir"], ckpt, model, optimizer)
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
         dump.load_state_dict(ckpt["grad_dump"], before_step=iter_num)
         # no RNG state to restore: batches come from (seed, step), and nothing else draws
@@ -172,7 +193,8 @@ def main(argv):
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("out", config_name(argv))
     model_cfg = GPTConfig.from_dict(cfg)
     train_cfg = {k: cfg[k] for k in _DEFAULTS}   # the model's keys live in model_config.json only
-    d = setup_distributed(cfg["device"])
+    sharding.check(cfg["parallel"])   # before it starts a process group
+    d = sharding.setup(cfg["parallel"], cfg["device"])
     micro = check_settings(cfg, d.world)
     if d.local_rank == 0:   # the embedded Shakespeare is prepared on first use, so a fresh clone runs
         prepare_builtin(cfg["dataset"], cfg["data_dir"])
@@ -190,10 +212,11 @@ def main(argv):
     del ckpt
     compiled = use_compile(cfg["compile"], d.device_type)
     model = raw_model
-    if compiled:   # fullgraph: the forward is one graph (layer loops unroll); a graph break would be a bug
+    if compiled and not d.sharded:   # (FSDP compiled each block in build)
+        # fullgraph: the forward is one graph (layer loops unroll); a graph break would be a bug
         model = torch.compile(model, fullgraph=not model_cfg.deep_supervision)
     eval_model = model
-    if d.ddp:
+    if d.ddp and not d.sharded:
         model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None,
                     find_unused_parameters=bool(model_cfg.passthrough))   # passthrough layers get no grad
     log = rundir.Log(cfg["out_dir"], d.master)
@@ -201,7 +224,9 @@ def main(argv):
     data = dataset_dir(cfg["dataset"], cfg["data_dir"])
     log(f"model: {raw_model.num_params():,} params ({raw_model.num_params(False):,} without the embedding), "
         f"{raw_model.flops_per_token(T) / 1e6:,.1f} MFLOP/token forward; data {data}: {len(train_data):,} train tokens")
-    log(f"device {d.device} x {d.world}, dtype {cfg['dtype']}, compile {compiled}; global batch {B} x {T} tokens"
+    log(f"device {d.device} x {d.world}, {'fsdp' if d.sharded else 'ddp' if d.ddp else 'one process'}, dtype "
+        f"{cfg['dtype']}, compile {compiled}" + (", activation checkpointing" if cfg["activation_checkpointing"] else "")
+        + f"; global batch {B} x {T} tokens"
         f" = {micro} per micro-step x {cfg['gradient_accumulation_steps']} accumulation x {d.world} ranks"
         + (f"; resuming at step {iter_num}" if iter_num else ""))
     if cfg["init_from"] == "resume":   # every resume is recorded, with what it was allowed to change
@@ -275,7 +300,7 @@ class Loop:
         steps trained from the current weights with a fresh optimizer, clipped at grad_clip; the
         weights are put back afterwards and nothing is recorded."""
         cfg = self.cfg
-        start = {k: v.to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}
+        start = copy_weights(self.raw_model)
         saved = self.optimizer, self.step, self.dump
         self.optimizer = adamw(self.raw_model.parameters(), cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                cfg["weight_decay"], fused=self.d.device_type == "cuda")
@@ -285,7 +310,7 @@ class Loop:
             totals = torch.stack([self.train_step(train_data, it)[1] for it in range(steps)])
             self.guard.check("a pilot for the equalisation clip factor; nothing saved")
         finally:
-            self.raw_model.load_state_dict(start)
+            restore_weights(self.raw_model, start)
             self.optimizer, self.step, self.dump = saved
         return totals.max().item()
 
@@ -312,6 +337,8 @@ class Loop:
         cfg = self.cfg
         self.guard.check(rundir.kept(cfg["out_dir"]))   # never save a checkpoint of a run that went non-finite
         check_weights(self.raw_model, it, rundir.kept(cfg["out_dir"]))   # an update can blow up the weights
+        if self.d.sharded:   # FSDP: a forward gathers every rank's shards, so every rank evaluates and saves
+            return self._evaluate_and_save(val_data, it, start, best_val)
         best = on_master(self.d, lambda: self._evaluate_and_save(val_data, it, start, best_val))
         return best_val if best is None else best
 
@@ -319,6 +346,10 @@ class Loop:
         cfg = self.cfg
         val = evaluate(self.eval_model, val_data, self.raw_model.config.block_size, cfg["eval_batch_size"],
                        cfg["eval_iters"], self.d.device, self.ctx)
+        if self.d.sharded:   # rank 0's number, so every rank takes the same decisions below
+            box = [val]
+            torch.distributed.broadcast_object_list(box, src=0)
+            val = box[0]
         self.history["val"][it] = val
         self.log(f"step {it} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f}")
         if not math.isfinite(val):
@@ -328,12 +359,21 @@ class Loop:
             self.wandb.log({"step": it, "val/loss": val, "val/ppl": math.exp(min(val, 50))})
         stopping = 0 < cfg["stop_iter"] <= it   # a stop is for resuming: always save
         if it > start and (val < best_val or cfg["always_save_checkpoint"] or stopping):
-            self.dump.flush()
-            extra = {"equalize_clip": self.equalize_clip} if self.equalize_clip else {}
-            rundir.save_checkpoint(cfg["out_dir"], "gpt", self.raw_model.state_dict(), self.train_cfg, it,
-                                   optimizer=self.optimizer.state_dict(), best_val_loss=min(best_val, val),
-                                   grad_dump=self.dump.state_dict(), **extra)
+            self.save(it, min(best_val, val))
         return min(best_val, val)
+
+    def save(self, it, best_val):
+        """The checkpoint: on rank 0 (DDP: all of it there), or sharded, by every rank (FSDP)."""
+        extra = {"equalize_clip": self.equalize_clip} if self.equalize_clip else {}
+        if self.d.master:
+            self.dump.flush()
+            extra |= {"grad_dump": self.dump.state_dict()}   # the dump lives on rank 0
+        if self.d.sharded:
+            sharding.save(self.cfg["out_dir"], self.d, self.raw_model, self.optimizer, self.train_cfg, it,
+                          best_val_loss=best_val, **extra)
+        else:
+            rundir.save_checkpoint(self.cfg["out_dir"], "gpt", self.raw_model.state_dict(), self.train_cfg, it,
+                                   optimizer=self.optimizer.state_dict(), best_val_loss=best_val, **extra)
 
     def train_step(self, train_data, it):
         """One optimizer step over the micro-batches; returns (loss, total gradient norm) on the device."""
@@ -348,7 +388,7 @@ class Loop:
             x, y = x.pin_memory().to(d.device, non_blocking=True), y.pin_memory().to(d.device, non_blocking=True)
         loss_sum = torch.zeros((), device=d.device)
         for m in range(accum):
-            if d.ddp:   # all-reduce only on the last micro-step
+            if isinstance(self.model, DDP):   # all-reduce only on the last micro-step (FSDP reduce-scatters each)
                 self.model.require_backward_grad_sync = m == accum - 1
             with self.ctx:
                 _, loss = self.model(x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro])

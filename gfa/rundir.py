@@ -11,7 +11,13 @@ The run directory: one folder per run, read and written only through this module
                               checkpoints; a pruned model has none), "grad_dump"
                               (GradNormDump.state_dict(), for exact resume), plus the script's own
                               extras: best_val_loss and equalize_clip (train.py), best_val_acc and rng (resnet.py),
-                              pruned_from (prune.py --save_pruned)}
+                              pruned_from (prune.py --save_pruned)}. A sharded checkpoint (train.py
+                              parallel='fsdp') holds "sharded" (a folder name) instead of "model" and
+                              "optimizer": they are in that folder of ckpt_sharded/
+    <run>/ckpt_sharded/<id>/  torch.distributed.checkpoint's files: every rank's shards of "model" and
+                              "optimizer" (write_shards); ckpt.pt names the current folder, older ones
+                              are removed once a newer ckpt.pt is written (so a kill mid-save keeps
+                              the previous checkpoint), and model_state() reads the whole model from it
     <run>/grad_norms.npz      the gradient-norm dump (GradNormDump below)
     <run>/importance.json     per-layer functional importance: fanin.py (LMs: ppl_increase, with
                               the settings and the checkpoint's save_id it was measured with) or
@@ -34,6 +40,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -123,13 +130,14 @@ def atomic_write_text(text, path):
 # what a run's scripts write into its folder: --overwrite removes all of it, so nothing of the
 # replaced run stays beside the new one
 _RUN_OUTPUTS = (CKPT, GRAD_DUMP, OLD_RESNET_CKPT, IMPORTANCE, LOG, "fanin_summary.json", "fig*.png", "*_fig*.png")
+SHARDED = "ckpt_sharded"   # the folder of sharded checkpoints (parallel='fsdp')
 
 
 def start_run(run, kind, config, overwrite=False, write=True):
     """Begin a new run in `run`: refuse a folder that holds another run (its checkpoint or gradient
     dump) unless overwrite, which first removes everything that run's scripts wrote there
-    (_RUN_OUTPUTS and prune.py's prune/); then write model_config.json. write=False (DDP ranks
-    other than 0) only checks."""
+    (_RUN_OUTPUTS, prune.py's prune/ and sharded checkpoints); then write model_config.json.
+    write=False (DDP ranks other than 0) only checks."""
     existing = [f for f in (CKPT, GRAD_DUMP, OLD_RESNET_CKPT) if os.path.isfile(file(run, f))]
     if existing and not overwrite:
         resume = ("continue it with --init_from=resume, " if has_checkpoint(run)
@@ -142,8 +150,9 @@ def start_run(run, kind, config, overwrite=False, write=True):
         for pattern in _RUN_OUTPUTS:
             for f in glob.glob(os.path.join(glob.escape(run), pattern)):
                 os.remove(f)
-        if os.path.isdir(file(run, "prune")):
-            shutil.rmtree(file(run, "prune"))
+        for folder in ("prune", SHARDED):
+            if os.path.isdir(file(run, folder)):
+                shutil.rmtree(file(run, folder))
     except OSError as e:
         raise UserError(f"cannot replace the run in {run}: {e.strerror or e}") from None
     write_model_config(run, kind, config)
@@ -181,13 +190,70 @@ def kept(run):
 
 
 def save_checkpoint(run, kind, model_state, train_config, iter_num, **extra):
-    """<run>/ckpt.pt, atomically; extra: optimizer, grad_dump and the script's own keys."""
+    """<run>/ckpt.pt, atomically; extra: optimizer, grad_dump and the script's own keys. A sharded
+    checkpoint passes model_state=None and sharded=<the folder write_shards() filled>: writing
+    ckpt.pt commits it, and the older folders go."""
     assert kind in KINDS, kind
+    assert (model_state is None) == ("sharded" in extra)
+    weights = {"model": model_state} if model_state is not None else {}
     # save_id: a new id for every checkpoint written, what results computed from it are keyed on
-    atomic_save({"kind": kind, "model": model_state, "train_config": dict(train_config), "iter_num": int(iter_num),
+    atomic_save({"kind": kind, **weights, "train_config": dict(train_config), "iter_num": int(iter_num),
                  "save_id": uuid.uuid4().hex, **extra}, file(run, CKPT))
     if os.path.isfile(file(run, OLD_RESNET_CKPT)):   # a resumed run of an earlier version: one checkpoint only
         os.remove(file(run, OLD_RESNET_CKPT))
+    if os.path.isdir(file(run, SHARDED)):   # shards no ckpt.pt names any more (or a save that failed)
+        for old in os.listdir(file(run, SHARDED)):
+            if old != extra.get("sharded"):
+                shutil.rmtree(os.path.join(file(run, SHARDED), old), ignore_errors=True)
+
+
+def write_shards(run, name, state):
+    """Every rank's shards of state ({'model': ..., 'optimizer': ...} with DTensors) into
+    <run>/ckpt_sharded/<name>/ through torch.distributed.checkpoint. Collective: every rank calls
+    it, and a failure on any rank (a full disk) is this one-line error on every rank. Nothing
+    names the folder until save_checkpoint(..., sharded=name) writes ckpt.pt."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    path = os.path.join(file(run, SHARDED), name)
+    try:
+        dcp.save(state, checkpoint_id=path)
+    except (OSError, CheckpointException) as e:
+        raise UserError(f"cannot write the sharded checkpoint {path} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); a full disk? {kept(run)}") from None
+
+
+def _shards(run, ckpt):
+    path = os.path.join(file(run, SHARDED), ckpt["sharded"])
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise UserError(f"{run}/ckpt.pt names the sharded checkpoint {path}, which is missing or incomplete: "
+                        f"restore the folder, or train the run again")
+    return path
+
+
+def read_shards(run, ckpt, state):
+    """Fill state (this rank's DTensor state dicts, e.g. from get_state_dict) from the sharded
+    checkpoint ckpt (a read_checkpoint() dict) names; collective. The shards may come from
+    another number of ranks: torch.distributed.checkpoint reshards."""
+    import torch.distributed.checkpoint as dcp
+    dcp.load(state, checkpoint_id=_shards(run, ckpt))
+
+
+def model_state(run, ckpt):
+    """The whole model's state dict of a read_checkpoint() dict, on the CPU: its "model", or for a
+    sharded checkpoint the weights gathered from every rank's shards (in this process, no
+    process group: what fanin.py, prune.py and bench.py read)."""
+    if "model" in ckpt:
+        return ckpt["model"]
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    reader = dcp.FileSystemReader(_shards(run, ckpt))
+    meta = reader.read_metadata().state_dict_metadata
+    weights = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+               if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    return weights
 
 
 def read_checkpoint(run, kind="gpt"):
@@ -205,7 +271,7 @@ def read_checkpoint(run, kind="gpt"):
     except Exception as e:
         raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}): restore it from a copy, or train the "
                         f"run again") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or ("model" not in ckpt and "sharded" not in ckpt):
         raise UserError(f"{path} is not a checkpoint written by this codebase")
     have = ckpt.setdefault("kind", "resnet" if path.endswith(OLD_RESNET_CKPT) else "gpt")   # earlier versions: none
     if kind is not None and have != kind:
@@ -220,7 +286,7 @@ def checkpoint_id(ckpt):
     if "save_id" in ckpt:
         return ckpt["save_id"]
     h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(ckpt["model"].items()):
+    for name, t in sorted(ckpt["model"].items()):   # (sharded checkpoints always have a save_id)
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -235,7 +301,7 @@ def load_gpt(run, device="cpu"):
     ckpt = read_checkpoint(run, kind="gpt")
     kind, config = read_model_config(run)
     model = GPT(GPTConfig(**config))
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(model_state(run, ckpt))
     return model.to(device), ckpt
 
 

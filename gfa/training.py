@@ -1,11 +1,14 @@
 """
 The training pieces train.py, resnet.py and bench.py share: LR schedule, AdamW grouping, DDP
 setup, the optimizer step with its per-layer gradient norms, norm equalisation and clipping,
-and the non-finite guard. None of them syncs with the host on the hot path.
+and the non-finite guard. None of them syncs with the host on the hot path. They also work on
+sharded parameters (FSDP2's DTensors, gfa/sharding.py): each rank reduces its own shards and one
+all-reduce combines the ranks.
 """
 import gc
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +87,8 @@ class Dist:
     local_rank: int = 0
     world: int = 1
     device: str = "cpu"
-    ddp: bool = False
+    ddp: bool = False       # a process group is up (torchrun, or parallel='fsdp')
+    sharded: bool = False   # parallel='fsdp' (gfa/sharding.py)
 
     @property
     def master(self):
@@ -140,11 +144,31 @@ def teardown(d):
 
 
 # ---- the optimizer step -----------------------------------------------------------------------------
+def is_sharded(t):
+    """Is t a DTensor (FSDP2's parameters and gradients)? Asked only once something has imported
+    DTensor: the import costs ~0.7 s, which a script that shards nothing should not pay."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def local_shard(t):
+    """The part of t this rank holds: a DTensor's local shard (possibly empty), else t itself.
+    In-place changes to it change t."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def shard_group(tensors):
+    """The process group over which tensors are sharded (FSDP2's 1D mesh), or None if they are not."""
+    sharded = [t for t in tensors if is_sharded(t)]
+    return sharded[0].device_mesh.get_group() if sharded else None
+
+
 class LayerGradNorms:
     """L2 norm of each named parameter group's gradient, as one device tensor [G].
 
     groups: {name: [params]} (GPT.param_groups_by_layer(), or the ResNet's). One fused
-    _foreach_norm over all gradients plus one index_add: no per-layer host sync."""
+    _foreach_norm over all gradients plus one index_add: no per-layer host sync. Sharded
+    gradients (FSDP): the same over this rank's shards, then one all-reduce of the squares."""
 
     def __init__(self, groups):
         self.names = list(groups)
@@ -154,6 +178,7 @@ class LayerGradNorms:
                 self.params.append(p)
                 index.append(g)
         self.index = torch.tensor(index)
+        self.shard_group = shard_group(self.params)
 
     def __call__(self):
         dev = self.params[0].device
@@ -163,8 +188,10 @@ class LayerGradNorms:
             key = (dev, tuple(have))
             if getattr(self, "_key", None) != key:   # copy the index to the device once, not every step
                 self._key, self._dev_index = key, self.index[have].to(dev)
-            norms = torch._foreach_norm([self.params[i].grad for i in have])
+            norms = torch._foreach_norm([local_shard(self.params[i].grad) for i in have])
             sq.index_add_(0, self._dev_index, torch.stack(norms).float() ** 2)
+        if self.shard_group is not None:   # FSDP: each rank summed its shards' squares; add up the ranks
+            dist.all_reduce(sq, group=self.shard_group)
         return sq.sqrt()
 
 
@@ -215,7 +242,7 @@ class GradStep:
         target = torch.where(self.is_layer, norms, torch.zeros_like(norms)).max()
         scale = torch.where(self.is_layer & (norms > 0), target / norms, torch.ones_like(norms))
         for g, params in enumerate(self.groups):
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = [local_shard(p.grad) for p in params if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, scale[g])   # 0-dim device tensor: no host sync
         return self.norms()
@@ -225,12 +252,24 @@ class GradStep:
         norms_eq = self._equalize(norms) if self.equalize else None
         total = (norms if norms_eq is None else norms_eq).square().sum().sqrt()
         if self.grad_clip > 0:
-            scaled_step(self.optimizer, [p.grad for p in self.params if p.grad is not None],
+            scaled_step(self.optimizer, [local_shard(p.grad) for p in self.params if p.grad is not None],
                         clip_coef(total, self.grad_clip))
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norms, norms_eq, total
+
+
+def copy_weights(model):
+    """A copy of model's weights on the CPU (sharded: this rank's shards), for restore_weights()."""
+    return [local_shard(t).to("cpu", copy=True) for t in model.state_dict().values()]
+
+
+@torch.no_grad()
+def restore_weights(model, copy):
+    """Put back the weights copy_weights() took, in place (the parameters the optimizer holds)."""
+    for t, c in zip(model.state_dict().values(), copy):
+        local_shard(t).copy_(c)
 
 
 # ---- the non-finite guard -----------------------------------------------------------------------------
@@ -262,9 +301,18 @@ EXPLODED = 1e10   # no weight of a healthy model comes near this (they are O(0.0
 def check_weights(model, step, kept):
     """UserError when a weight or buffer is non-finite or has exploded (|w| > EXPLODED): a finite loss
     does not prove sane weights, since the update after it can blow them up. One fused max-|w|
-    reduction and one host sync: call it before saving, not every step."""
+    reduction and one host sync (plus one all-reduce when sharded): call it before saving, not every step."""
     named = [(n, t) for n, t in model.state_dict().items() if t.is_floating_point() and t.numel()]
-    top = torch.stack(torch._foreach_norm([t for _, t in named], ord=float("inf"))).float().cpu()
+    local = [local_shard(t) for _, t in named]
+    top = torch.zeros(len(named), device=local[0].device)
+    have = [i for i, t in enumerate(local) if t.numel()]   # a rank's shard may be empty
+    if have:
+        top[have] = torch.stack(torch._foreach_norm([local[i] for i in have], ord=float("inf"))).float()
+    group = shard_group([t for _, t in named])
+    if group is not None:   # FSDP: the largest over every rank's shards (NaN as inf: MAX may drop a NaN)
+        top = torch.where(torch.isnan(top), float("inf"), top)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = top.cpu()
     bad = ~torch.isfinite(top) | (top > EXPLODED)
     if bad.any():
         i = int(bad.nonzero()[0])

@@ -75,3 +75,28 @@ def test_compiled_decode_matches_generate_gpu():
     torch._dynamo.reset()
 
 
+
+
+def test_train_mode_times_hf_llama_the_same_way(tmp_path):
+    """--hf in train mode: HF LlamaForCausalLM's step timed like ours (nodump), its row in the table and
+    our speedup over it in the headline (transformers is optional: skipped without it)."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "t.json"
+    rows = bench.main(["tiny/vanilla_8l", "--mode", "train", "--device", "cpu", "--dtype", "float32", "--hf",
+                       "--batch", "1", "--seq", "16", "--warmup", "0", "--runs", "2", "--rounds", "1", "--out", str(out)])
+    ours, hf = rows
+    assert hf["impl"] == "hf-llama" and "error" not in hf, hf
+    assert hf["params"] == ours["params"] and hf["nodump"]["n"] == 2
+    assert ours["speedup_vs_hf"] == pytest.approx(hf["nodump"]["ms_step"] / ours["nodump"]["ms_step"])
+    md = out.with_suffix(".md").read_text()
+    assert "HF-Llama (tiny/Vanilla-8L) | float32 | 1 x 16 | nodump" in md and "faster than HF LlamaForCausalLM" in md
+
+
+def test_train_mode_times_the_fsdp_step():
+    """--fsdp: the same step under train.py's parallel=fsdp (a process group of one), against our dump step."""
+    rows = bench.main(["tiny/vanilla_8l", "--mode", "train", "--device", "cpu", "--dtype", "float32", "--fsdp",
+                       "--batch", "1", "--seq", "16", "--warmup", "0", "--runs", "2", "--rounds", "1"])
+    ours, fsdp = rows
+    assert fsdp["impl"] == "ours-fsdp" and "error" not in fsdp, fsdp
+    assert fsdp["dump"]["overhead_pct"] == pytest.approx(100 * (fsdp["dump"]["ms_step"] / ours["dump"]["ms_step"] - 1))
+    assert not torch.distributed.is_initialized()   # its group of one is gone

@@ -281,3 +281,113 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert step == 3   # resumed at 2; step 2's lr-1e30 update makes step 3's loss non-finite (not a restart from 0)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["iter_num"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ---- parallel=fsdp (gfa/sharding.py) --------------------------------------------------------------
+def _rank(rank, argv, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    train.main(argv)
+
+
+def two_ranks(argv, timeout=120):
+    """train.main(argv) as 2 ranks of a gloo group, in processes forked from this one (no torch import
+    to repeat: seconds faster than torchrun, which test_ddp_two_ranks_equal_one_process covers)."""
+    import socket
+    import time
+    import torch.distributed.fsdp   # noqa: F401  (imported once here, not in each rank)
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = mp.start_processes(_rank, args=(argv, port), nprocs=2, start_method="fork", join=False)
+    deadline = time.time() + timeout
+    while not ranks.join(timeout=1):
+        if time.time() > deadline:
+            for p in ranks.processes:
+                p.kill()
+            pytest.fail(f"2-rank run did not finish in {timeout} s")
+
+
+def logged_losses(out):
+    return {int(l.split()[1]): float(l.split("| loss ")[1].split()[0])
+            for l in open(os.path.join(out, "log.txt")) if l.startswith("step ") and "| loss " in l}
+
+
+def test_fsdp_two_ranks_equal_one_process_and_reshard_on_resume(tmp_path):
+    """2-rank FSDP (uneven shards: d_model 33; a repeated block; norm equalisation; accumulation) trains
+    like one plain process on the same global batch: losses, dumped norms (raw and equalised), weights.
+    Its sharded checkpoint resumes on 1 rank (DCP reshards), and load_gpt reads it as a plain model."""
+    common = ["--max_iters=4", "--eval_interval=2", "--d_model=33", "--repeats=[1, 2, 1]", "--equalize=True",
+              "--equalize_clip_factor=1.0"]
+    one, out_1 = run(tmp_path, "one", *common)
+    out_2 = str(tmp_path / "two")
+    two_ranks(TINY + common + ["--parallel=fsdp", "--stop_iter=2", "--gradient_accumulation_steps=2",
+                               f"--out_dir={out_2}"])
+    assert "x 2 ranks" in open(os.path.join(out_2, "log.txt")).read()
+    rest, _ = run(tmp_path, "two", *common, "--parallel=fsdp", "--init_from=resume")
+    losses = logged_losses(out_2)
+    assert sorted(losses) == [0, 1, 2, 3]
+    for s in one["loss"]:
+        assert losses[s] == pytest.approx(one["loss"][s], abs=1e-4)   # the log rounds to 4 decimals
+    d1, d2 = load_grad_dump(out_1), load_grad_dump(out_2)
+    for k in ("norms", "norms_equalized"):
+        np.testing.assert_allclose(d2[k], d1[k], rtol=1e-4, atol=1e-7)
+    m1, m2 = rundir.load_gpt(out_1)[0].state_dict(), rundir.load_gpt(out_2)[0].state_dict()
+    assert m1.keys() == m2.keys()
+    for k in m1:
+        torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_resume_is_exact_and_checkpoints_are_sharded(tmp_path, capsys):
+    """One rank of FSDP: stopped and resumed (with activation checkpointing switched on, which changes no
+    number) equals the uninterrupted run bit for bit; ckpt.pt names one shard folder, the others are gone."""
+    fsdp = ["--max_iters=4", "--eval_interval=2", "--parallel=fsdp"]
+    full, out_a = run(tmp_path, "a", *fsdp)
+    part, out_b = run(tmp_path, "b", *fsdp, "--stop_iter=3")
+    rest, _ = run(tmp_path, "b", *fsdp, "--init_from=resume", "--activation_checkpointing=True")
+    assert part["loss"] | rest["loss"] == full["loss"]
+    a, b = load_grad_dump(out_a), load_grad_dump(out_b)
+    np.testing.assert_array_equal(a["norms"], b["norms"])
+    ma, mb = rundir.load_gpt(out_a)[0].state_dict(), rundir.load_gpt(out_b)[0].state_dict()
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    ckpt = rundir.read_checkpoint(out_b)
+    assert "model" not in ckpt and "optimizer" not in ckpt and ckpt["iter_num"] == 4
+    assert os.listdir(os.path.join(out_b, rundir.SHARDED)) == [ckpt["sharded"]]
+    msg = one_line_error(train.main, [*TINY, *fsdp, f"--out_dir={out_b}", "--init_from=resume", "--parallel=ddp",
+                                      "--max_iters=6", "--allow_changes=max_iters"], capsys)
+    assert "a sharded checkpoint: resume it with --parallel=fsdp" in msg
+    for bad, words in [("--parallel=zero", "parallel='zero': use 'ddp'"),
+                       ("--activation_checkpointing=1", "activation_checkpointing=1 has type int")]:
+        assert words in one_line_error(train.main, [*TINY, f"--out_dir={tmp_path / 'x'}", bad], capsys)
+    import shutil
+    shutil.rmtree(os.path.join(out_b, rundir.SHARDED))
+    with pytest.raises(rundir.UserError, match="missing or incomplete"):
+        rundir.load_gpt(out_b)
+
+
+def test_fsdp_bf16_keeps_the_numbers_of_autocast(tmp_path):
+    """bf16 under FSDP gathers the blocks' weights in bf16, which autocast computes their matmuls in anyway,
+    and keeps the residual stream in fp32: the losses are autocast's to bf16 rounding of the norm gains."""
+    plain, _ = run(tmp_path, "plain", "--max_iters=3", "--dtype=bfloat16")
+    fsdp, _ = run(tmp_path, "fsdp", "--max_iters=3", "--dtype=bfloat16", "--parallel=fsdp")
+    assert fsdp["loss"][0] == plain["loss"][0]   # the first forward: the same bf16 matmuls
+    for s in plain["loss"]:
+        assert fsdp["loss"][s] == pytest.approx(plain["loss"][s], abs=2e-3)
+
+
+@pytest.mark.gpu
+def test_fsdp_on_a_gpu_compiled_bf16_checkpointed(tmp_path):
+    """What CPUs cannot check: FSDP on CUDA (an NCCL group of one; fully_shard moves the shards to the GPU),
+    compiled per block, bf16 gathering, activation checkpointing: close to the plain compiled bf16 run, and
+    a resume continues it."""
+    gpu = ["--device=cuda", "--compile=True", "--dtype=bfloat16", "--max_iters=4", "--eval_interval=2"]
+    plain, _ = run(tmp_path, "plain", *gpu)
+    fsdp = [*gpu, "--parallel=fsdp", "--activation_checkpointing=True"]
+    full, out_a = run(tmp_path, "a", *fsdp)
+    part, out_b = run(tmp_path, "b", *fsdp, "--stop_iter=2")
+    rest, _ = run(tmp_path, "b", *fsdp, "--init_from=resume")
+    for s, loss in plain["loss"].items():
+        assert full["loss"][s] == pytest.approx(loss, abs=5e-3)
+        assert (part["loss"] | rest["loss"])[s] == pytest.approx(full["loss"][s], abs=1e-4)
+    np.testing.assert_allclose(load_grad_dump(out_b)["norms"], load_grad_dump(out_a)["norms"], rtol=1e-3)
