@@ -484,13 +484,15 @@ class GPT(nn.Module):
         return self.head(x).float().argmax(dim=-1)
 
     @torch.no_grad()
-    def generate_self_speculative(self, idx, max_new_tokens, exit_layer, draft_len, draft=None, verify=None):
+    def generate_self_speculative(self, idx, max_new_tokens, exit_layer, draft_len, draft=None, verify=None,
+                                  cache=None):
         """Greedy decoding of one sequence (idx (1, T)) by self-speculation: each round drafts
         draft_len tokens with the first exit_layer blocks (draft_step), verifies them with the whole
         model in one pass that reuses the draft's KV cache and states below exit_layer (verify_step),
         and keeps the drafts up to the first one the model disagrees with, plus the model's own next
         token. The result is greedy generate()'s (up to argmax ties that a batched and a one-token
-        matmul round differently). draft, verify: those steps compiled (bench.py). Returns (tokens
+        matmul round differently). draft, verify: those steps compiled, cache: a new_kv_cache of at least
+        T + max_new_tokens + draft_len positions, reused across calls (bench.py). Returns (tokens
         (1, T + max_new_tokens), {'rounds', 'drafted', 'accepted'})."""
         B, T = idx.shape
         if B != 1:
@@ -502,7 +504,7 @@ class GPT(nn.Module):
             raise ValueError(f"prompt {T} + {max_new_tokens} new + {draft_len} draft tokens exceeds "
                              f"block_size={self.config.block_size}")
         draft, verify = draft or self.draft_step, verify or self.verify_step
-        cache = self.new_kv_cache(1, length)
+        cache = cache if cache is not None else self.new_kv_cache(1, length)
         positions = torch.arange(length, device=idx.device)
         logits, _ = self(idx, kv_cache=cache, pos=0, last_only=True)
         out = [idx, logits[:, -1].float().argmax(dim=-1, keepdim=True)]

@@ -50,7 +50,7 @@ import torch
 
 from gfa import rundir
 from gfa.cli import ArgumentParser, UserError, cli
-from gfa.data import DATA, dataset_dir, get_batch, load_tokens
+from gfa.data import DATA, get_batch, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, pick_device
 from gfa.evaluation import choice_accuracy, ending_logprobs, evaluate, get_encoder, load_multiple_choice
 from gfa.theory import mean_std, spearman
@@ -221,11 +221,10 @@ def rank_layers(model, methods, ks, share, calib, device, ctx, args):
 
 def data_folder(run, args, ckpt):
     """The dataset folder of a run: --data, else the one its training config names."""
-    tc = ckpt.get("train_config") or {}
-    if not (args.data or tc.get("data_dir") or tc.get("dataset")):
+    folder = run_dataset_dir(ckpt.get("train_config"), args.data)
+    if folder is None:
         raise UserError(f"run {run} does not name its dataset: pass --data <dataset name or folder>")
-    return ((args.data if os.path.isdir(args.data) else dataset_dir(args.data)) if args.data
-            else dataset_dir(tc.get("dataset"), tc.get("data_dir")))
+    return folder
 
 
 def prune_run(run, args, ks, methods, hs_items, device, ctx):
