@@ -77,9 +77,9 @@ class GPTConfig:
     # Llama-family options (HF checkpoints, gfa/hf.py); the defaults are the paper's model, unchanged
     n_kv_head: int = 0               # K/V heads per layer (grouped-query attention); 0 = as many as query heads
     tie_embeddings: bool = False     # the LM head reuses the token embedding matrix
-    # HF Llama's RoPE scaling: {} none; {'rope_type': 'linear', 'factor': f}; or 'llama3' with factor,
+    # HF Llama's RoPE scaling: {'rope_type': 'linear', 'factor': f}, or 'llama3' with factor,
     # low_freq_factor, high_freq_factor and original_max_position_embeddings
-    rope_scaling: dict = field(default_factory=dict)
+    rope_scaling: dict = field(default_factory=dict)   # RoPE scaling as HF Llama configures it; {} = none
 
     def __post_init__(self):
         def need(ok, msg):
