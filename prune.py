@@ -53,6 +53,7 @@ from gfa.cli import ArgumentParser, UserError, cli
 from gfa.data import DATA, get_batch, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, pick_device
 from gfa.evaluation import choice_accuracy, ending_logprobs, evaluate, get_encoder, load_multiple_choice
+from gfa.hf import source_tokenizer
 from gfa.theory import mean_std, spearman
 from model import drop_layers
 
@@ -253,7 +254,8 @@ def prune_run(run, args, ks, methods, hs_items, device, ctx):
     scores, choice = rank_layers(model, methods, ks, share, calib, device, ctx, args)
 
     cache = {}   # frozenset(layers) -> metrics: methods that agree share one evaluation
-    encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size)) if hs_items is not None else None   # once per text
+    encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, source_tokenizer(ckpt))) if hs_items is not None \
+        else None   # once per text
 
     def score(layers):
         key = frozenset(layers)
@@ -373,7 +375,7 @@ def exit_curve(run, args, hs_items, device, ctx):
     losses = evaluate(model, val, cfg.block_size, args.batch_size, args.eval_batches, device, ctx, exits=True)
     rows = [{"exit": i + 1, "loss": loss, "ppl": math.exp(loss)} for i, loss in losses.items()]
     if hs_items is not None:
-        encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size))
+        encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, source_tokenizer(ckpt)))
         for r, lp in zip(rows, ending_logprobs(model, hs_items, encode, device, ctx, args.hs_tokens, exits=True)):
             r["acc"], r["acc_norm"] = choice_accuracy(lp, hs_items)
     for r in rows:

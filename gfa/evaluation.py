@@ -14,7 +14,7 @@ preprocess("activity_label: ctx_a Ctx_b"), each ending " " + preprocess(ending).
 file is scored verbatim: ctx, then each ending as written (so an ending carries its own joining
 space). Contexts longer than the model's block_size are left-truncated, with a counted warning.
 Tokenizer from the model's vocabulary: 256 -> bytes, >= 50257 -> tiktoken GPT-2 BPE (offline:
-set TIKTOKEN_CACHE_DIR).
+set TIKTOKEN_CACHE_DIR); a model imported from HF (hf.py) uses its own tokenizer.json.
 """
 import os
 import re
@@ -53,14 +53,18 @@ def evaluate(model, data, block_size, batch_size, n_batches, device, ctx=None, e
     return dict(zip((i for i, _ in states), mean)) if exits else mean[0]
 
 
-def get_encoder(vocab_size):
-    """text -> token ids for a model's vocabulary: 256 -> UTF-8 bytes, >= 50257 -> GPT-2 BPE."""
+def get_encoder(vocab_size, tokenizer=None):
+    """text -> token ids for a model's vocabulary: 256 -> UTF-8 bytes, >= 50257 -> GPT-2 BPE; or, for a
+    model imported from HF, tokenizer: the folder holding its tokenizer.json (gfa.hf.source_tokenizer)."""
+    if tokenizer:
+        return load_encoding(tokenizer).encode
     if vocab_size == 256:
         return lambda s: list(s.encode("utf-8"))
     if vocab_size >= 50257:
         enc = load_encoding("gpt2")
         return lambda s: enc.encode(s, allowed_special="all")
-    raise UserError(f"vocab_size={vocab_size}: no tokenizer known for it (256 = bytes, >= 50257 = GPT-2 BPE)")
+    raise UserError(f"vocab_size={vocab_size}: no tokenizer known for it (256 = bytes, >= 50257 = GPT-2 BPE; a model "
+                    f"imported with hf.py uses the tokenizer.json of the folder it came from, which is gone)")
 
 
 def hellaswag_preprocess(text):

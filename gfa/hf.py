@@ -255,6 +255,12 @@ def import_run(folder, run, block_size=None, overwrite=False):
     return model
 
 
+def source_tokenizer(ckpt):
+    """The HF folder an imported model came from, when it still holds its tokenizer.json; else None."""
+    path = (ckpt.get("imported_from") or {}).get("path")
+    return path if path and os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+
+
 def write_hf(model, folder, dtype="float32", source=None):
     """model as an HF folder (config.json, model.safetensors; modeling_cascadeformer.py when tapered;
     the tokenizer files of the source folder an imported model came from). Written beside the target
