@@ -13,12 +13,12 @@ Grouped-query attention, tied embeddings and linear / llama3 RoPE scaling are im
 export: config.json + model.safetensors that LlamaForCausalLM.from_pretrained loads with the same
 logits. Passthrough layers are removed and repeated layers written out. A tapered model (per-layer
 widths) is exported with a per-layer config and modeling_cascadeformer.py, loaded by
-AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True). gfa/hf.py has the details.
+AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True). gfa/hf_llama.py has the details.
 """
 import os
 
 from gfa.cli import ArgumentParser, UserError, cli
-from gfa.hf import DTYPES, export_run, import_run
+from gfa.hf_llama import DTYPES, export_run, import_run
 
 
 def main(argv):

@@ -5,7 +5,7 @@ CascadeFormer / GFA model: a Llama-style Pre-LN decoder whose layers have explic
 
 RoPE, causal multi-head attention (as many K/V heads as Q heads, head_dim 64) through
 F.scaled_dot_product_attention, no biases, final RMSNorm, untied LM head. For Llama-family
-checkpoints (gfa/hf.py) the config also takes grouped-query attention (n_kv_head), a tied
+checkpoints (gfa/hf_llama.py) the config also takes grouped-query attention (n_kv_head), a tied
 LM head and HF Llama's RoPE scaling; the defaults leave the paper's model as it was.
 
 Per layer l = 0..N-1 the model has its own number of heads and its own FFN inner size,
@@ -74,7 +74,7 @@ class GPTConfig:
     init: str = "normal"             # 'normal': every weight N(0, 0.02), as HF Llama (the paper); or 'scaled'
     rope_theta: float = 10000.0      # RoPE base
     norm_eps: float = 1e-5           # RMSNorm epsilon
-    # Llama-family options (HF checkpoints, gfa/hf.py); the defaults are the paper's model, unchanged
+    # Llama-family options (HF checkpoints, gfa/hf_llama.py); the defaults are the paper's model, unchanged
     n_kv_head: int = 0               # K/V heads per layer (grouped-query attention); 0 = as many as query heads
     tie_embeddings: bool = False     # the LM head reuses the token embedding matrix
     # HF Llama's RoPE scaling: {'rope_type': 'linear', 'factor': f}, or 'llama3' with factor,

@@ -53,7 +53,7 @@ from gfa.cli import ArgumentParser, UserError, cli
 from gfa.data import DATA, get_batch, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, pick_device
 from gfa.evaluation import choice_accuracy, ending_logprobs, evaluate, get_encoder, load_multiple_choice
-from gfa.hf import source_tokenizer
+from gfa.hf_llama import source_tokenizer
 from gfa.theory import mean_std, spearman
 from model import drop_layers
 

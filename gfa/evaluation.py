@@ -55,7 +55,7 @@ def evaluate(model, data, block_size, batch_size, n_batches, device, ctx=None, e
 
 def get_encoder(vocab_size, tokenizer=None):
     """text -> token ids for a model's vocabulary: 256 -> UTF-8 bytes, >= 50257 -> GPT-2 BPE; or, for a
-    model imported from HF, tokenizer: the folder holding its tokenizer.json (gfa.hf.source_tokenizer)."""
+    model imported from HF, tokenizer: the folder holding its tokenizer.json (gfa.hf_llama.source_tokenizer)."""
     if tokenizer:
         return load_encoding(tokenizer).encode
     if vocab_size == 256:

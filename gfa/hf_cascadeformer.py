@@ -1,6 +1,6 @@
 """
 CascadeFormer in HF transformers: a Llama whose layers have their own widths (query heads, K/V
-heads, FFN size per layer). gfa/hf.py copies this file into the folder of every tapered export as
+heads, FFN size per layer). gfa/hf_llama.py copies this file into the folder of every tapered export as
 modeling_cascadeformer.py, and its config.json points AutoConfig and AutoModelForCausalLM here, so
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)

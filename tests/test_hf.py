@@ -1,4 +1,4 @@
-"""hf.py, the command line of gfa/hf.py: import then export keeps every tensor and the config, the
+"""hf.py, the command line of gfa/hf_llama.py: import then export keeps every tensor and the config, the
 imported run is a run directory the other scripts read, and what cannot be converted is a one-line
 error that leaves nothing half-written. Needs safetensors only (transformers: tests/gfa/test_hf.py)."""
 import json
@@ -9,7 +9,7 @@ import torch
 
 import hf
 import prune
-from gfa import hf as convert
+from gfa import hf_llama as convert
 from gfa import rundir
 from helpers import one_line_error, tiny_model
 

@@ -69,7 +69,7 @@ def test_profile_kernel_breakdown():
 def test_hf_twin_computes_our_model():
     """bench.py --hf's LlamaForCausalLM (random weights) has our config: with our weights it gives our logits."""
     pytest.importorskip("transformers")
-    from gfa.hf import state_to_hf
+    from gfa.hf_llama import state_to_hf
     _, model = benchmark.build("tiny/vanilla_8l", torch.device("cpu"), 32)
     twin = benchmark.build_hf(model, "cpu")
     assert sum(p.numel() for p in twin.parameters()) == model.num_params()

@@ -1,4 +1,4 @@
-"""gfa/hf.py against HF transformers itself, a second implementation: randomly initialised
+"""gfa/hf_llama.py against HF transformers itself, a second implementation: randomly initialised
 LlamaForCausalLMs saved with save_pretrained import with the same logits (float32, tight
 tolerance), and exported models (uniform, pruned, passed through, repeated, tied, grouped-query,
 RoPE-scaled) load with from_pretrained with the same logits; a tapered export loads through the
@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from gfa import hf, rundir
+from gfa import hf_llama, rundir
 from model import GPT, GPTConfig, drop_layers
 
 transformers = pytest.importorskip("transformers")
@@ -63,17 +63,17 @@ def test_import_equals_hf_llama(tmp_path, over, shard, legacy):
     ref = randomise(transformers.LlamaForCausalLM(transformers.LlamaConfig(**(BASE | over))), 0)
     ref.save_pretrained(tmp_path / "hf", max_shard_size="20KB" if shard else "10GB")
     if shard:
-        assert (tmp_path / "hf" / hf.INDEX).is_file()
+        assert (tmp_path / "hf" / hf_llama.INDEX).is_file()
     if legacy:
         to_transformers4_config(tmp_path / "hf")
-    model, _ = hf.read_hf(str(tmp_path / "hf"))
+    model, _ = hf_llama.read_hf(str(tmp_path / "hf"))
     assert model.config.n_kv_head == (2 if "num_key_value_heads" in over else 0)
     assert model.config.tie_embeddings == over.get("tie_word_embeddings", False)
     assert model.config.rope_scaling["rope_type"] == over["rope_scaling"]["rope_type"]
     x = torch.randint(0, 61, (2, 100), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours_logits(model, x), hf_logits(ref, x), rtol=1e-5, atol=1e-5)
     # and back out: the exported folder loads in transformers with the same logits
-    hf.write_hf(model, str(tmp_path / "out"))
+    hf_llama.write_hf(model, str(tmp_path / "out"))
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(hf_logits(back, x), hf_logits(ref, x), rtol=1e-5, atol=1e-5)
 
@@ -92,7 +92,7 @@ def test_export_uniform_pruned_passed_through_and_repeated(tmp_path):
     models = {"uniform": base, "pruned": drop_layers(base, [0, 2]), "passthrough": skipped,
               "repeats": tiny_gpt(repeats=[1, 2, 1, 3])}
     for name, model in models.items():
-        config = hf.write_hf(model, str(tmp_path / name))
+        config = hf_llama.write_hf(model, str(tmp_path / name))
         assert config["model_type"] == "llama" and config["num_hidden_layers"] == {
             "uniform": 4, "pruned": 2, "passthrough": 2, "repeats": 7}[name]
         loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / name).eval()
@@ -101,7 +101,7 @@ def test_export_uniform_pruned_passed_through_and_repeated(tmp_path):
 
 def test_tapered_export_loads_through_its_modeling_file(tmp_path):
     model = tiny_gpt(n_head=[4, 4, 2, 2], d_ffn=[48, 40, 32, 16], S_d=0, n_kv_head=2, tie_embeddings=True)
-    config = hf.write_hf(model, str(tmp_path / "tapered"), dtype="float32")
+    config = hf_llama.write_hf(model, str(tmp_path / "tapered"), dtype="float32")
     assert config["model_type"] == "cascadeformer" and config["num_attention_heads_per_layer"] == [4, 4, 2, 2]
     spec = importlib.util.spec_from_file_location("modeling_cascadeformer", tmp_path / "tapered" / "modeling_cascadeformer.py")
     code = importlib.util.module_from_spec(spec)
@@ -113,7 +113,7 @@ def test_tapered_export_loads_through_its_modeling_file(tmp_path):
     with torch.no_grad():   # HF's own generation (its KV cache, per-layer K/V widths) agrees too
         assert torch.equal(loaded.generate(x[:1, :6], max_new_tokens=8, do_sample=False),
                            model.generate(x[:1, :6], 8, temperature=0))
-    back, _ = hf.read_hf(str(tmp_path / "tapered"))   # and this codebase reads it back as it was
+    back, _ = hf_llama.read_hf(str(tmp_path / "tapered"))   # and this codebase reads it back as it was
     assert back.config.n_head == [4, 4, 2, 2] and back.config.n_kv_head == 2 and back.config.tie_embeddings
     torch.testing.assert_close(ours_logits(back, x), ours_logits(model, x), rtol=0, atol=0)
 
@@ -125,13 +125,13 @@ def test_import_run_is_a_run_directory(tmp_path):
         num_key_value_heads=1, bos_token_id=5, eos_token_id=7)))), 4)
     ref.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.json").write_text('{"planted": true}')
-    hf.import_run(str(tmp_path / "hf"), str(tmp_path / "run"), block_size=48)
+    hf_llama.import_run(str(tmp_path / "hf"), str(tmp_path / "run"), block_size=48)
     model, ckpt = rundir.load_gpt(str(tmp_path / "run"))
     assert ckpt["iter_num"] == 0 and "optimizer" not in ckpt and model.config.block_size == 48
     assert ckpt["imported_from"]["hf_config"]["eos_token_id"] == 7
     x = torch.randint(0, 61, (1, 48), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(ours_logits(model, x), hf_logits(ref, x), rtol=1e-5, atol=1e-5)
-    config, _ = hf.export_run(str(tmp_path / "run"), str(tmp_path / "out"), "bfloat16")
+    config, _ = hf_llama.export_run(str(tmp_path / "run"), str(tmp_path / "out"), "bfloat16")
     assert (config["bos_token_id"], config["eos_token_id"]) == (5, 7)
     assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"planted": true}'
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32) \
