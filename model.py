@@ -373,9 +373,9 @@ class GPT(nn.Module):
     def run_blocks(self, x, cos, sin, kv_cache=None, pos=0, start=0, stop=None, on_exit=None):
         """x through blocks start..stop-1: passthrough ones skipped, each applied repeats[i] times;
         on_exit(i, x) after each block that runs. kv_cache[v] is the cache of virtual position v."""
-        v = sum(self.repeats[:start])
+        v, skip = sum(self.repeats[:start]), self.passthrough
         for i in range(start, self.config.n_layer if stop is None else stop):
-            if i in self.passthrough:
+            if i in skip:
                 v += self.repeats[i]
                 continue
             for _ in range(self.repeats[i]):

@@ -343,6 +343,10 @@ def test_flops_per_token_hand_count():
     assert m.flops_per_token(T) == l0 + 3 * l1 + 2 * 32 * 100
     m.set_passthrough([1])
     assert m.flops_per_token(T) == l0 + 2 * 32 * 100
+    # grouped-query (2 K/V heads): the K and V projections shrink to 2 heads x 8, attention does not
+    gqa = GPT(GPTConfig(vocab_size=100, block_size=16, d_model=32, n_layer=1, head_dim=8, n_head=[4], d_ffn=[64],
+                        n_kv_head=2))
+    assert gqa.layer_flops_per_token(T) == [2 * (32 * (32 + 16 + 16) + 32 * 32 + 3 * 32 * 64) + 4 * 32 * (T + 1) // 2]
 
 
 def test_every_parameter_gets_a_gradient():
