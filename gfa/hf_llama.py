@@ -113,7 +113,7 @@ def config_from_hf(hf, where="config.json", block_size=None):
                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
-def uniform(model):
+def is_plain_llama(model):
     """One width for every layer and no repeats or skipped layers: a plain Llama can hold it."""
     return len(set(model.heads)) == 1 and len(set(model.ffns)) == 1
 
@@ -132,7 +132,7 @@ def hf_config(model, source=None):
            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
            "bos_token_id": src.get("bos_token_id", eot), "eos_token_id": src.get("eos_token_id", eot),
            "pad_token_id": src.get("pad_token_id"), "use_cache": True}
-    if not uniform(model):
+    if not is_plain_llama(model):
         out.update(architectures=["CascadeFormerForCausalLM"], model_type="cascadeformer",
                    auto_map={"AutoConfig": "modeling_cascadeformer.CascadeFormerConfig",
                              "AutoModelForCausalLM": "modeling_cascadeformer.CascadeFormerForCausalLM"},
@@ -278,7 +278,7 @@ def write_hf(model, folder, dtype="float32", source=None):
         st.save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(config, f, indent=2)
-        if not uniform(model):
+        if not is_plain_llama(model):
             shutil.copyfile(REMOTE_CODE, os.path.join(tmp, "modeling_cascadeformer.py"))
         src = (source or {}).get("path")
         for name in TOKENIZER_FILES if src and os.path.isdir(src) else ():

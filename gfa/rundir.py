@@ -11,7 +11,8 @@ The run directory: one folder per run, read and written only through this module
                               checkpoints; a pruned model has none), "grad_dump"
                               (GradNormDump.state_dict(), for exact resume), plus the script's own
                               extras: best_val_loss and equalize_clip (train.py), best_val_acc and rng (resnet.py),
-                              pruned_from (prune.py --save_pruned)}
+                              pruned_from (prune.py --save_pruned), imported_from (hf.py import: the
+                              HF folder and its config.json)}
     <run>/grad_norms.npz      the gradient-norm dump (GradNormDump below)
     <run>/importance.json     per-layer functional importance: fanin.py (LMs: ppl_increase, with
                               the settings and the checkpoint's save_id it was measured with) or
