@@ -391,10 +391,9 @@ def write_exits(results, hs_path, out):
     lines = ["Early exit: the final norm and LM head after layer E (held-out PPL"
              + (f"; HellaSwag {hs_path})" if has_hs else ")"), "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
+    by_exit = [{x["exit"]: x for x in r["exits"]} for r in results]   # models of fewer layers: blank cells
     for E in range(1, max(r["n_layer"] for r in results) + 1):
-        cells = [f"{x[key]:.{d}f}" if x else "" for r in results for x in [next((x for x in r["exits"]
-                                                                                  if x["exit"] == E), None)]
-                 for _, key, d in metrics]
+        cells = [f"{b[E][key]:.{d}f}" if E in b else "" for b in by_exit for _, key, d in metrics]
         lines.append(f"| {E} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print()
