@@ -30,6 +30,8 @@ def main(argv):
                    "length); 0 = the model's max_position_embeddings")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="export: the weights' dtype")
     p.add_argument("--overwrite", action="store_true", help="import: replace a run already in dest")
+    p.add_argument("--tokenizer", default=None, help="export: the HF folder whose tokenizer files and token ids go "
+                   "with the model (default: the folder an imported run came from)")
     args = p.parse_args(argv)
     if args.block_size < 0:
         raise UserError("--block_size must be >= 1 (or 0: the model's own context)")
@@ -42,7 +44,7 @@ def main(argv):
               f"{model.num_params() / 1e6:,.1f}M params, vocab {c.vocab_size}, context {c.block_size}"
               + (f", {c.n_kv_head} K/V heads" if c.n_kv_head else "") + (", tied embeddings" if c.tie_embeddings else ""))
         return model
-    config, model = export_run(args.source, args.dest, args.dtype)
+    config, model = export_run(args.source, args.dest, args.dtype, args.tokenizer)
     loader = ("AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) (per-layer widths)"
               if config["model_type"] == "cascadeformer" else "LlamaForCausalLM.from_pretrained(folder)")
     print(f"exported {args.source} to {args.dest} ({config['num_hidden_layers']} layers, {args.dtype}); load it with "

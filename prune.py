@@ -254,8 +254,8 @@ def prune_run(run, args, ks, methods, hs_items, device, ctx):
     scores, choice = rank_layers(model, methods, ks, share, calib, device, ctx, args)
 
     cache = {}   # frozenset(layers) -> metrics: methods that agree share one evaluation
-    encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, source_tokenizer(ckpt))) if hs_items is not None \
-        else None   # once per text
+    tokenizer = source_tokenizer(ckpt, args.tokenizer)
+    encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, tokenizer)) if hs_items is not None else None   # once per text
 
     def score(layers):
         key = frozenset(layers)
@@ -375,7 +375,7 @@ def exit_curve(run, args, hs_items, device, ctx):
     losses = evaluate(model, val, cfg.block_size, args.batch_size, args.eval_batches, device, ctx, exits=True)
     rows = [{"exit": i + 1, "loss": loss, "ppl": math.exp(loss)} for i, loss in losses.items()]
     if hs_items is not None:
-        encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, source_tokenizer(ckpt)))
+        encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, source_tokenizer(ckpt, args.tokenizer)))
         for r, lp in zip(rows, ending_logprobs(model, hs_items, encode, device, ctx, args.hs_tokens, exits=True)):
             r["acc"], r["acc_norm"] = choice_accuracy(lp, hs_items)
     for r in rows:
@@ -490,6 +490,8 @@ def main(argv):
                    "data/hellaswag/hellaswag_val.jsonl if present; 'none' skips)")
     p.add_argument("--hs_items", type=int, default=0, help="score only the first N items (0 = all)")
     p.add_argument("--hs_tokens", type=int, default=16384, help="padded tokens per HellaSwag batch")
+    p.add_argument("--tokenizer", default=None, help="HellaSwag: the HF model folder whose tokenizer.json encodes "
+                   "the text (default: the folder an imported run came from, else by vocabulary: bytes or GPT-2)")
     p.add_argument("--data", default=None, help="dataset name or folder (default: the run's train_config dataset)")
     p.add_argument("--eval_batches", type=int, default=20, help="held-out batches for perplexity")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per batch (perplexity, calibration)")

@@ -22,9 +22,9 @@ repeat written out as its own layer), becomes a plain LlamaForCausalLM folder. A
 (per-layer widths) cannot be one: its config.json says model_type "cascadeformer", carries the
 per-layer lists, and the folder holds modeling_cascadeformer.py (gfa/hf_cascadeformer.py: HF's
 Llama layers, resized per layer), which AutoModelForCausalLM loads with trust_remote_code=True;
-import_run reads it back too. The model's tokenizer is not part of a run: an imported model's
-tokenizer files are copied from its source folder when that still exists; for this codebase's
-GPT-2 BPE runs use the `gpt2` tokenizer.
+import_run reads it back too. The model's tokenizer is not part of a run: the tokenizer files and
+token ids of an imported model's source folder (or of the folder export_run is given) go with the
+export; for this codebase's GPT-2 BPE runs use the `gpt2` tokenizer.
 """
 import json
 import os
@@ -255,10 +255,11 @@ def import_run(folder, run, block_size=None, overwrite=False):
     return model
 
 
-def source_tokenizer(ckpt):
-    """The HF folder an imported model came from, when it still holds its tokenizer.json; else None."""
-    path = (ckpt.get("imported_from") or {}).get("path")
-    return path if path and os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+def source_tokenizer(ckpt, given=None):
+    """The HF folder whose tokenizer.json a model's text goes through: given (a --tokenizer option), else
+    the folder an imported model came from when it still holds one; else None (this codebase's own)."""
+    path = given or (ckpt.get("imported_from") or {}).get("path")
+    return path if path and (given or os.path.isfile(os.path.join(path, "tokenizer.json"))) else None
 
 
 def write_hf(model, folder, dtype="float32", source=None):
@@ -295,9 +296,14 @@ def write_hf(model, folder, dtype="float32", source=None):
     return config
 
 
-def export_run(run, folder, dtype="float32"):
-    """A run directory's model as an HF folder (write_hf). Returns (config written, the model)."""
+def export_run(run, folder, dtype="float32", tokenizer=None):
+    """A run directory's model as an HF folder (write_hf). tokenizer: the HF folder whose tokenizer files
+    and token ids go with it (default: the folder an imported run came from). Returns (config, model)."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    if tokenizer and not os.path.isdir(tokenizer):
+        raise UserError(f"--tokenizer {tokenizer} is not a folder: give the HF model folder the run came from")
     model, ckpt = rundir.load_gpt(run)
-    return write_hf(model, folder, dtype, ckpt.get("imported_from")), model
+    source = ({"path": tokenizer, "hf_config": read_hf_config(tokenizer) if os.path.isfile(os.path.join(
+        tokenizer, CONFIG)) else {}} if tokenizer else ckpt.get("imported_from"))
+    return write_hf(model, folder, dtype, source), model

@@ -19,9 +19,10 @@ LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 16}
 
 
-def test_import_export_round_trip(tmp_path, byte_data):
+def test_import_export_round_trip(tmp_path, byte_data, monkeypatch):
     model = tiny_model(3, n_kv_head=2, tie_embeddings=True, rope_scaling=LLAMA3, rope_theta=500.0)
     convert.write_hf(model, str(tmp_path / "a"))
+    (tmp_path / "a" / "tokenizer.json").write_text("{}")   # the source's tokenizer: found, never parsed here
     run, b = str(tmp_path / "run"), str(tmp_path / "b")
     hf.main(["import", str(tmp_path / "a"), run])
     hf.main(["export", run, b])
@@ -33,10 +34,28 @@ def test_import_export_round_trip(tmp_path, byte_data):
     x = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
-    # the other scripts read the run: prune.py's early exit on the imported model
-    res = prune.main(["--runs", run, "--exits", "--data", str(byte_data), "--hellaswag", "none", "--eval_batches", "1",
-                      "--batch_size", "2", "--device", "cpu", "--out", str(tmp_path / "exits")])
-    assert len(res[0]["exits"]) == 4
+    assert os.path.isfile(os.path.join(b, "tokenizer.json"))   # an imported run's export carries its tokenizer
+    # the other scripts read the run: prune.py's early exit on the imported model, its text through the
+    # source folder's tokenizer (recorded here; the bytes encoder stands in for it), or --tokenizer's
+    used = []
+    monkeypatch.setattr(prune, "get_encoder", lambda vocab, tokenizer=None: used.append(tokenizer) or (
+        lambda text: list(text.encode())))
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text(json.dumps({"ctx": "the cat", "endings": [" sat", " ran", " a", " mat"], "label": 0}) + "\n")
+    common = ["--runs", run, "--exits", "--data", str(byte_data), "--hellaswag", str(hs), "--eval_batches", "1",
+              "--batch_size", "2", "--device", "cpu", "--out", str(tmp_path / "exits")]
+    res = prune.main(common)
+    prune.main(common + ["--tokenizer", str(tmp_path / "other")])
+    assert len(res[0]["exits"]) == 4 and used == [str(tmp_path / "a"), str(tmp_path / "other")]
+    # a run that was not imported (a pruned or continued one) takes the tokenizer and token ids from --tokenizer
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"planted": 1}')
+    (tmp_path / "tok" / "config.json").write_text(json.dumps({"eos_token_id": 9, "bos_token_id": 8}))
+    plain = str(tmp_path / "plain")
+    rundir.save_gpt(plain, model, {}, 0)
+    config = hf.main(["export", plain, str(tmp_path / "c"), "--tokenizer", str(tmp_path / "tok")])
+    assert (config["bos_token_id"], config["eos_token_id"]) == (8, 9)
+    assert (tmp_path / "c" / "tokenizer.json").read_text() == '{"planted": 1}'
 
 
 def write_folder(path, config=None, tensors=None):
