@@ -168,6 +168,7 @@ def state_to_hf(model, dtype=torch.float32):
     """HF Llama tensors of a model without passthrough layers; a block repeated r times is written
     as r layers (copies), so a virtual-depth model becomes the plain Llama it computes."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
+    used = {"tok_emb.weight", "norm_f.weight", "lm_head.weight"}
     out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"]}
     if not model.config.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
@@ -176,6 +177,7 @@ def state_to_hf(model, dtype=torch.float32):
         hd = model.config.head_dim
         q, k, v = sd[f"blocks.{i}.attn.qkv.weight"].split([h * hd, kv * hd, kv * hd])
         gate, up = sd[f"blocks.{i}.ffn.gate_up.weight"].chunk(2)
+        used |= {f"blocks.{i}.{name}" for name in ["attn.qkv.weight", "ffn.gate_up.weight", *BLOCK_NAMES]}
         for _ in range(r):
             pre = f"model.layers.{layer}."
             out.update({pre + "self_attn.q_proj.weight": q, pre + "self_attn.k_proj.weight": k,
@@ -183,6 +185,9 @@ def state_to_hf(model, dtype=torch.float32):
                         pre + "mlp.up_proj.weight": up})
             out.update({pre + theirs: sd[f"blocks.{i}.{ours}"] for ours, theirs in BLOCK_NAMES.items()})
             layer += 1
+    if set(sd) - used:   # a weight a Llama layer has no place for: the model computes something else
+        raise UserError(f"{sorted(set(sd) - used)[0]} has no place in an HF Llama layer: this model cannot be "
+                        f"exported as one")
     # safetensors stores each tensor on its own: no shared or strided views
     return {k: t.to("cpu", dtype).contiguous().clone() for k, t in out.items()}
 

@@ -11,6 +11,7 @@ import hf
 import prune
 from gfa import hf_llama as convert
 from gfa import rundir
+from gfa.cli import UserError
 from helpers import one_line_error, tiny_model
 
 st = pytest.importorskip("safetensors.torch")
@@ -92,3 +93,8 @@ def test_bad_inputs(tmp_path, capsys):
     assert "already holds a run" in err("import", good, run)
     assert "not empty" in err("export", run, good)
     assert "--dtype" in err("export", run, tmp_path / "x", "--dtype", "int8") and not os.path.exists(tmp_path / "x")
+    odd = tiny_model()   # a block weight HF's Llama layer lacks (a norm placement other than Pre-LN, say)
+    odd.blocks[1].register_parameter("extra", torch.nn.Parameter(torch.ones(2)))
+    with pytest.raises(UserError, match="blocks.1.extra has no place in an HF Llama layer"):
+        convert.write_hf(odd, str(tmp_path / "odd"))
+    assert not os.path.exists(tmp_path / "odd")
