@@ -42,7 +42,8 @@ def main(argv):
         c = model.config
         print(f"imported {args.source} into {args.dest}: {c.n_layer} layers, d_model {c.d_model}, "
               f"{model.num_params() / 1e6:,.1f}M params, vocab {c.vocab_size}, context {c.block_size}"
-              + (f", {c.n_kv_head} K/V heads" if c.n_kv_head else "") + (", tied embeddings" if c.tie_embeddings else ""))
+              + (f", {c.n_kv_head} K/V heads" if c.n_kv_head else "")
+              + (", tied embeddings" if c.tie_embeddings else ""))
         return model
     config, model = export_run(args.source, args.dest, args.dtype, args.tokenizer)
     loader = ("AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) (per-layer widths)"

@@ -129,8 +129,10 @@ class GPTConfig:
         need(isinstance(self.rope_scaling, dict), f"rope_scaling={self.rope_scaling!r}: must be a dict ({{}} = none)")
         if self.rope_scaling:
             kind, keys = self.rope_scaling.get("rope_type"), ROPE_SCALING.get(self.rope_scaling.get("rope_type"))
-            need(keys is not None, f"rope_scaling rope_type={kind!r}: use one of {', '.join(ROPE_SCALING)} ({{}} = none)")
-            bad = [k for k in keys if not isinstance(self.rope_scaling.get(k), (int, float)) or self.rope_scaling[k] <= 0]
+            need(keys is not None, f"rope_scaling rope_type={kind!r}: use one of {', '.join(ROPE_SCALING)} "
+                 f"({{}} = none)")
+            bad = [k for k in keys if not isinstance(self.rope_scaling.get(k), (int, float))
+                   or self.rope_scaling[k] <= 0]
             extra = sorted(set(self.rope_scaling) - set(keys) - {"rope_type"})
             need(not bad and not extra, f"rope_scaling {kind} takes positive numbers {', '.join(keys)}"
                  + (f"; {', '.join(bad)} missing or not positive" if bad else f"; not {', '.join(extra)}"))
@@ -498,7 +500,8 @@ class GPT(nn.Module):
         if B != 1:
             raise ValueError(f"self-speculative decoding takes one sequence, not a batch of {B}")
         if not 1 <= exit_layer <= self.config.n_layer or draft_len < 1:
-            raise ValueError(f"exit_layer={exit_layer} must be in [1, {self.config.n_layer}] and draft_len={draft_len} >= 1")
+            raise ValueError(f"exit_layer={exit_layer} must be in [1, {self.config.n_layer}] and "
+                             f"draft_len={draft_len} >= 1")
         length = T + max_new_tokens + draft_len   # the last round may draft past the end
         if length > self.config.block_size:
             raise ValueError(f"prompt {T} + {max_new_tokens} new + {draft_len} draft tokens exceeds "

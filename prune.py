@@ -255,7 +255,8 @@ def prune_run(run, args, ks, methods, hs_items, device, ctx):
 
     cache = {}   # frozenset(layers) -> metrics: methods that agree share one evaluation
     tokenizer = source_tokenizer(ckpt, args.tokenizer)
-    encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, tokenizer)) if hs_items is not None else None   # once per text
+    # cached: each text is encoded once
+    encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, tokenizer)) if hs_items is not None else None
 
     def score(layers):
         key = frozenset(layers)

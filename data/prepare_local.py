@@ -13,8 +13,9 @@ Inputs (files or folders, searched recursively, in sorted order):
 Tokenizers: gpt2 (tiktoken's GPT-2 BPE, EOT 50256 after each document; offline, point
 TIKTOKEN_CACHE_DIR at a tiktoken cache), bytes (UTF-8 bytes, vocab 256, byte 0 after each
 document), or an HF model's folder (its tokenizer.json, its eos token after each document: the
-data of a model imported with hf.py; needs the tokenizers package). Every k-th document (k = 1/val_fraction, spread evenly) goes to val.bin, the rest
-to train.bin, so the split is deterministic and representative.
+data of a model imported with hf.py; needs the tokenizers package). Every k-th document
+(k = 1/val_fraction, spread evenly) goes to val.bin, the rest to train.bin, so the split is
+deterministic and representative.
 
 The tokenise-and-write routine is gfa/prepare.py's write_bins(); data/dolma/prepare.py uses it too.
 """
@@ -93,8 +94,8 @@ def main(argv=None):
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="files or folders")
     ap.add_argument("--out_dir", required=True, help="where train.bin / val.bin go (train.py --data_dir=...)")
-    ap.add_argument("--tokenizer", default="gpt2", help=f"{' or '.join(TOKENIZERS)} (tiktoken's GPT-2 BPE, UTF-8 bytes), "
-                    f"or the folder of an HF model holding its tokenizer.json (an imported model's data)")
+    ap.add_argument("--tokenizer", default="gpt2", help=f"{' or '.join(TOKENIZERS)} (tiktoken's GPT-2 BPE, UTF-8 "
+                    f"bytes), or the folder of an HF model holding its tokenizer.json (an imported model's data)")
     ap.add_argument("--text_key", default="text", help="jsonl field / parquet column holding the text")
     ap.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out in val.bin")
     ap.add_argument("--tokens", type=float, default=None, help="token budget (default: everything)")

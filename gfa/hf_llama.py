@@ -89,8 +89,8 @@ def config_from_hf(hf, where="config.json", block_size=None):
     model's max_position_embeddings; it sizes the RoPE tables and is the training length)."""
     kind = hf.get("model_type")
     if kind not in ("llama", "cascadeformer"):
-        raise UserError(f"{where}: model_type {kind!r}: only Llama-architecture checkpoints (model_type 'llama') "
-                        f"can be imported")
+        raise UserError(f"{where}: model_type {kind!r}: only Llama-architecture checkpoints (model_type 'llama', or "
+                        f"this codebase's tapered 'cascadeformer' export) can be imported")
     bad = [k for k in ("attention_bias", "mlp_bias") if hf.get(k)]
     if bad or hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{where}: " + (f"{', '.join(bad)} set" if bad else f"hidden_act {hf['hidden_act']!r}")
@@ -104,8 +104,7 @@ def config_from_hf(hf, where="config.json", block_size=None):
     theta, scaling = _rope_from_hf(hf, where)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     return GPTConfig(vocab_size=hf["vocab_size"], block_size=int(block_size or hf["max_position_embeddings"]),
-                     d_model=hf["hidden_size"], n_layer=N,
-                     head_dim=head_dim,
+                     d_model=hf["hidden_size"], n_layer=N, head_dim=head_dim,
                      n_head=list(heads), n_kv_head=0 if kv == heads else kv[0],
                      d_ffn=list(hf.get("intermediate_size_per_layer") or [hf["intermediate_size"]] * N),
                      d_attn0=heads[0] * head_dim, S_d=0, d_ffn0=hf["intermediate_size"],   # unused: explicit lists
@@ -114,7 +113,7 @@ def config_from_hf(hf, where="config.json", block_size=None):
 
 
 def is_plain_llama(model):
-    """One width for every layer and no repeats or skipped layers: a plain Llama can hold it."""
+    """One width for every layer (after exportable(): no repeats or skipped layers left): a plain Llama."""
     return len(set(model.heads)) == 1 and len(set(model.ffns)) == 1
 
 
@@ -145,7 +144,8 @@ def hf_config(model, source=None):
 def state_from_hf(tensors, cfg, where):
     """Our state dict from HF Llama tensors (any dtype; copied into the fp32 model by load_state_dict)."""
     pre = "model."
-    sd = {"tok_emb.weight": tensors.pop(pre + "embed_tokens.weight", None), "norm_f.weight": tensors.pop(pre + "norm.weight", None)}
+    sd = {"tok_emb.weight": tensors.pop(pre + "embed_tokens.weight", None),
+          "norm_f.weight": tensors.pop(pre + "norm.weight", None)}
     head = tensors.pop("lm_head.weight", None)
     sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else head
     for l in range(cfg.n_layer):
@@ -220,9 +220,11 @@ def read_weights(folder):
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{os.path.join(folder, INDEX)} cannot be read ({type(e).__name__})") from None
     else:
-        pickled = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.isfile(os.path.join(folder, f))]
-        raise UserError(f"{folder} holds no {WEIGHTS}" + (f" (only {pickled[0]}: pickled weights are not read; save "
-                                                          f"the model with safe_serialization=True)" if pickled else ""))
+        pickled = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+                   if os.path.isfile(os.path.join(folder, f))]
+        raise UserError(f"{folder} holds no {WEIGHTS}" + (f" (only {pickled[0]}: pickled weights are not read; "
+                                                          f"save the model with safe_serialization=True)"
+                                                          if pickled else ""))
     tensors = {}
     for name in files:
         try:

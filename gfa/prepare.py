@@ -50,7 +50,8 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise UserError("an HF tokenizer needs the tokenizers package: pip install -r requirements-hf.txt") from None
+            raise UserError("an HF tokenizer needs the tokenizers package: pip install -r requirements-hf.txt") \
+                from None
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise UserError(f"{folder} holds no tokenizer.json: give an HF model's folder, or gpt2 or bytes")

@@ -27,10 +27,11 @@ def test_import_export_round_trip(tmp_path, byte_data, monkeypatch):
     run, b = str(tmp_path / "run"), str(tmp_path / "b")
     hf.main(["import", str(tmp_path / "a"), run])
     hf.main(["export", run, b])
-    first, second = st.load_file(tmp_path / "a" / "model.safetensors"), st.load_file(os.path.join(b, "model.safetensors"))
+    first, second = (st.load_file(os.path.join(f, "model.safetensors")) for f in (tmp_path / "a", b))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert "lm_head.weight" not in first   # tied: stored once, as HF does
-    assert json.loads((tmp_path / "a" / "config.json").read_text()) == json.loads(open(os.path.join(b, "config.json")).read())
+    read_config = lambda f: json.loads(open(os.path.join(f, "config.json")).read())
+    assert read_config(tmp_path / "a") == read_config(b)
     loaded, _ = rundir.load_gpt(run)
     x = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
@@ -82,7 +83,8 @@ def test_bad_inputs(tmp_path, capsys):
              "yarn": "RoPE scaling 'yarn' is not supported"}
     for name, config in cases.items():
         assert words[name] in err("import", write_folder(tmp_path / name, config), run)
-    missing = write_folder(tmp_path / "missing", tensors=lambda t: {k: v for k, v in t.items() if "layers.2.mlp.up" not in k})
+    missing = write_folder(tmp_path / "missing",
+                           tensors=lambda t: {k: v for k, v in t.items() if "layers.2.mlp.up" not in k})
     assert "missing blocks.2.ffn.gate_up.weight" in err("import", missing, run)
     pickled = write_folder(tmp_path / "pickled")
     os.rename(os.path.join(pickled, "model.safetensors"), os.path.join(pickled, "pytorch_model.bin"))

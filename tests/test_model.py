@@ -416,18 +416,20 @@ def test_tied_embeddings_share_one_matrix():
     assert tied.num_params() == untied.num_params() - 61 * 32
     assert tied.num_params(include_embedding=False) == tied.num_params()   # the matrix is the LM head too
     groups = tied.param_groups_by_layer()   # every parameter in one group: the gradient dump counts it once
-    assert sum(len(g) for g in groups.values()) == len(list(tied.parameters())) and groups["head"] == [tied.norm_f.weight]
+    assert sum(len(g) for g in groups.values()) == len(list(tied.parameters()))
+    assert groups["head"] == [tied.norm_f.weight]
     x = torch.randint(0, 61, (2, 8))
     with torch.no_grad():
         tied.tok_emb.weight[3] += 1.0   # one matrix: the head sees the change
-    torch.testing.assert_close(tied(x)[0], F.linear(tied.norm_f(tied.run_blocks(tied.tok_emb(x), tied.rope_cos[:8],
-                                                                                tied.rope_sin[:8])), tied.tok_emb.weight))
+    h = tied.run_blocks(tied.tok_emb(x), tied.rope_cos[:8], tied.rope_sin[:8])
+    torch.testing.assert_close(tied(x)[0], F.linear(tied.norm_f(h), tied.tok_emb.weight))
 
 
 def test_rope_scaling_by_hand():
     D, theta, T = 16, 10000.0, 32
     plain = GPT(tiny(head_dim=D, d_attn0=64, S_d=16, rope_theta=theta))
-    linear = GPT(tiny(head_dim=D, d_attn0=64, S_d=16, rope_theta=theta, rope_scaling={"rope_type": "linear", "factor": 4}))
+    linear = GPT(tiny(head_dim=D, d_attn0=64, S_d=16, rope_theta=theta,
+                      rope_scaling={"rope_type": "linear", "factor": 4}))
     # linear: position 4p of the scaled model is position p of the plain one
     torch.testing.assert_close(linear.rope_cos[::4][:T // 4], plain.rope_cos[:T // 4], rtol=0, atol=1e-6)
     # llama3, one frequency at a time in plain Python (Llama 3.1's reference code): wavelengths under
@@ -466,9 +468,9 @@ def test_exit_states_equal_the_model_without_the_layers_above():
 
 
 def self_speculative_cases():
-    return [(dict(n_head=[4, 3, 2, 1], d_ffn=[48, 40, 32, 16]), 1, 3), (dict(n_head=[4, 3, 2, 1], d_ffn=[48, 40, 32, 16]), 2, 1),
-            (dict(repeats=[1, 2, 1, 3], passthrough=[2]), 3, 4), (dict(n_kv_head=2, n_layer=6), 3, 2),
-            (dict(n_kv_head=2, n_layer=6), 6, 5)]
+    tapered = dict(n_head=[4, 3, 2, 1], d_ffn=[48, 40, 32, 16])
+    return [(tapered, 1, 3), (tapered, 2, 1), (dict(repeats=[1, 2, 1, 3], passthrough=[2]), 3, 4),
+            (dict(n_kv_head=2, n_layer=6), 3, 2), (dict(n_kv_head=2, n_layer=6), 6, 5)]
 
 
 @pytest.mark.parametrize("kw, E, d", self_speculative_cases())

@@ -103,7 +103,8 @@ def test_tapered_export_loads_through_its_modeling_file(tmp_path):
     model = tiny_gpt(n_head=[4, 4, 2, 2], d_ffn=[48, 40, 32, 16], S_d=0, n_kv_head=2, tie_embeddings=True)
     config = hf_llama.write_hf(model, str(tmp_path / "tapered"), dtype="float32")
     assert config["model_type"] == "cascadeformer" and config["num_attention_heads_per_layer"] == [4, 4, 2, 2]
-    spec = importlib.util.spec_from_file_location("modeling_cascadeformer", tmp_path / "tapered" / "modeling_cascadeformer.py")
+    spec = importlib.util.spec_from_file_location("modeling_cascadeformer",
+                                                  tmp_path / "tapered" / "modeling_cascadeformer.py")
     code = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(code)
     assert {v.split(".")[1] for v in config["auto_map"].values()} <= set(vars(code))   # trust_remote_code finds them
