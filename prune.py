@@ -228,20 +228,26 @@ def data_folder(run, args, ckpt):
     return folder
 
 
+def load_run(run, args, device):
+    """(model with every layer running, checkpoint, dataset folder, held-out tokens) of a run; a
+    passthrough in its config is noted and cleared: pruning and early exit score every layer."""
+    model, ckpt = rundir.load_gpt(run, device)
+    if model.passthrough:
+        print(f"note: {run} has passthrough layers {sorted(model.passthrough)} in its config; every layer is scored")
+        model.set_passthrough([])
+    ddir = data_folder(run, args, ckpt)
+    return model, ckpt, ddir, load_tokens(os.path.join(ddir, "val.bin"), model.config.vocab_size)
+
+
 def prune_run(run, args, ks, methods, hs_items, device, ctx):
     """Scores, choices and evaluations for one run: a dict for the table."""
     t0 = time.time()
-    model, ckpt = rundir.load_gpt(run, device)
+    model, ckpt, ddir, val = load_run(run, args, device)
     cfg = model.config
     N, T = cfg.n_layer, cfg.block_size
     for k in ks:
         if not 1 <= k <= N - 1:
             raise UserError(f"k={k}: must be in [1, {N - 1}] for the {N}-layer model of {run}")
-    if model.passthrough:
-        print(f"note: {run} has passthrough layers {sorted(model.passthrough)} in its config; pruning scores all layers")
-        model.set_passthrough([])
-    ddir = data_folder(run, args, ckpt)
-    val = load_tokens(os.path.join(ddir, "val.bin"), cfg.vocab_size)
     print(f"== run {run}: {N} layers, {model.num_params() / 1e6:.1f}M params, held-out {ddir}/val.bin")
 
     share = cfp_share(run, N, ckpt) if "cfp" in methods else None   # fail early, before any compute
@@ -365,13 +371,8 @@ def exit_curve(run, args, hs_items, device, ctx):
     """Early exit: held-out PPL (and multiple-choice accuracy) of the final norm and head after every
     layer E = 1..N, each batch scored at every exit from one forward pass. Keeping the exits after
     E is the same as removing layers E..N-1, so the curve is also top-down pruning."""
-    model, ckpt = rundir.load_gpt(run, device)
+    model, ckpt, ddir, val = load_run(run, args, device)
     cfg = model.config
-    if model.passthrough:
-        print(f"note: {run} has passthrough layers {sorted(model.passthrough)} in its config; every layer is run")
-        model.set_passthrough([])
-    ddir = data_folder(run, args, ckpt)
-    val = load_tokens(os.path.join(ddir, "val.bin"), cfg.vocab_size)
     print(f"== run {run}: exits after each of {cfg.n_layer} layers, held-out {ddir}/val.bin")
     losses = evaluate(model, val, cfg.block_size, args.batch_size, args.eval_batches, device, ctx, exits=True)
     rows = [{"exit": i + 1, "loss": loss, "ppl": math.exp(loss)} for i, loss in losses.items()]

@@ -77,18 +77,24 @@ def test_self_speculative_rows(tmp_path, byte_data, capsys):
                                          capsys)
 
 
-@pytest.mark.gpu
-def test_compiled_self_speculative_matches_generate_gpu():
-    """Compiled, CUDA-graphed draft and verify steps (bench's decode default) give generate()'s tokens."""
+def gpu_case(name, batch, spare=0):
+    """A random model of config `name` on the GPU, a 9-token prompt, generate()'s 16 greedy tokens after
+    it, and a KV cache at fixed addresses (CUDA graphs write it in place), `spare` positions longer."""
     torch.manual_seed(0)
-    cfg = load_config("tiny/vanilla_8l")
+    cfg = load_config(name)
     model = GPT(cfg).cuda().eval()
-    prompt = torch.randint(1, cfg.vocab_size, (1, 9), device="cuda")
-    want = model.generate(prompt, 16, temperature=0)
-    cache = model.new_kv_cache(1, 9 + 16 + 3)
+    prompt = torch.randint(1, cfg.vocab_size, (batch, 9), device="cuda")
+    cache = model.new_kv_cache(batch, 9 + 16 + spare)
     for kv in cache:
         for t in kv:
             torch._dynamo.mark_static_address(t)
+    return model, prompt, model.generate(prompt, 16, temperature=0), cache
+
+
+@pytest.mark.gpu
+def test_compiled_self_speculative_matches_generate_gpu():
+    """Compiled, CUDA-graphed draft and verify steps (bench's decode default) give generate()'s tokens."""
+    model, prompt, want, cache = gpu_case("tiny/vanilla_8l", 1, spare=3)
     draft = bench.replayed(torch.compile(model.draft_step, mode="reduce-overhead", fullgraph=True))
     verify = bench.replayed(torch.compile(model.verify_step, mode="reduce-overhead", fullgraph=True))
     for _ in range(2):   # second pass replays the recorded graphs
@@ -100,15 +106,7 @@ def test_compiled_self_speculative_matches_generate_gpu():
 @pytest.mark.gpu
 def test_compiled_decode_matches_generate_gpu():
     """The compiled, CUDA-graphed decode step (bench's decode default) == generate() on the GPU."""
-    torch.manual_seed(0)
-    cfg = load_config("tiny/cascade_c2")
-    model = GPT(cfg).cuda().eval()
-    prompt = torch.randint(1, cfg.vocab_size, (2, 9), device="cuda")
-    want = model.generate(prompt, 16, temperature=0)
-    cache = model.new_kv_cache(2, 25)
-    for kv in cache:
-        for t in kv:
-            torch._dynamo.mark_static_address(t)
+    model, prompt, want, cache = gpu_case("tiny/cascade_c2", 2)
     step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
     for _ in range(2):   # second pass replays the recorded graph
         assert torch.equal(bench.greedy_decode(model, prompt, 16, step, cache), want)
