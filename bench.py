@@ -6,6 +6,7 @@ Latency, throughput and TFLOP/s of the paper's models (Table 2), decode speed, t
     python bench.py vanilla_16l --hf                 # ours vs HF LlamaForCausalLM, same config, same run
     python bench.py --compile max-autotune           # the paper's exact protocol (slow to compile)
     python bench.py --mode decode --prompt_len 128 --new_tokens 128
+    python bench.py out/layerskip --mode decode --exit_layer 4,8 --draft_len 2,4   # self-speculative (LayerSkip)
     python bench.py --mode train vanilla_16l --batch 8      # optimizer steps, MFU, grad-norm dump overhead
     python bench.py --mode train vanilla_16l --hf           # ... and HF LlamaForCausalLM's step, same run
     python bench.py --mode train vanilla_16l --fsdp         # ... and the step under FSDP (train.py --parallel=fsdp)
@@ -45,6 +46,7 @@ from gfa import rundir, sharding
 from gfa.benchmark import (CpuEvent, build, build_hf, compiled, cost_tflop, first_call, free, item_params, one_line,
                            profile, resolve, set_dtype, stats, sync, time_calls, uniform, uses_cudagraphs)
 from gfa.cli import ArgumentParser, UserError, cli
+from gfa.data import eval_batches, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, peak_flops, pick_device
 from gfa.training import GradStep, adamw, clip_coef, scaled_step, teardown
 from model import GPT, cross_entropy
@@ -259,10 +261,108 @@ def decode_row(item, dtype, args, device):
     except Exception as e:
         traceback.print_exc()
         row["error"] = one_line(e)
-    return [row]
+        return [row]
+    return [row] + (speculative_rows(item, name, model, dtype, ctx, args) if args.exit_layers else [])
+
+
+# ---- self-speculative decoding (LayerSkip) ------------------------------------------------------
+def replayed(fn):
+    """fn as CUDA-graph replay needs it: a new step marked, its outputs copied out (the graph reuses them)."""
+    mark = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+
+    def call(*a):
+        mark()
+        out = fn(*a)
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+    return call
+
+
+def decode_prompts(item, vocab_size, n, P, seed, device):
+    """n prompts of P tokens, and where they come from: windows of the held-out text of a run whose
+    dataset is here (what a trained model's acceptance rate is about), else random ids."""
+    run = resolve(item)[2]
+    folder = run and run_dataset_dir(rundir.read_checkpoint(run).get("train_config"))
+    val = folder and os.path.join(folder, "val.bin")
+    if val and os.path.isfile(val):
+        x, _ = next(eval_batches(load_tokens(val, vocab_size), P, n, 1))
+        return [x[i:i + 1].to(device) for i in range(n)], val
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab_size, (1, P), generator=g).to(device) for _ in range(n)], "random ids"
+
+
+def time_generations(gen, prompts):
+    """(seconds of each generation, outputs) of gen(prompt) for every prompt: host clock after a device
+    sync on both ends, so the prefill and the per-round host syncs of self-speculation count."""
+    times, outs = [], []
+    for p in prompts:
+        sync()
+        t = time.perf_counter()
+        outs.append(gen(p))
+        sync()
+        times.append(time.perf_counter() - t)
+    return times, outs
+
+
+def speculative_rows(item, name, model, dtype, ctx, args):
+    """Self-speculative decoding at every (--exit_layer E, --draft_len d): acceptance rate (drafts kept
+    / drafted) and tok/s against plain greedy decoding, both compiled alike (draft_step, verify_step and
+    decode_step) and timed per whole generation on the same --runs prompts, batch 1; and on how many
+    prompts the tokens equal plain greedy decoding's."""
+    P, N = args.prompt_len, args.new_tokens
+    device = model.lm_head.weight.device
+    prompts, source = decode_prompts(item, model.config.vocab_size, args.runs, P, args.seed, device)
+    cache = model.new_kv_cache(1, P + N + max(args.draft_lens), dtype=torch.bfloat16 if dtype == "bfloat16" else
+                               torch.float32)
+    if uses_cudagraphs(args.compile):
+        for kv in cache:
+            for t in kv:
+                torch._dynamo.mark_static_address(t)
+    base = {"config": name, "model": pretty(name), "dtype": dtype, "prompts": len(prompts), "prompt_source": source,
+            "prompt_len": P, "new_tokens": N}
+
+    def timed(label, make_gen):
+        """Compile (first_call) and warm up on the first prompt, then time every prompt."""
+        gen = [None]
+
+        def make(mode, fullgraph):
+            gen[0] = make_gen(mode, fullgraph)
+            return lambda: gen[0](prompts[0])
+        _, compile_s, note = first_call(make, args.compile, not args.no_fullgraph, label)
+        for _ in range(args.warmup):
+            gen[0](prompts[0])
+        times, outs = time_generations(gen[0], prompts)
+        return {"tok_s": len(prompts) * N / sum(times), "compile_s": compile_s, "note": note}, outs
+
+    def plain_gen(mode, fullgraph):
+        step = compiled(model.decode_step, mode, fullgraph)
+        return lambda p: greedy_decode(model, p, N, step, cache, ctx)
+    plain, plain_out = timed(f"{name} plain decode ({dtype})", plain_gen)
+    rows = [dict(base, impl="plain", **plain)]
+    for E in args.exit_layers:
+        for d in args.draft_lens:
+            row = dict(base, impl="self-spec", exit_layer=E, draft_len=d)
+            try:
+                free()   # every (E, d) compiles its own graphs
+                def make_gen(mode, fullgraph):
+                    draft = replayed(compiled(model.draft_step, mode, fullgraph))
+                    verify = replayed(compiled(model.verify_step, mode, fullgraph))
+                    return lambda p: model.generate_self_speculative(p, N, E, d, draft, verify, cache)
+                with ctx:
+                    res, outs = timed(f"{name} self-speculative E={E} d={d} ({dtype})", make_gen)
+                rounds, drafted, accepted = (sum(s[k] for _, s in outs) for k in ("rounds", "drafted", "accepted"))
+                row.update(res, acceptance=accepted / drafted, tokens_per_round=(rounds + accepted) / rounds,
+                           speedup=res["tok_s"] / plain["tok_s"],
+                           same_tokens=sum(torch.equal(t, want) for (t, _), want in zip(outs, plain_out)))
+            except Exception as e:
+                traceback.print_exc()
+                row["error"] = one_line(e)
+            rows.append(row)
+    return rows
 
 
 def decode_markdown(rows, ref):
+    spec = [r for r in rows if r.get("impl") in ("plain", "self-spec")]
+    rows = [r for r in rows if r not in spec]
     lines = ["| model | dtype | batch | prompt | new tokens | ms/token | tok/s | IQR ms (whole decode) |",
              "|" + "---|" * 8]
     for r in rows:
@@ -271,6 +371,22 @@ def decode_markdown(rows, ref):
             continue
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | "
                      f"{r['ms_per_token']:.3f} | {r['tok_s']:,.0f} | {r['decode_iqr_ms']:.2f} |")
+    if spec:
+        lines += ["", "Self-speculative decoding (batch 1, whole generations incl. prefill, "
+                  f"{spec[0]['prompts']} prompts from {spec[0]['prompt_source']}):", "",
+                  "| model | dtype | decoding | exit layer E | draft d | acceptance | tokens/round | tok/s | speed-up "
+                  "| same tokens as plain |", "|" + "---|" * 10]
+        for r in spec:
+            what = "plain greedy" if r["impl"] == "plain" else "self-speculative"
+            if "tok_s" not in r:
+                lines.append(f"| {r['model']} | {r['dtype']} | {what} | {r.get('exit_layer', '')} | "
+                             f"{r.get('draft_len', '')} | {r.get('error', 'not run')} | | | | |")
+            elif r["impl"] == "plain":
+                lines.append(f"| {r['model']} | {r['dtype']} | {what} | | | | 1 | {r['tok_s']:,.1f} | 1.00x | |")
+            else:
+                lines.append(f"| {r['model']} | {r['dtype']} | {what} | {r['exit_layer']} | {r['draft_len']} | "
+                             f"{100 * r['acceptance']:.1f} % | {r['tokens_per_round']:.2f} | {r['tok_s']:,.1f} | "
+                             f"{r['speedup']:.2f}x | {r['same_tokens']}/{r['prompts']} |")
     return "\n".join(lines)
 
 
@@ -471,6 +587,10 @@ def parse(argv):
     p.add_argument("--grad_clip", type=float, default=1.0, help="train: clip norm (0 = off), as Table 5")
     p.add_argument("--prompt_len", type=int, default=128, help="decode: prompt tokens (prefilled)")
     p.add_argument("--new_tokens", type=int, default=128, help="decode: tokens generated")
+    p.add_argument("--exit_layer", default="", help="decode: also self-speculative decoding (LayerSkip), drafting "
+                   "with the first E layers; a comma list sweeps, e.g. 4,6,8 (batch 1, prompts: --runs)")
+    p.add_argument("--draft_len", default="4", help="decode with --exit_layer: tokens drafted per round, a comma "
+                   "list sweeps, e.g. 2,4,6")
     p.add_argument("--ref", default="vanilla_15l", help="reference row for the relative columns")
     p.add_argument("--sdpa", choices=["auto", "flash", "cudnn", "efficient", "math"], default="auto",
                    help="inference/train: allow only this SDPA backend (auto: PyTorch's choice)")
@@ -500,6 +620,9 @@ def parse(argv):
     a.dtypes = list(dict.fromkeys(DTYPES[d] for d in a.dtype.split(",")))
     if min(a.batch, a.seq, a.runs, a.rounds, a.prompt_len) < 1 or a.warmup < 0:
         raise UserError("--batch, --seq, --runs, --rounds, --prompt_len must be >= 1 and --warmup >= 0")
+    a.exit_layers, a.draft_lens = parse_ints(a.exit_layer, "--exit_layer"), parse_ints(a.draft_len, "--draft_len")
+    if a.exit_layers and (a.mode != "decode" or a.batch != 1 or not a.draft_lens):
+        raise UserError("--exit_layer (self-speculative decoding) needs --mode decode, --batch 1 and a --draft_len")
     a.items = a.configs + a.ckpt or (["vanilla_16l"] if a.mode == "train" else TABLE2)
     for it in a.items:
         resolve(it)   # fail on a typo now, not after minutes of compiling
@@ -508,6 +631,14 @@ def parse(argv):
             raise UserError(f"{it} has {params / 1e6:,.0f}M parameters: too big to time on the CPU (no GPU is in use); "
                             f"on a CPU time the tiny models, e.g. python bench.py tiny/vanilla_16l tiny/cascade_a2")
     return a
+
+
+def parse_ints(text, option):
+    """'4,6,8' -> [4, 6, 8] (positive integers); '' -> []."""
+    parts = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not all(t.isdigit() and int(t) > 0 for t in parts):
+        raise UserError(f"{option} {text!r}: give positive integers separated by commas, e.g. {option} 2,4")
+    return [int(t) for t in parts]
 
 
 def main(argv):

@@ -4,7 +4,9 @@ CascadeFormer / GFA model: a Llama-style Pre-LN decoder whose layers have explic
     x = x + Attn(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))
 
 RoPE, causal multi-head attention (as many K/V heads as Q heads, head_dim 64) through
-F.scaled_dot_product_attention, no biases, final RMSNorm, untied LM head.
+F.scaled_dot_product_attention, no biases, final RMSNorm, untied LM head. For Llama-family
+checkpoints (gfa/hf_llama.py) the config also takes grouped-query attention (n_kv_head), a tied
+LM head and HF Llama's RoPE scaling; the defaults leave the paper's model as it was.
 
 Per layer l = 0..N-1 the model has its own number of heads and its own FFN inner size,
 given as explicit lists or by the paper's taper rules (Section 4.5):
@@ -14,7 +16,10 @@ Options: deep supervision (an auxiliary LM loss after every block, LayerSkip sty
 shared-layer repetition (block i applied repeats[i] times in a row, "virtual depth") and
 passthrough (layers skipped as identity; used by pruning and importance ablation).
 Generation: a KV cache (generate()), and decode_step(), a static-shape greedy step that
-compiles once and replays as a CUDA graph (bench.py --mode decode).
+compiles once and replays as a CUDA graph (bench.py --mode decode). Early exit: exit_states()
+gives the residual stream after every block from one pass, head() turns one into logits.
+Self-speculative decoding (LayerSkip): generate_self_speculative() drafts with the first E
+blocks and verifies with the whole model, reusing the draft's KV cache below E.
 
 The paper leaves S_d open; Table 2's parameter counts fix it at 128 (docs/paper_notes.md).
 `python fanin.py --theory config/x.py` prints a config's per-layer architecture.
@@ -69,6 +74,12 @@ class GPTConfig:
     init: str = "normal"             # 'normal': every weight N(0, 0.02), as HF Llama (the paper); or 'scaled'
     rope_theta: float = 10000.0      # RoPE base
     norm_eps: float = 1e-5           # RMSNorm epsilon
+    # Llama-family options (HF checkpoints, gfa/hf_llama.py); the defaults are the paper's model, unchanged
+    n_kv_head: int = 0               # K/V heads per layer (grouped-query attention); 0 = as many as query heads
+    tie_embeddings: bool = False     # the LM head reuses the token embedding matrix
+    # HF Llama's RoPE scaling: {'rope_type': 'linear', 'factor': f}, or 'llama3' with factor,
+    # low_freq_factor, high_freq_factor and original_max_position_embeddings
+    rope_scaling: dict = field(default_factory=dict)   # RoPE scaling as HF Llama configures it; {} = none
 
     def __post_init__(self):
         def need(ok, msg):
@@ -110,6 +121,23 @@ class GPTConfig:
              "set ds_scale='paper'")
         need(self.ds_e_scale > 0, f"ds_e_scale={self.ds_e_scale}: must be > 0")
         need(self.init in ("normal", "scaled"), f"init={self.init!r}: use 'normal' (N(0, 0.02), the paper) or 'scaled'")
+        kv = self.n_kv_head
+        need(isinstance(kv, int) and kv >= 0, f"n_kv_head={kv}: must be >= 0 (0 = as many K/V heads as query heads)")
+        for l, h in enumerate(self.layer_heads()):
+            need(not kv or h % kv == 0, f"n_head[{l}]={h} is not a multiple of n_kv_head={kv}: grouped-query "
+                 f"attention shares each K/V head among n_head / n_kv_head query heads")
+        need(isinstance(self.rope_scaling, dict), f"rope_scaling={self.rope_scaling!r}: must be a dict ({{}} = none)")
+        if self.rope_scaling:
+            kind, keys = self.rope_scaling.get("rope_type"), ROPE_SCALING.get(self.rope_scaling.get("rope_type"))
+            need(keys is not None, f"rope_scaling rope_type={kind!r}: use one of {', '.join(ROPE_SCALING)} "
+                 f"({{}} = none)")
+            bad = [k for k in keys if not isinstance(self.rope_scaling.get(k), (int, float))
+                   or self.rope_scaling[k] <= 0]
+            extra = sorted(set(self.rope_scaling) - set(keys) - {"rope_type"})
+            need(not bad and not extra, f"rope_scaling {kind} takes positive numbers {', '.join(keys)}"
+                 + (f"; {', '.join(bad)} missing or not positive" if bad else f"; not {', '.join(extra)}"))
+            need(kind != "llama3" or self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"],
+                 "rope_scaling llama3: high_freq_factor must be larger than low_freq_factor")
 
     # --- resolved per-layer widths (derived, never stored, so a saved config rebuilds exactly)
     def layer_heads(self):
@@ -117,6 +145,9 @@ class GPTConfig:
             return list(self.n_head)
         step = (lambda l: l // self.F_d) if self.F_d else (lambda l: 0)
         return [(self.d_attn0 - self.S_d * step(l)) // self.head_dim for l in range(self.n_layer)]
+
+    def layer_kv_heads(self):
+        return [self.n_kv_head or h for h in self.layer_heads()]
 
     def layer_ffn(self):
         return list(self.d_ffn) if self.d_ffn else [self.d_ffn0 - self.S_f * l for l in range(self.n_layer)]
@@ -167,14 +198,36 @@ class GPTConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# HF Llama's RoPE scalings (transformers' modeling_rope_utils): their keys besides rope_type
+ROPE_SCALING = {"linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 DS_SCALES = {"paper": None, "uniform": lambda l: 1.0, "linear": lambda l: float(l), "sum": lambda l: l * (l + 1) / 2,
              "sqrt": math.sqrt, "inv": lambda l: 1.0 / l, "inv_sqrt": lambda l: 1.0 / math.sqrt(l)}
 
 
-def rope_tables(head_dim, length, theta):
+def rope_tables(head_dim, length, theta, scaling=None):
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling:
+        inv_freq = scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)   # (T, head_dim/2)
     return angles.cos(), angles.sin()
+
+
+def scaled_frequencies(inv_freq, scaling):
+    """HF Llama's RoPE scaling of the inverse frequencies, written as transformers computes it.
+    linear: all divided by factor. llama3 (Llama 3.1): wavelengths above original / low_freq_factor
+    divided by factor, below original / high_freq_factor kept, smoothly interpolated between."""
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x, cos, sin):
@@ -194,15 +247,26 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model, n_head, head_dim):
+    def __init__(self, d_model, n_head, head_dim, n_kv_head=0):
         super().__init__()
         self.n_head, self.head_dim = n_head, head_dim
-        self.qkv = nn.Linear(d_model, 3 * n_head * head_dim, bias=False)   # fused Q, K, V
+        self.n_kv_head = n_kv_head or n_head   # fewer: grouped-query, each K/V head serves n_head / n_kv_head
+        self.qkv = nn.Linear(d_model, (n_head + 2 * self.n_kv_head) * head_dim, bias=False)   # fused Q, K, V
         self.proj = nn.Linear(n_head * head_dim, d_model, bias=False)
+
+    def _expand(self, k, v):
+        """Grouped-query attention: each K/V head repeated for its query heads (as HF's repeat_kv)."""
+        if self.n_kv_head == self.n_head:
+            return k, v
+        r = self.n_head // self.n_kv_head
+        return k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)   # (B, T, H, D)
+        if self.n_kv_head == self.n_head:
+            q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)   # (B, T, H, D)
+        else:
+            q, k, v = self.qkv(x).view(B, T, -1, self.head_dim).split([self.n_head, self.n_kv_head, self.n_kv_head], 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)   # (T, 1, D/2): broadcast over heads
         # RoPE in (B, T, H, D) memory, then (B, H, T, D) views for SDPA: cuDNN attention returns
         # its output in the query's memory layout, so the reshape after it is free (measured on
@@ -210,16 +274,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, *self._expand(k, v), is_causal=True)
         elif torch.is_tensor(pos):   # static shapes: write at positions pos, attend to the whole cache, masked
             cache[0].index_copy_(2, pos, k.to(cache[0].dtype))
             cache[1].index_copy_(2, pos, v.to(cache[1].dtype))
             mask = torch.arange(cache[0].size(2), device=x.device) <= pos[:, None]   # (T, cache length)
-            y = F.scaled_dot_product_attention(q, cache[0].to(q.dtype), cache[1].to(q.dtype), attn_mask=mask)
+            k, v = self._expand(cache[0].to(q.dtype), cache[1].to(q.dtype))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:   # KV cache: write this chunk at [pos, pos+T), attend to everything up to it
             cache[0][:, :, pos:pos + T] = k
             cache[1][:, :, pos:pos + T] = v
-            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
+            k, v = self._expand(cache[0][:, :, :pos + T], cache[1][:, :, :pos + T])
             if T == 1:
                 y = F.scaled_dot_product_attention(q, k, v)
             else:
@@ -243,7 +308,7 @@ class Block(nn.Module):
     def __init__(self, cfg, n_head, d_ffn):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, n_head, cfg.head_dim)
+        self.attn = Attention(cfg.d_model, n_head, cfg.head_dim, cfg.n_kv_head)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, d_ffn)
 
@@ -257,11 +322,14 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.heads, self.ffns, self.repeats = cfg.layer_heads(), cfg.layer_ffn(), cfg.layer_repeats()
+        self.kv_heads = cfg.layer_kv_heads()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, h, f) for h, f in zip(self.heads, self.ffns))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # Init (cfg.init): every weight N(0, 0.02), norms 1, as HF Llama; 'scaled' shrinks the
@@ -287,48 +355,69 @@ class GPT(nn.Module):
         self.config = replace(self.config, passthrough=sorted(int(i) for i in layers))
 
     # ---- forward -------------------------------------------------------------------------
+    def head(self, x):
+        """Logits of residual-stream states: the final norm and the LM head (an exit, after any block)."""
+        return self.lm_head(self.norm_f(x))
+
     def _head_loss(self, x, targets):
-        return cross_entropy(self.lm_head(self.norm_f(x)), targets, ignore_index=-1)
+        return cross_entropy(self.head(x), targets, ignore_index=-1)
+
+    def _rope(self, T, pos):
+        """(cos, sin, pos) for T tokens from position pos: an int, or a 0-d long tensor (static shapes),
+        which comes back as the tensor of the T positions."""
+        if torch.is_tensor(pos):   # index_select, not rope_cos[pos]: a 0-d tensor index breaks fullgraph
+            pos = pos.view(1) + torch.arange(T, device=pos.device)
+            return self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos), pos
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
+        return self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T], pos
+
+    def run_blocks(self, x, cos, sin, kv_cache=None, pos=0, start=0, stop=None, on_exit=None):
+        """x through blocks start..stop-1: passthrough ones skipped, each applied repeats[i] times;
+        on_exit(i, x) after each block that runs. kv_cache[v] is the cache of virtual position v."""
+        v, skip = sum(self.repeats[:start]), self.passthrough
+        for i in range(start, self.config.n_layer if stop is None else stop):
+            if i in skip:
+                v += self.repeats[i]
+                continue
+            for _ in range(self.repeats[i]):
+                x = self.blocks[i](x, cos, sin, None if kv_cache is None else kv_cache[v], pos)
+                v += 1
+            if on_exit is not None:
+                on_exit(i, x)
+        return x
 
     def forward(self, idx, targets=None, kv_cache=None, pos=0, last_only=False):
         """Returns (logits, loss). loss is the final exit's cross-entropy, plus, in train mode
         with deep supervision, sum_k alpha_k * CE(exit after block k) (the training objective).
         With kv_cache, idx continues a sequence at position pos: an int, or a 0-d long tensor for
         static shapes (decode_step)."""
-        B, T = idx.shape
-        if torch.is_tensor(pos):   # index_select, not rope_cos[pos]: a 0-d tensor index breaks fullgraph
-            pos = pos.view(1) + torch.arange(T, device=pos.device)
-            cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
-        else:
-            if pos + T > self.config.block_size:
-                raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
-            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
-        x = self.tok_emb(idx)
-        aux = None
-        skip = self.passthrough
-        run = [i for i in range(self.config.n_layer) if i not in skip]
+        cos, sin, pos = self._rope(idx.size(1), pos)
+        run = [i for i in range(self.config.n_layer) if i not in self.passthrough]
         deep = self.config.deep_supervision and self.training and targets is not None and bool(run)
         weights = self.config.exit_weights(run) if deep else None
-        v = 0   # virtual position, indexes the KV cache
-        for i, block in enumerate(self.blocks):
-            if i in skip:
-                v += self.repeats[i]
-                continue
-            for _ in range(self.repeats[i]):
-                x = block(x, cos, sin, None if kv_cache is None else kv_cache[v], pos)
-                v += 1
-            if deep and i != run[-1]:   # the last exit is the final loss, weighted below
+        aux = []
+
+        def exit_loss(i, x):
+            if i != run[-1]:   # the last exit is the final loss, weighted below
                 # recompute logits in backward: peak memory holds one layer's logits, not N
-                li = weights[run.index(i)] * checkpoint(self._head_loss, x, targets, use_reentrant=False)
-                aux = li if aux is None else aux + li
+                aux.append(weights[run.index(i)] * checkpoint(self._head_loss, x, targets, use_reentrant=False))
+        x = self.run_blocks(self.tok_emb(idx), cos, sin, kv_cache, pos, on_exit=exit_loss if deep else None)
         if targets is None:
-            logits = self.lm_head(self.norm_f(x[:, -1:] if last_only else x))
-            return logits, None
-        logits = self.lm_head(self.norm_f(x))
+            return self.head(x[:, -1:] if last_only else x), None
+        logits = self.head(x)
         loss = cross_entropy(logits, targets, ignore_index=-1)
         if deep:   # the final output's weight ('paper': 1 + alpha_last, the last block's exit being the same CE)
             loss = loss * weights[-1]
-        return logits, (loss if aux is None else loss + aux)
+        return logits, (loss + sum(aux[1:], aux[0]) if aux else loss)
+
+    def exit_states(self, idx):
+        """[(i, residual stream after block i)] for every block that runs, from one forward pass (no
+        cache): the exit after block i has logits self.head(state), the last one the model's own."""
+        cos, sin, _ = self._rope(idx.size(1), 0)
+        states = []
+        self.run_blocks(self.tok_emb(idx), cos, sin, on_exit=lambda i, x: states.append((i, x)))
+        return states
 
     # ---- generation with a KV cache ----------------------------------------------------------
     def new_kv_cache(self, batch_size, length=None, dtype=None):
@@ -336,7 +425,7 @@ class GPT(nn.Module):
         dtype = dtype or self.lm_head.weight.dtype
         dev = self.lm_head.weight.device
         cache = []
-        for h, r in zip(self.heads, self.repeats):
+        for h, r in zip(self.kv_heads, self.repeats):
             for _ in range(r):
                 shape = (batch_size, h, length, self.config.head_dim)
                 cache.append((torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev)))
@@ -373,10 +462,77 @@ class GPT(nn.Module):
         logits, _ = self(tok, kv_cache=cache, pos=pos, last_only=True)
         return logits[:, -1].float().argmax(dim=-1, keepdim=True)
 
+    # ---- self-speculative decoding (LayerSkip, Elhoushi et al. 2024) --------------------------
+    def draft_step(self, tok, pos, cache, exit_layer):
+        """One greedy draft token per sequence from the first exit_layer blocks: tok (B, 1) at
+        position pos (a 0-d long tensor; static shapes, as decode_step) through blocks < exit_layer
+        (their KV cache written), then the final norm and head. Returns (next tokens (B, 1), the
+        state after those blocks (B, 1, C), which verify_step continues from)."""
+        cos, sin, pos = self._rope(1, pos)
+        x = self.run_blocks(self.tok_emb(tok), cos, sin, cache, pos, stop=exit_layer)
+        return self.head(x).float().argmax(dim=-1), x
+
+    def verify_step(self, states, tok, pos, cache, exit_layer):
+        """The whole model's greedy next token after each of d + 1 inputs at positions pos..pos+d,
+        in one pass: states (B, d, C) are the drafted inputs' states after block exit_layer - 1
+        (draft_step's, their KV cache below exit_layer already written), tok (B, 1) the last draft,
+        which alone still goes through blocks < exit_layer; then all d + 1 go through the rest.
+        Returns (B, d + 1)."""
+        d = states.size(1)
+        cos, sin, at = self._rope(1, pos + d)
+        last = self.run_blocks(self.tok_emb(tok), cos, sin, cache, at, stop=exit_layer)
+        cos, sin, at = self._rope(d + 1, pos)
+        x = self.run_blocks(torch.cat([states, last], dim=1), cos, sin, cache, at, start=exit_layer)
+        return self.head(x).float().argmax(dim=-1)
+
+    @torch.no_grad()
+    def generate_self_speculative(self, idx, max_new_tokens, exit_layer, draft_len, draft=None, verify=None,
+                                  cache=None):
+        """Greedy decoding of one sequence (idx (1, T)) by self-speculation: each round drafts
+        draft_len tokens with the first exit_layer blocks (draft_step), verifies them with the whole
+        model in one pass that reuses the draft's KV cache and states below exit_layer (verify_step),
+        and keeps the drafts up to the first one the model disagrees with, plus the model's own next
+        token. The result is greedy generate()'s (up to argmax ties that a batched and a one-token
+        matmul round differently). draft, verify: those steps compiled, cache: a new_kv_cache of at least
+        T + max_new_tokens + draft_len positions, reused across calls (bench.py). Returns (tokens
+        (1, T + max_new_tokens), {'rounds', 'drafted', 'accepted'})."""
+        B, T = idx.shape
+        if B != 1:
+            raise ValueError(f"self-speculative decoding takes one sequence, not a batch of {B}")
+        if not 1 <= exit_layer <= self.config.n_layer or draft_len < 1:
+            raise ValueError(f"exit_layer={exit_layer} must be in [1, {self.config.n_layer}] and "
+                             f"draft_len={draft_len} >= 1")
+        length = T + max_new_tokens + draft_len   # the last round may draft past the end
+        if length > self.config.block_size:
+            raise ValueError(f"prompt {T} + {max_new_tokens} new + {draft_len} draft tokens exceeds "
+                             f"block_size={self.config.block_size}")
+        draft, verify = draft or self.draft_step, verify or self.verify_step
+        cache = cache if cache is not None else self.new_kv_cache(1, length)
+        positions = torch.arange(length, device=idx.device)
+        logits, _ = self(idx, kv_cache=cache, pos=0, last_only=True)
+        out = [idx, logits[:, -1].float().argmax(dim=-1, keepdim=True)]
+        stats, n, pos = {"rounds": 0, "drafted": 0, "accepted": 0}, 1, T   # pos: position of out[-1]
+        while n < max_new_tokens:
+            tok, drafts, states = out[-1], [], []
+            for j in range(draft_len):
+                tok, x = draft(tok, positions[pos + j], cache, exit_layer)
+                drafts.append(tok)
+                states.append(x)
+            drafts = torch.cat(drafts, dim=1)
+            full = verify(torch.cat(states, dim=1), drafts[:, -1:], positions[pos], cache, exit_layer)
+            k = int((drafts == full[:, :-1]).int().cumprod(dim=1).sum())   # the drafts the model agrees with
+            out += [drafts[:, :k], full[:, k:k + 1]]
+            n, pos = n + k + 1, pos + k + 1
+            stats = {"rounds": stats["rounds"] + 1, "drafted": stats["drafted"] + draft_len,
+                     "accepted": stats["accepted"] + k}
+        return torch.cat(out, dim=1)[:, :T + max_new_tokens], stats
+
     # ---- accounting ------------------------------------------------------------------------
     def num_params(self, include_embedding=True):
+        """Parameters (a tied embedding counted once); without the embedding: less the input embedding,
+        which a tied model's LM head still uses, so there it is kept."""
         n = sum(p.numel() for p in self.parameters())
-        return n if include_embedding else n - self.tok_emb.weight.numel()
+        return n if include_embedding or self.config.tie_embeddings else n - self.tok_emb.weight.numel()
 
     def layer_flops_per_token(self, seq_len=None):
         """Forward FLOPs per token of each layer (all its repeats; 0 if passed through):
@@ -385,9 +541,9 @@ class GPT(nn.Module):
         T = seq_len or self.config.block_size
         d = self.config.d_model
         out = []
-        for i, (h, f, r) in enumerate(zip(self.heads, self.ffns, self.repeats)):
+        for i, (h, kv, f, r) in enumerate(zip(self.heads, self.kv_heads, self.ffns, self.repeats)):
             d_attn = h * self.config.head_dim
-            per_pass = 2 * (4 * d * d_attn + 3 * d * f) + 2 * d_attn * (T + 1)
+            per_pass = 2 * (2 * d * (h + kv) * self.config.head_dim + 3 * d * f) + 2 * d_attn * (T + 1)
             out.append(0 if i in self.passthrough else r * per_pass)
         return out
 
@@ -397,11 +553,12 @@ class GPT(nn.Module):
 
     def param_groups_by_layer(self):
         """Stable names for "layer i's parameters": 'embed', 'layer.0' .. 'layer.N-1', 'head'
-        (final norm + LM head). A repeated layer's group is its shared parameters."""
+        (final norm + LM head; a tied LM head's matrix is in 'embed', once). A repeated layer's group
+        is its shared parameters."""
         groups = {"embed": [self.tok_emb.weight]}
         for i, block in enumerate(self.blocks):
             groups[f"layer.{i}"] = list(block.parameters())
-        groups["head"] = [self.norm_f.weight, self.lm_head.weight]
+        groups["head"] = [self.norm_f.weight] + ([] if self.config.tie_embeddings else [self.lm_head.weight])
         return groups
 
 
@@ -426,7 +583,8 @@ def describe(model):
     """The per-layer table of a model (`python fanin.py --theory config/x.py` prints it)."""
     cfg = model.config
     lines = [f"d_model {cfg.d_model}  head_dim {cfg.head_dim}  vocab {cfg.vocab_size}  block_size {cfg.block_size}"
-             f"  deep_supervision {cfg.deep_supervision}",
+             f"  deep_supervision {cfg.deep_supervision}"
+             + (f"  n_kv_head {cfg.n_kv_head}" if cfg.n_kv_head else "") + ("  tied" if cfg.tie_embeddings else ""),
              f"{'layer':>5} {'heads':>5} {'d_attn':>6} {'d_ffn':>6} {'repeats':>7} {'params':>12}  note"]
     for i, (h, f, r, b) in enumerate(zip(model.heads, model.ffns, model.repeats, model.blocks)):
         note = "passthrough" if i in model.passthrough else ""

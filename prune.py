@@ -5,6 +5,7 @@ CascadeFlow Pruning (CFP) against three baselines, scored by perplexity and Hell
     python prune.py --runs out/a out/b out/c --k 1,2,4,6,8  # seeds: mean +- std per cell
     python prune.py --runs out/a --k 4 --methods cfp --save_pruned out/a_cfp4   # a smaller run directory
     python prune.py --combine out/a/prune/results.json out/b/prune/results.json --out t1   # seeds pruned apart
+    python prune.py --runs out/layerskip out/vanilla_16l --exits   # early exit: PPL, HellaSwag after every layer
 
 Methods (paper Appendix A.4); each prints its full ranking, then prunes by passthrough
 (the removed layers are skipped as identity, model.set_passthrough):
@@ -31,6 +32,11 @@ Methods (paper Appendix A.4); each prints its full ranking, then prunes by passt
 Evaluation (gfa/evaluation.py): held-out perplexity over a fixed token set (same numbers every
 call) and zero-shot multiple choice on HellaSwag (acc: summed log-prob of the ending; acc_norm:
 log-prob per character). Outputs under --out: table1.md, table1_ppl.png, results.json.
+
+Early exit (--exits): the same two scores for the final norm and head after every layer E, each
+batch scored at all exits from one forward pass (the curve LayerSkip reports for deep-supervision
+models; an exit after E is also the model with layers E..N-1 removed). Outputs: exits.md,
+exits.png (PPL and acc_norm vs E, one line per run), exits.json.
 """
 import json
 import math
@@ -44,9 +50,10 @@ import torch
 
 from gfa import rundir
 from gfa.cli import ArgumentParser, UserError, cli
-from gfa.data import DATA, dataset_dir, get_batch, load_tokens
+from gfa.data import DATA, get_batch, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, pick_device
 from gfa.evaluation import choice_accuracy, ending_logprobs, evaluate, get_encoder, load_multiple_choice
+from gfa.hf_llama import source_tokenizer
 from gfa.theory import mean_std, spearman
 from model import drop_layers
 
@@ -213,24 +220,34 @@ def rank_layers(model, methods, ks, share, calib, device, ctx, args):
     return scores, choice
 
 
+def data_folder(run, args, ckpt):
+    """The dataset folder of a run: --data, else the one its training config names."""
+    folder = run_dataset_dir(ckpt.get("train_config"), args.data)
+    if folder is None:
+        raise UserError(f"run {run} does not name its dataset: pass --data <dataset name or folder>")
+    return folder
+
+
+def load_run(run, args, device):
+    """(model with every layer running, checkpoint, dataset folder, held-out tokens) of a run; a
+    passthrough in its config is noted and cleared: pruning and early exit score every layer."""
+    model, ckpt = rundir.load_gpt(run, device)
+    if model.passthrough:
+        print(f"note: {run} has passthrough layers {sorted(model.passthrough)} in its config; every layer is scored")
+        model.set_passthrough([])
+    ddir = data_folder(run, args, ckpt)
+    return model, ckpt, ddir, load_tokens(os.path.join(ddir, "val.bin"), model.config.vocab_size)
+
+
 def prune_run(run, args, ks, methods, hs_items, device, ctx):
     """Scores, choices and evaluations for one run: a dict for the table."""
     t0 = time.time()
-    model, ckpt = rundir.load_gpt(run, device)
+    model, ckpt, ddir, val = load_run(run, args, device)
     cfg = model.config
     N, T = cfg.n_layer, cfg.block_size
     for k in ks:
         if not 1 <= k <= N - 1:
             raise UserError(f"k={k}: must be in [1, {N - 1}] for the {N}-layer model of {run}")
-    if model.passthrough:
-        print(f"note: {run} has passthrough layers {sorted(model.passthrough)} in its config; pruning scores all layers")
-        model.set_passthrough([])
-    tc = ckpt.get("train_config") or {}
-    if not (args.data or tc.get("data_dir") or tc.get("dataset")):
-        raise UserError(f"run {run} does not name its dataset: pass --data <dataset name or folder>")
-    ddir = ((args.data if os.path.isdir(args.data) else dataset_dir(args.data)) if args.data
-            else dataset_dir(tc.get("dataset"), tc.get("data_dir")))
-    val = load_tokens(os.path.join(ddir, "val.bin"), cfg.vocab_size)
     print(f"== run {run}: {N} layers, {model.num_params() / 1e6:.1f}M params, held-out {ddir}/val.bin")
 
     share = cfp_share(run, N, ckpt) if "cfp" in methods else None   # fail early, before any compute
@@ -243,7 +260,9 @@ def prune_run(run, args, ks, methods, hs_items, device, ctx):
     scores, choice = rank_layers(model, methods, ks, share, calib, device, ctx, args)
 
     cache = {}   # frozenset(layers) -> metrics: methods that agree share one evaluation
-    encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size)) if hs_items is not None else None   # once per text
+    tokenizer = source_tokenizer(ckpt, args.tokenizer)
+    # cached: each text is encoded once
+    encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, tokenizer)) if hs_items is not None else None
 
     def score(layers):
         key = frozenset(layers)
@@ -347,6 +366,66 @@ def plot(results, ks, methods, path):
     plt.close(fig)
 
 
+# ---- early exit -----------------------------------------------------------------------------------
+def exit_curve(run, args, hs_items, device, ctx):
+    """Early exit: held-out PPL (and multiple-choice accuracy) of the final norm and head after every
+    layer E = 1..N, each batch scored at every exit from one forward pass. Keeping the exits after
+    E is the same as removing layers E..N-1, so the curve is also top-down pruning."""
+    model, ckpt, ddir, val = load_run(run, args, device)
+    cfg = model.config
+    print(f"== run {run}: exits after each of {cfg.n_layer} layers, held-out {ddir}/val.bin")
+    losses = evaluate(model, val, cfg.block_size, args.batch_size, args.eval_batches, device, ctx, exits=True)
+    rows = [{"exit": i + 1, "loss": loss, "ppl": math.exp(loss)} for i, loss in losses.items()]
+    if hs_items is not None:
+        encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, source_tokenizer(ckpt, args.tokenizer)))
+        for r, lp in zip(rows, ending_logprobs(model, hs_items, encode, device, ctx, args.hs_tokens, exits=True)):
+            r["acc"], r["acc_norm"] = choice_accuracy(lp, hs_items)
+    for r in rows:
+        print(f"  exit after layer {r['exit']:>2}: {_fmt_metrics(r)}")
+    return {"run": run, "n_layer": cfg.n_layer, "deep_supervision": cfg.deep_supervision, "exits": rows}
+
+
+def write_exits(results, hs_path, out):
+    """exits.md (a row per exit, a column per run and metric), exits.png (vs E) and exits.json."""
+    has_hs = "acc" in results[0]["exits"][0]
+    metrics = [("PPL", "ppl", 3)] + ([("acc", "acc", 4), ("acc_norm", "acc_norm", 4)] if has_hs else [])
+    head = ["exit after layer E"] + [f"{r['run']} {label}" for r in results for label, _, _ in metrics]
+    lines = ["Early exit: the final norm and LM head after layer E (held-out PPL"
+             + (f"; HellaSwag {hs_path})" if has_hs else ")"), "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    by_exit = [{x["exit"]: x for x in r["exits"]} for r in results]   # models of fewer layers: blank cells
+    for E in range(1, max(r["n_layer"] for r in results) + 1):
+        cells = [f"{b[E][key]:.{d}f}" if E in b else "" for b in by_exit for _, key, d in metrics]
+        lines.append(f"| {E} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print()
+    print(text)
+    rundir.atomic_write_text(text, os.path.join(out, "exits.md"))
+    rundir.atomic_write_json({"mc_file": hs_path, "runs": results}, os.path.join(out, "exits.json"), indent=1)
+    plot_exits(results, os.path.join(out, "exits.png"))
+    print(f"wrote {out}/exits.md, exits.png, exits.json")
+    return results
+
+
+def plot_exits(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = ["ppl"] + (["acc_norm"] if "acc_norm" in results[0]["exits"][0] else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for r in results:
+            label = r["run"] + (" (deep supervision)" if r["deep_supervision"] else "")
+            ax.plot([x["exit"] for x in r["exits"]], [x[key] for x in r["exits"]], marker="o", label=label)
+        ax.set_xlabel("exit after layer E")
+        ax.set_ylabel({"ppl": "held-out PPL (log)", "acc_norm": "HellaSwag acc_norm"}[key])
+    axes[0][0].set_yscale("log")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def save_pruned(path, model, ckpt, layers, run, method, k):
     """The model with `layers` physically removed, as a run directory (gfa.rundir) that every
     script loads: model_config.json, ckpt.pt (with pruned_from) and grad_norms.npz (the dump's
@@ -368,9 +447,10 @@ def save_pruned(path, model, ckpt, layers, run, method, k):
     print(f"saved the {small.config.n_layer}-layer model ({method}, k={k}, removed {list(layers)}) to {path}")
 
 
-def check_runs(runs, save_pruned, out):
+def check_runs(runs, save_pruned, out, same_architecture=True):
     """Before any work: every run has a checkpoint, all share one architecture (seeds of one config:
-    their numbers are averaged), and --save_pruned writes a new run, not over one."""
+    their numbers are averaged; not for --exits, which compares models), and --save_pruned writes a
+    new run, not over one."""
     configs = []
     for run in runs:
         if not os.path.isfile(rundir.file(run, rundir.CKPT)):
@@ -381,7 +461,7 @@ def check_runs(runs, save_pruned, out):
             raise UserError(f"{run} holds a {kind} model: prune.py prunes language models")
         rundir.read_checkpoint(run)   # readable (memory-mapped: the weights are not read here)
         configs.append({k: v for k, v in mc.items() if k != "passthrough"})   # pruning scores every layer
-    for run, mc in zip(runs[1:], configs[1:]):
+    for run, mc in zip(runs[1:], configs[1:] if same_architecture else []):
         diff = sorted(k for k in mc.keys() | configs[0].keys() if mc.get(k) != configs[0].get(k))
         if diff:
             what = ", ".join(f"{k} {configs[0].get(k)} vs {mc.get(k)}" for k in diff)
@@ -412,6 +492,8 @@ def main(argv):
                    "data/hellaswag/hellaswag_val.jsonl if present; 'none' skips)")
     p.add_argument("--hs_items", type=int, default=0, help="score only the first N items (0 = all)")
     p.add_argument("--hs_tokens", type=int, default=16384, help="padded tokens per HellaSwag batch")
+    p.add_argument("--tokenizer", default=None, help="HellaSwag: the HF model folder whose tokenizer.json encodes "
+                   "the text (default: the folder an imported run came from, else by vocabulary: bytes or GPT-2)")
     p.add_argument("--data", default=None, help="dataset name or folder (default: the run's train_config dataset)")
     p.add_argument("--eval_batches", type=int, default=20, help="held-out batches for perplexity")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per batch (perplexity, calibration)")
@@ -421,6 +503,8 @@ def main(argv):
                    help="similarity over the last token of each sequence (Gromov et al.) or over all tokens")
     p.add_argument("--magnitude", default="row_l2", choices=MAGNITUDE_READINGS,
                    help="magnitude score: per-output-row L2 norms summed (row_l2), or sum |W| (sum)")
+    p.add_argument("--exits", action="store_true", help="early exit instead of pruning: PPL and HellaSwag of the "
+                   "exit after every layer, one pass per batch; --runs may be different models (exits.md, exits.png)")
     p.add_argument("--combine", nargs="+", default=None, help="results.json files of earlier prune.py calls "
                    "(e.g. one per seed, run on different machines): one table over all their runs, no model loaded")
     p.add_argument("--device", default="", help="default cuda when available, else cpu")
@@ -441,8 +525,10 @@ def main(argv):
         raise UserError("--calib_seed and --hs_items must be >= 0")
     if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):
         raise UserError("--save_pruned writes one model: give one run, one --k and one --methods")
+    if args.exits and args.save_pruned:
+        raise UserError("--exits evaluates the exits of whole models: leave out --save_pruned")
     out = args.out or os.path.join(args.runs[0], "prune")
-    check_runs(args.runs, args.save_pruned, out)
+    check_runs(args.runs, args.save_pruned, out, same_architecture=not args.exits)
     hs_path = args.hellaswag
     if hs_path is None:
         hs_path = os.path.join(DATA, "hellaswag", "hellaswag_val.jsonl")   # the repo's data/, from any cwd
@@ -456,6 +542,8 @@ def main(argv):
     device = pick_device(args.device)
     ctx = autocast_for(torch.device(device).type, args.dtype)
 
+    if args.exits:
+        return write_exits([exit_curve(run, args, hs_items, device, ctx) for run in args.runs], hs_path, out)
     results = []
     for run in args.runs:
         res, model, ckpt, choice = prune_run(run, args, ks, methods, hs_items, device, ctx)

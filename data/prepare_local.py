@@ -11,9 +11,11 @@ Inputs (files or folders, searched recursively, in sorted order):
   .parquet            column --text_key (needs pyarrow, which `datasets` installs)
   any of them .gz     decompressed on the fly
 Tokenizers: gpt2 (tiktoken's GPT-2 BPE, EOT 50256 after each document; offline, point
-TIKTOKEN_CACHE_DIR at a tiktoken cache) or bytes (UTF-8 bytes, vocab 256, byte 0 after each
-document). Every k-th document (k = 1/val_fraction, spread evenly) goes to val.bin, the rest
-to train.bin, so the split is deterministic and representative.
+TIKTOKEN_CACHE_DIR at a tiktoken cache), bytes (UTF-8 bytes, vocab 256, byte 0 after each
+document), or an HF model's folder (its tokenizer.json, its eos token after each document: the
+data of a model imported with hf.py; needs the tokenizers package). Every k-th document
+(k = 1/val_fraction, spread evenly) goes to val.bin, the rest to train.bin, so the split is
+deterministic and representative.
 
 The tokenise-and-write routine is gfa/prepare.py's write_bins(); data/dolma/prepare.py uses it too.
 """
@@ -92,7 +94,8 @@ def main(argv=None):
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", help="files or folders")
     ap.add_argument("--out_dir", required=True, help="where train.bin / val.bin go (train.py --data_dir=...)")
-    ap.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS, help="gpt2 (tiktoken's GPT-2 BPE) or bytes")
+    ap.add_argument("--tokenizer", default="gpt2", help=f"{' or '.join(TOKENIZERS)} (tiktoken's GPT-2 BPE, UTF-8 "
+                    f"bytes), or the folder of an HF model holding its tokenizer.json (an imported model's data)")
     ap.add_argument("--text_key", default="text", help="jsonl field / parquet column holding the text")
     ap.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out in val.bin")
     ap.add_argument("--tokens", type=float, default=None, help="token budget (default: everything)")

@@ -12,4 +12,6 @@ scripts (train.py, fanin.py, prune.py, bench.py, resnet.py) -> gfa.* -> model.py
                norms, norm equalisation, clipping), the non-finite guard
   device       device choice, compute dtype (autocast), peak FLOP/s per GPU
   benchmark    models to time, compile-with-progress, CUDA-event timing, the kernel profile (bench.py)
+  hf_llama     HF Llama checkpoint folders (config.json + safetensors) in and out (hf.py);
+               hf_cascadeformer is the modeling file a tapered export carries (HF transformers, not ours)
 """

@@ -17,6 +17,7 @@ from gfa import rundir
 from gfa.cli import UserError, gpt_config
 from gfa.data import REPO
 from gfa.device import autocast_for
+from gfa.hf_llama import hf_config
 from model import GPT, GPTConfig
 
 
@@ -82,15 +83,11 @@ def uniform(model):
 
 
 def build_hf(model, device):
-    """HF LlamaForCausalLM with our model's (uniform) config: same widths, untied, no biases, RoPE."""
+    """HF LlamaForCausalLM with our model's (uniform) config, as gfa.hf_llama exports it (same widths, K/V heads,
+    tying, RoPE), random weights, SDPA attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    c = model.config
-    hc = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=model.ffns[0],
-                     num_hidden_layers=c.n_layer, num_attention_heads=model.heads[0],
-                     num_key_value_heads=model.heads[0], head_dim=c.head_dim, max_position_embeddings=c.block_size,
-                     rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=False,
-                     attention_bias=False, mlp_bias=False, hidden_act="silu", use_cache=False,
-                     attn_implementation="sdpa")
+    config = {k: v for k, v in hf_config(model).items() if k not in ("architectures", "model_type", "auto_map")}
+    hc = LlamaConfig(**config | {"use_cache": False}, attn_implementation="sdpa")
     try:
         hc._attn_implementation = "sdpa"   # older transformers ignore the constructor argument
     except Exception:

@@ -24,6 +24,15 @@ def dataset_dir(dataset, data_dir=""):
     return data_dir or os.path.join(DATA, str(dataset or ""))
 
 
+def run_dataset_dir(train_config, data=None):
+    """The dataset folder of a run: data (a dataset name or a folder) if given, else the one the run's
+    training config names; None when neither names one."""
+    if data:
+        return data if os.path.isdir(data) else dataset_dir(data)
+    tc = train_config or {}
+    return dataset_dir(tc.get("dataset"), tc.get("data_dir")) if tc.get("data_dir") or tc.get("dataset") else None
+
+
 def prepare_builtin(dataset, data_dir=""):
     """Make data/<dataset>/{train,val}.bin for a built-in dataset when they are missing."""
     folder = dataset_dir(dataset, data_dir)

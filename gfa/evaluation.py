@@ -2,7 +2,8 @@
 Evaluation: held-out perplexity over a fixed token set, and zero-shot multiple-choice scoring.
 
 Perplexity: exp(evaluate(...)), the mean next-token cross-entropy over gfa.data.eval_batches
-(the same windows for every run, script and call).
+(the same windows for every run, script and call). Both scores also come per exit (exits=True):
+the final norm and LM head after every block, from one forward pass per batch (early exit).
 
 Multiple choice (HellaSwag, OLMo / lm-eval protocol): each ending is scored by the summed
 log-probability of its tokens given the context; acc = argmax of that sum, acc_norm = argmax
@@ -13,7 +14,7 @@ preprocess("activity_label: ctx_a Ctx_b"), each ending " " + preprocess(ending).
 file is scored verbatim: ctx, then each ending as written (so an ending carries its own joining
 space). Contexts longer than the model's block_size are left-truncated, with a counted warning.
 Tokenizer from the model's vocabulary: 256 -> bytes, >= 50257 -> tiktoken GPT-2 BPE (offline:
-set TIKTOKEN_CACHE_DIR).
+set TIKTOKEN_CACHE_DIR); a model imported from HF (hf.py) uses its own tokenizer.json.
 """
 import os
 import re
@@ -29,29 +30,41 @@ from model import cross_entropy
 
 
 @torch.no_grad()
-def evaluate(model, data, block_size, batch_size, n_batches, device, ctx=None):
-    """Mean next-token cross-entropy (nats/token) of model over eval_batches(); ppl = exp(loss)."""
+def evaluate(model, data, block_size, batch_size, n_batches, device, ctx=None, exits=False):
+    """Mean next-token cross-entropy (nats/token) of model over eval_batches(); ppl = exp(loss).
+    exits=True: {block i: the loss of the exit after block i} for every block that runs, from one
+    pass per batch (GPT.exit_states; the last one is the model's own loss)."""
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    total, count = None, 0
     for x, y in eval_batches(data, block_size, batch_size, n_batches):
         x, y = x.to(device), y.to(device)
         with ctx or nullcontext():
-            logits, _ = model(x)
-        total += cross_entropy(logits, y, reduction="sum").double()
+            if exits:
+                states = model.exit_states(x)
+                losses = [cross_entropy(model.head(h), y, reduction="sum") for _, h in states]
+            else:
+                losses = [cross_entropy(model(x)[0], y, reduction="sum")]
+        batch = torch.stack(losses).double()
+        total = batch if total is None else total + batch
         count += y.numel()
     model.train(was_training)
-    return (total / count).item()
+    mean = (total / count).tolist()
+    return dict(zip((i for i, _ in states), mean)) if exits else mean[0]
 
 
-def get_encoder(vocab_size):
-    """text -> token ids for a model's vocabulary: 256 -> UTF-8 bytes, >= 50257 -> GPT-2 BPE."""
+def get_encoder(vocab_size, tokenizer=None):
+    """text -> token ids for a model's vocabulary: 256 -> UTF-8 bytes, >= 50257 -> GPT-2 BPE; or, for a
+    model imported from HF, tokenizer: the folder holding its tokenizer.json (gfa.hf_llama.source_tokenizer)."""
+    if tokenizer:
+        return load_encoding(tokenizer).encode
     if vocab_size == 256:
         return lambda s: list(s.encode("utf-8"))
     if vocab_size >= 50257:
         enc = load_encoding("gpt2")
         return lambda s: enc.encode(s, allowed_special="all")
-    raise UserError(f"vocab_size={vocab_size}: no tokenizer known for it (256 = bytes, >= 50257 = GPT-2 BPE)")
+    raise UserError(f"vocab_size={vocab_size}: no tokenizer known for it (256 = bytes, >= 50257 = GPT-2 BPE; a model "
+                    f"imported with hf.py uses the tokenizer.json of the folder it came from, which is gone)")
 
 
 def hellaswag_preprocess(text):
@@ -104,9 +117,21 @@ def load_multiple_choice(path, limit=0):
     return items
 
 
+def _continuation_logprobs(model, x, rows, cols, tgt, exits):
+    """[exits, scored tokens] log-prob of each continuation token (rows, cols: where in x; tgt: the
+    token): the model's own (one row), or at every exit from one pass (exits=True; the head runs on
+    the scored positions only)."""
+    if exits:
+        logits = [model.head(h[rows, cols]) for _, h in model.exit_states(x)]
+    else:
+        logits = [model(x)[0][rows, cols]]
+    return torch.stack([torch.log_softmax(lg.float(), dim=-1).gather(1, tgt[:, None])[:, 0] for lg in logits])
+
+
 @torch.no_grad()
-def ending_logprobs(model, items, encode, device, ctx, max_tokens=16384):
-    """[n_items, 4] summed log-prob of each continuation's tokens given its context.
+def ending_logprobs(model, items, encode, device, ctx, max_tokens=16384, exits=False):
+    """[n_items, 4] summed log-prob of each continuation's tokens given its context; exits=True:
+    [exits, n_items, 4], at the exit after every block that runs, from one pass per batch.
     All 4 endings of several items go in one right-padded batch (items sorted by length, at most
     max_tokens padded tokens); contexts longer than block_size are left-truncated, and counted in
     a warning."""
@@ -125,7 +150,6 @@ def ending_logprobs(model, items, encode, device, ctx, max_tokens=16384):
     if truncated:
         print(f"warning: {truncated} of {len(items)} multiple-choice items are longer than the model's context "
               f"(block_size {T}): their contexts lost their start (left-truncated)")
-    out = np.zeros((len(items), 4))
     order = sorted(range(len(items)), key=lambda i: max(len(t) for t, _ in seqs[i]))
     was_training = model.training
     model.eval()
@@ -148,15 +172,15 @@ def ending_logprobs(model, items, encode, device, ctx, max_tokens=16384):
         rows, cols = (y >= 0).nonzero(as_tuple=True)   # on the host: no device sync per batch
         x, rows, cols, tgt = (to_device(t) for t in (x, rows, cols, y[rows, cols]))
         with ctx:
-            logits, _ = model(x)
-        lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(1, tgt[:, None])[:, 0]
-        per_seq = torch.zeros(len(batch), device=device, dtype=torch.float64).index_add_(0, rows, lp.double())
+            lp = _continuation_logprobs(model, x, rows, cols, tgt, exits)   # [exits, scored tokens]
+        per_seq = torch.zeros(len(lp), len(batch), device=device, dtype=torch.float64).index_add_(1, rows, lp.double())
         scored.append((order[i:j], per_seq))
         i = j
+    out = np.zeros((len(scored[0][1]), len(items), 4))
     for items_of_batch, per_seq in scored:   # one copy back per batch, after all are queued
-        out[items_of_batch] = per_seq.view(-1, 4).cpu().numpy()
+        out[:, items_of_batch] = per_seq.view(len(per_seq), -1, 4).cpu().numpy()
     model.train(was_training)
-    return out
+    return out if exits else out[0]
 
 
 def choice_accuracy(logprobs, items):

@@ -4,7 +4,9 @@ after each document): the one routine the recipes under data/ share (prepare_loc
 dolma/prepare.py), and the tokenizers by name.
 
 Tokenizers: gpt2 (tiktoken's GPT-2 BPE, EOT 50256; offline, point TIKTOKEN_CACHE_DIR at a
-tiktoken cache) or bytes (UTF-8 bytes, vocab 256, EOT byte 0). Every k-th document
+tiktoken cache), bytes (UTF-8 bytes, vocab 256, EOT byte 0), or the folder of an HF model holding
+its tokenizer.json (the `tokenizers` package; EOT: the model's eos token; its vocabulary must fit
+the uint16 token files), for the data of a model imported with hf.py. Every k-th document
 (k = 1/val_fraction, spread evenly) goes to val.bin, the rest to train.bin, so the split is
 deterministic and representative. jsonl_rows() reads the jsonl files the recipes and the
 multiple-choice evaluation take.
@@ -19,8 +21,8 @@ import numpy as np
 from gfa.cli import UserError
 from gfa.rundir import remove_stale_temporaries
 
-TOKENIZERS = ("gpt2", "bytes")
-_enc = None   # per-process tiktoken encoding
+TOKENIZERS = ("gpt2", "bytes")   # or the folder of an HF model (its tokenizer.json)
+_enc, _eot = None, None   # per-process encoding and end-of-text id
 
 
 def jsonl_rows(path):
@@ -39,11 +41,58 @@ def jsonl_rows(path):
             yield n, obj
 
 
+class HFTokenizer:
+    """An HF model's tokenizer.json through the tokenizers package (transformers installs it), with the
+    calls this codebase makes of a tiktoken encoding; eot: the model's end-of-sequence id. Special
+    tokens spelled out in a text are matched as such (the package has no switch for it)."""
+
+    def __init__(self, folder):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError("an HF tokenizer needs the tokenizers package: pip install -r requirements-hf.txt") \
+                from None
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise UserError(f"{folder} holds no tokenizer.json: give an HF model's folder, or gpt2 or bytes")
+        self.tok = Tokenizer.from_file(path)
+        if self.tok.get_vocab_size() > 1 << 16:
+            raise UserError(f"{path} has {self.tok.get_vocab_size():,} tokens: more than the uint16 token files hold "
+                            f"(65,536)")
+        self.eot = self._eos(folder)
+
+    def _eos(self, folder):
+        """The eos id: config.json's eos_token_id, else tokenizer_config.json's eos_token."""
+        def read(name):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    return json.load(f)
+            except (OSError, ValueError):
+                return {}
+        eos = read("config.json").get("eos_token_id")
+        if eos is None:
+            tok = read("tokenizer_config.json").get("eos_token")
+            eos = self.tok.token_to_id(tok.get("content") if isinstance(tok, dict) else tok) if tok else None
+        if eos is None:
+            raise UserError(f"{folder}: no eos token in config.json or tokenizer_config.json (the end-of-text marker "
+                            f"between documents)")
+        return eos[0] if isinstance(eos, list) else int(eos)
+
+    def encode_ordinary(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text, allowed_special="all"):
+        return self.encode_ordinary(text)
+
+
 def load_encoding(tokenizer):
     if tokenizer == "bytes":
         return None
+    if os.path.isdir(tokenizer):
+        return HFTokenizer(tokenizer)
     if tokenizer != "gpt2":
-        raise UserError(f"tokenizer={tokenizer!r}: use one of {', '.join(TOKENIZERS)}")
+        raise UserError(f"tokenizer={tokenizer!r}: use one of {', '.join(TOKENIZERS)}, or the folder of an HF model "
+                        f"holding its tokenizer.json")
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
@@ -52,27 +101,23 @@ def load_encoding(tokenizer):
                         f"TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache, or use --tokenizer bytes") from None
 
 
-def eot_token(tokenizer):
-    return 50256 if tokenizer == "gpt2" else 0
-
-
 def _init_worker(tokenizer):
-    global _enc
+    global _enc, _eot
     _enc = load_encoding(tokenizer)
+    _eot = _enc.eot if isinstance(_enc, HFTokenizer) else 50256 if tokenizer == "gpt2" else 0
 
 
 def _encode(args):
     """[(text, end_of_document)] -> [uint16 array]: one worker's share of the stream."""
     tokenizer, docs = args
     out = []
-    eot = eot_token(tokenizer)
     for text, end in docs:
         if tokenizer == "bytes":
             ids = list(text.encode("utf-8"))
         else:
             ids = _enc.encode_ordinary(text)   # text that spells <|endoftext|> stays ordinary text
         if end:
-            ids.append(eot)
+            ids.append(_eot)
         out.append(np.asarray(ids, dtype=np.uint16))
     return out
 

@@ -11,7 +11,8 @@ The run directory: one folder per run, read and written only through this module
                               checkpoints; a pruned model has none), "grad_dump"
                               (GradNormDump.state_dict(), for exact resume), plus the script's own
                               extras: best_val_loss and equalize_clip (train.py), best_val_acc and rng (resnet.py),
-                              pruned_from (prune.py --save_pruned)}. A sharded checkpoint (train.py
+                              pruned_from (prune.py --save_pruned), imported_from (hf.py import: the
+                              HF folder and its config.json)}. A sharded checkpoint (train.py
                               parallel='fsdp') holds "sharded" (a folder name) instead of "model" and
                               "optimizer": they are in that folder of ckpt_sharded/
     <run>/ckpt_sharded/<id>/  torch.distributed.checkpoint's files: every rank's shards of "model" and
@@ -173,11 +174,14 @@ def read_model_config(run):
                 d = json.load(f)
         except (OSError, ValueError) as e:
             raise UserError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
-        return (d["kind"], d["config"]) if "kind" in d else ("gpt", d)   # earlier versions: a bare GPTConfig
+        kind, config = (d["kind"], d["config"]) if "kind" in d else ("gpt", d)   # earlier versions: a bare GPTConfig
+        # a GPT run of an earlier version lacks the fields added since: their defaults are what it ran with
+        return kind, (GPTConfig.defaults() | config if kind == "gpt" else config)
     if os.path.isfile(file(run, CKPT)) or os.path.isfile(file(run, OLD_RESNET_CKPT)):
         ckpt = read_checkpoint(run, kind=None)
         if "model_config" in ckpt:
-            return ckpt["kind"], ckpt["model_config"]
+            return ckpt["kind"], (GPTConfig.defaults() | ckpt["model_config"] if ckpt["kind"] == "gpt"
+                                  else ckpt["model_config"])
     if (read_importance(run) or {}).get("metric") == "top1_drop":
         return "resnet", {}
     raise UserError(f"{run} has no {MODEL_CONFIG}: not a run directory (train one with train.py or resnet.py)")

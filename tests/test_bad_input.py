@@ -13,6 +13,7 @@ import torch
 
 import bench
 import fanin
+import hf
 import prune
 import resnet
 import train
@@ -199,7 +200,7 @@ def _script(path):
     return mod
 
 
-SCRIPTS_WITH_OPTIONS = [fanin.main, prune.main, bench.main, prepare_local.main] + [
+SCRIPTS_WITH_OPTIONS = [fanin.main, prune.main, bench.main, hf.main, prepare_local.main] + [
     _script(os.path.join(DATA, d, "prepare.py")).main for d in ("dolma", "shakespeare", "hellaswag")]
 
 

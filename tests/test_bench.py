@@ -7,6 +7,7 @@ import torch
 
 import bench
 from gfa.benchmark import load_config
+from helpers import one_line_error, tiny_model, write_run
 from model import GPT
 
 
@@ -57,18 +58,55 @@ def test_decode_and_train_modes_run(tmp_path):
     assert r["nodump"]["ms_step"] > 0 and "overhead_pct" in r["dump"]
 
 
-@pytest.mark.gpu
-def test_compiled_decode_matches_generate_gpu():
-    """The compiled, CUDA-graphed decode step (bench's decode default) == generate() on the GPU."""
+def test_self_speculative_rows(tmp_path, byte_data, capsys):
+    """decode --exit_layer: a trained-run item takes its prompts from the run's val.bin; at E = N every
+    draft is accepted (d + 1 tokens a round); every generation equals plain greedy decoding."""
+    run = write_run(tmp_path / "run", tiny_model(n_layer=4, block_size=64), byte_data)
+    rows = bench.main([run, "--mode", "decode", "--device", "cpu", "--dtype", "float32", "--prompt_len", "8",
+                       "--new_tokens", "7", "--warmup", "0", "--runs", "2", "--exit_layer", "1,4", "--draft_len", "2",
+                       "--out", str(tmp_path / "d.json")])
+    plain, early, full = rows[1:]
+    assert [r["impl"] for r in rows] == ["ours", "plain", "self-spec", "self-spec"] and "error" not in early
+    assert plain["prompt_source"] == str(byte_data / "val.bin")
+    assert full["acceptance"] == 1.0 and full["tokens_per_round"] == 3.0 and 0 <= early["acceptance"] < 1
+    assert early["same_tokens"] == full["same_tokens"] == 2
+    assert full["speedup"] == pytest.approx(full["tok_s"] / plain["tok_s"])
+    assert "| self-speculative | 4 | 2 | 100.0 % | 3.00 |" in (tmp_path / "d.md").read_text()
+    assert "--exit_layer 'two'" in one_line_error(bench.main, [run, "--mode", "decode", "--exit_layer", "two"], capsys)
+    assert "--batch 1" in one_line_error(bench.main, [run, "--mode", "decode", "--exit_layer", "2", "--batch", "2"],
+                                         capsys)
+
+
+def gpu_case(name, batch, spare=0):
+    """A random model of config `name` on the GPU, a 9-token prompt, generate()'s 16 greedy tokens after
+    it, and a KV cache at fixed addresses (CUDA graphs write it in place), `spare` positions longer."""
     torch.manual_seed(0)
-    cfg = load_config("tiny/cascade_c2")
+    cfg = load_config(name)
     model = GPT(cfg).cuda().eval()
-    prompt = torch.randint(1, cfg.vocab_size, (2, 9), device="cuda")
-    want = model.generate(prompt, 16, temperature=0)
-    cache = model.new_kv_cache(2, 25)
+    prompt = torch.randint(1, cfg.vocab_size, (batch, 9), device="cuda")
+    cache = model.new_kv_cache(batch, 9 + 16 + spare)
     for kv in cache:
         for t in kv:
             torch._dynamo.mark_static_address(t)
+    return model, prompt, model.generate(prompt, 16, temperature=0), cache
+
+
+@pytest.mark.gpu
+def test_compiled_self_speculative_matches_generate_gpu():
+    """Compiled, CUDA-graphed draft and verify steps (bench's decode default) give generate()'s tokens."""
+    model, prompt, want, cache = gpu_case("tiny/vanilla_8l", 1, spare=3)
+    draft = bench.replayed(torch.compile(model.draft_step, mode="reduce-overhead", fullgraph=True))
+    verify = bench.replayed(torch.compile(model.verify_step, mode="reduce-overhead", fullgraph=True))
+    for _ in range(2):   # second pass replays the recorded graphs
+        got, _ = model.generate_self_speculative(prompt, 16, 3, 3, draft, verify, cache)
+        assert torch.equal(got, want)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_compiled_decode_matches_generate_gpu():
+    """The compiled, CUDA-graphed decode step (bench's decode default) == generate() on the GPU."""
+    model, prompt, want, cache = gpu_case("tiny/cascade_c2", 2)
     step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
     for _ in range(2):   # second pass replays the recorded graph
         assert torch.equal(bench.greedy_decode(model, prompt, 16, step, cache), want)

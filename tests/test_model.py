@@ -343,6 +343,10 @@ def test_flops_per_token_hand_count():
     assert m.flops_per_token(T) == l0 + 3 * l1 + 2 * 32 * 100
     m.set_passthrough([1])
     assert m.flops_per_token(T) == l0 + 2 * 32 * 100
+    # grouped-query (2 K/V heads): the K and V projections shrink to 2 heads x 8, attention does not
+    gqa = GPT(GPTConfig(vocab_size=100, block_size=16, d_model=32, n_layer=1, head_dim=8, n_head=[4], d_ffn=[64],
+                        n_kv_head=2))
+    assert gqa.layer_flops_per_token(T) == [2 * (32 * (32 + 16 + 16) + 32 * 32 + 3 * 32 * 64) + 4 * 32 * (T + 1) // 2]
 
 
 def test_every_parameter_gets_a_gradient():
@@ -373,7 +377,140 @@ def test_every_parameter_gets_a_gradient():
     (dict(deep_supervision=True, ds_scale="log"), "ds_scale='log'"),
     (dict(deep_supervision=True, ds_scale="sum", ds_alpha=[1.0] * 4), "ds_alpha weights the 'paper' loss only"),
     (dict(init="xavier"), "init='xavier'"),
+    (dict(n_kv_head=3), "n_head[0]=4 is not a multiple of n_kv_head=3"),
+    (dict(n_kv_head=-1), "n_kv_head=-1"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type='yarn'"),
+    (dict(rope_scaling={"rope_type": "linear"}), "factor missing or not positive"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta": 1}), "not beta"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                        "original_max_position_embeddings": 16}), "high_freq_factor must be larger"),
 ])
 def test_bad_configs_raise_one_line_errors(kw, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         tiny(**kw)
+
+
+# ---- Llama-family options: grouped-query attention, tied embeddings, RoPE scaling ------------------
+def test_grouped_query_attention_equals_attention_with_each_kv_head_repeated():
+    """Second implementation: a multi-head model whose K/V heads are the grouped model's, each
+    repeated for the query heads it serves (head h reads K/V head h // (n_head / n_kv_head), HF's
+    repeat_kv), gives the same logits; the KV cache holds the n_kv_head heads only."""
+    gqa = build(tiny(n_head=[4, 4, 2, 2], d_ffn=[48] * 4, n_kv_head=2))
+    mha = build(tiny(n_head=[4, 4, 2, 2], d_ffn=[48] * 4))
+    sd = gqa.state_dict()
+    for l, h in enumerate([4, 4, 2, 2]):
+        q, k, v = sd[f"blocks.{l}.attn.qkv.weight"].split([h * 8, 16, 16])
+        rep = lambda w: w.view(2, 8, 32).repeat_interleave(h // 2, dim=0).reshape(h * 8, 32)
+        sd[f"blocks.{l}.attn.qkv.weight"] = torch.cat([q, rep(k), rep(v)])
+    mha.load_state_dict(sd)
+    x = torch.randint(0, 61, (2, 12))
+    torch.testing.assert_close(gqa(x)[0], mha(x)[0], rtol=0, atol=1e-12)
+    assert [kv[0].size(1) for kv in gqa.new_kv_cache(1, 4)] == [2] * 4
+    assert torch.equal(gqa.generate(x[:, :4], 6, temperature=0), mha.generate(x[:, :4], 6, temperature=0))
+    assert gqa.num_params() == mha.num_params() - sum(2 * (h - 2) * 8 * 32 for h in [4, 4, 2, 2])
+
+
+def test_tied_embeddings_share_one_matrix():
+    tied, untied = GPT(tiny(tie_embeddings=True)), GPT(tiny())
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert tied.num_params() == untied.num_params() - 61 * 32
+    assert tied.num_params(include_embedding=False) == tied.num_params()   # the matrix is the LM head too
+    groups = tied.param_groups_by_layer()   # every parameter in one group: the gradient dump counts it once
+    assert sum(len(g) for g in groups.values()) == len(list(tied.parameters()))
+    assert groups["head"] == [tied.norm_f.weight]
+    x = torch.randint(0, 61, (2, 8))
+    with torch.no_grad():
+        tied.tok_emb.weight[3] += 1.0   # one matrix: the head sees the change
+    h = tied.run_blocks(tied.tok_emb(x), tied.rope_cos[:8], tied.rope_sin[:8])
+    torch.testing.assert_close(tied(x)[0], F.linear(tied.norm_f(h), tied.tok_emb.weight))
+
+
+def test_rope_scaling_by_hand():
+    D, theta, T = 16, 10000.0, 32
+    plain = GPT(tiny(head_dim=D, d_attn0=64, S_d=16, rope_theta=theta))
+    linear = GPT(tiny(head_dim=D, d_attn0=64, S_d=16, rope_theta=theta,
+                      rope_scaling={"rope_type": "linear", "factor": 4}))
+    # linear: position 4p of the scaled model is position p of the plain one
+    torch.testing.assert_close(linear.rope_cos[::4][:T // 4], plain.rope_cos[:T // 4], rtol=0, atol=1e-6)
+    # llama3, one frequency at a time in plain Python (Llama 3.1's reference code): wavelengths under
+    # old/high kept, over old/low divided by factor, smooth in between
+    s = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64}
+    ll3 = GPT(tiny(head_dim=D, d_attn0=64, S_d=16, rope_theta=theta, rope_scaling=s))
+    want = []
+    for j in range(D // 2):
+        f = theta ** (-2 * j / D)
+        wl = 2 * math.pi / f
+        if wl < 64 / 4.0:
+            want.append(f)
+        elif wl > 64 / 1.0:
+            want.append(f / 8.0)
+        else:
+            a = (64 / wl - 1.0) / (4.0 - 1.0)
+            want.append((1 - a) * f / 8.0 + a * f)
+    assert want[0] == 1.0 and want[-1] < want[0] / 8 and len({w / f for w, f in zip(want, [theta ** (-2 * j / D)
+                                                                                         for j in range(D // 2)])}) > 2
+    got = torch.atan2(ll3.rope_sin[1], ll3.rope_cos[1]).double()   # the angle at position 1 is the frequency
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.double), rtol=1e-6, atol=1e-7)
+
+
+# ---- early exit and self-speculative decoding --------------------------------------------------------
+def test_exit_states_equal_the_model_without_the_layers_above():
+    """The exit after block i (one pass) == the model with every block above i passed through."""
+    m = build(tiny(repeats=[1, 2, 1, 1], passthrough=[2]))
+    x = torch.randint(0, 61, (2, 12))
+    states = m.exit_states(x)
+    assert [i for i, _ in states] == [0, 1, 3]
+    torch.testing.assert_close(m.head(states[-1][1]), m(x)[0], rtol=0, atol=0)
+    for i, h in states:
+        m.set_passthrough(sorted({2} | set(range(i + 1, 4))))
+        torch.testing.assert_close(m.head(h), m(x)[0], rtol=0, atol=1e-12)
+
+
+def self_speculative_cases():
+    tapered = dict(n_head=[4, 3, 2, 1], d_ffn=[48, 40, 32, 16])
+    return [(tapered, 1, 3), (tapered, 2, 1), (dict(repeats=[1, 2, 1, 3], passthrough=[2]), 3, 4),
+            (dict(n_kv_head=2, n_layer=6), 3, 2), (dict(n_kv_head=2, n_layer=6), 6, 5)]
+
+
+@pytest.mark.parametrize("kw, E, d", self_speculative_cases())
+def test_self_speculative_decoding_gives_greedy_generate_tokens(kw, E, d):
+    m = build(tiny(**kw))
+    for seed in range(3):
+        prompt = torch.randint(0, 61, (1, 3 + 2 * seed), generator=torch.Generator().manual_seed(seed))
+        want = m.generate(prompt, 12, temperature=0)
+        got, stats = m.generate_self_speculative(prompt, 12, exit_layer=E, draft_len=d)
+        assert torch.equal(got, want), (seed, got, want)
+        assert stats["drafted"] == d * stats["rounds"] and 0 <= stats["accepted"] <= stats["drafted"]
+        assert stats["rounds"] + stats["accepted"] >= 11   # every round gives accepted + 1 tokens
+        if E == m.config.n_layer:   # the draft is the model itself: all accepted
+            assert stats["accepted"] == stats["drafted"]
+
+
+def test_self_speculative_acceptance_follows_the_layers_above_the_exit():
+    """Blocks above the exit that do nothing: every draft is accepted; that do much: few are; a
+    float32 model (the scripts' dtype) still gives generate()'s tokens."""
+    m = build(tiny(n_layer=4))
+    prompt = torch.randint(0, 61, (1, 4))
+    for i in (2, 3):
+        zero_branch = [m.blocks[i].attn.proj.weight, m.blocks[i].ffn.down.weight]
+        with torch.no_grad():
+            for w in zero_branch:
+                w.zero_()
+    got, stats = m.generate_self_speculative(prompt, 16, exit_layer=2, draft_len=4)
+    assert torch.equal(got, m.generate(prompt, 16, temperature=0))
+    assert stats["accepted"] == stats["drafted"] and stats["rounds"] == 3   # 1 + 3 x (4 + 1) tokens
+    busy = build(tiny(n_layer=4), seed=1).float()
+    got, stats = busy.generate_self_speculative(prompt, 16, exit_layer=1, draft_len=3)
+    assert torch.equal(got, busy.generate(prompt, 16, temperature=0))
+    assert stats["accepted"] < stats["drafted"] / 2
+
+
+def test_self_speculative_refuses_what_it_cannot_do():
+    m = build(tiny())
+    with pytest.raises(ValueError, match="one sequence"):
+        m.generate_self_speculative(torch.zeros(2, 3, dtype=torch.long), 4, 2, 2)
+    with pytest.raises(ValueError, match="exit_layer=5"):
+        m.generate_self_speculative(torch.zeros(1, 3, dtype=torch.long), 4, 5, 2)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        m.generate_self_speculative(torch.zeros(1, 20, dtype=torch.long), 10, 2, 4)

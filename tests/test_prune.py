@@ -210,6 +210,33 @@ def test_cli_table_two_seeds_and_save_pruned(tmp_path, byte_data, monkeypatch):
     assert r2[0]["baseline"]["ppl"] == pytest.approx(r[0]["cells"]["cfp/2"]["ppl"], rel=1e-5)
 
 
+def test_exits_curve_equals_the_models_cut_above_each_exit(tmp_path, byte_data):
+    """--exits on two different models: exit E's PPL and multiple-choice log-probs, from one pass per
+    batch, equal an evaluation of the model with layers E..N-1 passed through (prune.py's own scoring)."""
+    deep = tiny_model(0, deep_supervision=True)
+    runs = [make_run(tmp_path / "deep", deep, byte_data), make_run(tmp_path / "three", tiny_model(1, n_layer=3),
+                                                                   byte_data)]
+    hs = write_jsonl(tmp_path / "hs.jsonl", HS_ROWS)
+    out = tmp_path / "exits"
+    res = prune.main(["--runs", *runs, "--exits", "--hellaswag", hs, "--eval_batches", "2", "--batch_size", "4",
+                      "--device", "cpu", "--out", str(out)])
+    assert [len(r["exits"]) for r in res] == [4, 3] and (out / "exits.png").stat().st_size > 0
+    assert json.loads((out / "exits.json").read_text())["runs"] == json.loads(json.dumps(res))
+    assert len((out / "exits.md").read_text().splitlines()) == 4 + 4   # title, blank, header, rule, E = 1..4
+    val = load_tokens(str(byte_data / "val.bin"), 256)
+    items = prune.load_multiple_choice(hs)
+    no_autocast = torch.autocast("cpu", enabled=False)
+    every_exit = prune.ending_logprobs(deep, items, prune.get_encoder(256), "cpu", no_autocast, exits=True)
+    for E in (1, 3, 4):
+        deep.set_passthrough(range(E, N))
+        loss = prune.evaluate(deep, val, 32, 4, 2, "cpu", no_autocast)
+        lp = prune.ending_logprobs(deep, items, prune.get_encoder(256), "cpu", no_autocast)
+        got = res[0]["exits"][E - 1]
+        assert got["exit"] == E and got["loss"] == pytest.approx(loss, rel=1e-6)
+        assert np.allclose(every_exit[E - 1], lp, rtol=1e-6)
+        assert (got["acc"], got["acc_norm"]) == prune.choice_accuracy(lp, items)
+
+
 # ---- bad input: one-line errors ---------------------------------------------------------------------------
 def test_bad_inputs(tmp_path, byte_data, capsys):
     run = make_run(tmp_path / "run", tiny_model(), byte_data)

@@ -90,3 +90,30 @@ def test_bad_line_mid_stream_leaves_no_files(tmp_path, bad, msg, workers):
         write_bins(docs, str(out), "bytes", val_fraction=0.1, workers=workers, batch_docs=1)
     assert "\n" not in str(e.value)
     assert not out.exists()          # no train.bin / val.bin, no .tmp<pid> files: not even the folder it made
+
+
+def test_hf_tokenizer_folder(tmp_path):
+    """--tokenizer <an HF model's folder>: its tokenizer.json's ids (a word-level vocabulary written here,
+    so the expected ids are known by hand) and its eos token after each document; the multiple-choice
+    encoder of an imported model uses the same tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from gfa.evaluation import get_encoder
+    vocab = {"[UNK]": 0, "</s>": 1, "to": 2, "be": 3, "or": 4, "not": 5}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    model = tmp_path / "model"
+    model.mkdir()
+    tok.save(str(model / "tokenizer.json"))
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["to be or not to be", "not to be", "be xyz"]))
+    prepare_local.main(["--out_dir", str(tmp_path / "out"), "--tokenizer", str(model), "--val_fraction", "0.34",
+                        "--workers", "1", str(src)])
+    assert np.fromfile(tmp_path / "out/train.bin", dtype=np.uint16).tolist() == [2, 3, 4, 5, 2, 3, 1, 5, 2, 3, 1]
+    assert np.fromfile(tmp_path / "out/val.bin", dtype=np.uint16).tolist() == [3, 0, 1]   # the third document
+    assert get_encoder(6, str(model))("not to be") == [5, 2, 3]
+    (model / "tokenizer_config.json").unlink()
+    with pytest.raises(UserError, match="no eos token"):
+        prepare_local.main(["--out_dir", str(tmp_path / "o2"), "--tokenizer", str(model), str(src)])
+    with pytest.raises(UserError, match="holds no tokenizer.json"):
+        prepare_local.main(["--out_dir", str(tmp_path / "o3"), "--tokenizer", str(tmp_path), str(src)])

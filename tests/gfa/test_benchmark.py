@@ -64,3 +64,17 @@ def test_profile_kernel_breakdown():
     assert {k: benchmark.kernel_kind(k) for k in kinds} == kinds
 
 
+
+
+def test_hf_twin_computes_our_model():
+    """bench.py --hf's LlamaForCausalLM (random weights) has our config: with our weights it gives our logits."""
+    pytest.importorskip("transformers")
+    from gfa.hf_llama import state_to_hf
+    _, model = benchmark.build("tiny/vanilla_8l", torch.device("cpu"), 32)
+    twin = benchmark.build_hf(model, "cpu")
+    assert sum(p.numel() for p in twin.parameters()) == model.num_params()
+    twin.load_state_dict(state_to_hf(model))
+    x = torch.randint(0, 256, (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(twin.eval()(input_ids=x, use_cache=False).logits, model.eval()(x)[0],
+                                   rtol=1e-5, atol=1e-5)
