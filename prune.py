@@ -36,11 +36,12 @@ import json
 import math
 import os
 import time
-from functools import lru_cache
+from contextlib import contextmanager
 from itertools import combinations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gfa import rundir
 from gfa.cli import ArgumentParser, UserError, cli
@@ -103,11 +104,11 @@ def taylor_scores(model, batches, device, ctx):
     return acc.cpu().numpy()
 
 
-@torch.no_grad()
-def angular_distances(model, batches, device, ctx, tokens="last"):
-    """D[l, m] (l < m, m <= N): mean of arccos(cos(h_l, h_m)) / pi over the last token of every
-    sequence (tokens='last', Gromov et al.) or over all tokens ('all'), where h_l is the input of
-    block l (its first application if repeated) and h_N the input of the final norm."""
+@contextmanager
+def layer_inputs(model):
+    """x -> [B, T, N+1, C]: the input of every block (its first application if repeated) and, last,
+    the input of the final norm (the last block's output), from one forward in eval mode. The hooks
+    come off and the mode is restored on exit."""
     N = model.config.n_layer
     hidden = {}   # i -> input of block i (i = N: of the final norm), one forward's worth
 
@@ -115,29 +116,82 @@ def angular_distances(model, batches, device, ctx, tokens="last"):
         def hook(module, args):
             hidden.setdefault(i, args[0].detach())   # first application only (virtual depth)
         return hook
+
+    def run(x):
+        hidden.clear()
+        model(x)
+        return torch.stack([hidden[i] for i in range(N + 1)], dim=2)
     hooks = [b.register_forward_pre_hook(grab(i)) for i, b in enumerate(model.blocks)]
     hooks.append(model.norm_f.register_forward_pre_hook(grab(N)))
     was_training = model.training
     model.eval()
-    D, count = torch.zeros(N + 1, N + 1, device=device, dtype=torch.float64), 0
     try:
+        yield run
+    finally:
+        for hk in hooks:
+            hk.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
+def angular_distances(model, batches, device, ctx, tokens="last"):
+    """D[l, m] (l < m, m <= N): mean of arccos(cos(h_l, h_m)) / pi over the last token of every
+    sequence (tokens='last', Gromov et al.) or over all tokens ('all'), where h_l is the input of
+    block l (its first application if repeated) and h_N the input of the final norm."""
+    N = model.config.n_layer
+    D, count = torch.zeros(N + 1, N + 1, device=device, dtype=torch.float64), 0
+    with layer_inputs(model) as run:
         for x, _ in batches:
-            hidden.clear()
             with ctx:
-                model(x.to(device))
+                h = run(x.to(device))   # [B, T, N+1, C]
             # [tokens, N+1, C], unit rows; float64 so the cosines near 1 (where arccos is steep)
             # keep their digits and no TF32 matmul touches them
-            h = torch.stack([hidden[i] for i in range(N + 1)], dim=2)   # [B, T, N+1, C]
             h = (h[:, -1] if tokens == "last" else h.flatten(0, 1)).double()
             h.div_(h.norm(dim=-1, keepdim=True).clamp_min(1e-12))   # in place: h is the big tensor here
             cos = torch.bmm(h, h.transpose(1, 2)).clamp(-1.0, 1.0)   # all pairs (l, m) of every token at once
             D += torch.arccos(cos).sum(0) / math.pi
             count += h.size(0)
-    finally:
-        for hk in hooks:
-            hk.remove()
-        model.train(was_training)
     return (D.triu(1) / count).cpu().numpy()   # l < m only, as before; the diagonal is 0
+
+
+@torch.no_grad()
+def block_influence(model, batches, device, ctx):
+    """ShortGPT's Block Influence (Men et al. 2024): BI_l = 1 - cos(input of block l, its output),
+    averaged over every token of the calibration batches (the output is the next block's input,
+    after all repeats). Accumulated in float64 on the device, one host copy at the end."""
+    N = model.config.n_layer
+    total, count = torch.zeros(N, device=device, dtype=torch.float64), 0
+    with layer_inputs(model) as run:
+        for x, _ in batches:
+            with ctx:
+                h = run(x.to(device)).flatten(0, 1).double()   # [tokens, N+1, C]
+            total += (1 - F.cosine_similarity(h[:, :-1], h[:, 1:], dim=-1)).sum(0)
+            count += h.size(0)
+    return (total / count).cpu().numpy()
+
+
+def sleb_order(model, batches, device, ctx, k):
+    """SLEB (Song et al. 2024): remove one block at a time, each round the block whose removal (on top
+    of the ones already removed) gives the lowest calibration perplexity. Returns (the k blocks in
+    removal order, the calibration loss after each removal, the loss with each block removed alone:
+    the first round). A round queues every candidate's loss on the device and reads them at once."""
+    N = model.config.n_layer
+    removed, after, first = [], [], None
+    try:
+        for _ in range(k):
+            cand = [l for l in range(N) if l not in removed]
+            losses = []
+            for l in cand:
+                model.set_passthrough(removed + [l])
+                losses.append(mean_loss(model, batches, device, ctx))
+            losses = torch.stack(losses).cpu().numpy()   # the one host sync of the round
+            first = losses if first is None else first
+            best = int(np.argmin(losses))
+            removed.append(cand[best])
+            after.append(float(losses[best]))
+    finally:
+        model.set_passthrough([])
+    return removed, after, first
 
 
 def cfp_share(run, n_layer, ckpt):

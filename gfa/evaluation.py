@@ -1,19 +1,27 @@
 """
-Evaluation: held-out perplexity over a fixed token set, and zero-shot multiple-choice scoring.
+Evaluation: held-out perplexity over a fixed token set, and zero-shot log-likelihood scoring.
 
 Perplexity: exp(evaluate(...)), the mean next-token cross-entropy over gfa.data.eval_batches
-(the same windows for every run, script and call).
+(the same windows for every run, script and call); mean_loss() gives it over any batches as a
+device tensor (prune.py's calibration perplexity, without a host sync per call).
 
-Multiple choice (HellaSwag, OLMo / lm-eval protocol): each ending is scored by the summed
-log-probability of its tokens given the context; acc = argmax of that sum, acc_norm = argmax
-of the sum divided by the ending's length in characters (lm-eval's acc_norm; a leading joining
-space not counted). Rows of HellaSwag itself (they carry activity_label, ctx_a and ctx_b) are
-built and cleaned exactly as lm-eval's hellaswag task does: the query is
-preprocess("activity_label: ctx_a Ctx_b"), each ending " " + preprocess(ending). Every other
-file is scored verbatim: ctx, then each ending as written (so an ending carries its own joining
-space). Contexts longer than the model's block_size are left-truncated, with a counted warning.
-Tokenizer from the model's vocabulary: 256 -> bytes, >= 50257 -> tiktoken GPT-2 BPE (offline:
-set TIKTOKEN_CACHE_DIR).
+Log-likelihood (continuation_logprobs): the summed log-probability of a continuation given its
+context, and whether greedy decoding would produce it, for many (context, continuation) pairs at
+once, batched by length. Pairs are tokenised as lm-eval tokenises a loglikelihood request
+(encode_pair), so this scorer and the lm-eval adapter (gfa/lm_eval_adapter.py) score the same
+tokens. Sequences longer than the model's block_size lose the start of their context.
+
+Multiple choice (HellaSwag, OLMo / lm-eval protocol), any number of endings per item (2 for
+WinoGrande-style sets, 4 for HellaSwag, ...): each ending is scored by the summed log-probability
+of its tokens given the context; acc = argmax of that sum, acc_norm = argmax of the sum divided by
+the ending's length in characters (lm-eval's acc_norm; a leading joining space not counted). Rows
+of HellaSwag itself (they carry activity_label, ctx_a and ctx_b) are built and cleaned exactly as
+lm-eval's hellaswag task does: the query is preprocess("activity_label: ctx_a Ctx_b"), each ending
+" " + preprocess(ending). Every other file is scored verbatim: ctx, then each ending as written (so
+an ending carries its own joining space). Truncated items are counted in a warning.
+
+Tokenizer from the model's vocabulary: 256 -> UTF-8 bytes (EOT byte 0), >= 50257 -> tiktoken's
+GPT-2 BPE (EOT 50256; offline: set TIKTOKEN_CACHE_DIR), as gfa/prepare.py tokenises the data.
 """
 import os
 import re
@@ -24,36 +32,118 @@ import torch
 
 from gfa.cli import UserError
 from gfa.data import eval_batches
-from gfa.prepare import jsonl_rows, load_encoding
+from gfa.prepare import eot_token, jsonl_rows, load_encoding
 from model import cross_entropy
 
 
+# ---- perplexity ---------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, data, block_size, batch_size, n_batches, device, ctx=None):
-    """Mean next-token cross-entropy (nats/token) of model over eval_batches(); ppl = exp(loss)."""
+def mean_loss(model, batches, device, ctx=None):
+    """Mean next-token cross-entropy (nats/token) over (x, y) batches, as a 0-d float64 tensor on
+    the device: no host sync, so many of them can be queued and read at once."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
-    for x, y in eval_batches(data, block_size, batch_size, n_batches):
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         with ctx or nullcontext():
             logits, _ = model(x)
         total += cross_entropy(logits, y, reduction="sum").double()
         count += y.numel()
     model.train(was_training)
-    return (total / count).item()
+    return total / count
 
 
-def get_encoder(vocab_size):
-    """text -> token ids for a model's vocabulary: 256 -> UTF-8 bytes, >= 50257 -> GPT-2 BPE."""
-    if vocab_size == 256:
-        return lambda s: list(s.encode("utf-8"))
-    if vocab_size >= 50257:
-        enc = load_encoding("gpt2")
-        return lambda s: enc.encode(s, allowed_special="all")
-    raise UserError(f"vocab_size={vocab_size}: no tokenizer known for it (256 = bytes, >= 50257 = GPT-2 BPE)")
+def evaluate(model, data, block_size, batch_size, n_batches, device, ctx=None):
+    """Mean next-token cross-entropy (nats/token) of model over eval_batches(); ppl = exp(loss)."""
+    return mean_loss(model, eval_batches(data, block_size, batch_size, n_batches), device, ctx).item()
 
 
+# ---- tokens -------------------------------------------------------------------------------------
+class Tokenizer:
+    """The tokenizer of a model's vocabulary: 256 -> UTF-8 bytes, >= 50257 -> GPT-2 BPE."""
+
+    def __init__(self, vocab_size):
+        if vocab_size == 256:
+            self.name, self.enc = "bytes", None
+        elif vocab_size >= 50257:
+            self.name, self.enc = "gpt2", load_encoding("gpt2")
+        else:
+            raise UserError(f"vocab_size={vocab_size}: no tokenizer known for it (256 = bytes, >= 50257 = GPT-2 BPE)")
+        self.eot = eot_token(self.name)
+
+    def encode(self, text):
+        return list(text.encode("utf-8")) if self.enc is None else self.enc.encode(text, allowed_special="all")
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace") if self.enc is None else self.enc.decode(ids)
+
+
+def encode_pair(tok, context, continuation):
+    """(context ids, continuation ids) as lm-eval's TemplateLM tokenises a loglikelihood request:
+    trailing whitespace of the context moves to the continuation, the pair is encoded whole and
+    split after the context's own tokens; an empty context is the EOT token."""
+    if not context:
+        cont = tok.encode(continuation)
+        return ([tok.eot], cont) if cont[:1] != [tok.eot] else (cont[:1], cont[1:])
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    ctx = tok.encode(context)
+    return ctx, tok.encode(context + continuation)[len(ctx):]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, pairs, device, ctx=None, max_tokens=16384):
+    """For each (context ids, continuation ids): the summed log-prob of the continuation given the
+    context, and whether greedy decoding would produce it: (float64 [n], bool [n], number of
+    pairs truncated). Sequences longer than block_size + 1 lose the start of their context (and a
+    continuation longer than block_size its first tokens). Pairs are sorted by length and packed
+    into right-padded batches of at most max_tokens padded tokens; results stay on the device until
+    every batch is queued (one copy back per batch, no sync between batches)."""
+    T = model.config.block_size
+    seqs = []   # (tokens, number of continuation tokens scored)
+    for c, e in pairs:
+        toks = (list(c) + list(e))[-(T + 1):]
+        seqs.append((toks, min(len(e), len(toks) - 1)))
+    truncated = sum(len(t) < len(c) + len(e) for (t, _), (c, e) in zip(seqs, pairs))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    was_training = model.training
+    model.eval()
+    cuda = torch.device(device).type == "cuda"
+    to_device = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda else t
+    scored, i = [], 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and (j + 1 - i) * (len(seqs[order[j]][0]) - 1) <= max_tokens:
+            j += 1
+        batch = [seqs[b] for b in order[i:j]]
+        L = max(len(t) for t, _ in batch) - 1
+        x = torch.zeros(len(batch), L, dtype=torch.long)
+        y = torch.full((len(batch), L), -1, dtype=torch.long)   # -1: not a continuation token
+        for b, (toks, n) in enumerate(batch):
+            t = torch.tensor(toks)
+            x[b, :len(toks) - 1] = t[:-1]
+            y[b, len(toks) - 1 - n:len(toks) - 1] = t[len(toks) - n:]
+        rows, cols = (y >= 0).nonzero(as_tuple=True)   # on the host: no device sync per batch
+        x, rows, cols, tgt = (to_device(t) for t in (x, rows, cols, y[rows, cols]))
+        with ctx or nullcontext():
+            logits, _ = model(x)
+        logits = logits[rows, cols].float()
+        lp = torch.log_softmax(logits, dim=-1).gather(1, tgt[:, None])[:, 0]
+        per_seq = torch.zeros(len(batch), device=device, dtype=torch.float64).index_add_(0, rows, lp.double())
+        misses = torch.zeros(len(batch), device=device).index_add_(0, rows, (logits.argmax(-1) != tgt).float())
+        scored.append((order[i:j], per_seq, misses))
+        i = j
+    logprob, greedy = np.zeros(len(seqs)), np.zeros(len(seqs), dtype=bool)
+    for idx, per_seq, misses in scored:   # one copy back per batch, after all are queued
+        logprob[idx] = per_seq.cpu().numpy()
+        greedy[idx] = misses.cpu().numpy() == 0
+    model.train(was_training)
+    return logprob, greedy, truncated
+
+
+# ---- multiple choice ----------------------------------------------------------------------------
 def hellaswag_preprocess(text):
     """lm-eval's HellaSwag cleaning (WikiHow rows carry markup such as "[header]", "[title]")."""
     text = text.strip().replace(" [title]", ". ")
@@ -74,26 +164,26 @@ def hellaswag_item(row):
 
 
 def load_multiple_choice(path, limit=0):
-    """[(context, [4 continuations], label)] from a jsonl with ctx, endings and label per row.
-    HellaSwag's own rows are cleaned as lm-eval does; any other row is used verbatim (its
+    """[(context, [continuations], label)] from a jsonl with ctx, endings (2 or more) and label per
+    row. HellaSwag's own rows are cleaned as lm-eval does; any other row is used verbatim (its
     endings carry their joining space). Malformed rows -> UserError."""
     if not os.path.isfile(path):
-        raise UserError(f"HellaSwag file {path} does not exist (run data/hellaswag/prepare.py, or pass "
-                        f"any jsonl in HellaSwag layout with --hellaswag)")
+        raise UserError(f"multiple-choice file {path} does not exist (run data/hellaswag/prepare.py, or pass "
+                        f"any jsonl with ctx, endings and label per row with --hellaswag)")
     items = []
     for n, row in jsonl_rows(path):
         if not {"ctx", "endings", "label"} <= set(row):
             raise UserError(f"{path}:{n} needs the fields ctx, endings and label")
         ctx, endings, label = row["ctx"], row["endings"], row["label"]
-        if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != 4 \
+        if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) < 2 \
                 or not all(isinstance(e, str) and e.strip() for e in endings):
-            raise UserError(f"{path}:{n} ctx must be a string and endings a list of 4 non-empty strings")
+            raise UserError(f"{path}:{n} ctx must be a string and endings a list of 2 or more non-empty strings")
         try:
             label = int(label)
         except (TypeError, ValueError):
             label = -1
-        if not 0 <= label < 4:
-            raise UserError(f"{path}:{n} label must be 0..3, got {row['label']!r}")
+        if not 0 <= label < len(endings):
+            raise UserError(f"{path}:{n} label must be 0..{len(endings) - 1} (one per ending), got {row['label']!r}")
         if is_hellaswag_row(row):
             ctx, endings = hellaswag_item(row)
         items.append((ctx, list(endings), label))
@@ -104,65 +194,36 @@ def load_multiple_choice(path, limit=0):
     return items
 
 
-@torch.no_grad()
-def ending_logprobs(model, items, encode, device, ctx, max_tokens=16384):
-    """[n_items, 4] summed log-prob of each continuation's tokens given its context.
-    All 4 endings of several items go in one right-padded batch (items sorted by length, at most
-    max_tokens padded tokens); contexts longer than block_size are left-truncated, and counted in
-    a warning."""
-    T = model.config.block_size
-    seqs = []   # per item: 4 x (tokens, number of continuation tokens)
-    truncated = 0
-    for c, ends, _ in items:
-        ce = encode(c)
-        row = []
-        for e in ends:
-            ee = encode(e)
-            toks = (ce + ee)[-(T + 1):]
-            row.append((toks, min(len(ee), len(toks) - 1)))
-        truncated += any(len(toks) < len(ce) + n for toks, n in row)   # n: the ending's tokens kept
-        seqs.append(row)
+def encode_items(items, tok):
+    """Per item, its (context ids, ending ids) pairs (encode_pair): tokenised once, scored for every
+    model."""
+    return [[encode_pair(tok, c, e) for e in ends] for c, ends, _ in items]
+
+
+def ending_logprobs(model, encoded, device, ctx, max_tokens=16384):
+    """[n_items, most endings] summed log-prob of each ending's tokens given its context (-inf past
+    an item's last ending), for encode_items' pairs. Items longer than the model's context lose the
+    start of their context, and are counted in a warning."""
+    lp, _, _ = continuation_logprobs(model, [p for pairs in encoded for p in pairs], device, ctx, max_tokens)
+    out = np.full((len(encoded), max(len(pairs) for pairs in encoded)), -np.inf)
+    i, truncated, T = 0, 0, model.config.block_size
+    for row, pairs in enumerate(encoded):
+        out[row, :len(pairs)] = lp[i:i + len(pairs)]
+        truncated += any(len(c) + len(e) > T + 1 for c, e in pairs)
+        i += len(pairs)
     if truncated:
-        print(f"warning: {truncated} of {len(items)} multiple-choice items are longer than the model's context "
+        print(f"warning: {truncated} of {len(encoded)} multiple-choice items are longer than the model's context "
               f"(block_size {T}): their contexts lost their start (left-truncated)")
-    out = np.zeros((len(items), 4))
-    order = sorted(range(len(items)), key=lambda i: max(len(t) for t, _ in seqs[i]))
-    was_training = model.training
-    model.eval()
-    cuda = torch.device(device).type == "cuda"
-    to_device = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda else t
-    scored = []
-    i = 0
-    while i < len(order):
-        j = i + 1
-        while j < len(order) and 4 * (j + 1 - i) * (max(len(t) for t, _ in seqs[order[j]]) - 1) <= max_tokens:
-            j += 1
-        batch = [s for it in order[i:j] for s in seqs[it]]
-        L = max(len(t) for t, _ in batch) - 1
-        x = torch.zeros(len(batch), L, dtype=torch.long)
-        y = torch.full((len(batch), L), -1, dtype=torch.long)   # -1: not a continuation token
-        for b, (toks, n) in enumerate(batch):
-            t = torch.tensor(toks)
-            x[b, :len(toks) - 1] = t[:-1]
-            y[b, len(toks) - 1 - n:len(toks) - 1] = t[len(toks) - n:]
-        rows, cols = (y >= 0).nonzero(as_tuple=True)   # on the host: no device sync per batch
-        x, rows, cols, tgt = (to_device(t) for t in (x, rows, cols, y[rows, cols]))
-        with ctx:
-            logits, _ = model(x)
-        lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(1, tgt[:, None])[:, 0]
-        per_seq = torch.zeros(len(batch), device=device, dtype=torch.float64).index_add_(0, rows, lp.double())
-        scored.append((order[i:j], per_seq))
-        i = j
-    for items_of_batch, per_seq in scored:   # one copy back per batch, after all are queued
-        out[items_of_batch] = per_seq.view(-1, 4).cpu().numpy()
-    model.train(was_training)
     return out
 
 
 def choice_accuracy(logprobs, items):
+    """(acc, acc_norm) of ending_logprobs' scores: argmax of the summed log-prob, and of the log-prob
+    per character of the ending itself (without a leading " " that joins it to the context, lm-eval)."""
     labels = np.array([lab for _, _, lab in items])
-    # characters of the ending itself, without a leading " " that joins it to the context (lm-eval)
-    chars = np.array([[max(len(e.removeprefix(" ")), 1) for e in ends] for _, ends, _ in items])
+    chars = np.ones(logprobs.shape)
+    for row, (_, ends, _) in enumerate(items):
+        chars[row, :len(ends)] = [max(len(e.removeprefix(" ")), 1) for e in ends]
     acc = float((logprobs.argmax(1) == labels).mean())
     acc_norm = float(((logprobs / chars).argmax(1) == labels).mean())
     return acc, acc_norm
