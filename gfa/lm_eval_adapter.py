@@ -38,8 +38,8 @@ from gfa.evaluation import Tokenizer, continuation_logprobs
 try:
     import lm_eval.models  # noqa: F401  (the built-in models first: a registry holding only ours would hide them)
     from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from lm_eval.api.registry import get_model, register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 except ImportError as e:
     _MISSING = (f"lm-eval is not installed ({e}): pip install -r requirements-extra.txt (or pip install lm-eval); "
                 f"without it, leave out --tasks (the in-house multiple-choice scorer needs nothing)")
@@ -50,7 +50,6 @@ except ImportError as e:
 NAME = "gfa"
 
 
-@register_model(NAME)
 class GFALM(TemplateLM):
     """A GPT of this codebase as an lm-eval model: from a run directory (ckpt=...) or a model object
     (model=..., prune.py's passthrough-pruned models)."""
@@ -67,6 +66,16 @@ class GFALM(TemplateLM):
         self.ctx = autocast_for(torch.device(self._device).type, dtype)
         self.tok = Tokenizer(model.config.vocab_size)
         self.max_tokens = int(max_tokens)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """--model_args win over what lm-eval's command line adds for every model (its --device default)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     @property
     def eot_token_id(self):
@@ -144,6 +153,18 @@ class GFALM(TemplateLM):
         for u in until:
             text = text.split(u)[0]
         return text
+
+
+def _registered():
+    try:
+        get_model(NAME)
+        return True
+    except (ValueError, KeyError):
+        return False
+
+
+if not _registered():   # once: `python -m` runs this file as __main__, and lm-eval may import it again
+    register_model(NAME)(GFALM)
 
 
 # ---- prune.py's use: tasks loaded once, every pruned model scored on them ----------------------------
