@@ -605,9 +605,10 @@ def legend(results, settings):
                    f"(train.py --init_from; {settings.get('heal', '')}), then measured again.")
     if "speed" in cell:
         sp = cell["speed"]
-        out.append(f"Speed: bench.py on the physically pruned model ({sp.get('dtype')}{', ' + settings['bench_args'] if "
-                   f"settings.get('bench_args') else ''}): forward = one {settings.get('block_size')}-token sequence "
-                   f"(median ms, tok/s); decode = KV-cache greedy ms/token; one measurement per architecture.")
+        how = sp.get("dtype") + (f", {settings['bench_args']}" if settings.get("bench_args") else "")
+        out.append(f"Speed: bench.py on the physically pruned model ({how}): forward = one {settings.get('block_size')}"
+                   f"-token sequence (median ms, tok/s); decode = KV-cache greedy ms/token; one measurement per "
+                   f"architecture.")
     return out
 
 

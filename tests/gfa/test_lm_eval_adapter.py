@@ -21,31 +21,14 @@ from lm_eval.evaluator import evaluate   # noqa: E402
 from gfa import lm_eval_adapter as adapter   # noqa: E402
 from gfa.cli import UserError   # noqa: E402
 from gfa.evaluation import Tokenizer, choice_accuracy, encode_items, ending_logprobs, load_multiple_choice  # noqa: E402
-from helpers import tiny_model, write_jsonl, write_run   # noqa: E402
+from helpers import tiny_model, write_jsonl, write_local_task, write_run   # noqa: E402
 from model import drop_layers   # noqa: E402
 
-# endings with their joining space (the in-house verbatim reading); the task trims them and joins with " "
+# endings with their joining space (the in-house verbatim reading): helpers.LOCAL_TASK trims them again
 ROWS = [{"ctx": "the cat sat on", "endings": [" a mat.", " the dog ran far"], "label": 0},
         {"ctx": "a dog ran", "endings": [" on", " the mat.", " x"], "label": 1},
         {"ctx": "on the mat", "endings": [" sat a cat.", " ran", " dog", " the", " on a"], "label": 4},
         {"ctx": "the dog", "endings": [" sat", " ran", " on the mat. the cat", " a"], "label": 2}]
-TASK = """task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {path}
-validation_split: validation
-output_type: multiple_choice
-doc_to_text: "{{{{ctx}}}}"
-doc_to_choice: "{{{{endings | map('trim') | list}}}}"
-doc_to_target: label
-target_delimiter: " "
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-
-
 @pytest.fixture
 def local_tasks_only(monkeypatch):
     """lm-eval's task index without its thousands of built-in tasks (seconds to build): the local YAMLs."""
@@ -55,14 +38,11 @@ def local_tasks_only(monkeypatch):
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
 
 
-def local_task(tmp_path, rows=ROWS, data_name="mc.jsonl"):
-    """A task folder for --include_path: tiny_mc.yaml over tmp_path/data_name (written when rows given)."""
-    folder = tmp_path / "tasks"
-    folder.mkdir(exist_ok=True)
+def local_task(tmp_path, rows=ROWS):
+    """A task folder for --include_path: tiny_mc.yaml over tmp_path/mc.jsonl (written when rows given)."""
     if rows is not None:
-        write_jsonl(tmp_path / data_name, rows)
-    (folder / "tiny_mc.yaml").write_text(TASK.format(path=tmp_path / data_name))
-    return str(folder)
+        write_jsonl(tmp_path / "mc.jsonl", rows)
+    return write_local_task(tmp_path / "tasks", tmp_path / "mc.jsonl")
 
 
 def checkpoints(tmp_path, byte_data):
