@@ -818,7 +818,7 @@ def main(argv):
                 "mc_file": mc_path, "tasks": args.tasks, "task_limit": args.task_limit, "heal_tokens": args.heal_tokens,
                 "heal": f"lr {args.heal_lr or 'run / 10'}, batch {args.heal_batch_size or 'run'}"
                         + (f", {args.heal_args}" if args.heal_args else ""),
-                "block_size": config["block_size"], "bench_args": args.bench_args}
+                "block_size": config["block_size"], "speed": args.speed, "bench_args": args.bench_args}
     return write_table(results, ks, methods, settings, args.out)
 
 

@@ -116,6 +116,19 @@ def test_rolling_loglikelihood_and_greedy_generation_equal_hand_computations():
     assert out[0][1] is True and out[1][1] is False and out[0][0] > out[1][0]
 
 
+@pytest.mark.gpu
+def test_on_the_gpu_the_same_scores_and_text():
+    m = tiny_model(block_size=16)
+    cpu, gpu = adapter.GFALM(model=m, device="cpu"), adapter.GFALM(model=tiny_model(block_size=16).cuda(), device="cuda")
+    reqs = [Request("the cat", " sat on"), Request("", "a mat"), Request("the dog ran on the mat " * 2, ". the")]
+    for (a, ga), (b, gb) in zip(cpu.loglikelihood(reqs), gpu.loglikelihood(reqs)):
+        assert a == pytest.approx(b, abs=1e-3) and ga == gb
+    rolling = [Request("the cat sat on a mat. " * 3)]
+    assert cpu.loglikelihood_rolling(rolling)[0] == pytest.approx(gpu.loglikelihood_rolling(rolling)[0], abs=1e-2)
+    gen = [Request("the cat", {"until": [], "max_gen_toks": 6})]
+    assert cpu.generate_until(gen) == gpu.generate_until(gen)
+
+
 @pytest.mark.filterwarnings("ignore:'gfa.lm_eval_adapter' found in sys.modules")   # runpy, run in process
 def test_the_command_line_offline(tmp_path, byte_data, monkeypatch, local_tasks_only):
     """`python -m gfa.lm_eval_adapter --model gfa ...`, run in process: lm-eval's own command line with the
