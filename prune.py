@@ -519,7 +519,10 @@ def _get(d, path):
 
 
 def _cell(values, digits, spread=True):
-    if any(v is None for v in values):
+    """mean ± std of a cell's values over runs; spread=False (speed: one measurement per architecture, taken
+    in the runs that timed it) prints the mean of the values there are."""
+    values = values if spread else [v for v in values if v is not None]
+    if not values or any(v is None for v in values):
         return "—"
     m, s = mean_std(values)
     return f"{m:.{digits}f} ± {s:.{digits}f}" if spread else f"{m:.{digits}f}"
@@ -534,6 +537,11 @@ def stability(results, methods):
         rhos = [spearman(a["scores"][m], b["scores"][m])[0] for a, b in combinations(results, 2)]
         out[m] = (float(np.mean(rhos)), [float(r) for r in rhos])
     return out
+
+
+def timed_cell(results):
+    """A cell with the speed of its model, from whichever run timed it (seeds pruned apart, one timed)."""
+    return next((c for r in results for c in r["cells"].values() if "speed" in c), None)
 
 
 def table_sections(results):
@@ -552,7 +560,7 @@ def table_sections(results):
     if "healed" in cell:
         sections.append(("Healed (the pruned model trained further, then measured again)",
                          [(label, ("healed", *path), d) for label, path, d in rows]))
-    if "speed" in cell:
+    if timed_cell(results):
         sections.append(("Speed of the physically pruned model", [
             ("forward ms ↓", ("speed", "forward_ms"), 2), ("tok/s ↑", ("speed", "tok_s"), 0),
             ("decode ms/token ↓", ("speed", "decode_ms_per_token"), 3)]))
@@ -568,9 +576,9 @@ def table1(results, ks, methods, stab, settings):
         spread = not title.startswith("Speed")   # one measurement per architecture, not per run
         lines += ["", f"{title}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for label, path, d in rows:
-            base = [_get(r["baseline"], path) for r in results]
-            if None not in base:   # healing leaves the baseline alone
-                lines.append(f"| 0 (baseline) | {label} | " + " | ".join(_cell(base, d, spread) for _ in methods) + " |")
+            base = _cell([_get(r["baseline"], path) for r in results], d, spread)
+            if base != "—":   # healing leaves the baseline alone
+                lines.append(f"| 0 (baseline) | {label} | " + " | ".join(base for _ in methods) + " |")
         for k in ks:
             for label, path, d in rows:
                 lines.append(f"| {k} | {label} | " + " | ".join(
@@ -581,9 +589,10 @@ def table1(results, ks, methods, stab, settings):
         lines.append(f"| {k} | " + " | ".join(" / ".join(str(r["cells"][f"{m}/{k}"]["layers"]) for r in results)
                                                for m in methods) + " |")
     if stab:
-        lines += ["", "Ranking stability across runs: mean pairwise Spearman rho of each method's per-layer scores "
-                  "(similarity: the k=1 angular distance; sleb: the first round)", "", "| method | mean rho | pairs |",
-                  "|---|---|---|"]
+        notes = {"similarity": "similarity: the k=1 angular distance", "sleb": "sleb: the first round"}
+        which = "; ".join(notes[m] for m in methods if m in notes)
+        lines += ["", "Ranking stability across runs: mean pairwise Spearman rho of each method's per-layer scores"
+                  + (f" ({which})" if which else ""), "", "| method | mean rho | pairs |", "|---|---|---|"]
         for m in methods:
             lines.append(f"| {LABELS[m]} | {stab[m][0]:.3f} | {', '.join(f'{r:.3f}' for r in stab[m][1])} |")
     return "\n".join(lines) + "\n"
@@ -603,8 +612,8 @@ def legend(results, settings):
     if "healed" in cell:
         out.append(f"Healed: the pruned model (layers removed) trained {settings['heal_tokens']:,.0f} more tokens "
                    f"(train.py --init_from; {settings.get('heal', '')}), then measured again.")
-    if "speed" in cell:
-        sp = cell["speed"]
+    if timed_cell(results):
+        sp = timed_cell(results)["speed"]
         how = sp.get("dtype") + (f", {settings['bench_args']}" if settings.get("bench_args") else "")
         out.append(f"Speed: bench.py on the physically pruned model ({how}): forward = one {settings.get('block_size')}"
                    f"-token sequence (median ms, tok/s); decode = KV-cache greedy ms/token; one measurement per "
@@ -620,19 +629,19 @@ def plot(results, ks, methods, path):
     acc = ("zero_shot_mean",) if "tasks" in cell else ("acc_norm",) if "acc" in cell else None
     panels = [(("ppl",), "held-out PPL (log)")] + ([(acc, "zero-shot mean" if "tasks" in cell else "acc_norm")]
                                                    if acc else [])
-    panels += [(("speed", "forward_ms"), "forward ms (pruned model)")] if "speed" in cell else []
+    panels += [(("speed", "forward_ms"), "forward ms (pruned model)")] if timed_cell(results) else []
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (key, name) in zip(axes[0], panels):
         for i, m in enumerate(methods):
             for pre, style in (((), "-"), (("healed",), "--")):
-                vals = [[_get(r["cells"][f"{m}/{k}"], pre + key) for r in results] for k in ks]
-                if any(v is None for vs in vals for v in vs):
+                vals = [[v for r in results if (v := _get(r["cells"][f"{m}/{k}"], pre + key)) is not None] for k in ks]
+                if not all(vals):   # not measured (healed, speed: in the runs that timed it)
                     continue
                 ms = [mean_std(v) for v in vals]
                 ax.errorbar(ks, [a for a, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, ls=style,
                             color=f"C{i}", label=LABELS[m] + (" healed" if pre else ""))
-        base = [_get(r["baseline"], key) for r in results]
-        if None not in base:
+        base = [v for r in results if (v := _get(r["baseline"], key)) is not None]
+        if base:
             ax.axhline(mean_std(base)[0], color="gray", ls=":", label="baseline (k=0)")
         ax.set_xlabel("layers removed k")
         ax.set_ylabel(name)
@@ -823,14 +832,17 @@ def main(argv):
 
 
 def combine(paths):
-    """The runs of several results.json files, checked to be one table: (results, ks, methods, settings)."""
-    runs, first = [], None
+    """The runs of several results.json files, checked to be one table: (results, ks, methods, settings).
+    Speed may come from some of them only (it is per architecture, not per seed: time one seed)."""
+    runs, first, timed = [], None, {}
     for path in paths:
         try:
             with open(path) as f:
                 r = json.load(f)
             settings = dict(r.get("settings", {}), mc_file=r.get("mc_file", r.get("settings", {}).get("mc_file", "none")))
-            key = (r["ks"], r["methods"], settings)
+            if settings.get("speed"):
+                timed = {k: settings[k] for k in ("speed", "bench_args")}
+            key = (r["ks"], r["methods"], {k: v for k, v in settings.items() if k not in ("speed", "bench_args")})
             runs += r["runs"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"--combine {path}: not a results.json of prune.py ({type(e).__name__})") from None
@@ -841,7 +853,7 @@ def combine(paths):
     ks, methods, settings = first[1]
     if len({r["n_layer"] for r in runs}) > 1:
         raise UserError("--combine: the runs have different numbers of layers: --combine takes seeds of one config")
-    return runs, ks, methods, settings
+    return runs, ks, methods, settings | timed
 
 
 def write_table(results, ks, methods, settings, out):

@@ -324,6 +324,17 @@ def test_heal_speed_and_tasks_for_every_pruned_model(tmp_path, byte_data, monkey
     text = (out / "table1.md").read_text()
     assert "Healed (the pruned model" in text and "Speed of the physically pruned model" in text
     assert ("tiny_mc acc_norm" in text) == with_lm_eval
+    # the seeds pruned apart and only one of them timed (speed is per architecture): the same table
+    joint = json.loads((out / "results.json").read_text())
+    for i, r in enumerate(joint["runs"]):
+        part = dict(joint, runs=[r])
+        if i:
+            part["settings"] = dict(part["settings"], speed=False, bench_args="")
+            for cell in [r["baseline"], *r["cells"].values()]:
+                del cell["speed"]
+        (tmp_path / f"part{i}.json").write_text(json.dumps(part))
+    prune.main(["--combine", str(tmp_path / "part0.json"), str(tmp_path / "part1.json"), "--out", str(tmp_path / "c")])
+    assert (tmp_path / "c" / "table1.md").read_text() == text
 
 
 # ---- bad input: one-line errors ---------------------------------------------------------------------------
