@@ -96,9 +96,9 @@ def encode_pair(tok, context, continuation):
 @torch.no_grad()
 def continuation_logprobs(model, pairs, device, ctx=None, max_tokens=16384):
     """For each (context ids, continuation ids): the summed log-prob of the continuation given the
-    context, and whether greedy decoding would produce it: (float64 [n], bool [n], number of
-    pairs truncated). Sequences longer than block_size + 1 lose the start of their context (and a
-    continuation longer than block_size its first tokens). Pairs are sorted by length and packed
+    context, and whether greedy decoding would produce it: (float64 [n], bool [n]). Sequences longer
+    than block_size + 1 lose the start of their context (and a continuation longer than block_size its
+    first tokens). Pairs are sorted by length and packed
     into right-padded batches of at most max_tokens padded tokens; results stay on the device until
     every batch is queued (one copy back per batch, no sync between batches)."""
     T = model.config.block_size
@@ -106,7 +106,6 @@ def continuation_logprobs(model, pairs, device, ctx=None, max_tokens=16384):
     for c, e in pairs:
         toks = (list(c) + list(e))[-(T + 1):]
         seqs.append((toks, min(len(e), len(toks) - 1)))
-    truncated = sum(len(t) < len(c) + len(e) for (t, _), (c, e) in zip(seqs, pairs))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     was_training = model.training
     model.eval()
@@ -140,7 +139,7 @@ def continuation_logprobs(model, pairs, device, ctx=None, max_tokens=16384):
         logprob[idx] = per_seq.cpu().numpy()
         greedy[idx] = misses.cpu().numpy() == 0
     model.train(was_training)
-    return logprob, greedy, truncated
+    return logprob, greedy
 
 
 # ---- multiple choice ----------------------------------------------------------------------------
@@ -204,7 +203,7 @@ def ending_logprobs(model, encoded, device, ctx, max_tokens=16384):
     """[n_items, most endings] summed log-prob of each ending's tokens given its context (-inf past
     an item's last ending), for encode_items' pairs. Items longer than the model's context lose the
     start of their context, and are counted in a warning."""
-    lp, _, _ = continuation_logprobs(model, [p for pairs in encoded for p in pairs], device, ctx, max_tokens)
+    lp, _ = continuation_logprobs(model, [p for pairs in encoded for p in pairs], device, ctx, max_tokens)
     out = np.full((len(encoded), max(len(pairs) for pairs in encoded)), -np.inf)
     i, truncated, T = 0, 0, model.config.block_size
     for row, pairs in enumerate(encoded):

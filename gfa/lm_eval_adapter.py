@@ -93,7 +93,7 @@ class GFALM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
         """requests: ((context, continuation), context ids, continuation ids), tokenised by TemplateLM."""
-        lp, greedy, _ = continuation_logprobs(self.model, [(c, e) for _, c, e in requests], self._device, self.ctx,
+        lp, greedy = continuation_logprobs(self.model, [(c, e) for _, c, e in requests], self._device, self.ctx,
                                               self.max_tokens)
         out = [(float(a), bool(b)) for a, b in zip(lp, greedy)]
         for (key, _, _), result in zip(requests, out):
@@ -108,7 +108,7 @@ class GFALM(TemplateLM):
             for w in get_rolling_token_windows(ids, self.prefix_token_id, self.max_length, context_len=1):
                 windows.append(make_disjoint_window(w))
                 owner.append(i)
-        lp, _, _ = continuation_logprobs(self.model, windows, self._device, self.ctx, self.max_tokens)
+        lp, _ = continuation_logprobs(self.model, windows, self._device, self.ctx, self.max_tokens)
         totals = np.zeros(len(requests))
         np.add.at(totals, np.array(owner, dtype=np.int64), lp)
         for req, total in zip(requests, totals):
@@ -134,7 +134,7 @@ class GFALM(TemplateLM):
         T = self.max_length
         new = max(1, min(int(gen_kwargs.get("max_gen_toks", 256)), T - 1))
         ids = self.tok_encode(context)[-(T - new):] or [self.tok.eot]
-        model, dev = self.model.eval(), self._device
+        model, dev = self.model, self._device   # no dropout: train or eval mode computes the same
         cache = model.new_kv_cache(1, len(ids) + new)
         with self.ctx:
             logits, _ = model(torch.tensor([ids], device=dev), kv_cache=cache, pos=0, last_only=True)

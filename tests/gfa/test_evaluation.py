@@ -80,8 +80,8 @@ def test_greedy_flag_and_pair_encoding():
             seq.append(int(m(torch.tensor([seq]))[0][0, -1].argmax()))
     greedy = seq[len(context):]
     other = greedy[:2] + [(greedy[2] + 1) % 256]
-    lp, is_greedy, truncated = continuation_logprobs(m, [(context, greedy), (context, other)], "cpu")
-    assert list(is_greedy) == [True, False] and truncated == 0 and lp[0] > lp[1]
+    lp, is_greedy = continuation_logprobs(m, [(context, greedy), (context, other)], "cpu")
+    assert list(is_greedy) == [True, False] and lp[0] > lp[1]
     # lm-eval's rules: trailing context spaces move to the continuation; an empty context is EOT (byte 0)
     assert encode_pair(tok, "ab  ", "c") == (list(b"ab"), list(b"  c"))
     assert encode_pair(tok, "", "xy") == ([0], list(b"xy"))
