@@ -365,7 +365,11 @@ def test_bad_inputs(tmp_path, byte_data, capsys):
     assert "prune.py sets init_from" in err("--runs", run, "--k", "1", "--heal_tokens", "100",
                                             "--heal_args=--max_iters=3")
     assert "--task_limit" in err("--runs", run, "--k", "1", "--task_limit", "-1")
-    assert not os.path.exists(tmp_path / "run" / "prune")   # nothing written by a refused call
+    mc = json.loads((small / "model_config.json").read_text())   # weights and config of two different models
+    mc["config"]["d_ffn"] = [48, 48]
+    (small / "model_config.json").write_text(json.dumps(mc))
+    assert "does not hold the model" in err("--runs", small, "--k", "1", "--heal_tokens", "100")
+    assert not os.path.exists(tmp_path / "run" / "prune") and not os.path.exists(small / "prune")   # nothing written
 
 
 def test_tasks_without_lm_eval_is_a_one_line_error(tmp_path, byte_data, capsys, monkeypatch):
