@@ -62,6 +62,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     validation: {path}
+  cache_dir: {cache}
 validation_split: validation
 output_type: multiple_choice
 doc_to_text: "{{{{ctx}}}}"
@@ -75,9 +76,10 @@ metric_list:
 
 
 def write_local_task(folder, data_path, name="tiny_mc"):
-    """folder/<name>.yaml, an lm-eval task over data_path (a jsonl of ctx, endings, label): --include_path folder."""
+    """folder/<name>.yaml, an lm-eval task over data_path (a jsonl of ctx, endings, label): --include_path folder.
+    The datasets cache goes beside it, not into the home folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.yaml").write_text(LOCAL_TASK.format(name=name, path=data_path))
+    (folder / f"{name}.yaml").write_text(LOCAL_TASK.format(name=name, path=data_path, cache=folder / "hf_cache"))
     return str(folder)
 
 
