@@ -741,9 +741,11 @@ def parse(argv):
                    "tokens (train.py --init_from), e.g. 2e7; 0 = no healing")
     p.add_argument("--heal_lr", type=float, default=0, help="heal: peak learning rate (default: the run's / 10)")
     p.add_argument("--heal_batch_size", type=int, default=0, help="heal: sequences per step (default: the run's)")
-    p.add_argument("--heal_args", default="", help="heal: more train.py overrides, e.g. '--compile=False'")
+    p.add_argument("--heal_args", default="", help="heal: more train.py overrides, one string in the = form: "
+                   "--heal_args='--compile=False --eval_iters=5'")
     p.add_argument("--speed", action="store_true", help="time every physically pruned model with bench.py")
-    p.add_argument("--bench_args", default="", help="--speed: more bench.py options, e.g. '--dtype fp32 --runs 50'")
+    p.add_argument("--bench_args", default="", help="--speed: more bench.py options, one string in the = form: "
+                   "--bench_args='--dtype fp32 --runs 50'")
     p.add_argument("--keep_models", action="store_true", help="keep the checkpoints of the pruned and healed models "
                    "(default: only the healed runs' logs and dumps stay)")
     p.add_argument("--combine", nargs="+", default=None, help="results.json files of earlier prune.py calls "

@@ -397,4 +397,4 @@ def test_calibrated_methods_do_not_wait_on_the_host_per_layer(byte_data):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = lambda ws: sum("synchroniz" in str(w.message) for w in ws)
-    assert syncs(caught[:n_bi]) == 1 and syncs(caught[n_bi:]) == 2
+    assert syncs(caught[:n_bi]) <= 1 and syncs(caught[n_bi:]) <= 2   # 6 layers: not one per layer
