@@ -98,9 +98,9 @@ def continuation_logprobs(model, pairs, device, ctx=None, max_tokens=16384):
     """For each (context ids, continuation ids): the summed log-prob of the continuation given the
     context, and whether greedy decoding would produce it: (float64 [n], bool [n]). Sequences longer
     than block_size + 1 lose the start of their context (and a continuation longer than block_size its
-    first tokens). Pairs are sorted by length and packed
-    into right-padded batches of at most max_tokens padded tokens; results stay on the device until
-    every batch is queued (one copy back per batch, no sync between batches)."""
+    first tokens). Pairs are sorted by length and packed into right-padded batches of at most
+    max_tokens padded tokens; results stay on the device until every batch is queued (one copy back
+    per batch, no sync between batches)."""
     T = model.config.block_size
     seqs = []   # (tokens, number of continuation tokens scored)
     for c, e in pairs:
