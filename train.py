@@ -126,7 +126,7 @@ def check_given_model_keys(config, cfg, given, where):
     if diff:
         raise UserError(f"{where}: the model is the checkpoint's, but " + ", ".join(
             f"{k}={cfg[k]!r} (checkpoint {config.get(k)!r})" for k in diff) + " was set: leave the model's config "
-            f"file and overrides out (a scale file that agrees with the checkpoint may stay)")
+            "file and overrides out (a scale file that agrees with the checkpoint may stay)")
 
 
 def init_weights(cfg, given):
