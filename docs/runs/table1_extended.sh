@@ -7,8 +7,9 @@
 #   bash docs/runs/table1_extended.sh <mc.jsonl> <dest> <run dir>...   # runs: out/small_vanilla_16l_s{1,2,3}
 #
 # One prune.py call per seed, into <run>/prune_extended, skipped when its results.json exists (re-run the
-# script after an interruption); then prune.py --combine writes <dest>. K (default 2,4,8), HEAL_TOKENS
-# (default 5e6), TASKS=piqa,... and INCLUDE=<folder of lm-eval task YAMLs> (lm-eval installed) change it.
+# script after an interruption); then prune.py --combine writes <dest>, with bench.py's tables in <dest>/speed.
+# K (default 2,4,8), HEAL_TOKENS (default 5e6), TASKS=piqa,... and INCLUDE=<folder of lm-eval task YAMLs>
+# (lm-eval installed) change it.
 set -euo pipefail
 mc=$1 dest=$2
 shift 2
@@ -24,3 +25,5 @@ for run in "$@"; do
     speed=
 done
 python prune.py --combine "${parts[@]}" --out "$dest"
+first=$(dirname "${parts[0]}")
+if [ -d "$first/speed" ]; then rm -rf "$dest/speed" && cp -r "$first/speed" "$dest/speed"; fi   # bench.py's own tables
