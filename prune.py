@@ -1,14 +1,17 @@
 """
-CascadeFlow Pruning (CFP) against three baselines, scored by perplexity and HellaSwag: Table 1.
+CascadeFlow Pruning (CFP) against the baselines, scored by perplexity and zero-shot accuracy: Table 1,
+with optional healing and the speed of the physically pruned models.
 
     python prune.py --k 4                                   # the run in out/vanilla_16l
     python prune.py --runs out/a out/b out/c --k 1,2,4,6,8  # seeds: mean +- std per cell
     python prune.py --runs out/a --k 4 --methods cfp --save_pruned out/a_cfp4   # a smaller run directory
     python prune.py --combine out/a/prune/results.json out/b/prune/results.json --out t1   # seeds pruned apart
     python prune.py --runs out/layerskip out/vanilla_16l --exits   # early exit: PPL, HellaSwag after every layer
+    python prune.py --runs out/a out/b out/c --k 2,4,8 --methods cfp,similarity,taylor,magnitude,block_influence,sleb \
+        --tasks piqa,winogrande,hellaswag,arc_easy,arc_challenge --heal_tokens 2e7 --speed   # the whole study
 
-Methods (paper Appendix A.4); each prints its full ranking, then prunes by passthrough
-(the removed layers are skipped as identity, model.set_passthrough):
+Methods; each prints its full ranking, then prunes by passthrough (the removed layers are skipped
+as identity, model.set_passthrough). The paper's four (Appendix A.4) are the default:
   cfp         the k layers with the lowest accumulated training-gradient share (Eq. 2, from
               <run>/grad_norms.npz, over the steps the checkpoint's weights have seen), at any positions.
   magnitude   A.4: "for projection matrices, values are first reduced along the input dimension
@@ -28,10 +31,22 @@ Methods (paper Appendix A.4); each prints its full ranking, then prunes by passt
               averages over every position instead: less noisy on a small calibration set). The
               contiguous block [l, l+k) with the smallest distance goes. Its per-layer ranking (for
               the cross-seed stability) is the k=1 distance.
+Two more, by name:
+  block_influence  ShortGPT (Men et al. 2024): BI = 1 - cos(input, output) of each block, averaged
+              over every token of the calibration batches; the k lowest go.
+  sleb        SLEB (Song et al. 2024): remove one block at a time, each round the one whose removal
+              gives the lowest calibration perplexity (the calibration batches); k = the first k
+              removed. Its per-layer ranking is the first round's (each block removed alone).
 
 Evaluation (gfa/evaluation.py): held-out perplexity over a fixed token set (same numbers every
-call) and zero-shot multiple choice on HellaSwag (acc: summed log-prob of the ending; acc_norm:
-log-prob per character). Outputs under --out: table1.md, table1_ppl.png, results.json.
+call) and zero-shot multiple choice with the in-house scorer on a HellaSwag-layout file (acc:
+summed log-prob of the ending; acc_norm: log-prob per character); --tasks adds lm-eval's tasks
+through gfa/lm_eval_adapter.py (lm-eval installed; built-in tasks or local YAMLs via --include_path).
+--heal_tokens N continues training every pruned model for N tokens (train.py --init_from, a fresh
+optimizer: its settings below) and measures it again; --speed times the physically pruned models
+with bench.py (forward latency and throughput, decode ms/token). Both run the scripts as a user
+would (the commands are printed); their models go under --out, and only their logs stay unless
+--keep_models. Outputs under --out: table1.md, table1_ppl.png, results.json.
 
 Early exit (--exits): the same two scores for the final norm and head after every layer E, each
 batch scored at all exits from one forward pass (the curve LayerSkip reports for deep-supervision
@@ -41,24 +56,35 @@ exits.png (PPL and acc_norm vs E, one line per run), exits.json.
 import json
 import math
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 import time
-from functools import lru_cache
+from contextlib import contextmanager
+from dataclasses import asdict
 from itertools import combinations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gfa import rundir
 from gfa.cli import ArgumentParser, UserError, cli
 from gfa.data import DATA, get_batch, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, pick_device
-from gfa.evaluation import choice_accuracy, ending_logprobs, evaluate, get_encoder, load_multiple_choice
 from gfa.hf_llama import source_tokenizer
+from gfa.evaluation import (Tokenizer, choice_accuracy, encode_items, ending_logprobs, evaluate, load_multiple_choice,
+                            mean_loss)
 from gfa.theory import mean_std, spearman
 from model import drop_layers
 
-METHODS = ("cfp", "similarity", "taylor", "magnitude")   # the paper's column order
-LABELS = {"cfp": "CFP (ours)", "similarity": "Similarity", "taylor": "Taylor", "magnitude": "Magnitude"}
+METHODS = ("cfp", "similarity", "taylor", "magnitude", "block_influence", "sleb")
+PAPER_METHODS = METHODS[:4]   # the default, in the paper's column order
+LABELS = {"cfp": "CFP (ours)", "similarity": "Similarity", "taylor": "Taylor", "magnitude": "Magnitude",
+          "block_influence": "Block Influence", "sleb": "SLEB"}
+CALIBRATED = ("taylor", "similarity", "block_influence", "sleb")   # the methods that read calibration batches
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))   # train.py and bench.py, run for healing and timing
 
 
 # ---- block scores ------------------------------------------------------------------------------
@@ -110,11 +136,11 @@ def taylor_scores(model, batches, device, ctx):
     return acc.cpu().numpy()
 
 
-@torch.no_grad()
-def angular_distances(model, batches, device, ctx, tokens="last"):
-    """D[l, m] (l < m, m <= N): mean of arccos(cos(h_l, h_m)) / pi over the last token of every
-    sequence (tokens='last', Gromov et al.) or over all tokens ('all'), where h_l is the input of
-    block l (its first application if repeated) and h_N the input of the final norm."""
+@contextmanager
+def layer_inputs(model):
+    """x -> [B, T, N+1, C]: the input of every block (its first application if repeated) and, last,
+    the input of the final norm (the last block's output), from one forward in eval mode. The hooks
+    come off and the mode is restored on exit."""
     N = model.config.n_layer
     hidden = {}   # i -> input of block i (i = N: of the final norm), one forward's worth
 
@@ -122,29 +148,82 @@ def angular_distances(model, batches, device, ctx, tokens="last"):
         def hook(module, args):
             hidden.setdefault(i, args[0].detach())   # first application only (virtual depth)
         return hook
+
+    def run(x):
+        hidden.clear()
+        model(x)
+        return torch.stack([hidden[i] for i in range(N + 1)], dim=2)
     hooks = [b.register_forward_pre_hook(grab(i)) for i, b in enumerate(model.blocks)]
     hooks.append(model.norm_f.register_forward_pre_hook(grab(N)))
     was_training = model.training
     model.eval()
-    D, count = torch.zeros(N + 1, N + 1, device=device, dtype=torch.float64), 0
     try:
+        yield run
+    finally:
+        for hk in hooks:
+            hk.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
+def angular_distances(model, batches, device, ctx, tokens="last"):
+    """D[l, m] (l < m, m <= N): mean of arccos(cos(h_l, h_m)) / pi over the last token of every
+    sequence (tokens='last', Gromov et al.) or over all tokens ('all'), where h_l is the input of
+    block l (its first application if repeated) and h_N the input of the final norm."""
+    N = model.config.n_layer
+    D, count = torch.zeros(N + 1, N + 1, device=device, dtype=torch.float64), 0
+    with layer_inputs(model) as run:
         for x, _ in batches:
-            hidden.clear()
             with ctx:
-                model(x.to(device))
+                h = run(x.to(device))   # [B, T, N+1, C]
             # [tokens, N+1, C], unit rows; float64 so the cosines near 1 (where arccos is steep)
             # keep their digits and no TF32 matmul touches them
-            h = torch.stack([hidden[i] for i in range(N + 1)], dim=2)   # [B, T, N+1, C]
             h = (h[:, -1] if tokens == "last" else h.flatten(0, 1)).double()
             h.div_(h.norm(dim=-1, keepdim=True).clamp_min(1e-12))   # in place: h is the big tensor here
             cos = torch.bmm(h, h.transpose(1, 2)).clamp(-1.0, 1.0)   # all pairs (l, m) of every token at once
             D += torch.arccos(cos).sum(0) / math.pi
             count += h.size(0)
-    finally:
-        for hk in hooks:
-            hk.remove()
-        model.train(was_training)
     return (D.triu(1) / count).cpu().numpy()   # l < m only, as before; the diagonal is 0
+
+
+@torch.no_grad()
+def block_influence(model, batches, device, ctx):
+    """ShortGPT's Block Influence (Men et al. 2024): BI_l = 1 - cos(input of block l, its output),
+    averaged over every token of the calibration batches (the output is the next block's input,
+    after all repeats). Accumulated in float64 on the device, one host copy at the end."""
+    N = model.config.n_layer
+    total, count = torch.zeros(N, device=device, dtype=torch.float64), 0
+    with layer_inputs(model) as run:
+        for x, _ in batches:
+            with ctx:
+                h = run(x.to(device)).flatten(0, 1).double()   # [tokens, N+1, C]
+            total += (1 - F.cosine_similarity(h[:, :-1], h[:, 1:], dim=-1)).sum(0)
+            count += h.size(0)
+    return (total / count).cpu().numpy()
+
+
+def sleb_order(model, batches, device, ctx, k):
+    """SLEB (Song et al. 2024): remove one block at a time, each round the block whose removal (on top
+    of the ones already removed) gives the lowest calibration perplexity. Returns (the k blocks in
+    removal order, the calibration loss after each removal, the loss with each block removed alone:
+    the first round). A round queues every candidate's loss on the device and reads them at once."""
+    N = model.config.n_layer
+    removed, after, first = [], [], None
+    try:
+        for _ in range(k):
+            cand = [l for l in range(N) if l not in removed]
+            losses = []
+            for l in cand:
+                model.set_passthrough(removed + [l])
+                losses.append(mean_loss(model, batches, device, ctx))
+            losses = torch.stack(losses).cpu().numpy()   # the one host sync of the round
+            first = losses if first is None else first
+            best = int(np.argmin(losses))
+            removed.append(cand[best])
+            after.append(float(losses[best]))
+    finally:
+        model.set_passthrough([])
+    return removed, after, first
 
 
 def cfp_share(run, n_layer, ckpt):
@@ -207,11 +286,21 @@ def rank_layers(model, methods, ks, share, calib, device, ctx, args):
                 print(f"  similarity k={k}: blocks [l, l+{k}) by distance: "
                       + "  ".join(f"{i}:{cand[i]:.4f}" for i in np.argsort(cand, kind="stable")))
             continue
+        if m == "sleb":
+            order, after, scores[m] = sleb_order(model, calib, device, ctx, max(ks))
+            print_ranking("sleb", scores[m], f"calibration loss with the block removed alone, {len(calib)} batches")
+            print("  sleb removal order: " + " -> ".join(f"L{l} (ppl {math.exp(a):.4g})" for l, a in zip(order, after)))
+            for k in ks:
+                choice[(m, k)] = sorted(order[:k])
+            continue
         if m == "cfp":
             scores[m], what = share, "accumulated gradient share"
         elif m == "magnitude":
             scores[m] = magnitude_scores(model, args.magnitude)
             what = "sum of |W|" if args.magnitude == "sum" else "sum of per-output-row L2 norms"
+        elif m == "block_influence":
+            scores[m] = block_influence(model, calib, device, ctx)
+            what = f"1 - cos(block input, output), every token of {len(calib)} calibration batches"
         else:
             scores[m], what = taylor_scores(model, calib, device, ctx), f"sum |W*dL/dW| over {len(calib)} calibration batches"
         print_ranking(m, scores[m], what)
@@ -220,61 +309,81 @@ def rank_layers(model, methods, ks, share, calib, device, ctx, args):
     return scores, choice
 
 
-def data_folder(run, args, ckpt):
-    """The dataset folder of a run: --data, else the one its training config names."""
+def measurer(val, T, mc, tasks, args, device, ctx):
+    """measure(model) -> {ppl, loss[, acc, acc_norm][, tasks, zero_shot_mean]} of the model as it is
+    (its passthrough included). mc: (items, their encoded pairs) or None; tasks: lm-eval's or None."""
+    def measure(model):
+        loss = evaluate(model, val, T, args.batch_size, args.eval_batches, device, ctx)
+        r = {"ppl": math.exp(loss), "loss": loss}
+        if mc is not None:
+            r["acc"], r["acc_norm"] = choice_accuracy(ending_logprobs(model, mc[1], device, ctx, args.hs_tokens), mc[0])
+        if tasks is not None:
+            from gfa.lm_eval_adapter import evaluate_tasks
+            r["tasks"] = evaluate_tasks(model, tasks, device, args.dtype, args.task_limit, args.hs_tokens)
+            r["zero_shot_mean"] = float(np.mean([headline(m) for m in r["tasks"].values()]))
+        return r
+    return measure
+
+
+def headline(task_metrics):
+    """A task's number in the table: acc_norm where lm-eval reports it, else acc."""
+    return task_metrics.get("acc_norm", task_metrics.get("acc", float("nan")))
+
+
+def run_data(run, ckpt, args):
+    """The dataset folder of a run (--data, else its training config's)."""
     folder = run_dataset_dir(ckpt.get("train_config"), args.data)
     if folder is None:
         raise UserError(f"run {run} does not name its dataset: pass --data <dataset name or folder>")
     return folder
 
 
-def load_run(run, args, device):
-    """(model with every layer running, checkpoint, dataset folder, held-out tokens) of a run; a
-    passthrough in its config is noted and cleared: pruning and early exit score every layer."""
+def load_run(run, args, device, ks=()):
+    """(model with every layer running, checkpoint, dataset folder, held-out tokens) of a run, checked
+    for pruning each k in ks; a passthrough in its config is noted and cleared: pruning and early exit
+    score every layer."""
     model, ckpt = rundir.load_gpt(run, device)
+    N = model.config.n_layer
+    for k in (k for k in ks if not 1 <= k <= N - 1):
+        pruned = ckpt.get("pruned_from")
+        raise UserError(f"k={k}: must be in [1, {N - 1}] for the {N}-layer model of {run}" + (
+            f" (already pruned: {pruned['removed_layers']} removed from {pruned['run']})" if pruned else ""))
     if model.passthrough:
         print(f"note: {run} has passthrough layers {sorted(model.passthrough)} in its config; every layer is scored")
         model.set_passthrough([])
-    ddir = data_folder(run, args, ckpt)
+    ddir = run_data(run, ckpt, args)
     return model, ckpt, ddir, load_tokens(os.path.join(ddir, "val.bin"), model.config.vocab_size)
 
 
-def prune_run(run, args, ks, methods, hs_items, device, ctx):
-    """Scores, choices and evaluations for one run: a dict for the table."""
+def prune_run(run, tag, args, ks, methods, mc_items, tasks, device, ctx, to_time):
+    """Scores, choices and evaluations of one run (healed too, and saved for timing into to_time, when
+    asked): (the run's dict for the table, the model, its checkpoint, the choices)."""
     t0 = time.time()
-    model, ckpt, ddir, val = load_run(run, args, device)
+    model, ckpt, ddir, val = load_run(run, args, device, ks)
     cfg = model.config
     N, T = cfg.n_layer, cfg.block_size
-    for k in ks:
-        if not 1 <= k <= N - 1:
-            raise UserError(f"k={k}: must be in [1, {N - 1}] for the {N}-layer model of {run}")
     print(f"== run {run}: {N} layers, {model.num_params() / 1e6:.1f}M params, held-out {ddir}/val.bin")
 
     share = cfp_share(run, N, ckpt) if "cfp" in methods else None   # fail early, before any compute
     calib = None
-    if "taylor" in methods or "similarity" in methods:
+    if any(m in CALIBRATED for m in methods):
         train = load_tokens(os.path.join(ddir, "train.bin"), cfg.vocab_size)
-        # fixed windows of the training data (seeded): the calibration set is the same every call
-        calib = [get_batch(train, args.batch_size, T, step, args.calib_seed) for step in range(args.calib_batches)]
+        # fixed windows of the training data (seeded): the calibration set is the same every call; on the
+        # device once, so the methods that run it many times (SLEB) copy nothing and never wait on the host
+        calib = [tuple(t.to(device) for t in get_batch(train, args.batch_size, T, step, args.calib_seed))
+                 for step in range(args.calib_batches)]
 
     scores, choice = rank_layers(model, methods, ks, share, calib, device, ctx, args)
-
+    mc = None if mc_items is None else (mc_items, encode_items(mc_items, run_tokenizer(cfg, ckpt, args)))
+    measure = measurer(val, T, mc, tasks, args, device, ctx)
     cache = {}   # frozenset(layers) -> metrics: methods that agree share one evaluation
-    tokenizer = source_tokenizer(ckpt, args.tokenizer)
-    # cached: each text is encoded once
-    encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, tokenizer)) if hs_items is not None else None
 
     def score(layers):
         key = frozenset(layers)
         if key not in cache:
             model.set_passthrough(layers)
-            loss = evaluate(model, val, T, args.batch_size, args.eval_batches, device, ctx)
-            r = {"ppl": math.exp(loss), "loss": loss}
-            if hs_items is not None:
-                lp = ending_logprobs(model, hs_items, encode, device, ctx, args.hs_tokens)
-                r["acc"], r["acc_norm"] = choice_accuracy(lp, hs_items)
+            cache[key] = measure(model)
             model.set_passthrough([])
-            cache[key] = r
         return cache[key]
 
     res = {"run": run, "n_layer": N, "baseline": score([]), "cells": {}, "scores": {m: list(map(float, s))
@@ -285,6 +394,10 @@ def prune_run(run, args, ks, methods, hs_items, device, ctx):
             r = dict(score(choice[(m, k)]), layers=choice[(m, k)])
             res["cells"][f"{m}/{k}"] = r
             print(f"  {m:<10} k={k}: remove {r['layers']}  {_fmt_metrics(r)}")
+    if args.heal_tokens:
+        heal_cells(res, model, ckpt, run, tag, ddir, measure, args, device)
+    if args.speed:
+        save_for_timing(res, model, ckpt, run, tag, args, to_time)
     print(f"  ({time.time() - t0:.1f}s)")
     return res, model, ckpt, choice
 
@@ -293,13 +406,139 @@ def _fmt_metrics(r):
     s = f"ppl {r['ppl']:.3f}"
     if "acc" in r:
         s += f"  acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}"
+    if "tasks" in r:
+        s += "  " + "  ".join(f"{t} {headline(v):.4f}" for t, v in r["tasks"].items())
     return s
 
 
+# ---- healing and timing: train.py and bench.py on the physically pruned models ------------------------
+def run_script(script, argv, check=True):
+    """`python <script> argv` in a child process, printed first as a user would type it (train.py heals,
+    bench.py times). Returns its exit status; with check, a failure is a one-line error."""
+    line = "python " + shlex.join([script, *argv])
+    print(f"$ {line}", flush=True)
+    status = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), *argv]).returncode
+    if check and status:
+        raise UserError(f"{script} failed (exit status {status}, its error is above): {line}")
+    return status
+
+
+def set_tag(layers):
+    return "drop_" + ("-".join(map(str, sorted(layers))) or "none")
+
+
+HEAL_OWNED = ("init_from", "out_dir", "max_iters", "batch_size", "learning_rate")   # train.py keys healing sets
+HEAL_KEPT = ("seed", "dtype", "grad_clip", "weight_decay", "beta1", "beta2", "eval_iters", "eval_batch_size")
+
+
+def heal_argv(train_config, pruned, healed, ddir, T, args):
+    """train.py's arguments that heal a pruned model: its run's optimizer settings, dtype and seed, a fresh
+    schedule over heal_tokens tokens (5 % warm-up, cosine to lr / 10), evaluated at the start and the end."""
+    tc = train_config
+    B = args.heal_batch_size or tc.get("batch_size", 8)
+    steps = max(1, math.ceil(args.heal_tokens / (B * T)))
+    lr = args.heal_lr or tc.get("learning_rate", 2e-4) / 10
+    return ([f"--{k}={tc[k]!r}" for k in HEAL_KEPT if k in tc]
+            + [f"--init_from={pruned}", f"--out_dir={healed}", f"--data_dir={ddir}", f"--batch_size={B}",
+               f"--max_iters={steps}", f"--warmup_iters={steps // 20}", f"--learning_rate={lr!r}",
+               f"--min_lr={lr / 10!r}", f"--eval_interval={steps}", f"--log_interval={max(1, steps // 10)}",
+               "--equalize=False", "--overwrite=True", f"--device={args.device}"] + shlex.split(args.heal_args))
+
+
+def heal_cells(res, model, ckpt, run, tag, ddir, measure, args, device):
+    """Every distinct pruned model of a run, saved with its layers removed, healed by train.py and measured
+    again: cell['healed']. Only the healed runs' logs and dumps stay unless --keep_models."""
+    healed_of = {}
+    for name, cell in res["cells"].items():
+        key = frozenset(cell["layers"])
+        if key not in healed_of:
+            pruned = os.path.join(args.out, "models", f"{tag}_{set_tag(key)}")
+            healed = os.path.join(args.out, "healed", f"{tag}_{set_tag(key)}")
+            by = [n for n, c in res["cells"].items() if frozenset(c["layers"]) == key]
+            save_pruned(pruned, model, ckpt, sorted(key), run, by)
+            run_script("train.py", heal_argv(ckpt.get("train_config") or {}, pruned, healed, ddir,
+                                              model.config.block_size, args))
+            healed_model, _ = rundir.load_gpt(healed, device)
+            healed_of[key] = dict(measure(healed_model), run_dir=healed)
+            del healed_model
+            if not args.keep_models:
+                shutil.rmtree(pruned)
+                os.remove(rundir.file(healed, rundir.CKPT))
+        cell["healed"] = healed_of[key]
+        print(f"  {name:<12} healed ({args.heal_tokens:,.0f} tokens): {_fmt_metrics(cell['healed'])}")
+
+
+def architecture(config):
+    """What a model's speed depends on: its config (layers, widths, repeats, passthrough), as a key."""
+    return json.dumps(asdict(config), sort_keys=True)
+
+
+def save_for_timing(res, model, ckpt, run, tag, args, to_time):
+    """Into to_time {architecture: model dir}: the baseline and every pruned model of an architecture not
+    saved yet, with the layers physically removed (models of one architecture time alike)."""
+    for cell in [res["baseline"]] + list(res["cells"].values()):
+        layers = cell.get("layers", [])
+        cell["architecture"] = architecture(model.config.without_layers(layers))
+        if cell["architecture"] not in to_time:
+            path = os.path.join(args.out, "models", f"{tag}_{set_tag(layers)}_timing")
+            save_pruned(path, model, ckpt, layers, run, [])
+            to_time[cell["architecture"]] = path
+
+
+def time_models(to_time, T, args):
+    """{architecture: speed} from bench.py on the saved models: forward latency (median ms) and tok/s of
+    one block_size-token sequence, decode ms/token; the bench JSON and markdown stay in <out>/speed/."""
+    dirs = list(to_time.values())
+    extra = shlex.split(args.bench_args)
+    out = os.path.join(args.out, "speed")
+    half = max(2, min(128, T // 2))
+    runs = {"inference": [f"--seq={T}"], "decode": [f"--prompt_len={half}", f"--new_tokens={half}"]}
+    speed = {arch: {} for arch in to_time}
+    for mode, shape in runs.items():
+        path = os.path.join(out, f"{mode}.json")
+        if os.path.exists(path):
+            os.remove(path)   # a result of an earlier call must not pass for this one's
+        run_script("bench.py", [*dirs, f"--mode={mode}", *shape, f"--device={args.device}", f"--out={path}", *extra],
+                   check=False)   # a failed row is written with its error: the table shows it
+        if not os.path.isfile(path):
+            raise UserError(f"bench.py wrote no {path}: its error is above")
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        for arch, d in to_time.items():
+            row = next((r for r in rows if r["config"] == os.path.basename(d)), {"error": "not timed"})   # 1st dtype
+            speed[arch]["dtype"] = row.get("dtype")
+            if mode == "inference":
+                speed[arch].update(forward_ms=row.get("median_ms"), tok_s=row.get("tok_s"))
+            else:
+                speed[arch]["decode_ms_per_token"] = row.get("ms_per_token")
+            if "error" in row:
+                speed[arch][f"{mode}_error"] = row["error"]
+    if not args.keep_models:
+        for d in dirs:
+            shutil.rmtree(d)
+    return speed
+
+
+def remove_if_empty(folder):
+    if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
+
+
 # ---- Table 1 ----------------------------------------------------------------------------------------
-def _cell(values, digits):
+def _get(d, path):
+    for key in path:
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def _cell(values, digits, spread=True):
+    """mean ± std of a cell's values over runs; spread=False (speed: one measurement per architecture, taken
+    in the runs that timed it) prints the mean of the values there are."""
+    values = values if spread else [v for v in values if v is not None]
+    if not values or any(v is None for v in values):
+        return "—"
     m, s = mean_std(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if spread else f"{m:.{digits}f}"
 
 
 def stability(results, methods):
@@ -313,60 +552,126 @@ def stability(results, methods):
     return out
 
 
-def table1(results, ks, methods, stab, hs_name):
-    has_hs = "acc" in results[0]["baseline"]
+def timed_cell(results):
+    """A cell with the speed of its model, from whichever run timed it (seeds pruned apart, one timed)."""
+    return next((c for r in results for c in r["cells"].values() if "speed" in c), None)
+
+
+def table_sections(results):
+    """[(title, [(label, path into a cell, digits)])]: the sections of the table and the rows of each k,
+    for what the runs measured."""
+    cell = next(iter(results[0]["cells"].values()))
+    rows = [("PPL ↓", ("ppl",), 3)]
+    if "acc" in cell:
+        rows += [("acc ↑", ("acc",), 4), ("acc_norm ↑", ("acc_norm",), 4)]
+    for task, metrics in cell.get("tasks", {}).items():
+        name = "acc_norm" if "acc_norm" in metrics else "acc"
+        rows.append((f"{task} {name} ↑", ("tasks", task, name), 4))
+    if "tasks" in cell:
+        rows.append(("zero-shot mean ↑", ("zero_shot_mean",), 4))
+    sections = [("Pruned (layers passed through)", rows)]
+    if "healed" in cell:
+        sections.append(("Healed (the pruned model trained further, then measured again)",
+                         [(label, ("healed", *path), d) for label, path, d in rows]))
+    if timed_cell(results):
+        sections.append(("Speed of the physically pruned model", [
+            ("forward ms ↓", ("speed", "forward_ms"), 2), ("tok/s ↑", ("speed", "tok_s"), 0),
+            ("decode ms/token ↓", ("speed", "decode_ms_per_token"), 3)]))
+    return sections
+
+
+def table1(results, ks, methods, stab, settings):
     n = len(results)
-    metrics = [("PPL ↓", "ppl", 3)] + ([("acc ↑", "acc", 4), ("acc_norm ↑", "acc_norm", 4)] if has_hs else [])
     head = ["k", "metric"] + [LABELS[m] for m in methods]
     lines = [f"Table 1: layer pruning of {results[0]['n_layer']}-layer model(s), {n} run(s)"
-             + (" (mean ± sample std over runs)" if n > 1 else ""),
-             f"PPL: held-out perplexity. HellaSwag ({hs_name}): acc = argmax of summed log-prob of the ending, "
-             f"acc_norm = argmax of log-prob per character of the ending." if has_hs else
-             "PPL: held-out perplexity. HellaSwag: skipped (no --hellaswag file).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, key, d in metrics:
-        lines.append(f"| 0 (baseline) | {label} | " + " | ".join(_cell([r["baseline"][key] for r in results], d)
-                                                             for _ in methods) + " |")
-    for k in ks:
-        for label, key, d in metrics:
-            lines.append(f"| {k} | {label} | " + " | ".join(
-                _cell([r["cells"][f"{m}/{k}"][key] for r in results], d) for m in methods) + " |")
+             + (" (mean ± sample std over runs)" if n > 1 else ""), "", *legend(results, settings)]
+    for title, rows in table_sections(results):
+        spread = not title.startswith("Speed")   # one measurement per architecture, not per run
+        lines += ["", f"{title}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for label, path, d in rows:
+            base = _cell([_get(r["baseline"], path) for r in results], d, spread)
+            if base != "—":   # healing leaves the baseline alone
+                lines.append(f"| 0 (baseline) | {label} | " + " | ".join(base for _ in methods) + " |")
+        for k in ks:
+            for label, path, d in rows:
+                lines.append(f"| {k} | {label} | " + " | ".join(
+                    _cell([_get(r["cells"][f"{m}/{k}"], path) for r in results], d, spread) for m in methods) + " |")
     lines += ["", "Removed layers (per run):", "", "| k | " + " | ".join(LABELS[m] for m in methods) + " |",
               "|" + "---|" * (len(methods) + 1)]
     for k in ks:
         lines.append(f"| {k} | " + " | ".join(" / ".join(str(r["cells"][f"{m}/{k}"]["layers"]) for r in results)
                                                for m in methods) + " |")
     if stab:
-        lines += ["", "Ranking stability across runs: mean pairwise Spearman rho of each method's per-layer scores "
-                  "(similarity: the k=1 angular distance)", "", "| method | mean rho | pairs |", "|---|---|---|"]
+        notes = {"similarity": "similarity: the k=1 angular distance", "sleb": "sleb: the first round"}
+        which = "; ".join(notes[m] for m in methods if m in notes)
+        lines += ["", "Ranking stability across runs: mean pairwise Spearman rho of each method's per-layer scores"
+                  + (f" ({which})" if which else ""), "", "| method | mean rho | pairs |", "|---|---|---|"]
         for m in methods:
             lines.append(f"| {LABELS[m]} | {stab[m][0]:.3f} | {', '.join(f'{r:.3f}' for r in stab[m][1])} |")
     return "\n".join(lines) + "\n"
+
+
+def legend(results, settings):
+    """What the rows mean, from what was measured and how."""
+    cell = next(iter(results[0]["cells"].values()))
+    mc = settings.get("mc_file", "none")
+    out = ["PPL: held-out perplexity. " + (
+        f"Multiple choice ({mc}, in-house scorer): acc = argmax of summed log-prob of the ending, acc_norm = "
+        f"argmax of log-prob per character of the ending." if "acc" in cell else
+        "Multiple choice (in-house): skipped (no --hellaswag file).")]
+    if "tasks" in cell:
+        out.append(f"lm-eval tasks, zero-shot ({settings.get('task_limit') or 'all'} items each): acc_norm where the "
+                   f"task has it, else acc; zero-shot mean = their mean.")
+    if "healed" in cell:
+        out.append(f"Healed: the pruned model (layers removed) trained {settings['heal_tokens']:,.0f} more tokens "
+                   f"(train.py --init_from; {settings.get('heal', '')}), then measured again.")
+    if timed_cell(results):
+        sp = timed_cell(results)["speed"]
+        how = sp.get("dtype") + (f", {settings['bench_args']}" if settings.get("bench_args") else "")
+        out.append(f"Speed: bench.py on the physically pruned model ({how}): forward = one {settings.get('block_size')}"
+                   f"-token sequence (median ms, tok/s); decode = KV-cache greedy ms/token; one measurement per "
+                   f"architecture.")
+    return out
 
 
 def plot(results, ks, methods, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    has_hs = "acc" in results[0]["baseline"]
-    fig, axes = plt.subplots(1, 2 if has_hs else 1, figsize=(11 if has_hs else 6, 4), squeeze=False)
-    for m in methods:
-        for ax, key in zip(axes[0], ["ppl", "acc_norm"]):
-            ms = [mean_std([r["cells"][f"{m}/{k}"][key] for r in results]) for k in ks]
-            ax.errorbar(ks, [a for a, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, label=LABELS[m])
-    for ax, key, name in zip(axes[0], ["ppl", "acc_norm"], ["held-out PPL (log)", "HellaSwag acc_norm"]):
-        ax.axhline(mean_std([r["baseline"][key] for r in results])[0], color="gray", ls="--", label="baseline (k=0)")
+    cell = next(iter(results[0]["cells"].values()))
+    acc = ("zero_shot_mean",) if "tasks" in cell else ("acc_norm",) if "acc" in cell else None
+    panels = [(("ppl",), "held-out PPL (log)")] + ([(acc, "zero-shot mean" if "tasks" in cell else "acc_norm")]
+                                                   if acc else [])
+    panels += [(("speed", "forward_ms"), "forward ms (pruned model)")] if timed_cell(results) else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        for i, m in enumerate(methods):
+            for pre, style in (((), "-"), (("healed",), "--")):
+                vals = [[v for r in results if (v := _get(r["cells"][f"{m}/{k}"], pre + key)) is not None] for k in ks]
+                if not all(vals):   # not measured (healed, speed: in the runs that timed it)
+                    continue
+                ms = [mean_std(v) for v in vals]
+                ax.errorbar(ks, [a for a, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, ls=style,
+                            color=f"C{i}", label=LABELS[m] + (" healed" if pre else ""))
+        base = [v for r in results if (v := _get(r["baseline"], key)) is not None]
+        if base:
+            ax.axhline(mean_std(base)[0], color="gray", ls=":", label="baseline (k=0)")
         ax.set_xlabel("layers removed k")
         ax.set_ylabel(name)
         ax.set_xticks(ks)
     axes[0][0].set_yscale("log")
-    axes[0][0].legend()
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 # ---- early exit -----------------------------------------------------------------------------------
+def run_tokenizer(cfg, ckpt, args):
+    """The tokenizer of a run's text: --tokenizer, the HF folder an imported run came from, or its vocabulary's."""
+    return Tokenizer(cfg.vocab_size, source_tokenizer(ckpt, args.tokenizer))
+
+
 def exit_curve(run, args, hs_items, device, ctx):
     """Early exit: held-out PPL (and multiple-choice accuracy) of the final norm and head after every
     layer E = 1..N, each batch scored at every exit from one forward pass. Keeping the exits after
@@ -377,8 +682,8 @@ def exit_curve(run, args, hs_items, device, ctx):
     losses = evaluate(model, val, cfg.block_size, args.batch_size, args.eval_batches, device, ctx, exits=True)
     rows = [{"exit": i + 1, "loss": loss, "ppl": math.exp(loss)} for i, loss in losses.items()]
     if hs_items is not None:
-        encode = lru_cache(maxsize=None)(get_encoder(cfg.vocab_size, source_tokenizer(ckpt, args.tokenizer)))
-        for r, lp in zip(rows, ending_logprobs(model, hs_items, encode, device, ctx, args.hs_tokens, exits=True)):
+        encoded = encode_items(hs_items, run_tokenizer(cfg, ckpt, args))
+        for r, lp in zip(rows, ending_logprobs(model, encoded, device, ctx, args.hs_tokens, exits=True)):
             r["acc"], r["acc_norm"] = choice_accuracy(lp, hs_items)
     for r in rows:
         print(f"  exit after layer {r['exit']:>2}: {_fmt_metrics(r)}")
@@ -426,13 +731,14 @@ def plot_exits(results, path):
     plt.close(fig)
 
 
-def save_pruned(path, model, ckpt, layers, run, method, k):
+def save_pruned(path, model, ckpt, layers, run, by):
     """The model with `layers` physically removed, as a run directory (gfa.rundir) that every
-    script loads: model_config.json, ckpt.pt (with pruned_from) and grad_norms.npz (the dump's
-    kept layers, renamed, over the steps the source checkpoint saw)."""
+    script loads: model_config.json, ckpt.pt (with pruned_from: the run, the layers, the methods
+    that chose them) and grad_norms.npz (the dump's kept layers, renamed, over the steps the
+    source checkpoint saw)."""
     small = drop_layers(model, layers)
     keep = model.config.kept_layers(layers)
-    extra = {"pruned_from": {"run": run, "method": method, "k": k, "removed_layers": list(layers)}}
+    extra = {"pruned_from": {"run": run, "removed_layers": list(layers), "by": list(by)}}
     dump = None
     if os.path.isfile(rundir.file(run, rundir.GRAD_DUMP)) or ckpt.get("grad_dump"):
         d = rundir.read_grad_dump(run, before_step=ckpt["iter_num"], ckpt=ckpt)
@@ -444,13 +750,14 @@ def save_pruned(path, model, ckpt, layers, run, method, k):
     rundir.save_gpt(path, small, ckpt.get("train_config") or {}, ckpt.get("iter_num", 0), **extra)
     if dump is not None:
         dump.flush()
-    print(f"saved the {small.config.n_layer}-layer model ({method}, k={k}, removed {list(layers)}) to {path}")
+    print(f"saved the {small.config.n_layer}-layer model (removed {list(layers)}{', by ' + ', '.join(by) if by else ''})"
+          f" to {path}")
 
 
 def check_runs(runs, save_pruned, out, same_architecture=True):
-    """Before any work: every run has a checkpoint, all share one architecture (seeds of one config:
-    their numbers are averaged; not for --exits, which compares models), and --save_pruned writes a
-    new run, not over one."""
+    """Before any work: every run has a checkpoint that fits its config, all share one architecture
+    (seeds of one config: their numbers are averaged; not for --exits, which compares models), and
+    --save_pruned writes a new run, not over one."""
     configs = []
     for run in runs:
         if not os.path.isfile(rundir.file(run, rundir.CKPT)):
@@ -459,7 +766,7 @@ def check_runs(runs, save_pruned, out, same_architecture=True):
         kind, mc = rundir.read_model_config(run)
         if kind != "gpt":
             raise UserError(f"{run} holds a {kind} model: prune.py prunes language models")
-        rundir.read_checkpoint(run)   # readable (memory-mapped: the weights are not read here)
+        rundir.check_weights_match(run, rundir.model_state(run, rundir.read_checkpoint(run)), mc)   # memory-mapped: no weights read
         configs.append({k: v for k, v in mc.items() if k != "passthrough"})   # pruning scores every layer
     for run, mc in zip(runs[1:], configs[1:] if same_architecture else []):
         diff = sorted(k for k in mc.keys() | configs[0].keys() if mc.get(k) != configs[0].get(k))
@@ -482,22 +789,30 @@ def check_runs(runs, save_pruned, out, same_architecture=True):
                 os.rmdir(folder)
         except OSError as e:
             raise rundir.cannot_write(folder, e) from None
+    return configs[0]
 
-def main(argv):
+
+def parse(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", default=["out/vanilla_16l"], help="run directories; several = seeds")
     p.add_argument("--k", default="1,2,4,6,8", help="layers to remove, one or several: 4 or 1,2,4,6,8")
-    p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
-    p.add_argument("--hellaswag", default=None, help="HellaSwag-layout jsonl (default "
-                   "data/hellaswag/hellaswag_val.jsonl if present; 'none' skips)")
+    p.add_argument("--methods", default=",".join(PAPER_METHODS), help="subset of " + ",".join(METHODS))
+    p.add_argument("--hellaswag", default=None, help="multiple-choice jsonl in HellaSwag layout (ctx, endings, label; "
+                   "any number of endings) for the in-house scorer (default data/hellaswag/hellaswag_val.jsonl if "
+                   "present; 'none' skips)")
     p.add_argument("--hs_items", type=int, default=0, help="score only the first N items (0 = all)")
-    p.add_argument("--hs_tokens", type=int, default=16384, help="padded tokens per HellaSwag batch")
+    p.add_argument("--hs_tokens", type=int, default=16384, help="padded tokens per log-likelihood batch")
     p.add_argument("--tokenizer", default=None, help="HellaSwag: the HF model folder whose tokenizer.json encodes "
                    "the text (default: the folder an imported run came from, else by vocabulary: bytes or GPT-2)")
+    p.add_argument("--tasks", default="", help="lm-eval tasks, comma-separated, e.g. piqa,winogrande,hellaswag,"
+                   "arc_easy,arc_challenge (needs lm-eval; default none)")
+    p.add_argument("--include_path", default=None, help="folder of lm-eval task YAMLs (local tasks, offline)")
+    p.add_argument("--task_limit", type=int, default=0, help="lm-eval: the first N items of each task (0 = all)")
     p.add_argument("--data", default=None, help="dataset name or folder (default: the run's train_config dataset)")
     p.add_argument("--eval_batches", type=int, default=20, help="held-out batches for perplexity")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per batch (perplexity, calibration)")
-    p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for Taylor/Similarity")
+    p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for Taylor, Similarity, "
+                   "Block Influence and SLEB")
     p.add_argument("--calib_seed", type=int, default=1234, help="seed of the calibration windows")
     p.add_argument("--similarity_tokens", default="last", choices=("last", "all"),
                    help="similarity over the last token of each sequence (Gromov et al.) or over all tokens")
@@ -505,6 +820,17 @@ def main(argv):
                    help="magnitude score: per-output-row L2 norms summed (row_l2), or sum |W| (sum)")
     p.add_argument("--exits", action="store_true", help="early exit instead of pruning: PPL and HellaSwag of the "
                    "exit after every layer, one pass per batch; --runs may be different models (exits.md, exits.png)")
+    p.add_argument("--heal_tokens", type=float, default=0, help="heal: train every pruned model this many more "
+                   "tokens (train.py --init_from), e.g. 2e7; 0 = no healing")
+    p.add_argument("--heal_lr", type=float, default=0, help="heal: peak learning rate (default: the run's / 10)")
+    p.add_argument("--heal_batch_size", type=int, default=0, help="heal: sequences per step (default: the run's)")
+    p.add_argument("--heal_args", default="", help="heal: more train.py overrides, one string in the = form: "
+                   "--heal_args='--compile=False --eval_iters=5'")
+    p.add_argument("--speed", action="store_true", help="time every physically pruned model with bench.py")
+    p.add_argument("--bench_args", default="", help="--speed: more bench.py options, one string in the = form: "
+                   "--bench_args='--dtype fp32 --runs 50'")
+    p.add_argument("--keep_models", action="store_true", help="keep the checkpoints of the pruned and healed models "
+                   "(default: only the healed runs' logs and dumps stay)")
     p.add_argument("--combine", nargs="+", default=None, help="results.json files of earlier prune.py calls "
                    "(e.g. one per seed, run on different machines): one table over all their runs, no model loaded")
     p.add_argument("--device", default="", help="default cuda when available, else cpu")
@@ -513,78 +839,120 @@ def main(argv):
                    "(default <first run>/prune)")
     p.add_argument("--save_pruned", default=None, help="write the pruned model (one run, one k, one method) "
                    "with its layers physically removed, as a new run directory")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    if args.combine:
-        return write_table(*combine(args.combine), args.out or "prune_combined")
-    ks, methods = parse_ks(args.k), parse_methods(args.methods)
+
+def check_args(args, ks, methods):
+    """One-line errors for options that cannot work, before anything is loaded."""
     for name in ("eval_batches", "batch_size", "calib_batches", "hs_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
     if args.calib_seed < 0 or args.hs_items < 0:
         raise UserError("--calib_seed and --hs_items must be >= 0")
+    if min(args.task_limit, args.heal_tokens, args.heal_lr, args.heal_batch_size) < 0:
+        raise UserError("--task_limit, --heal_tokens, --heal_lr and --heal_batch_size must be >= 0")
     if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):
         raise UserError("--save_pruned writes one model: give one run, one --k and one --methods")
+    for arg in shlex.split(args.heal_args):
+        key = arg[2:].split("=")[0] if arg.startswith("--") and "=" in arg else None
+        if key is None or key in HEAL_OWNED:
+            raise UserError(f"--heal_args {arg!r}: give train.py overrides as --key=value; prune.py sets init_from, "
+                            f"out_dir, max_iters, batch_size and learning_rate itself (--heal_tokens, --heal_batch_size,"
+                            f" --heal_lr)")
+
+
+def mc_file(args):
+    """The in-house multiple-choice items (None: skipped) and the file's name."""
+    path = args.hellaswag
+    if path is None:
+        path = os.path.join(DATA, "hellaswag", "hellaswag_val.jsonl")   # the repo's data/, from any cwd
+        if not os.path.isfile(path):
+            print(f"note: HellaSwag skipped: {path} is absent (run data/hellaswag/prepare.py, or pass "
+                  f"--hellaswag <jsonl in HellaSwag layout>)")
+            path = "none"
+    items = None if path == "none" else load_multiple_choice(path, args.hs_items)
+    if items:
+        print(f"multiple choice: {len(items)} items from {path}")
+    return items, path
+
+
+def main(argv):
+    args = parse(argv)
+    if args.combine:
+        return write_table(*combine(args.combine), args.out or "prune_combined")
+    ks, methods = parse_ks(args.k), parse_methods(args.methods)
+    check_args(args, ks, methods)
     if args.exits and args.save_pruned:
         raise UserError("--exits evaluates the exits of whole models: leave out --save_pruned")
-    out = args.out or os.path.join(args.runs[0], "prune")
-    check_runs(args.runs, args.save_pruned, out, same_architecture=not args.exits)
-    hs_path = args.hellaswag
-    if hs_path is None:
-        hs_path = os.path.join(DATA, "hellaswag", "hellaswag_val.jsonl")   # the repo's data/, from any cwd
-        if not os.path.isfile(hs_path):
-            print(f"note: HellaSwag skipped: {hs_path} is absent (run data/hellaswag/prepare.py, or pass "
-                  f"--hellaswag <jsonl in HellaSwag layout>)")
-            hs_path = "none"
-    hs_items = None if hs_path == "none" else load_multiple_choice(hs_path, args.hs_items)
-    if hs_items:
-        print(f"HellaSwag: {len(hs_items)} items from {hs_path}")
-    device = pick_device(args.device)
-    ctx = autocast_for(torch.device(device).type, args.dtype)
-
+    args.out = args.out or os.path.join(args.runs[0], "prune")
+    config = check_runs(args.runs, args.save_pruned, args.out, same_architecture=not args.exits)
+    tasks = None
+    if args.tasks:   # lm-eval's tasks and their data, loaded before any model work
+        from gfa.lm_eval_adapter import load_tasks
+        tasks = load_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.include_path)
+    mc_items, mc_path = mc_file(args)
+    args.device = pick_device(args.device)
+    ctx = autocast_for(torch.device(args.device).type, args.dtype)
     if args.exits:
-        return write_exits([exit_curve(run, args, hs_items, device, ctx) for run in args.runs], hs_path, out)
-    results = []
-    for run in args.runs:
-        res, model, ckpt, choice = prune_run(run, args, ks, methods, hs_items, device, ctx)
+        return write_exits([exit_curve(run, args, mc_items, args.device, ctx) for run in args.runs], mc_path, args.out)
+
+    results, to_time = [], {}   # to_time: one saved model per architecture, to time after all runs
+    for i, run in enumerate(args.runs):
+        tag = f"r{i}_{os.path.basename(os.path.normpath(run))}"
+        res, model, ckpt, choice = prune_run(run, tag, args, ks, methods, mc_items, tasks, args.device, ctx, to_time)
         results.append(res)
         if args.save_pruned:
-            save_pruned(args.save_pruned, model, ckpt, choice[(methods[0], ks[0])], run, methods[0], ks[0])
+            m, k = methods[0], ks[0]
+            save_pruned(args.save_pruned, model, ckpt, choice[(m, k)], run, [f"{m}/{k}"])
         del model
+    if to_time:
+        speed = time_models(to_time, config["block_size"], args)
+        for r in results:
+            for cell in [r["baseline"]] + list(r["cells"].values()):
+                cell["speed"] = speed[cell.pop("architecture")]
+    remove_if_empty(os.path.join(args.out, "models"))   # saved only to heal or time (--keep_models keeps them)
     settings = {"magnitude": args.magnitude, "similarity_tokens": args.similarity_tokens,
-                "calib_batches": args.calib_batches, "batch_size": args.batch_size, "dtype": args.dtype}
-    return write_table(results, ks, methods, hs_path, settings, out)
+                "calib_batches": args.calib_batches, "batch_size": args.batch_size, "dtype": args.dtype,
+                "mc_file": mc_path, "tasks": args.tasks, "task_limit": args.task_limit, "heal_tokens": args.heal_tokens,
+                "heal": f"lr {args.heal_lr or 'run / 10'}, batch {args.heal_batch_size or 'run'}"
+                        + (f", {args.heal_args}" if args.heal_args else ""),
+                "block_size": config["block_size"], "speed": args.speed, "bench_args": args.bench_args}
+    return write_table(results, ks, methods, settings, args.out)
 
 
 def combine(paths):
-    """The runs of several results.json files, checked to be one table: (results, ks, methods, mc file, settings)."""
-    runs, first = [], None
+    """The runs of several results.json files, checked to be one table: (results, ks, methods, settings).
+    Speed may come from some of them only (it is per architecture, not per seed: time one seed)."""
+    runs, first, timed = [], None, {}
     for path in paths:
         try:
             with open(path) as f:
                 r = json.load(f)
-            key = (r["ks"], r["methods"], r.get("mc_file", "none"), r.get("settings", {}))
+            settings = dict(r.get("settings", {}), mc_file=r.get("mc_file", r.get("settings", {}).get("mc_file", "none")))
+            if settings.get("speed"):
+                timed = {k: settings[k] for k in ("speed", "bench_args")}
+            key = (r["ks"], r["methods"], {k: v for k, v in settings.items() if k not in ("speed", "bench_args")})
             runs += r["runs"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"--combine {path}: not a results.json of prune.py ({type(e).__name__})") from None
         if first is not None and key != first[1]:
             raise UserError(f"--combine: {path} was made with other --k, --methods, multiple-choice file or "
                             f"settings than {first[0]}: only runs pruned the same way make one table")
         first = first or (path, key)
-    ks, methods, mc_file, settings = first[1]
+    ks, methods, settings = first[1]
     if len({r["n_layer"] for r in runs}) > 1:
         raise UserError("--combine: the runs have different numbers of layers: --combine takes seeds of one config")
-    return runs, ks, methods, mc_file, settings
+    return runs, ks, methods, settings | timed
 
 
-def write_table(results, ks, methods, hs_path, settings, out):
+def write_table(results, ks, methods, settings, out):
     stab = stability(results, methods)
-    text = table1(results, ks, methods, stab, hs_path)
+    text = table1(results, ks, methods, stab, settings)
     print()
     print(text)
     rundir.atomic_write_text(text, os.path.join(out, "table1.md"))
-    rundir.atomic_write_json({"ks": ks, "methods": methods, "mc_file": hs_path, "settings": settings, "runs": results,
-                              "stability": stab}, os.path.join(out, "results.json"), indent=1)
+    rundir.atomic_write_json({"ks": ks, "methods": methods, "mc_file": settings["mc_file"], "settings": settings,
+                              "runs": results, "stability": stab}, os.path.join(out, "results.json"), indent=1)
     plot(results, ks, methods, os.path.join(out, "table1_ppl.png"))
     print(f"wrote {out}/table1.md, table1_ppl.png, results.json")
     return results

@@ -16,7 +16,11 @@ out_dir defaults to out/<the config files' names joined by _>, e.g. out/small_ca
 
 Writes the run directory out_dir (gfa/rundir.py documents it): model_config.json, ckpt.pt
 (atomic, at every eval), grad_norms.npz (rewritten at every log interval), log.txt.
-init_from='resume' continues a run exactly where its checkpoint left it.
+init_from='resume' continues a run exactly where its checkpoint left it. init_from=<ckpt.pt or
+its run directory> starts a new run from any checkpoint's weights (nanoGPT style: a pruned
+model to heal, a passthrough one, another run's): the architecture is the checkpoint's (a model
+key set in a config file or override must agree with it), the optimizer and the schedule are
+fresh (step 0 of max_iters), and ckpt.pt records where the weights came from (initialised_from).
 
 parallel='fsdp' shards parameters, gradients and optimizer state over the ranks (FSDP2,
 gfa/sharding.py) instead of holding the whole model on each (DDP); its checkpoints are sharded
@@ -49,9 +53,8 @@ from gfa.cli import UserError, cli, config_name, read_config
 from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
 from gfa.device import DTYPES, autocast_for, peak_flops
 from gfa.evaluation import evaluate
-from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_optimizer_settings, check_resume,
-                          check_weights, copy_weights, cosine_lr, on_master, restore_weights, set_lr, teardown,
-                          use_compile)
+from gfa.training import (FiniteGuard, GradStep, adamw, check_optimizer_settings, check_resume, check_weights,
+                          copy_weights, cosine_lr, on_master, restore_weights, set_lr, teardown, use_compile)
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -59,7 +62,7 @@ _before = set(globals())
 out_dir = ""                   # '' = out/<config names>, e.g. out/small_cascade_a2
 dataset = "dolma"              # data/<dataset>/{train,val}.bin
 data_dir = ""                  # any folder with train.bin / val.bin (overrides dataset)
-init_from = "scratch"          # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = "scratch"          # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint to start from: its weights
 overwrite = False              # True: a new run may replace the run already in out_dir
 allow_changes = ""             # resume: settings allowed to differ from the checkpoint's, e.g. "max_iters"
 seed = 324709                  # model init and the training batches of every step
@@ -121,16 +124,44 @@ def check_settings(cfg, world):
         raise UserError("equalize=True derives a clip factor, but grad_clip=0 (no clipping): give grad_clip > 0, "
                         "or equalize_clip_factor=1")
     check_optimizer_settings(cfg)
-    check_init_from(cfg["init_from"])
     use_compile(cfg["compile"], "cpu")   # checks the value
     return B // (world * accum)
 
 
-def read_resume(cfg, model_cfg):
+def check_given_model_keys(config, cfg, given, where):
+    """The architecture comes from a checkpoint: a model key a config file or override set must agree."""
+    diff = [k for k in sorted(given) if k in GPTConfig.defaults() and cfg[k] != config.get(k)]
+    if diff:
+        raise UserError(f"{where}: the model is the checkpoint's, but " + ", ".join(
+            f"{k}={cfg[k]!r} (checkpoint {config.get(k)!r})" for k in diff) + " was set: leave the model's config "
+            "file and overrides out (a scale file that agrees with the checkpoint may stay)")
+
+
+def init_weights(cfg, given):
+    """init_from=<ckpt.pt or run directory>: (that checkpoint, its GPTConfig, where the weights come from),
+    read and checked before anything is written."""
+    value = cfg["init_from"]
+    run = (os.path.dirname(value) or ".") if value.endswith(".pt") else value
+    if not os.path.exists(value) or (value.endswith(".pt") and os.path.basename(value) != rundir.CKPT):
+        raise UserError(f"init_from={value!r}: use 'scratch', 'resume', or a checkpoint to start from (a run's "
+                        f"{rundir.CKPT}, or the run directory holding it)"
+                        + ("" if os.path.exists(value) else f"; {value} does not exist"))
+    if os.path.realpath(run) == os.path.realpath(cfg["out_dir"]):
+        raise UserError(f"init_from={value} is out_dir's own checkpoint: continue the run with --init_from=resume, "
+                        f"or start a new run from its weights in another --out_dir")
+    ckpt = rundir.read_checkpoint(run)
+    ckpt = {k: v for k, v in ckpt.items() if k != "sharded"} | {"model": rundir.model_state(run, ckpt)}   # FSDP's too
+    _, config = rundir.read_model_config(run)
+    rundir.check_weights_match(run, ckpt["model"], config)
+    check_given_model_keys(config, cfg, given, f"init_from={value}")
+    source = {"path": os.path.abspath(run), "iter_num": ckpt.get("iter_num", 0), "save_id": rundir.checkpoint_id(ckpt)}
+    return ckpt, GPTConfig(**config), source
+
+
+def read_resume(cfg, model_cfg, given):
     """The checkpoint to continue from (init_from='resume'), checked against the requested model and
-    settings; returns (checkpoint or None, the settings allowed to change)."""
-    if cfg["init_from"] != "resume":
-        return None, {}
+    settings; returns (checkpoint, its GPTConfig, the settings allowed to change). A run started
+    from another checkpoint's weights keeps that checkpoint's architecture."""
     run = cfg["out_dir"]
     if not os.path.isfile(rundir.file(run, rundir.CKPT)):
         unfinished = os.path.isfile(rundir.file(run, rundir.GRAD_DUMP))
@@ -140,11 +171,14 @@ def read_resume(cfg, model_cfg):
     ckpt = rundir.read_checkpoint(run)
     if "optimizer" not in ckpt and "sharded" not in ckpt:
         raise UserError(f"{run}/ckpt.pt holds no optimizer state (a model written by prune.py --save_pruned?): "
-                        f"it cannot be resumed")
+                        f"it cannot be resumed; start a new run from its weights with --init_from={run}")
     if ("sharded" in ckpt) != (cfg["parallel"] == "fsdp"):
         raise UserError(f"{run}/ckpt.pt is " + ("a sharded checkpoint: resume it with --parallel=fsdp (any number of "
                         "ranks)" if "sharded" in ckpt else "not sharded: resume it with --parallel=ddp"))
     _, have = rundir.read_model_config(run)
+    if ckpt.get("initialised_from"):
+        check_given_model_keys(have, cfg, given, f"resuming {run}")
+        model_cfg = GPTConfig(**have)
     want = asdict(model_cfg)
     diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
     if diff:
@@ -152,15 +186,27 @@ def read_resume(cfg, model_cfg):
             f"{k} (checkpoint {have.get(k)!r}, requested {want.get(k)!r})" for k in diff)
             + ": pass the run's config, or another out_dir")
     changes = check_resume(ckpt["train_config"], {k: cfg[k] for k in _DEFAULTS}, _FREE_ON_RESUME, cfg["allow_changes"])
-    return ckpt, changes
+    return ckpt, model_cfg, changes
+
+
+def starting_point(cfg, given):
+    """(checkpoint or None, GPTConfig, resume's allowed changes, where the weights come from or None)."""
+    if cfg["init_from"] == "scratch":
+        return None, GPTConfig.from_dict(cfg), {}, None
+    if cfg["init_from"] == "resume":
+        ckpt, model_cfg, changes = read_resume(cfg, GPTConfig.from_dict(cfg), given)
+        return ckpt, model_cfg, changes, ckpt.get("initialised_from")
+    ckpt, model_cfg, source = init_weights(cfg, given)
+    return ckpt, model_cfg, {}, source
 
 
 def build(cfg, model_cfg, d, ckpt):
-    """Model, optimizer, the step after backward, the gradient dump; restored from ckpt if given.
-    parallel='fsdp': the model is sharded (and compiled per block) here, before the optimizer."""
+    """Model, optimizer, the step after backward, the gradient dump: the weights from ckpt if given, the
+    rest too when resuming. parallel='fsdp': the model is sharded (and compiled per block) here, before
+    the optimizer; a sharded checkpoint's weights are loaded with its optimizer state."""
     torch.manual_seed(cfg["seed"])   # same init on every rank (DDP broadcasts rank 0's anyway)
     model = GPT(model_cfg)
-    if ckpt is not None and not d.sharded:
+    if ckpt is not None and "model" in ckpt:
         model.load_state_dict(ckpt["model"])
     if cfg["activation_checkpointing"]:
         sharding.checkpoint_blocks(model)
@@ -174,7 +220,7 @@ def build(cfg, model_cfg, d, ckpt):
     step = GradStep(model.param_groups_by_layer(), optimizer, clip, cfg["equalize"])
     dump = rundir.GradNormDump(step.norms.names, rundir.file(cfg["out_dir"], rundir.GRAD_DUMP), cfg["equalize"])
     iter_num, best_val = 0, float("inf")
-    if ckpt is not None:
+    if ckpt is not None and cfg["init_from"] == "resume":   # another checkpoint's weights: fresh optimizer, step 0
         if d.sharded:
             sharding.load(cfg["out_dir"], ckpt, model, optimizer)
         else:
@@ -186,29 +232,30 @@ def build(cfg, model_cfg, d, ckpt):
 
 
 def main(argv):
-    cfg = read_config(argv, GPTConfig.defaults() | _DEFAULTS,
+    given = set()   # the keys config files and overrides set
+    cfg = read_config(argv, GPTConfig.defaults() | _DEFAULTS, given=given,
                       help=(__doc__, [("train.py", _DEFAULTS, __file__),
                                       ("the model (model.py's GPTConfig)", GPTConfig.defaults(),
                                        inspect.getsourcefile(GPTConfig))]))
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("out", config_name(argv))
-    model_cfg = GPTConfig.from_dict(cfg)
     train_cfg = {k: cfg[k] for k in _DEFAULTS}   # the model's keys live in model_config.json only
     sharding.check(cfg["parallel"])   # before it starts a process group
     d = sharding.setup(cfg["parallel"], cfg["device"])
     micro = check_settings(cfg, d.world)
+    ckpt, model_cfg, changes, source = starting_point(cfg, given)   # read and checked; nothing written yet
     if d.local_rank == 0:   # the embedded Shakespeare is prepared on first use, so a fresh clone runs
         prepare_builtin(cfg["dataset"], cfg["data_dir"])
     if d.ddp:
         torch.distributed.barrier()
     train_data = load_split(cfg["dataset"], cfg["data_dir"], "train", model_cfg.vocab_size)
     val_data = load_split(cfg["dataset"], cfg["data_dir"], "val", model_cfg.vocab_size)
-    ckpt, changes = read_resume(cfg, model_cfg)
-    if ckpt is None:   # a new run: never into a folder that holds another one (unless overwrite)
+    if cfg["init_from"] != "resume":   # a new run: never into a folder that holds another one (unless overwrite)
         rundir.start_run(cfg["out_dir"], "gpt", asdict(model_cfg), cfg["overwrite"], write=d.master)
     elif d.master:   # the same architecture, checked: a run of an earlier version gets its model_config.json
         rundir.write_model_config(cfg["out_dir"], "gpt", asdict(model_cfg))
     raw_model, optimizer, step, dump, iter_num, best_val = build(cfg, model_cfg, d, ckpt)
-    ckpt_clip = ckpt.get("equalize_clip") if ckpt else None   # a resumed run keeps its factor
+    resuming = cfg["init_from"] == "resume"
+    ckpt_clip = ckpt.get("equalize_clip") if resuming else None   # a resumed run keeps its factor
     del ckpt
     compiled = use_compile(cfg["compile"], d.device_type)
     model = raw_model
@@ -229,10 +276,14 @@ def main(argv):
         + f"; global batch {B} x {T} tokens"
         f" = {micro} per micro-step x {cfg['gradient_accumulation_steps']} accumulation x {d.world} ranks"
         + (f"; resuming at step {iter_num}" if iter_num else ""))
-    if cfg["init_from"] == "resume":   # every resume is recorded, with what it was allowed to change
+    if resuming:   # every resume is recorded, with what it was allowed to change
         log(f"resumed at step {iter_num}" + (": " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
                                              if changes else ", settings unchanged"))
+    elif source:
+        log(f"weights from {source['path']} (step {source['iter_num']} of its run); a fresh optimizer and schedule, "
+            f"{model_cfg.n_layer} layers")
     loop = Loop(cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro)
+    loop.initialised_from = source
     if cfg["equalize"]:
         if iter_num and not ckpt_clip and not cfg["equalize_clip_factor"]:
             raise UserError(f"{cfg['out_dir']}/ckpt.pt does not record its equalisation clip factor (an earlier "
@@ -289,6 +340,7 @@ class Loop:
         self.guard = FiniteGuard()
         self.history = {"loss": {}, "val": {}}   # what the log printed; main() returns it (tests)
         self.equalize_clip = None   # how the equalisation clip factor was set (equalize=True)
+        self.initialised_from = None   # init_from=<checkpoint>: where the weights came from
         self.wandb = None
         if cfg["wandb_log"] and d.master:
             import wandb
@@ -364,7 +416,8 @@ class Loop:
 
     def save(self, it, best_val):
         """The checkpoint: on rank 0 (DDP: all of it there), or sharded, by every rank (FSDP)."""
-        extra = {"equalize_clip": self.equalize_clip} if self.equalize_clip else {}
+        extra = {k: v for k, v in (("equalize_clip", self.equalize_clip), ("initialised_from", self.initialised_from))
+                 if v}
         if self.d.master:
             self.dump.flush()
             extra |= {"grad_dump": self.dump.state_dict()}   # the dump lives on rank 0

@@ -6,7 +6,8 @@ scripts (train.py, fanin.py, prune.py, bench.py, resnet.py) -> gfa.* -> model.py
   rundir       the run directory: checkpoint, model config, gradient dump, importance (the contract)
   data         token files, the deterministic training batches, the fixed held-out windows
   prepare      tokenising documents into train.bin / val.bin (the recipes under data/ share it)
-  evaluation   held-out perplexity and multiple-choice (HellaSwag-style) scoring
+  evaluation   held-out perplexity, log-likelihood and multiple-choice (HellaSwag-style) scoring
+  lm_eval_adapter  the lm-evaluation-harness model "gfa" (lm-eval optional; python -m gfa.lm_eval_adapter)
   theory       the paper's fan-in formulas (Appendix B.1), Eq. 2's share, Spearman and fits
   training     LR schedule, AdamW grouping, DDP setup, the optimizer step (per-layer gradient
                norms, norm equalisation, clipping), the non-finite guard

@@ -124,13 +124,15 @@ def help_text(doc, sections):
     return "\n".join(lines)
 
 
-def read_config(argv, defaults, ignore_other_keys=False, help=None):
+def read_config(argv, defaults, ignore_other_keys=False, help=None, given=None):
     """Merge defaults, then config files (positional *.py) and --key=value overrides, in order.
 
     defaults: the script's keys and their default values (types are enforced).
     ignore_other_keys: keys a config file sets for other scripts (batch_size, ... when only the
     model is read) are ignored, though later files still see them; an unknown --override is
-    still an error. help: (docstring, sections) for help_text, printed on --help or -h."""
+    still an error. help: (docstring, sections) for help_text, printed on --help or -h.
+    given: a set that receives every key a config file or an override sets (even to its default)."""
+    given = set() if given is None else given
     if help and any(a in ("--help", "-h") for a in argv):
         print(help_text(*help))
         raise SystemExit(0)
@@ -159,12 +161,14 @@ def read_config(argv, defaults, ignore_other_keys=False, help=None):
             except (ValueError, SyntaxError):
                 value = raw   # a bare string, e.g. --device=cuda
             cfg[key] = _coerce(key, value, defaults[key])
+            given.add(key)
             change(key, cfg[key], arg)
         elif arg.endswith(".py"):
             assigned, read = _exec_config_file(arg, seen)
             for key, value in assigned.items():
                 if key in defaults:
                     cfg[key] = _coerce(key, value, defaults[key])
+                    given.add(key)
                 elif not ignore_other_keys:
                     raise unknown(key, f"set by {arg}")
                 change(key, value, arg)

@@ -84,6 +84,9 @@ class HFTokenizer:
     def encode(self, text, allowed_special="all"):
         return self.encode_ordinary(text)
 
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
 
 def load_encoding(tokenizer):
     if tokenizer == "bytes":
@@ -101,10 +104,17 @@ def load_encoding(tokenizer):
                         f"TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache, or use --tokenizer bytes") from None
 
 
+def eot_token(tokenizer):
+    """The end-of-text id written after each document: GPT-2's <|endoftext|>, byte 0, or an HF model's eos."""
+    if tokenizer not in TOKENIZERS:
+        return load_encoding(tokenizer).eot
+    return 50256 if tokenizer == "gpt2" else 0
+
+
 def _init_worker(tokenizer):
     global _enc, _eot
     _enc = load_encoding(tokenizer)
-    _eot = _enc.eot if isinstance(_enc, HFTokenizer) else 50256 if tokenizer == "gpt2" else 0
+    _eot = _enc.eot if isinstance(_enc, HFTokenizer) else eot_token(tokenizer)
 
 
 def _encode(args):

@@ -300,12 +300,28 @@ def has_checkpoint(run):
     return os.path.isfile(file(run, CKPT)) or os.path.isfile(file(run, OLD_RESNET_CKPT))
 
 
+def check_weights_match(run, weights, config):
+    """UserError unless the weights (a state dict: model_state()) are exactly those of the model the
+    run's config describes (names and shapes, checked on the meta device: nothing allocated)."""
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in GPT(GPTConfig(**config)).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in weights.items()}
+    if want != have:
+        name = (sorted(want.keys() ^ have.keys()) or sorted(k for k in want if want[k] != have[k]))[0]
+        what = f"{name}: {have.get(name, 'missing')} in the checkpoint, {want.get(name, 'absent')} in the config"
+        raise UserError(f"{file(run, CKPT)} does not hold the model {file(run, MODEL_CONFIG)} describes ({what}): the "
+                        f"run's files do not belong together; restore them from one run")
+
+
 def load_gpt(run, device="cpu"):
-    """(GPT on device, checkpoint dict) of a run directory."""
+    """(GPT on device, checkpoint dict) of a run directory; weights that do not fit its config are a
+    one-line error."""
     ckpt = read_checkpoint(run, kind="gpt")
     kind, config = read_model_config(run)
+    weights = model_state(run, ckpt)
+    check_weights_match(run, weights, config)
     model = GPT(GPTConfig(**config))
-    model.load_state_dict(model_state(run, ckpt))
+    model.load_state_dict(weights)
     return model.to(device), ckpt
 
 

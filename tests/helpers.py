@@ -1,5 +1,5 @@
 """What several test files share: the tiny model config, run directories written through
-gfa.rundir as train.py writes them, and the in-process check of a one-line error."""
+gfa.rundir as train.py writes them, a local lm-eval task, and the in-process check of a one-line error."""
 import json
 
 import numpy as np
@@ -53,6 +53,34 @@ def write_jsonl(path, rows):
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return str(path)
+
+
+# an lm-eval multiple-choice task over a local jsonl in the in-house layout: the endings carry their joining
+# space (the in-house verbatim reading), the task trims them and joins them with " ", so both score the same text
+LOCAL_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {path}
+  cache_dir: {cache}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{{{ctx}}}}"
+doc_to_choice: "{{{{endings | map('trim') | list}}}}"
+doc_to_target: label
+target_delimiter: " "
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def write_local_task(folder, data_path, name="tiny_mc"):
+    """folder/<name>.yaml, an lm-eval task over data_path (a jsonl of ctx, endings, label): --include_path folder.
+    The datasets cache goes beside it, not into the home folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text(LOCAL_TASK.format(name=name, path=data_path, cache=folder / "hf_cache"))
+    return str(folder)
 
 
 def one_line_error(main, argv, capsys):

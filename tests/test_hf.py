@@ -40,8 +40,8 @@ def test_import_export_round_trip(tmp_path, byte_data, monkeypatch):
     # the other scripts read the run: prune.py's early exit on the imported model, its text through the
     # source folder's tokenizer (recorded here; the bytes encoder stands in for it), or --tokenizer's
     used = []
-    monkeypatch.setattr(prune, "get_encoder", lambda vocab, tokenizer=None: used.append(tokenizer) or (
-        lambda text: list(text.encode())))
+    byte_tokenizer = prune.Tokenizer(256)
+    monkeypatch.setattr(prune, "Tokenizer", lambda vocab, hf_folder=None: used.append(hf_folder) or byte_tokenizer)
     hs = tmp_path / "hs.jsonl"
     hs.write_text(json.dumps({"ctx": "the cat", "endings": [" sat", " ran", " a", " mat"], "label": 0}) + "\n")
     common = ["--runs", run, "--exits", "--data", str(byte_data), "--hellaswag", str(hs), "--eval_batches", "1",

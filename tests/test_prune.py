@@ -1,22 +1,30 @@
 """prune.py against planted answers and hand computations on tiny CPU models: each heuristic
-finds the layer it must find, Taylor equals a hand-written version, CFP ranks on the steps the
-checkpoint saw, passthrough pruning equals the physically smaller model, bad input gives
-one-line errors."""
+finds the layer it must find, Taylor and Block Influence equal hand-written versions, SLEB equals a
+brute-force greedy search, CFP ranks on the steps the checkpoint saw, passthrough pruning equals the
+physically smaller model, healing and timing run train.py and bench.py on the saved models, bad
+input gives one-line errors."""
+import importlib.util
 import json
 import math
 import os
+import sys
+import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import prune
+import train
 from gfa import rundir
 from gfa.cli import UserError
 from gfa.data import get_batch, load_tokens
+from gfa.evaluation import Tokenizer, choice_accuracy, encode_items, ending_logprobs, evaluate, load_multiple_choice
 from gfa.theory import spearman
-from helpers import one_line_error, tiny_model, write_jsonl, write_run
+from helpers import one_line_error, tiny_model, write_jsonl, write_local_task, write_run
 
 N = 4
 
@@ -115,6 +123,62 @@ def test_cfp_picks_smallest_share_over_the_checkpoints_steps(tmp_path, byte_data
     assert np.allclose(prune.cfp_share(run, N, rundir.read_checkpoint(run)), share)
 
 
+def test_block_influence_picks_zeroed_branch_and_matches_hand(byte_data):
+    m = tiny_model()
+    zero_branch(m, 2)
+    calib = batches(byte_data)
+    bi = prune.block_influence(m, calib, "cpu", nullcontext())
+    assert prune.lowest(bi, 1) == [2] and bi[2] < 1e-6 < np.delete(bi, 2).min()
+    # by hand: block 1's own input and output (a forward hook), 1 - cos averaged over every token
+    io = []
+    hook = m.blocks[1].register_forward_hook(lambda mod, a, out: io.append((a[0], out)))
+    with torch.no_grad():
+        for x, _ in calib:
+            m(x)
+    hook.remove()
+    cos = torch.cat([F.cosine_similarity(i.double(), o.double(), dim=-1).flatten() for i, o in io])
+    assert bi[1] == pytest.approx(1 - cos.mean().item(), rel=1e-6)
+
+
+def calibration_loss(m, removed, calib):
+    """Mean CE over the calibration batches with `removed` passed through, one batch at a time."""
+    m.set_passthrough(removed)
+    with torch.no_grad():
+        losses = [F.cross_entropy(m(x)[0].flatten(0, 1).double(), y.flatten(), reduction="sum") for x, y in calib]
+    m.set_passthrough([])
+    return (sum(losses) / sum(y.numel() for _, y in calib)).item()
+
+
+def trained_with_identity_layers(data_dir, layers, steps=12):
+    """A tiny model trained a little with `layers` held at identity (zero branches, frozen): removing one of
+    them changes nothing, removing any other layer of the trained model hurts."""
+    m = tiny_model().train()
+    for l in layers:
+        zero_branch(m, l)
+        m.blocks[l].requires_grad_(False)
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    for x, y in batches(data_dir, n=steps, B=8):
+        m(x, y)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    return m.eval().requires_grad_(True)
+
+
+def test_sleb_removes_planted_layers_in_greedy_order(byte_data):
+    m = trained_with_identity_layers(byte_data, [1, 3])
+    calib = batches(byte_data)
+    order, after, first = prune.sleb_order(m, calib, "cpu", nullcontext(), 3)
+    assert sorted(order[:2]) == [1, 3] and not m.passthrough   # the identity layers go first; model restored
+    removed = []   # brute force: every round, every remaining layer's calibration loss, the lowest removed
+    for r in range(3):
+        losses = {l: calibration_loss(m, removed + [l], calib) for l in range(N) if l not in removed}
+        best = min(losses, key=losses.get)
+        assert order[r] == best and after[r] == pytest.approx(losses[best], rel=1e-6)
+        if r == 0:
+            assert np.allclose(first, [losses[l] for l in range(N)], rtol=1e-6)
+        removed.append(best)
+
+
 def test_taylor_matches_hand_computation(byte_data):
     m = tiny_model()
     (x, y), = batches(byte_data, n=1)
@@ -169,10 +233,10 @@ def test_cli_table_two_seeds_and_save_pruned(tmp_path, byte_data, monkeypatch):
     assert (out / "table1_ppl.png").stat().st_size > 0 and "acc_norm" in text and "± " in text
     assert "Ranking stability" in text
     stab = json.loads((out / "results.json").read_text())["stability"]
-    for m in prune.METHODS:   # two runs: one pair, its rho is the mean
+    for m in prune.PAPER_METHODS:   # two runs: one pair, its rho is the mean
         rho = spearman(res[0]["scores"][m], res[1]["scores"][m])[0]
         assert stab[m][0] == pytest.approx(rho, nan_ok=True) and stab[m][1] == [pytest.approx(rho, nan_ok=True)]
-    assert any(0 < abs(stab[m][0]) < 1 for m in prune.METHODS)   # not only the trivial +-1 cases
+    assert any(0 < abs(stab[m][0]) < 1 for m in prune.PAPER_METHODS)   # not only the trivial +-1 cases
     for r in res:
         assert r["cells"]["cfp/1"]["layers"] == [1]
         assert r["cells"]["magnitude/1"]["layers"] == [2] and r["cells"]["similarity/1"]["layers"] == [2]
@@ -224,17 +288,81 @@ def test_exits_curve_equals_the_models_cut_above_each_exit(tmp_path, byte_data):
     assert json.loads((out / "exits.json").read_text())["runs"] == json.loads(json.dumps(res))
     assert len((out / "exits.md").read_text().splitlines()) == 4 + 4   # title, blank, header, rule, E = 1..4
     val = load_tokens(str(byte_data / "val.bin"), 256)
-    items = prune.load_multiple_choice(hs)
+    items = load_multiple_choice(hs)
     no_autocast = torch.autocast("cpu", enabled=False)
-    every_exit = prune.ending_logprobs(deep, items, prune.get_encoder(256), "cpu", no_autocast, exits=True)
+    encoded = encode_items(items, Tokenizer(256))
+    every_exit = ending_logprobs(deep, encoded, "cpu", no_autocast, exits=True)
     for E in (1, 3, 4):
         deep.set_passthrough(range(E, N))
-        loss = prune.evaluate(deep, val, 32, 4, 2, "cpu", no_autocast)
-        lp = prune.ending_logprobs(deep, items, prune.get_encoder(256), "cpu", no_autocast)
+        loss = evaluate(deep, val, 32, 4, 2, "cpu", no_autocast)
+        lp = ending_logprobs(deep, encoded, "cpu", no_autocast)
         got = res[0]["exits"][E - 1]
         assert got["exit"] == E and got["loss"] == pytest.approx(loss, rel=1e-6)
         assert np.allclose(every_exit[E - 1], lp, rtol=1e-6)
-        assert (got["acc"], got["acc_norm"]) == prune.choice_accuracy(lp, items)
+        assert (got["acc"], got["acc_norm"]) == choice_accuracy(lp, items)
+
+
+def test_heal_speed_and_tasks_for_every_pruned_model(tmp_path, byte_data, monkeypatch):
+    """--heal_tokens: every distinct pruned model is saved, healed by train.py for that many tokens and
+    measured again (checked here against the healed run itself); --speed: bench.py times one saved model per
+    architecture; --tasks (with lm-eval installed): a local lm-eval task scores every model. The scripts run
+    in process; only the healed runs' logs and dumps stay."""
+    with_lm_eval = importlib.util.find_spec("lm_eval") is not None
+    val = load_tokens(str(byte_data / "val.bin"), 256)
+    calls, healed_loss = [], {}
+
+    def in_process(script, argv, check=True):
+        calls.append((script, argv))
+        try:
+            {"train.py": train.main, "bench.py": bench.main}[script](argv)
+        except UserError:
+            if check:
+                raise
+            return 2
+        if script == "train.py":   # the healed run, measured here before prune.py removes its checkpoint
+            out = next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))
+            healed_loss[out] = evaluate(rundir.load_gpt(out)[0], val, 32, 4, 2, "cpu")
+        return 0
+    monkeypatch.setattr(prune, "run_script", in_process)
+    runs = [make_run(tmp_path / f"seed{s}", tiny_model(s), byte_data, share_min=1) for s in (0, 1)]
+    mc = write_jsonl(tmp_path / "mc.jsonl", HS_ROWS)
+    tasks = ["--tasks", "tiny_mc", "--include_path", write_local_task(tmp_path / "tasks", mc)] if with_lm_eval else []
+    out = tmp_path / "table"
+    res = prune.main(["--runs", *runs, "--k", "1", "--methods", "cfp,magnitude", "--hellaswag", mc, *tasks,
+                      "--eval_batches", "2", "--batch_size", "4", "--device", "cpu", "--heal_tokens", "640",
+                      "--heal_lr", "1e-2", "--heal_args", "--eval_iters=1 --eval_batch_size=2", "--speed",
+                      "--bench_args", "--runs 1 --warmup 0 --dtype fp32", "--out", str(out)])
+    heals = [argv for script, argv in calls if script == "train.py"]
+    assert len(heals) == sum(len({frozenset(c["layers"]) for c in r["cells"].values()}) for r in res)
+    assert all("--max_iters=5" in a and "--learning_rate=0.01" in a for a in heals)   # 640 tokens / (4 x 32)
+    for r in res:
+        for cell in r["cells"].values():
+            h = cell["healed"]
+            assert h["ppl"] == pytest.approx(math.exp(healed_loss[h["run_dir"]]), rel=1e-6) and h["ppl"] < cell["ppl"]
+            assert os.path.isfile(os.path.join(h["run_dir"], "log.txt"))
+            assert not os.path.exists(os.path.join(h["run_dir"], "ckpt.pt"))
+            assert cell["speed"]["forward_ms"] > 0 and cell["speed"]["decode_ms_per_token"] > 0
+            if with_lm_eval:
+                assert cell["zero_shot_mean"] == cell["tasks"]["tiny_mc"]["acc_norm"]
+                assert cell["healed"]["tasks"]["tiny_mc"].keys() == {"acc", "acc_norm"}
+    timed = [argv for script, argv in calls if script == "bench.py"]
+    assert [a[2] for a in timed] == ["--mode=inference", "--mode=decode"]   # the 4- and the 3-layer model, once
+    assert res[0]["cells"]["cfp/1"]["speed"] == res[1]["cells"]["magnitude/1"]["speed"] != res[0]["baseline"]["speed"]
+    assert not (out / "models").exists() and (out / "speed" / "inference.json").is_file()
+    text = (out / "table1.md").read_text()
+    assert "Healed (the pruned model" in text and "Speed of the physically pruned model" in text
+    assert ("tiny_mc acc_norm" in text) == with_lm_eval
+    # the seeds pruned apart and only one of them timed (speed is per architecture): the same table
+    joint = json.loads((out / "results.json").read_text())
+    for i, r in enumerate(joint["runs"]):
+        part = dict(joint, runs=[r])
+        if i:
+            part["settings"] = dict(part["settings"], speed=False, bench_args="")
+            for cell in [r["baseline"], *r["cells"].values()]:
+                del cell["speed"]
+        (tmp_path / f"part{i}.json").write_text(json.dumps(part))
+    prune.main(["--combine", str(tmp_path / "part0.json"), str(tmp_path / "part1.json"), "--out", str(tmp_path / "c")])
+    assert (tmp_path / "c" / "table1.md").read_text() == text
 
 
 # ---- bad input: one-line errors ---------------------------------------------------------------------------
@@ -251,9 +379,50 @@ def test_bad_inputs(tmp_path, byte_data, capsys):
     assert "one --k" in err("--runs", run, "--k", "1,2", "--methods", "cfp", "--save_pruned", tmp_path / "x")
     good = json.dumps(HS_ROWS[0])
     cases = {"{not json": "not a JSON object", json.dumps({"ctx": "a", "endings": ["b"] * 4}): "label",
-             json.dumps({"ctx": "a", "endings": [" b"] * 3, "label": 0}): "4 non-empty",
+             json.dumps({"ctx": "a", "endings": [" b"], "label": 0}): "2 or more non-empty",
              json.dumps({"ctx": "a", "endings": [" b"] * 4, "label": 7}): "label must be 0..3"}
     for i, (bad, want) in enumerate(cases.items()):
         path = write_jsonl(tmp_path / f"bad{i}.jsonl", [good, good, bad])
         line = err("--runs", run, "--k", "1", "--hellaswag", path)
         assert f"bad{i}.jsonl:3 " in line and want in line, line
+    # a physically pruned run: k counts its own layers
+    small = tmp_path / "small"
+    prune.save_pruned(str(small), rundir.load_gpt(run)[0], rundir.read_checkpoint(run), [0, 1], run, ["cfp/2"])
+    assert "[1, 1] for the 2-layer model" in err("--runs", small, "--k", "2") and "already pruned: [0, 1]" in \
+        err("--runs", small, "--k", "2")
+    assert "prune.py sets init_from" in err("--runs", run, "--k", "1", "--heal_tokens", "100",
+                                            "--heal_args=--max_iters=3")
+    assert "--task_limit" in err("--runs", run, "--k", "1", "--task_limit", "-1")
+    mc = json.loads((small / "model_config.json").read_text())   # weights and config of two different models
+    mc["config"]["d_ffn"] = [48, 48]
+    (small / "model_config.json").write_text(json.dumps(mc))
+    assert "does not hold the model" in err("--runs", small, "--k", "1", "--heal_tokens", "100")
+    assert not os.path.exists(tmp_path / "run" / "prune") and not os.path.exists(small / "prune")   # nothing written
+
+
+def test_tasks_without_lm_eval_is_a_one_line_error(tmp_path, byte_data, capsys, monkeypatch):
+    run = make_run(tmp_path / "run", tiny_model(), byte_data)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)   # as if not installed
+    monkeypatch.delitem(sys.modules, "gfa.lm_eval_adapter", raising=False)
+    line = one_line_error(prune.main, ["--runs", run, "--k", "1", "--tasks", "piqa", "--device", "cpu"], capsys)
+    assert "lm-eval is not installed" in line and "leave out --tasks" in line
+    assert not os.path.exists(tmp_path / "run" / "prune")
+
+
+@pytest.mark.gpu
+def test_calibrated_methods_do_not_wait_on_the_host_per_layer(byte_data):
+    """Block Influence syncs once (its result), SLEB once per round, whatever the number of layers."""
+    m = tiny_model(n_layer=6).cuda()
+    calib = [(x.cuda(), y.cuda()) for x, y in batches(byte_data)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prune.block_influence(m, calib, "cuda", nullcontext())
+            n_bi = len(caught)
+            prune.sleb_order(m, calib, "cuda", nullcontext(), 2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = lambda ws: sum("synchroniz" in str(w.message) for w in ws)
+    assert syncs(caught[:n_bi]) <= 1 and syncs(caught[n_bi:]) <= 2   # 6 layers: not one per layer

@@ -1,6 +1,6 @@
 """train.py on CPU: learning, exact resume, DDP == one process (a real torchrun), the gradient-norm
-dump against hand-computed norms, norm equalisation, the run directory it writes, and the
-one-line errors for bad input. Tiny models, fast."""
+dump against hand-computed norms, norm equalisation, the run directory it writes, starting from
+another checkpoint's weights, and the one-line errors for bad input. Tiny models, fast."""
 import os
 import subprocess
 import sys
@@ -12,8 +12,9 @@ import torch
 import train
 from gfa import rundir
 from gfa.data import DATA, get_batch, load_tokens
+from gfa.evaluation import evaluate
 from helpers import one_line_error
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, drop_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 load_grad_dump = rundir.read_grad_dump
@@ -391,3 +392,57 @@ def test_fsdp_on_a_gpu_compiled_bf16_checkpointed(tmp_path):
         assert full["loss"][s] == pytest.approx(loss, abs=5e-3)
         assert (part["loss"] | rest["loss"])[s] == pytest.approx(full["loss"][s], abs=1e-4)
     np.testing.assert_allclose(load_grad_dump(out_b)["norms"], load_grad_dump(out_a)["norms"], rtol=1e-3)
+
+
+TRAIN_ONLY = [a for a in TINY if a.split("=")[0][2:] not in GPTConfig.defaults()]   # no model keys
+
+
+def test_init_from_a_pruned_checkpoint_trains_its_weights_with_a_fresh_optimizer(tmp_path, capsys):
+    """--init_from=<ckpt.pt>: the checkpoint's architecture and weights (a physically pruned model, no
+    optimizer), step 0 of a fresh schedule: the first step equals clip + a fresh AdamW step written out
+    here; a passthrough checkpoint keeps its skipped layer untouched."""
+    _, src = run(tmp_path, "src", "--max_iters=3", "--passthrough=[1]")
+    model, ckpt = rundir.load_gpt(src)
+    small = tmp_path / "pruned"
+    rundir.save_gpt(str(small), drop_layers(model, [1]), ckpt["train_config"], ckpt["iter_num"])   # as prune.py does
+    out = str(tmp_path / "healed")
+    hist = train.main(TRAIN_ONLY + [f"--init_from={small / 'ckpt.pt'}", f"--out_dir={out}", "--max_iters=1"])
+    start, _ = rundir.load_gpt(str(small))
+    val = load_tokens(os.path.join(DATA, "shakespeare/val.bin"))
+    assert hist["val"][0] == pytest.approx(evaluate(start, val, 32, 4, 2, "cpu"), rel=1e-6)   # its weights at step 0
+    x, y = get_batch(load_tokens(os.path.join(DATA, "shakespeare/train.bin")), 8, 32, step=0, seed=train.seed)
+    start.train()
+    start(x, y)[1].backward()
+    torch.nn.utils.clip_grad_norm_(start.parameters(), 1.0)
+    params = list(start.parameters())
+    torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                      lr=3e-3 / 3, betas=(0.9, 0.95)).step()   # warm-up step 0 of 2: peak / 3
+    healed, hc = rundir.load_gpt(out)
+    assert healed.config == start.config and hc["iter_num"] == 1 and "optimizer" in hc
+    for k, v in healed.state_dict().items():
+        torch.testing.assert_close(v, start.state_dict()[k], rtol=1e-4, atol=1e-6)
+    assert hc["initialised_from"]["path"] == str(small) and "weights from" in open(f"{out}/log.txt").read()
+    # resuming the new run keeps the checkpoint's architecture (no model keys given)
+    train.main(TRAIN_ONLY + ["--init_from=resume", f"--out_dir={out}", "--max_iters=2", "--allow_changes=max_iters"])
+    assert rundir.load_gpt(out)[0].config.n_layer == 2
+    # a passthrough checkpoint: its skipped layer gets no gradient, the others train
+    out2 = str(tmp_path / "from_passthrough")
+    train.main(TRAIN_ONLY + [f"--init_from={src}", f"--out_dir={out2}", "--max_iters=2"])
+    before, after = rundir.load_gpt(src)[0].state_dict(), rundir.load_gpt(out2)[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) == k.startswith("blocks.1.") for k in before if k.startswith("blocks."))
+
+
+def test_init_from_bad_input(tmp_path, capsys):
+    _, src = run(tmp_path, "src", "--max_iters=1")
+    out = tmp_path / "new"
+    err = lambda *a: one_line_error(train.main, [*TRAIN_ONLY, "--max_iters=1", *a], capsys)
+    assert "n_layer=2 (checkpoint 3) was set" in err(f"--init_from={src}", "--n_layer=2", f"--out_dir={out}")
+    assert "does not exist" in err(f"--init_from={tmp_path / 'nope'}", f"--out_dir={out}")
+    assert "--init_from=resume" in err(f"--init_from={src}", f"--out_dir={src}")
+    with open(os.path.join(src, "model_config.json")) as f:   # files of two runs: the weights do not fit
+        mc = f.read()
+    with open(os.path.join(src, "model_config.json"), "w") as f:
+        f.write(mc.replace('"d_ffn0": 64', '"d_ffn0": 48'))
+    assert "does not hold the model" in err(f"--init_from={src}/ckpt.pt", f"--out_dir={out}")
+    assert not out.exists()   # nothing written

@@ -97,7 +97,7 @@ def test_hf_tokenizer_folder(tmp_path):
     so the expected ids are known by hand) and its eos token after each document; the multiple-choice
     encoder of an imported model uses the same tokenizer."""
     tokenizers = pytest.importorskip("tokenizers")
-    from gfa.evaluation import get_encoder
+    from gfa.evaluation import Tokenizer
     vocab = {"[UNK]": 0, "</s>": 1, "to": 2, "be": 3, "or": 4, "not": 5}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -111,7 +111,7 @@ def test_hf_tokenizer_folder(tmp_path):
                         "--workers", "1", str(src)])
     assert np.fromfile(tmp_path / "out/train.bin", dtype=np.uint16).tolist() == [2, 3, 4, 5, 2, 3, 1, 5, 2, 3, 1]
     assert np.fromfile(tmp_path / "out/val.bin", dtype=np.uint16).tolist() == [3, 0, 1]   # the third document
-    assert get_encoder(6, str(model))("not to be") == [5, 2, 3]
+    assert Tokenizer(6, str(model)).encode("not to be") == [5, 2, 3]
     (model / "tokenizer_config.json").unlink()
     with pytest.raises(UserError, match="no eos token"):
         prepare_local.main(["--out_dir", str(tmp_path / "o2"), "--tokenizer", str(model), str(src)])

@@ -1,5 +1,6 @@
 """gfa/evaluation.py: perplexity is exp(mean CE) over the fixed windows, and the multiple-choice
-log-probabilities equal a hand computation (ragged batches, left truncation), on CPU and CUDA."""
+log-probabilities (any number of endings) and greedy flags equal a hand computation (ragged
+batches, left truncation), on CPU and CUDA."""
 import math
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from gfa.data import eval_batches, load_tokens
-from gfa.evaluation import choice_accuracy, ending_logprobs, evaluate, get_encoder, load_multiple_choice
+from gfa.evaluation import (Tokenizer, choice_accuracy, continuation_logprobs, encode_items, encode_pair,
+                            ending_logprobs, evaluate, load_multiple_choice)
 from helpers import tiny_model, write_jsonl
 
 HS_ROWS = [{"ctx": "the cat sat on", "endings": [" a mat.", " the dog ran far", " mat", " cat cat"], "label": 0},
@@ -19,9 +21,9 @@ HS_ROWS = [{"ctx": "the cat sat on", "endings": [" a mat.", " the dog ran far", 
 def test_endings_match_hand_logprobs(tmp_path):
     m = tiny_model(block_size=16)
     items = load_multiple_choice(write_jsonl(tmp_path / "hs.jsonl", HS_ROWS))
-    enc = get_encoder(256)
+    enc = encode_items(items, Tokenizer(256))
     # tiny token budget: several batches, ragged padding
-    got = ending_logprobs(m, items, enc, "cpu", torch.autocast("cpu", enabled=False), max_tokens=40)
+    got = ending_logprobs(m, enc, "cpu", torch.autocast("cpu", enabled=False), max_tokens=40)
     for i, row in enumerate(HS_ROWS):
         for j, e in enumerate(row["endings"]):
             toks = list((row["ctx"] + e).encode())[-17:]   # left-truncated to block_size + 1
@@ -36,8 +38,53 @@ def test_endings_match_hand_logprobs(tmp_path):
     labels = np.array([r["label"] for r in HS_ROWS])
     assert acc == np.mean(got.argmax(1) == labels) and acc_norm == np.mean((got / chars).argmax(1) == labels)
     # the same numbers in one big batch
-    big = ending_logprobs(m, items, enc, "cpu", torch.autocast("cpu", enabled=False))
+    big = ending_logprobs(m, enc, "cpu", torch.autocast("cpu", enabled=False))
     assert np.allclose(big, got, atol=1e-4)
+
+
+def hand_logprob(m, context, ending):
+    """Summed log-prob of ending's bytes after context's, from one unbatched forward."""
+    toks = list((context + ending).encode())
+    with torch.no_grad():
+        lp = F.log_softmax(m(torch.tensor([toks[:-1]]))[0][0].double(), -1)
+    return sum(lp[t - 1, toks[t]].item() for t in range(len(context.encode()), len(toks)))
+
+
+def test_any_number_of_endings(tmp_path):
+    # 2 (WinoGrande-style), 3 and 5 endings in one file: each scored by hand, acc and acc_norm over the
+    # item's own endings only (an argmax over padding would pick a missing ending)
+    rows = [{"ctx": "the cat", "endings": [" sat", " ran on a mat."], "label": 1},
+            {"ctx": "a dog ran", "endings": [" on", " the mat.", " x"], "label": 0},
+            {"ctx": "on a", "endings": [" mat.", " cat", " dog", " the", " sat on"], "label": 4}]
+    m = tiny_model()
+    items = load_multiple_choice(write_jsonl(tmp_path / "mc.jsonl", rows))
+    got = ending_logprobs(m, encode_items(items, Tokenizer(256)), "cpu", None, max_tokens=30)
+    assert got.shape == (3, 5) and np.isneginf(got[0, 2:]).all() and np.isneginf(got[1, 3:]).all()
+    want = [[hand_logprob(m, r["ctx"], e) for e in r["endings"]] for r in rows]
+    for g, w in zip(got, want):
+        assert np.allclose(g[:len(w)], w, atol=1e-4)
+    labels = [r["label"] for r in rows]
+    acc = np.mean([np.argmax(w) == lab for w, lab in zip(want, labels)])
+    acc_norm = np.mean([np.argmax(np.array(w) / [len(e) - 1 for e in r["endings"]]) == r["label"]
+                        for w, r in zip(want, rows)])
+    assert choice_accuracy(got, items) == (pytest.approx(acc), pytest.approx(acc_norm))
+
+
+def test_greedy_flag_and_pair_encoding():
+    m = tiny_model()
+    tok = Tokenizer(256)
+    context = list(b"the cat sat")
+    with torch.no_grad():   # the greedy continuation, token by token, by hand
+        seq = list(context)
+        for _ in range(3):
+            seq.append(int(m(torch.tensor([seq]))[0][0, -1].argmax()))
+    greedy = seq[len(context):]
+    other = greedy[:2] + [(greedy[2] + 1) % 256]
+    lp, is_greedy = continuation_logprobs(m, [(context, greedy), (context, other)], "cpu")
+    assert list(is_greedy) == [True, False] and lp[0] > lp[1]
+    # lm-eval's rules: trailing context spaces move to the continuation; an empty context is EOT (byte 0)
+    assert encode_pair(tok, "ab  ", "c") == (list(b"ab"), list(b"  c"))
+    assert encode_pair(tok, "", "xy") == ([0], list(b"xy"))
 
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -70,7 +117,7 @@ def test_truncation_is_counted_in_a_warning(tmp_path, capsys):
     m = tiny_model(block_size=16)
     rows = HS_ROWS + [{"ctx": "ab", "endings": [" c", " d", " e", " f"], "label": 0}]
     items = load_multiple_choice(write_jsonl(tmp_path / "hs.jsonl", rows))
-    ending_logprobs(m, items, get_encoder(256), "cpu", torch.autocast("cpu", enabled=False))
+    ending_logprobs(m, encode_items(items, Tokenizer(256)), "cpu", torch.autocast("cpu", enabled=False))
     # "the cat sat on" + " the dog ran far" is 30 bytes, "a dog" + " sat on the mat." 21: both over 17
     assert "warning: 2 of 3 multiple-choice items are longer than the model's context (block_size 16)" \
         in capsys.readouterr().out
@@ -81,9 +128,9 @@ def test_endings_on_gpu_match_cpu(tmp_path):
     # the CUDA path (pinned, non-blocking index copies; results copied back after the loop)
     m = tiny_model(block_size=16)
     items = load_multiple_choice(write_jsonl(tmp_path / "hs.jsonl", HS_ROWS))
-    enc, off = get_encoder(256), torch.autocast("cpu", enabled=False)
-    cpu = ending_logprobs(m, items, enc, "cpu", off, max_tokens=40)
-    gpu = ending_logprobs(m.cuda(), items, enc, "cuda", off, max_tokens=40)
+    enc, off = encode_items(items, Tokenizer(256)), torch.autocast("cpu", enabled=False)
+    cpu = ending_logprobs(m, enc, "cpu", off, max_tokens=40)
+    gpu = ending_logprobs(m.cuda(), enc, "cuda", off, max_tokens=40)
     assert np.allclose(gpu, cpu, atol=1e-4)
 
 
