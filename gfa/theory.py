@@ -16,6 +16,7 @@ linear-vs-quadratic fits of the share, mean and sample std over seeds.
 """
 import itertools
 import math
+import re
 
 import numpy as np
 
@@ -164,6 +165,13 @@ def fit_decay(share, N, theory=None):
                       else best if out[best]["r2"] >= 0.5
                       else f"neither fits well (best {best}, R^2 {out[best]['r2']:.2f} < 0.5)")
     return out
+
+
+def layer_of(name):
+    """The layer a gradient-dump group belongs to: 'layer.3' for 'layer.3' and for its sub-blocks
+    'layer.3.attn' / 'layer.3.mlp'; None for the other groups (embed, head, a ResNet's stem)."""
+    m = re.fullmatch(r"(layer\.\d+)(\.\w+)?", name)
+    return m.group(1) if m else None
 
 
 def accumulated_share(norms, names):
