@@ -147,12 +147,16 @@ def angular_distances(model, batches, device, ctx, tokens="last"):
     return (D.triu(1) / count).cpu().numpy()   # l < m only, as before; the diagonal is 0
 
 
-def cfp_share(run, n_layer, ckpt):
-    """Eq. 2 share per layer over the steps the checkpoint's weights have seen (gfa.rundir)."""
+def cfp_share(run, n_layer, ckpt, steps=0):
+    """Eq. 2 share per layer over the steps the checkpoint's weights have seen (gfa.rundir), or over
+    its first `steps` steps only (any-time CFP: the ranking a run had reached by then)."""
     if not os.path.isfile(rundir.file(run, rundir.GRAD_DUMP)) and not ckpt.get("grad_dump"):
         raise UserError(f"run {run} has no gradient dump (grad_norms.npz): CFP needs one; train the run "
                         f"with train.py, or leave cfp out of --methods")
-    share = rundir.read_grad_dump(run, before_step=ckpt["iter_num"], ckpt=ckpt)["share"]
+    if steps > ckpt["iter_num"]:
+        raise UserError(f"--cfp_steps {steps}: the checkpoint of {run} has seen {ckpt['iter_num']} steps; give at "
+                        f"most that (0 = all of them)")
+    share = rundir.read_grad_dump(run, before_step=steps or ckpt["iter_num"], ckpt=ckpt)["share"]
     if len(share) != n_layer:
         raise UserError(f"gradient dump of {run} has {len(share)} layers but the model has {n_layer}")
     return share
@@ -250,7 +254,7 @@ def prune_run(run, args, ks, methods, hs_items, device, ctx):
             raise UserError(f"k={k}: must be in [1, {N - 1}] for the {N}-layer model of {run}")
     print(f"== run {run}: {N} layers, {model.num_params() / 1e6:.1f}M params, held-out {ddir}/val.bin")
 
-    share = cfp_share(run, N, ckpt) if "cfp" in methods else None   # fail early, before any compute
+    share = cfp_share(run, N, ckpt, args.cfp_steps) if "cfp" in methods else None   # fail early, before any compute
     calib = None
     if "taylor" in methods or "similarity" in methods:
         train = load_tokens(os.path.join(ddir, "train.bin"), cfg.vocab_size)
@@ -497,6 +501,8 @@ def main(argv):
     p.add_argument("--data", default=None, help="dataset name or folder (default: the run's train_config dataset)")
     p.add_argument("--eval_batches", type=int, default=20, help="held-out batches for perplexity")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per batch (perplexity, calibration)")
+    p.add_argument("--cfp_steps", type=int, default=0, help="any-time CFP: the share over the first N training "
+                   "steps only (0 = every step the checkpoint saw)")
     p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for Taylor/Similarity")
     p.add_argument("--calib_seed", type=int, default=1234, help="seed of the calibration windows")
     p.add_argument("--similarity_tokens", default="last", choices=("last", "all"),
@@ -521,8 +527,8 @@ def main(argv):
     for name in ("eval_batches", "batch_size", "calib_batches", "hs_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
-    if args.calib_seed < 0 or args.hs_items < 0:
-        raise UserError("--calib_seed and --hs_items must be >= 0")
+    if args.calib_seed < 0 or args.hs_items < 0 or args.cfp_steps < 0:
+        raise UserError("--calib_seed, --hs_items and --cfp_steps must be >= 0")
     if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):
         raise UserError("--save_pruned writes one model: give one run, one --k and one --methods")
     if args.exits and args.save_pruned:
@@ -552,7 +558,8 @@ def main(argv):
             save_pruned(args.save_pruned, model, ckpt, choice[(methods[0], ks[0])], run, methods[0], ks[0])
         del model
     settings = {"magnitude": args.magnitude, "similarity_tokens": args.similarity_tokens,
-                "calib_batches": args.calib_batches, "batch_size": args.batch_size, "dtype": args.dtype}
+                "calib_batches": args.calib_batches, "batch_size": args.batch_size, "dtype": args.dtype,
+                "cfp_steps": args.cfp_steps}
     return write_table(results, ks, methods, hs_path, settings, out)
 
 
