@@ -401,6 +401,8 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         # Init (cfg.init): every weight N(0, 0.02), norms 1, as HF Llama; 'scaled' shrinks the
         # residual-stream projections by sqrt(2 * n_layer), the GPT-2 rule
+        if self.lm_head.weight.is_meta:   # shapes only (counts, descriptions): no values to draw, and drawing is slow
+            return
         self.apply(self._init_weights)
         if cfg.init == "scaled":
             for block in self.blocks:

@@ -527,8 +527,10 @@ def main(argv):
     for name in ("eval_batches", "batch_size", "calib_batches", "hs_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
-    if args.calib_seed < 0 or args.hs_items < 0 or args.cfp_steps < 0:
-        raise UserError("--calib_seed, --hs_items and --cfp_steps must be >= 0")
+    if args.calib_seed < 0 or args.hs_items < 0:
+        raise UserError("--calib_seed and --hs_items must be >= 0")
+    if args.cfp_steps < 0:
+        raise UserError(f"--cfp_steps {args.cfp_steps}: must be >= 0 (0 = every step the checkpoint saw)")
     if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):
         raise UserError("--save_pruned writes one model: give one run, one --k and one --methods")
     if args.exits and args.save_pruned:

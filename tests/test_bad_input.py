@@ -16,6 +16,7 @@ import fanin
 import hf
 import prune
 import resnet
+import taper
 import train
 from gfa.cli import cli
 from gfa.data import DATA
@@ -205,7 +206,7 @@ def _script(path):
     return mod
 
 
-SCRIPTS_WITH_OPTIONS = [fanin.main, prune.main, bench.main, hf.main, prepare_local.main] + [
+SCRIPTS_WITH_OPTIONS = [fanin.main, prune.main, bench.main, hf.main, taper.main, prepare_local.main] + [
     _script(os.path.join(DATA, d, "prepare.py")).main for d in ("dolma", "shakespeare", "hellaswag")]
 
 

@@ -262,7 +262,7 @@ def test_bad_inputs(tmp_path, byte_data, capsys):
     assert "k=4" in err("--runs", run, "--k", "4") and "[1, 3]" in err("--runs", run, "--k", "0")
     assert "--k" in err("--runs", run, "--k", "two")
     assert "--methods" in err("--runs", run, "--methods", "cfp,random")
-    assert "--cfp_steps must be >= 0" in err("--runs", run, "--k", "1", "--cfp_steps", "-1")
+    assert "--cfp_steps -1: must be >= 0" in err("--runs", run, "--k", "1", "--cfp_steps", "-1")
     assert err("--runs", tmp_path / "missing", "--k", "1").startswith("error: checkpoint")
     nodump = make_run(tmp_path / "nodump", tiny_model(), byte_data, dump=False)
     assert "gradient dump" in err("--runs", nodump, "--k", "1", "--methods", "cfp")
