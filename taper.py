@@ -101,7 +101,9 @@ def with_widths(cfg, heads, ffns):
     if len(heads) != cfg.n_layer and any(d[k] for k in PER_LAYER):
         raise UserError(f"the base config gives per-layer {', '.join(k for k in PER_LAYER if d[k])} for its "
                         f"{cfg.n_layer} layers: a model of {len(heads)} layers cannot keep them; drop them from the base")
-    d.update(n_layer=len(heads), n_head=list(heads), d_ffn=list(ffns), F_d=0, S_f=0, passthrough=[])
+    # the taper rules' keys, off and consistent with the widths, so no scale file's values linger
+    d.update(n_layer=len(heads), n_head=list(heads), d_ffn=list(ffns), F_d=0, S_f=0, S_d=0,
+             d_attn0=heads[0] * cfg.head_dim, d_ffn0=ffns[0], passthrough=[])
     return GPTConfig(**d)
 
 
@@ -166,9 +168,11 @@ def fit(cfg, args, target, measure):
 
 # ---- the config file --------------------------------------------------------------------------------
 def config_text(cfg, header):
-    """A config file setting the model's keys: every GPTConfig field off its default, and the widths."""
+    """A config file setting the model's keys: its shape and widths always (so it means the same model
+    after any scale file), every other GPTConfig field that is off its default."""
     defaults = GPTConfig.defaults()
-    always = ("n_layer", "n_head", "d_ffn", "F_d", "S_f")
+    always = ("vocab_size", "block_size", "d_model", "n_layer", "head_dim", "n_head", "d_ffn", "d_attn0", "S_d", "F_d",
+              "d_ffn0", "S_f")
     lines = ["# " + line for line in header] + [""]
     for f in fields(GPTConfig):
         v = getattr(cfg, f.name)
@@ -232,7 +236,8 @@ def main(argv):
     out = args.out or os.path.join("out", f"taper_{args.profile}.py")
     command = "python " + " ".join(shlex.quote(a) for a in ["taper.py", *argv])
     header = [f"Made by taper.py: {summary}", budget, command,
-              f"Train it after the scale that sets the training budget: python train.py config/small.py {out}"]
+              f"Every width is set here; a scale file before it sets the training budget: python train.py "
+              f"config/small.py {out}"]
     rundir.atomic_write_text(config_text(cfg, header), out)
     print(f"wrote {out}")
     return cfg
