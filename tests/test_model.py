@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gfa.cli import gpt_config
-from model import GPT, ConfigError, GPTConfig, apply_rope, drop_layers
+from model import GPT, ConfigError, GPTConfig, apply_rope, describe, drop_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,6 +215,14 @@ def test_norm_placements_match_hand_written_blocks(placement, residual_scale):
     # a model pruned of layers 1 and 2 keeps the others' own placement and scale: it equals passthrough
     m.set_passthrough([1, 2])
     torch.testing.assert_close(drop_layers(m, [1, 2])(x)[0], m(x)[0], rtol=0, atol=0)
+
+
+def test_description_shows_each_layers_normalisation():
+    lines = describe(GPT(tiny(norm_placement="mix", mix_post_fraction=0.5, residual_scale=0.5))).splitlines()
+    assert "norm_placement mix (Post-LN: the first 0.5 of the layers)  residual_scale 0.5" in lines
+    assert [("Post-LN" in line) for line in lines[3:7]] == [True, True, False, False]
+    scaled = describe(GPT(tiny(norm_placement="scaled"))).splitlines()
+    assert scaled[4].endswith("norm x0.7071") and "norm x" not in scaled[3]
 
 
 def test_default_block_is_the_plain_pre_ln_block():
