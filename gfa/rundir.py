@@ -166,7 +166,8 @@ def write_model_config(run, kind, config):
 
 def read_model_config(run):
     """(kind, config dict) of a run: model_config.json, else (runs of earlier versions) the
-    architecture inside its checkpoint, or a ResNet run known by its importance metric."""
+    architecture inside its checkpoint, or a ResNet run known by its importance metric. A GPT
+    config has every current GPTConfig key (those newer than the run at their defaults)."""
     path = file(run, MODEL_CONFIG)
     if os.path.isfile(path):
         try:

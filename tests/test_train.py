@@ -1,6 +1,7 @@
 """train.py on CPU: learning, exact resume, DDP == one process (a real torchrun), the gradient-norm
 dump against hand-computed norms, norm equalisation, the run directory it writes, and the
 one-line errors for bad input. Tiny models, fast."""
+import json
 import os
 import subprocess
 import sys
@@ -74,6 +75,20 @@ def test_resuming_a_run_from_before_sub_blocks_keeps_its_layout(tmp_path):
     a, b = load_grad_dump(new), load_grad_dump(old)
     assert "sub_share" in a and "sub_share" not in b
     np.testing.assert_allclose(a["norms"], b["norms"], rtol=1e-6)
+
+
+def test_a_run_from_before_a_model_key_resumes(tmp_path):
+    """model_config.json written before the normalisation keys existed: the run had their defaults, so
+    it resumes (and serves as an equalisation reference) as the same model."""
+    _, out = run(tmp_path, "old", "--max_iters=4", "--eval_interval=2", "--stop_iter=2")
+    path = os.path.join(out, "model_config.json")
+    d = json.load(open(path))
+    for k in ("norm_placement", "mix_post_fraction", "post_ln", "norm_scale", "residual_scale"):
+        del d["config"][k]
+    json.dump(d, open(path, "w"))
+    run(tmp_path, "old", "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    assert rundir.read_model_config(out)[1]["norm_placement"] == "pre"
+    assert train.reference_max_norm(out, 2, GPTConfig.from_dict(rundir.read_model_config(out)[1])) > 0
 
 
 def test_sgd_run_trains_with_sgd(tmp_path):
