@@ -87,16 +87,15 @@ def test_equalisation_rescales_layers_to_the_largest(sublayers):
     torch.testing.assert_close(total, eq.square().sum().sqrt())
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_sgd_steps_as_written_by_hand(fused):
+def _sgd_steps_as_written_by_hand(device, fused):
     """optimizer='sgd' through train.py's clipped step: two steps of heavy-ball momentum, written out,
     with the L2 weight decay on matrices only and the gradients scaled by the clip factor."""
     lr, mu, wd, clip = 0.1, 0.9, 0.01, 0.05
     cfg = {"optimizer": "sgd", "learning_rate": lr, "momentum": mu, "weight_decay": wd, "beta1": 0.9, "beta2": 0.95}
-    m = tiny_model(3).train()
+    m = tiny_model(3).train().to(device)
     start = [p.detach().clone() for p in m.parameters()]
     opt = optimizer_for(cfg, m.parameters(), fused=fused)
-    x = torch.randint(0, 256, (2, 16))
+    x = torch.randint(0, 256, (2, 16), device=device)
     want, buf = [p.clone() for p in start], None
     for _ in range(2):
         for p, w in zip(m.parameters(), want):   # the model sits at the hand-computed point: same gradients
@@ -114,6 +113,17 @@ def test_sgd_steps_as_written_by_hand(fused):
     for p, w, s in zip(m.parameters(), want, start):
         torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-7)
         assert not torch.equal(p.detach(), s)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_sgd_steps_as_written_by_hand(fused):
+    _sgd_steps_as_written_by_hand("cpu", fused)
+
+
+@pytest.mark.gpu
+def test_sgd_steps_as_written_by_hand_gpu():
+    """The fused CUDA kernel, with the clip folded in through grad_scale (gfa.training.scaled_step)."""
+    _sgd_steps_as_written_by_hand("cuda", True)
 
 
 def test_cosine_schedule_by_hand():
