@@ -215,6 +215,10 @@ def main(argv):
         raise UserError(f"--strength {args.strength}: must be in [0, 1]")
     if base.passthrough:
         raise UserError("the base config passes layers through: a taper is designed for the layers that run")
+    if base.n_kv_head and args.head_multiple % base.n_kv_head:
+        raise UserError(f"--head_multiple {args.head_multiple}: the base shares K/V heads among n_kv_head="
+                        f"{base.n_kv_head} groups, so every layer's heads must be a multiple of it: give --head_multiple "
+                        f"{base.n_kv_head} (or a multiple)")
     seq = args.seq_len or base.block_size
     measure = coster(args.budget, seq)
     if args.target is not None:

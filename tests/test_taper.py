@@ -100,6 +100,7 @@ def test_measured_profile_takes_attention_and_mlp_from_their_own_shares(tmp_path
     (["--profile", "cone"], "invalid choice: 'cone'"),
     (["--step_every", "0"], "--step_every 0: must be >= 1"),
     (["--repeats=[1,1,1,2]", "--profile", "uniform", "--target_layers", "3"], "per-layer repeats"),
+    (["--n_kv_head=4"], "give --head_multiple 4"),
 ])
 def test_bad_input(tmp_path, capsys, args, words):
     out = tmp_path / "never.py"
