@@ -419,7 +419,8 @@ def fig_drift(runs, path):
     ax.set_title("Share drift: how early the layer ranking settles")
     ax.set_ylim(-1.05, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if len(runs) > 1 else 1,
+              frameon=False)
     _save(fig, path)
 
 
