@@ -22,6 +22,12 @@ docs/paper_notes.md). Measurement, per run directory (train.py's, or resnet.py's
   statistics  Spearman rho (share vs theory, share vs importance) with a two-sided
               permutation p-value, and whether a linear (phi) or a quadratic (phi') fan-in
               decay fits the share better.
+  sub-blocks  runs that record attention and MLP apart (train.py's dump): the share of each kind
+              of sub-block per layer (Eq. 2 over that kind alone), their Spearman rho with each
+              other and with importance, fig_subblocks.png.
+  drift       how early the share's layer ranking settles: Spearman rho of the share accumulated up
+              to step t with the final one, over t (fig_share_drift.png, with its rho with the fan-in
+              beside it), and the step from which it stays >= 0.9.
 """
 import itertools
 import math
@@ -36,8 +42,8 @@ from gfa.cli import ArgumentParser, UserError, cli, gpt_config
 from gfa.data import REPO, dataset_dir, load_tokens
 from gfa.device import DTYPES, autocast_for, pick_device
 from gfa.evaluation import evaluate
-from gfa.theory import (VIRTUAL_NOTE, fanin_deep_supervision, fanin_plain, fit_decay, mean_std, spearman,
-                        theory_for)
+from gfa.theory import (SETTLED_RHO, VIRTUAL_NOTE, fanin_deep_supervision, fanin_plain, fit_decay, mean_std,
+                        share_drift, spearman, theory_for)
 from model import GPT, GPTConfig, describe
 
 
@@ -172,13 +178,18 @@ def analyse(run, args):
     out = {"run": run, "name": os.path.basename(os.path.normpath(run)), "kind": kind, "n_layer": N,
            "repeats": repeats, "theory": phi, "share": share.tolist(), "steps": int(len(dump["steps"])),
            "step_range": list(dump["step_range"]), "rho_theory": rho_t, "p_theory": p_t,
-           "fit": fit_decay(share, N, phi)}
+           "fit": fit_decay(share, N, phi), "drift": share_drift(dump["norms"], dump["names"], dump["steps"], phi)}
+    if "sub_share" in dump:   # attention and MLP recorded apart: their own shares, and do they agree?
+        out["sub_share"] = {k: v.tolist() for k, v in dump["sub_share"].items()}
+        out["rho_attn_mlp"] = spearman(out["sub_share"]["attn"], out["sub_share"]["mlp"])
     if imp is not None:
         if len(imp["importance"]) != N:
             raise UserError(f"{run}/importance.json has {len(imp['importance'])} layers, the dump has {N}")
         rho, p = spearman(share, imp["importance"])
         out.update(metric=imp.get("metric", "ppl_increase"), baseline=imp["baseline"],
                    importance=list(imp["importance"]), rho=rho, p=p)
+        if "sub_share" in out:
+            out["rho_sub"] = {k: spearman(v, imp["importance"]) for k, v in out["sub_share"].items()}
     return out
 
 
@@ -188,19 +199,34 @@ def fmt_p(p):
 
 def print_report(r):
     metric = {"ppl_increase": "dPPL", "top1_drop": "dTop1"}.get(r.get("metric"), "dM")
+    sub = r.get("sub_share")
     print(f"\n== {r['run']}: {r['kind']} fan-in, {r['n_layer']} layers, share over {r['steps']} logged steps "
           f"({r['step_range'][0]}-{r['step_range'][1]})")
-    print(f"{'layer':>5} {'repeats':>7} {'fan-in':>7} {'fan-in %':>8} {'share %':>8} {metric:>10}")
+    print(f"{'layer':>5} {'repeats':>7} {'fan-in':>7} {'fan-in %':>8} {'share %':>8} {metric:>10}"
+          + (f" {'attn %':>7} {'mlp %':>7}" if sub else ""))
     tot = sum(r["theory"])
     for l in range(r["n_layer"]):
         imp = f"{r['importance'][l]:>10.4f}" if "importance" in r else f"{'-':>10}"
         print(f"{l:>5} {r['repeats'][l]:>7} {r['theory'][l]:>7} {100 * r['theory'][l] / tot:>8.2f} "
-              f"{100 * r['share'][l]:>8.2f} {imp}")
+              f"{100 * r['share'][l]:>8.2f} {imp}"
+              + (f" {100 * sub['attn'][l]:>7.2f} {100 * sub['mlp'][l]:>7.2f}" if sub else ""))
+    if sub:
+        print("(attn % / mlp %: Eq. 2 over the attention sub-blocks alone / the MLP sub-blocks alone)")
     if "importance" in r:
         base = "baseline ppl" if r["metric"] == "ppl_increase" else "baseline"
         print(f"{base} {r['baseline']:.4f}")
         print(f"Spearman share vs importance: rho = {r['rho']:.3f}, p = {fmt_p(r['p'])} (two-sided permutation)")
+        for k, (rho, p) in r.get("rho_sub", {}).items():
+            print(f"Spearman {k} share vs importance: rho = {rho:.3f}, p = {fmt_p(p)}")
+    if sub:
+        print(f"Spearman attn share vs mlp share: rho = {r['rho_attn_mlp'][0]:.3f}, p = {fmt_p(r['rho_attn_mlp'][1])}")
     print(f"Spearman share vs theoretical fan-in: rho = {r['rho_theory']:.3f}, p = {fmt_p(r['p_theory'])}")
+    d = r["drift"]
+    print(f"share drift: the layer ranking " + (f"settles at step {d['settled']} of {r['step_range'][1]}"
+                                               if d["settled"] is not None else "does not settle")
+          + f" (Spearman with the final share >= {SETTLED_RHO} from then on); at 10 / 25 / 50 % of the steps: "
+          + " / ".join(f"{_drift_at(d, f):.2f}" for f in (0.1, 0.25, 0.5))
+          + "; with the fan-in: " + " / ".join(f"{_drift_at(d, f, 'rho_theory'):.2f}" for f in (0.1, 0.25, 0.5)))
     f = r["fit"]
     print(f"share decay fit: linear R^2 {f['linear']['r2']:.3f} (rmse {f['linear']['rmse']:.4f}), "
           f"quadratic R^2 {f['quadratic']['r2']:.3f} (rmse {f['quadratic']['rmse']:.4f}) -> {f['verdict']}")
@@ -209,6 +235,14 @@ def print_report(r):
               f"(rmse {f['theory']['rmse']:.4f}, slope {'+' if f['theory']['slope'] > 0 else '-'})")
     if any(x != 1 for x in r["repeats"]):
         print(VIRTUAL_NOTE)
+
+
+def _drift_at(drift, fraction, key="rho"):
+    """rho of the share accumulated over the first `fraction` of the recorded steps (the nearest point)
+    with the final share (key 'rho') or with the fan-in ('rho_theory')."""
+    steps = np.asarray(drift["steps"])
+    target = steps[0] + fraction * (steps[-1] - steps[0])
+    return drift[key][int(np.abs(steps - target).argmin())]
 
 
 # ---- figures -----------------------------------------------------------------------------------
@@ -348,6 +382,48 @@ def fig678(r, path):
     _save(fig, path)
 
 
+def fig_subblocks(r, path):
+    """Share per layer of the attention and the MLP sub-blocks (each Eq. 2 over its own kind), beside the
+    layer share and the normalised fan-in."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    x = np.arange(r["n_layer"])
+    phi = np.asarray(r["theory"], dtype=np.float64)
+    ax.plot(x, r["sub_share"]["attn"], "o-", color="tab:blue", label="attention sub-blocks")
+    ax.plot(x, r["sub_share"]["mlp"], "s-", color="tab:orange", label="MLP sub-blocks")
+    ax.plot(x, r["share"], "^:", color="tab:gray", label="whole layers (Eq. 2)")
+    ax.plot(x, phi / phi.sum(), "--", color="black", label=f"theory, {r['kind']}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("accumulated gradient share")
+    ax.set_title(f"{r['name']}: share per sub-block (Spearman attn vs MLP ρ = {r['rho_attn_mlp'][0]:.2f})")
+    ax.set_xticks(x)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def fig_drift(runs, path):
+    """Share drift: Spearman rho of the share accumulated up to step t with the final share, over t."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        line, = ax.plot(r["drift"]["steps"], r["drift"]["rho"], "-", label=f"{r['name']}: with the final share")
+        ax.plot(r["drift"]["steps"], r["drift"]["rho_theory"], "--", color=line.get_color(), lw=1.2,
+                label=f"{r['name']}: with the fan-in ({r['kind']})")
+        if r["drift"]["settled"] is not None:
+            ax.axvline(r["drift"]["settled"], color=line.get_color(), ls=":", lw=1)
+    ax.axhline(SETTLED_RHO, color="gray", ls="-", lw=0.8, label=f"ρ = {SETTLED_RHO} (dotted: where it stays above)")
+    ax.set_xlabel("training step t")
+    ax.set_ylabel("Spearman ρ of the share accumulated up to t")
+    ax.set_title("Share drift: how early the layer ranking settles")
+    ax.set_ylim(-1.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if len(runs) > 1 else 1,
+              frameon=False)
+    _save(fig, path)
+
+
 # ---- seeds ------------------------------------------------------------------------------------------
 def seed_summary(runs):
     """Runs that are seeds of one config: every statistic and the per-layer share and importance as
@@ -461,7 +537,10 @@ def main(argv):
 
     print()
     fig3(runs + ([base] if base else []), os.path.join(args.fig_dir or runs[0]["run"], "fig3_share_vs_fanin.png"))
+    fig_drift(runs + ([base] if base else []), os.path.join(args.fig_dir or runs[0]["run"], "fig_share_drift.png"))
     for r in runs:
+        if "sub_share" in r:
+            fig_subblocks(r, dest(r, "fig_subblocks.png"))
         if "importance" in r:
             fig4(r, dest(r, "fig4_share_vs_importance.png"))
             fig678(r, dest(r, "fig678_layerwise.png"))

@@ -15,6 +15,11 @@ given as explicit lists or by the paper's taper rules (Section 4.5):
 Options: deep supervision (an auxiliary LM loss after every block, LayerSkip style),
 shared-layer repetition (block i applied repeats[i] times in a row, "virtual depth") and
 passthrough (layers skipped as identity; used by pruning and importance ablation).
+Normalisation placement (norm_placement; the paper's is Pre-LN):
+    'post'    x = RMSNorm(x + Attn(x));  x = RMSNorm(x + SwiGLU(x))
+    'mix'     Mix-LN: Post-LN for layers l < floor(mix_post_fraction * N), Pre-LN after
+    'scaled'  LayerNorm scaling: Pre-LN with each norm's output times 1/sqrt(l + 1)
+and residual_scale s multiplies every residual branch: x = x + s * Attn(RMSNorm(x)).
 Generation: a KV cache (generate()), and decode_step(), a static-shape greedy step that
 compiles once and replays as a CUDA graph (bench.py --mode decode). Early exit: exit_states()
 gives the residual stream after every block from one pass, head() turns one into logits.
@@ -42,6 +47,9 @@ def cross_entropy(logits, targets, **kw):
 
 class ConfigError(ValueError):
     """A user mistake in a model config; scripts print it as one line, without a traceback."""
+
+
+MIX_POST_FRACTION = 0.25   # Mix-LN's alpha (Li et al. 2024 found 0.25 best)
 
 
 @dataclass
@@ -80,12 +88,21 @@ class GPTConfig:
     # HF Llama's RoPE scaling: {'rope_type': 'linear', 'factor': f}, or 'llama3' with factor,
     # low_freq_factor, high_freq_factor and original_max_position_embeddings
     rope_scaling: dict = field(default_factory=dict)   # RoPE scaling as HF Llama configures it; {} = none
+    # where each block normalises (NORM_PLACEMENTS): 'pre' x + f(norm(x)) (the paper's); 'post' norm(x + f(x));
+    # 'mix' Mix-LN (Li et al. 2024): Post-LN for layers l < floor(mix_post_fraction * n_layer), Pre-LN after;
+    # 'scaled' LayerNorm scaling (Sun et al. 2025, "curse of depth"): Pre-LN, each norm's output times 1/sqrt(l+1)
+    norm_placement: str = "pre"      # 'pre' (the paper), 'post', 'mix' (Mix-LN) or 'scaled' (LayerNorm scaling)
+    mix_post_fraction: float = MIX_POST_FRACTION   # Mix-LN: the fraction of layers, from the first, that are Post-LN
+    # explicit per-layer forms of the two rules above (a pruned model keeps its layers' own); empty = the rule
+    post_ln: list = field(default_factory=list)       # per layer: True = Post-LN; empty = from norm_placement
+    norm_scale: list = field(default_factory=list)    # per layer: its norms' output times this; empty = from norm_placement
+    residual_scale: float = 1.0      # each residual branch's output times this: x + s * f(.)
 
     def __post_init__(self):
         def need(ok, msg):
             if not ok:
                 raise ConfigError(msg)
-        for name in ("n_head", "d_ffn", "repeats", "passthrough", "ds_alpha"):
+        for name in ("n_head", "d_ffn", "repeats", "passthrough", "ds_alpha", "post_ln", "norm_scale"):
             setattr(self, name, list(getattr(self, name)))   # tuples from overrides, saved lists
         N, hd = self.n_layer, self.head_dim
         need(N >= 1, f"n_layer={N}: must be >= 1")
@@ -93,7 +110,7 @@ class GPTConfig:
         need(self.block_size >= 1, f"block_size={self.block_size}: must be >= 1")
         need(self.d_model >= 1, f"d_model={self.d_model}: must be >= 1")
         need(hd >= 2 and hd % 2 == 0, f"head_dim={hd}: must be a positive even number (RoPE)")
-        for name in ("n_head", "d_ffn", "repeats", "ds_alpha"):
+        for name in ("n_head", "d_ffn", "repeats", "ds_alpha", "post_ln", "norm_scale"):
             v = getattr(self, name)
             need(len(v) in (0, N), f"{name} has {len(v)} entries but n_layer={N}: give one per layer or none")
         need(not (self.n_head and self.F_d), "n_head is given explicitly and F_d != 0: use one or the other")
@@ -138,6 +155,24 @@ class GPTConfig:
                  + (f"; {', '.join(bad)} missing or not positive" if bad else f"; not {', '.join(extra)}"))
             need(kind != "llama3" or self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"],
                  "rope_scaling llama3: high_freq_factor must be larger than low_freq_factor")
+        self._check_norms(need)
+
+    def _check_norms(self, need):
+        p = self.norm_placement
+        need(p in NORM_PLACEMENTS, f"norm_placement={p!r}: use one of {', '.join(NORM_PLACEMENTS)}")
+        need(0 <= self.mix_post_fraction <= 1, f"mix_post_fraction={self.mix_post_fraction}: must be in [0, 1]")
+        need(p == "mix" or self.mix_post_fraction == MIX_POST_FRACTION,
+             f"mix_post_fraction is set but norm_placement={p!r}: it applies to norm_placement='mix' only")
+        need(not (self.post_ln and p in ("post", "mix")),
+             f"post_ln is given explicitly and norm_placement={p!r}: use one or the other")
+        need(not (self.norm_scale and p == "scaled"), "norm_scale is given explicitly and norm_placement='scaled': "
+             "use one or the other")
+        for l, b in enumerate(self.post_ln):
+            need(isinstance(b, bool), f"post_ln[{l}]={b!r}: must be True or False")
+        for l, v in enumerate(self.norm_scale):
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"norm_scale[{l}]={v!r}: must be > 0")
+        need(math.isfinite(self.residual_scale) and self.residual_scale > 0,
+             f"residual_scale={self.residual_scale}: must be > 0 (1 = the plain residual)")
 
     # --- resolved per-layer widths (derived, never stored, so a saved config rebuilds exactly)
     def layer_heads(self):
@@ -154,6 +189,20 @@ class GPTConfig:
 
     def layer_repeats(self):
         return list(self.repeats) if self.repeats else [1] * self.n_layer
+
+    def layer_post_ln(self):
+        """Per layer: True where it normalises after the residual add (Post-LN)."""
+        if self.post_ln:
+            return list(self.post_ln)
+        n_post = {"post": self.n_layer, "mix": math.floor(self.mix_post_fraction * self.n_layer)}.get(
+            self.norm_placement, 0)
+        return [l < n_post for l in range(self.n_layer)]
+
+    def layer_norm_scale(self):
+        """Per layer: the factor on its norms' output (LayerNorm scaling: 1/sqrt(l+1), else 1)."""
+        if self.norm_scale:
+            return [float(v) for v in self.norm_scale]
+        return [1 / math.sqrt(l + 1) if self.norm_placement == "scaled" else 1.0 for l in range(self.n_layer)]
 
     def layer_alphas(self):
         return list(self.ds_alpha) if self.ds_alpha else [1.0] * self.n_layer
@@ -184,6 +233,9 @@ class GPTConfig:
         d.update(n_layer=len(keep), n_head=pick(self.layer_heads()), d_ffn=pick(self.layer_ffn()), F_d=0, S_f=0,
                  repeats=pick(self.layer_repeats()), passthrough=[keep.index(i) for i in self.passthrough if i in keep],
                  ds_alpha=pick(self.ds_alpha) if self.ds_alpha else [])
+        if self.norm_placement in ("mix", "scaled") or self.post_ln or self.norm_scale:   # depth-dependent: explicit
+            d.update(norm_placement="pre", mix_post_fraction=MIX_POST_FRACTION, post_ln=pick(self.layer_post_ln()),
+                     norm_scale=pick(self.layer_norm_scale()))
         return GPTConfig(**d)
 
     @classmethod
@@ -201,6 +253,7 @@ class GPTConfig:
 # HF Llama's RoPE scalings (transformers' modeling_rope_utils): their keys besides rope_type
 ROPE_SCALING = {"linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+NORM_PLACEMENTS = ("pre", "post", "mix", "scaled")
 DS_SCALES = {"paper": None, "uniform": lambda l: 1.0, "linear": lambda l: float(l), "sum": lambda l: l * (l + 1) / 2,
              "sqrt": math.sqrt, "inv": lambda l: 1.0 / l, "inv_sqrt": lambda l: 1.0 / math.sqrt(l)}
 
@@ -304,17 +357,31 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+def _times(x, s):
+    return x if s == 1.0 else x * s   # 1: no op at all, so the default model is bit-identical to the plain one
+
+
 class Block(nn.Module):
-    def __init__(self, cfg, n_head, d_ffn):
+    """Layer `layer` of the stack: Pre-LN  x = x + s * Attn(c * norm(x));  x = x + s * SwiGLU(c * norm(x)),
+    or Post-LN  x = norm(x + s * Attn(x));  x = norm(x + s * SwiGLU(x)), with s = residual_scale and c the
+    layer's norm scale (GPTConfig.layer_post_ln / layer_norm_scale say which, per layer)."""
+
+    def __init__(self, cfg, n_head, d_ffn, layer):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, n_head, cfg.head_dim, cfg.n_kv_head)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, d_ffn)
+        self.post_ln, self.norm_scale = cfg.layer_post_ln()[layer], cfg.layer_norm_scale()[layer]
+        self.residual_scale = cfg.residual_scale
 
     def forward(self, x, cos, sin, cache=None, pos=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
-        return x + self.ffn(self.ffn_norm(x))
+        s, c = self.residual_scale, self.norm_scale
+        if self.post_ln:
+            x = self.attn_norm(x + _times(self.attn(x, cos, sin, cache, pos), s))
+            return self.ffn_norm(x + _times(self.ffn(x), s))
+        x = x + _times(self.attn(_times(self.attn_norm(x), c), cos, sin, cache, pos), s)
+        return x + _times(self.ffn(_times(self.ffn_norm(x), c)), s)
 
 
 class GPT(nn.Module):
@@ -324,7 +391,7 @@ class GPT(nn.Module):
         self.heads, self.ffns, self.repeats = cfg.layer_heads(), cfg.layer_ffn(), cfg.layer_repeats()
         self.kv_heads = cfg.layer_kv_heads()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, h, f) for h, f in zip(self.heads, self.ffns))
+        self.blocks = nn.ModuleList(Block(cfg, h, f, l) for l, (h, f) in enumerate(zip(self.heads, self.ffns)))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -334,6 +401,8 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         # Init (cfg.init): every weight N(0, 0.02), norms 1, as HF Llama; 'scaled' shrinks the
         # residual-stream projections by sqrt(2 * n_layer), the GPT-2 rule
+        if self.lm_head.weight.is_meta:   # shapes only (counts, descriptions): no values to draw, and drawing is slow
+            return
         self.apply(self._init_weights)
         if cfg.init == "scaled":
             for block in self.blocks:
@@ -551,13 +620,19 @@ class GPT(nn.Module):
         """Forward FLOPs per token: the layers plus the LM head (embedding lookup is free)."""
         return sum(self.layer_flops_per_token(seq_len)) + 2 * self.config.d_model * self.config.vocab_size
 
-    def param_groups_by_layer(self):
+    def param_groups_by_layer(self, sublayers=False):
         """Stable names for "layer i's parameters": 'embed', 'layer.0' .. 'layer.N-1', 'head'
         (final norm + LM head; a tied LM head's matrix is in 'embed', once). A repeated layer's group
-        is its shared parameters."""
+        is its shared parameters. sublayers=True splits each layer into 'layer.i.attn' (its attention
+        and the norm before it) and 'layer.i.mlp' (the rest: the FFN and its norm)."""
         groups = {"embed": [self.tok_emb.weight]}
         for i, block in enumerate(self.blocks):
-            groups[f"layer.{i}"] = list(block.parameters())
+            if not sublayers:
+                groups[f"layer.{i}"] = list(block.parameters())
+                continue
+            attn = list(block.attn_norm.parameters()) + list(block.attn.parameters())
+            groups[f"layer.{i}.attn"] = attn
+            groups[f"layer.{i}.mlp"] = [p for p in block.parameters() if all(p is not q for q in attn)]
         groups["head"] = [self.norm_f.weight] + ([] if self.config.tie_embeddings else [self.lm_head.weight])
         return groups
 
@@ -585,9 +660,14 @@ def describe(model):
     lines = [f"d_model {cfg.d_model}  head_dim {cfg.head_dim}  vocab {cfg.vocab_size}  block_size {cfg.block_size}"
              f"  deep_supervision {cfg.deep_supervision}"
              + (f"  n_kv_head {cfg.n_kv_head}" if cfg.n_kv_head else "") + ("  tied" if cfg.tie_embeddings else ""),
+             f"norm_placement {cfg.norm_placement}" + (f" (Post-LN: the first {cfg.mix_post_fraction:g} of the layers)"
+                                                       if cfg.norm_placement == "mix" else "")
+             + f"  residual_scale {cfg.residual_scale:g}",
              f"{'layer':>5} {'heads':>5} {'d_attn':>6} {'d_ffn':>6} {'repeats':>7} {'params':>12}  note"]
     for i, (h, f, r, b) in enumerate(zip(model.heads, model.ffns, model.repeats, model.blocks)):
-        note = "passthrough" if i in model.passthrough else ""
+        note = "  ".join(n for n in ("passthrough" if i in model.passthrough else "",
+                                     "Post-LN" if b.post_ln else "",
+                                     f"norm x{b.norm_scale:.4g}" if b.norm_scale != 1.0 else "") if n)
         lines.append(f"{i:>5} {h:>5} {h * cfg.head_dim:>6} {f:>6} {r:>7} {sum(p.numel() for p in b.parameters()):>12}  {note}")
     lines.append(f"params: {model.num_params()}")
     lines.append(f"params_non_embedding: {model.num_params(include_embedding=False)}")

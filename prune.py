@@ -226,12 +226,16 @@ def sleb_order(model, batches, device, ctx, k):
     return removed, after, first
 
 
-def cfp_share(run, n_layer, ckpt):
-    """Eq. 2 share per layer over the steps the checkpoint's weights have seen (gfa.rundir)."""
+def cfp_share(run, n_layer, ckpt, steps=0):
+    """Eq. 2 share per layer over the steps the checkpoint's weights have seen (gfa.rundir), or over
+    its first `steps` steps only (any-time CFP: the ranking a run had reached by then)."""
     if not os.path.isfile(rundir.file(run, rundir.GRAD_DUMP)) and not ckpt.get("grad_dump"):
         raise UserError(f"run {run} has no gradient dump (grad_norms.npz): CFP needs one; train the run "
                         f"with train.py, or leave cfp out of --methods")
-    share = rundir.read_grad_dump(run, before_step=ckpt["iter_num"], ckpt=ckpt)["share"]
+    if steps > ckpt["iter_num"]:
+        raise UserError(f"--cfp_steps {steps}: the checkpoint of {run} has seen {ckpt['iter_num']} steps; give at "
+                        f"most that (0 = all of them)")
+    share = rundir.read_grad_dump(run, before_step=steps or ckpt["iter_num"], ckpt=ckpt)["share"]
     if len(share) != n_layer:
         raise UserError(f"gradient dump of {run} has {len(share)} layers but the model has {n_layer}")
     return share
@@ -364,7 +368,7 @@ def prune_run(run, tag, args, ks, methods, mc_items, tasks, device, ctx, to_time
     N, T = cfg.n_layer, cfg.block_size
     print(f"== run {run}: {N} layers, {model.num_params() / 1e6:.1f}M params, held-out {ddir}/val.bin")
 
-    share = cfp_share(run, N, ckpt) if "cfp" in methods else None   # fail early, before any compute
+    share = cfp_share(run, N, ckpt, args.cfp_steps) if "cfp" in methods else None   # fail early, before any compute
     calib = None
     if any(m in CALIBRATED for m in methods):
         train = load_tokens(os.path.join(ddir, "train.bin"), cfg.vocab_size)
@@ -811,6 +815,8 @@ def parse(argv):
     p.add_argument("--data", default=None, help="dataset name or folder (default: the run's train_config dataset)")
     p.add_argument("--eval_batches", type=int, default=20, help="held-out batches for perplexity")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per batch (perplexity, calibration)")
+    p.add_argument("--cfp_steps", type=int, default=0, help="any-time CFP: the share over the first N training "
+                   "steps only (0 = every step the checkpoint saw)")
     p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for Taylor, Similarity, "
                    "Block Influence and SLEB")
     p.add_argument("--calib_seed", type=int, default=1234, help="seed of the calibration windows")
@@ -851,6 +857,8 @@ def check_args(args, ks, methods):
         raise UserError("--calib_seed and --hs_items must be >= 0")
     if min(args.task_limit, args.heal_tokens, args.heal_lr, args.heal_batch_size) < 0:
         raise UserError("--task_limit, --heal_tokens, --heal_lr and --heal_batch_size must be >= 0")
+    if args.cfp_steps < 0:
+        raise UserError(f"--cfp_steps {args.cfp_steps}: must be >= 0 (0 = every step the checkpoint saw)")
     if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):
         raise UserError("--save_pruned writes one model: give one run, one --k and one --methods")
     for arg in shlex.split(args.heal_args):
@@ -916,7 +924,8 @@ def main(argv):
                 "mc_file": mc_path, "tasks": args.tasks, "task_limit": args.task_limit, "heal_tokens": args.heal_tokens,
                 "heal": f"lr {args.heal_lr or 'run / 10'}, batch {args.heal_batch_size or 'run'}"
                         + (f", {args.heal_args}" if args.heal_args else ""),
-                "block_size": config["block_size"], "speed": args.speed, "bench_args": args.bench_args}
+                "block_size": config["block_size"], "speed": args.speed, "bench_args": args.bench_args,
+                "cfp_steps": args.cfp_steps}
     return write_table(results, ks, methods, settings, args.out)
 
 

@@ -53,8 +53,8 @@ from gfa.cli import UserError, cli, config_name, read_config
 from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
 from gfa.device import DTYPES, autocast_for, peak_flops
 from gfa.evaluation import evaluate
-from gfa.training import (FiniteGuard, GradStep, adamw, check_optimizer_settings, check_resume, check_weights,
-                          copy_weights, cosine_lr, on_master, restore_weights, set_lr, teardown, use_compile)
+from gfa.training import (FiniteGuard, GradStep, check_optimizer_settings, check_resume, check_weights, copy_weights,
+                          cosine_lr, on_master, optimizer_for, restore_weights, set_lr, teardown, use_compile)
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -73,9 +73,11 @@ stop_iter = 0                  # > 0: stop (and checkpoint) there, schedule unch
 learning_rate = 2e-4           # peak
 min_lr = 2e-5                  # end of the cosine
 warmup_iters = 2000             # linear warm-up steps
-weight_decay = 0.1             # on matrices only (dim >= 2)
+optimizer = "adamw"            # 'adamw' (the paper) or 'sgd' (SGD with momentum; its lr wants retuning)
+weight_decay = 0.1             # on matrices only (dim >= 2); AdamW's is decoupled, SGD's an L2 term
 beta1 = 0.9                    # AdamW
 beta2 = 0.95                   # AdamW
+momentum = 0.9                 # SGD
 grad_clip = 1.0                # 0 = off
 equalize = False               # norm equalisation (Appendix A.2.2)
 equalize_clip_factor = 0.0     # clip norm multiplier while equalising; 0 = derive it (see above)
@@ -214,13 +216,15 @@ def build(cfg, model_cfg, d, ckpt):
         sharding.shard(model, d, cfg["dtype"], use_compile(cfg["compile"], d.device_type))
     else:
         model.to(d.device)
-    optimizer = adamw(model.parameters(), cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), cfg["weight_decay"],
-                      fused=d.device_type == "cuda")
+    optimizer = optimizer_for(cfg, model.parameters(), fused=d.device_type == "cuda")
     clip = cfg["grad_clip"] * ((cfg["equalize_clip_factor"] or 1.0) if cfg["equalize"] else 1.0)   # 0: derived later
-    step = GradStep(model.param_groups_by_layer(), optimizer, clip, cfg["equalize"])
+    # the dump records attention and MLP apart; a run begun before they were recorded goes on without them
+    resuming = ckpt is not None and cfg["init_from"] == "resume"   # else a fresh optimizer, step 0, a new dump
+    sublayers = not resuming or rundir.records_sublayers(ckpt["grad_dump"]["names"])
+    step = GradStep(model.param_groups_by_layer(sublayers), optimizer, clip, cfg["equalize"])
     dump = rundir.GradNormDump(step.norms.names, rundir.file(cfg["out_dir"], rundir.GRAD_DUMP), cfg["equalize"])
     iter_num, best_val = 0, float("inf")
-    if ckpt is not None and cfg["init_from"] == "resume":   # another checkpoint's weights: fresh optimizer, step 0
+    if resuming:
         if d.sharded:
             sharding.load(cfg["out_dir"], ckpt, model, optimizer)
         else:
@@ -354,8 +358,7 @@ class Loop:
         cfg = self.cfg
         start = copy_weights(self.raw_model)
         saved = self.optimizer, self.step, self.dump
-        self.optimizer = adamw(self.raw_model.parameters(), cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
-                               cfg["weight_decay"], fused=self.d.device_type == "cuda")
+        self.optimizer = optimizer_for(cfg, self.raw_model.parameters(), fused=self.d.device_type == "cuda")
         self.step = GradStep(self.raw_model.param_groups_by_layer(), self.optimizer, cfg["grad_clip"], equalize)
         self.dump = None
         try:

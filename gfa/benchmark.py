@@ -17,7 +17,7 @@ from gfa import rundir
 from gfa.cli import UserError, gpt_config
 from gfa.data import REPO
 from gfa.device import autocast_for
-from gfa.hf_llama import hf_config
+from gfa.hf_llama import check_llama_blocks, hf_config
 from model import GPT, GPTConfig
 
 
@@ -85,6 +85,7 @@ def uniform(model):
 def build_hf(model, device):
     """HF LlamaForCausalLM with our model's (uniform) config, as gfa.hf_llama exports it (same widths, K/V heads,
     tying, RoPE), random weights, SDPA attention."""
+    check_llama_blocks(model)
     from transformers import LlamaConfig, LlamaForCausalLM
     config = {k: v for k, v in hf_config(model).items() if k not in ("architectures", "model_type", "auto_map")}
     hc = LlamaConfig(**config | {"use_cache": False}, attn_implementation="sdpa")

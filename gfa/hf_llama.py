@@ -192,9 +192,20 @@ def state_to_hf(model, dtype=torch.float32):
     return {k: t.to("cpu", dtype).contiguous().clone() for k, t in out.items()}
 
 
+def check_llama_blocks(model):
+    """A UserError unless every block is HF Llama's: Pre-LN, norms unscaled, a plain residual (the
+    normalisation switches of GPTConfig have no HF Llama counterpart)."""
+    c = model.config
+    if c.residual_scale != 1.0 or any(b.post_ln or b.norm_scale != 1.0 for b in model.blocks):
+        raise UserError(f"the model normalises otherwise than HF Llama (norm_placement={c.norm_placement!r}, "
+                        f"residual_scale={c.residual_scale:g}, or per-layer post_ln / norm_scale): an HF Llama layer "
+                        f"is Pre-LN with a plain residual; only such models have an HF twin")
+
+
 def exportable(model):
     """The model as HF Llama layers compute it: passthrough layers physically removed, each repeat
     written out as its own layer (same weights), so config and tensors describe every layer run."""
+    check_llama_blocks(model)
     if model.passthrough:
         model = drop_layers(model, sorted(model.passthrough))
     if set(model.repeats) != {1}:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from gfa.cli import UserError
-from gfa.theory import accumulated_share
+from gfa.theory import accumulated_share, layer_of
 from model import GPT, GPTConfig
 
 CKPT, MODEL_CONFIG, GRAD_DUMP, IMPORTANCE, LOG = (
@@ -166,7 +166,8 @@ def write_model_config(run, kind, config):
 
 def read_model_config(run):
     """(kind, config dict) of a run: model_config.json, else (runs of earlier versions) the
-    architecture inside its checkpoint, or a ResNet run known by its importance metric."""
+    architecture inside its checkpoint, or a ResNet run known by its importance metric. A GPT
+    config has every current GPTConfig key (those newer than the run at their defaults)."""
     path = file(run, MODEL_CONFIG)
     if os.path.isfile(path):
         try:
@@ -335,14 +336,28 @@ def save_gpt(run, model, train_config, iter_num, **extra):
 
 
 # ---- the gradient-norm dump -----------------------------------------------------------------------
+SUBLAYERS = ("attn", "mlp")   # the sub-blocks of a GPT layer in the dump: 'layer.i.attn', 'layer.i.mlp'
+
+
+def records_sublayers(names):
+    """Whether a dump's groups split the layers into sub-blocks (train.py since attention and MLP
+    are recorded apart; earlier runs and ResNet runs have one group per layer)."""
+    return any(layer_of(n) not in (None, n) for n in names)
+
+
 class GradNormDump:
     """<run>/grad_norms.npz, np.load-able:
 
-      names            [G] str      'embed', 'layer.0'..'layer.N-1', 'head' (ResNet: 'stem', ..., 'head')
+      names            [G] str      'embed', 'layer.0.attn', 'layer.0.mlp', ..., 'head' (train.py: each
+                                    layer's attention sub-block, with the norm before it, and its MLP
+                                    sub-block); 'embed', 'layer.0'..'layer.N-1', 'head' in runs of earlier
+                                    versions; ResNet: 'stem', 'layer.0'.., 'head'
       steps            [T] int64    optimizer step of each row
       norms            [T, G] f32   L2 norm of each group's global gradient (after the DDP
                                     all-reduce, before clipping and before any equalisation)
       norms_equalized  [T, G] f32   only with norm equalisation: the norms after the rescaling
+    A layer's norm, the one Eq. 2 sums, is sqrt(attn^2 + mlp^2) of its sub-blocks: read_grad_dump
+    derives it.
 
     record() keeps device tensors (no host sync); flush() copies them to the host once and
     rewrites the file atomically. state_dict() travels in the checkpoint for exact resume."""
@@ -391,11 +406,26 @@ class GradNormDump:
         self._pending = []
 
 
+def per_layer(norms, names):
+    """(norms, names) with each layer's sub-block columns combined into the layer's own norm,
+    sqrt(sum of squares), at the place of its first sub-block; other columns as they are."""
+    norms = np.asarray(norms, dtype=np.float64).reshape(-1, len(names))
+    out = {}
+    for j, n in enumerate(names):
+        key = layer_of(n) or n
+        out[key] = out.get(key, 0.0) + norms[:, j] ** 2
+    return np.sqrt(np.stack(list(out.values()), axis=1)).astype(np.float32), list(out)
+
+
 def read_grad_dump(run, before_step=None, ckpt=None):
     """The dump of a run as a dict: names, steps, norms (and norms_equalized), plus, derived here,
     layer_names and the Eq. 2 share over the rows kept. before_step drops the rows at or after
     it: pass the checkpoint's iter_num, and the share covers exactly the steps its weights saw.
-    Without grad_norms.npz, the copy inside ckpt (a read_checkpoint dict) is used."""
+    Without grad_norms.npz, the copy inside ckpt (a read_checkpoint dict) is used.
+    names / norms are per layer (embed, layer.i, head) whatever the file records; a dump with
+    sub-blocks adds sub_names and sub_norms (its own columns) and sub_share: {'attn': [N], 'mlp': [N]},
+    Eq. 2 over each kind of sub-block alone (the attention shares sum to 1 over the layers, and so
+    do the MLP shares)."""
     path = file(run, GRAD_DUMP)
     d = None
     if os.path.isfile(path):
@@ -422,6 +452,15 @@ def read_grad_dump(run, before_step=None, ckpt=None):
     if len(d["steps"]) == 0:
         raise UserError(f"the gradient dump of {run} holds no steps" + (f" before step {before_step}"
                                                                         if before_step is not None else ""))
+    if records_sublayers(d["names"]):
+        d["sub_names"], d["sub_norms"] = d["names"], d["norms"]
+        d["sub_share"] = {part: accumulated_share(d["norms"][:, [j for j, n in enumerate(d["names"])
+                                                                 if n.endswith("." + part)]],
+                                                  [n for n in d["names"] if n.endswith("." + part)])
+                          for part in SUBLAYERS}
+        if "norms_equalized" in d:
+            d["norms_equalized"] = per_layer(d["norms_equalized"], d["names"])[0]
+        d["norms"], d["names"] = per_layer(d["norms"], d["names"])
     d["layer_names"] = [n for n in d["names"] if n.startswith("layer.")]
     d["share"] = accumulated_share(d["norms"], d["names"])
     d["step_range"] = (int(d["steps"].min()), int(d["steps"].max()))

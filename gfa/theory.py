@@ -16,6 +16,7 @@ linear-vs-quadratic fits of the share, mean and sample std over seeds.
 """
 import itertools
 import math
+import re
 
 import numpy as np
 
@@ -101,6 +102,22 @@ def _all_permutations(n):
     return _PERMS[n]
 
 
+def _centred_ranks(x, y):
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"spearman needs two 1-d arrays of equal length, got {x.shape} and {y.shape}")
+    rx, ry = rankdata(x), rankdata(y)
+    return rx - rx.mean(), ry - ry.mean()
+
+
+def spearman_rho(x, y):
+    """Spearman's rho alone (no p-value: cheap enough to compute at every step of a run); nan when
+    x or y is constant or n < 3."""
+    rx, ry = _centred_ranks(x, y)
+    denom = math.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    return float("nan") if len(rx) < 3 or denom == 0 else float((rx * ry).sum() / denom)
+
+
 def spearman(x, y, exact_max_n=10, n_perm=200_000, seed=0):
     """Spearman's rho (Pearson correlation of average-tie ranks, as scipy.stats.spearmanr) and a
     two-sided permutation p-value P(|rho_perm| >= |rho|) under the null of exchangeable pairs.
@@ -109,16 +126,11 @@ def spearman(x, y, exact_max_n=10, n_perm=200_000, seed=0):
     larger n: Monte Carlo over n_perm random permutations with a fixed seed (deterministic),
     p = (hits + 1) / (n_perm + 1) so it is never 0 (resolution ~5e-6 with the default).
     Returns (nan, nan) when x or y is constant or n < 3."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"spearman needs two 1-d arrays of equal length, got {x.shape} and {y.shape}")
-    n = len(x)
-    rx, ry = rankdata(x), rankdata(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
+    rx, ry = _centred_ranks(x, y)
+    n, rho = len(rx), spearman_rho(x, y)
+    if not np.isfinite(rho):
+        return rho, float("nan")
     denom = math.sqrt((rx ** 2).sum() * (ry ** 2).sum())
-    if n < 3 or denom == 0:
-        return float("nan"), float("nan")
-    rho = float((rx * ry).sum() / denom)
     tol = 1e-9 * (rx ** 2).sum() ** 0.5 * (ry ** 2).sum() ** 0.5
     target = abs(rho) * denom - tol
     if n <= exact_max_n:
@@ -166,11 +178,41 @@ def fit_decay(share, N, theory=None):
     return out
 
 
+def layer_of(name):
+    """The layer a gradient-dump group belongs to: 'layer.3' for 'layer.3' and for its sub-blocks
+    'layer.3.attn' / 'layer.3.mlp'; None for the other groups (embed, head, a ResNet's stem)."""
+    m = re.fullmatch(r"(layer\.\d+)(\.\w+)?", name)
+    return m.group(1) if m else None
+
+
 def accumulated_share(norms, names):
     """Eq. 2: per-layer sum over steps of ||grad||, normalised over the layers ('layer.*' groups)."""
     cols = [i for i, n in enumerate(names) if n.startswith("layer.")]
     acc = np.asarray(norms, dtype=np.float64).reshape(-1, len(names))[:, cols].sum(axis=0)
     return acc / acc.sum() if acc.sum() > 0 else acc
+
+
+SETTLED_RHO = 0.9   # share_drift: the ranking has settled once rho with the final share stays at or above this
+
+
+def share_drift(norms, names, steps, theory=None, points=64):
+    """How early in training the share's layer ranking (CFP's) settles: Spearman rho between the
+    Eq. 2 share accumulated over the rows up to step t and the share over all rows, at up to
+    2 x points steps t (evenly and geometrically spaced, so the first steps are seen too).
+    Returns {'steps': [P], 'rho': [P], 'settled': the first of those steps from which rho stays
+    >= SETTLED_RHO, or None}, and with theory (the per-layer fan-in) 'rho_theory': [P], the
+    accumulated share's rho with it."""
+    cols = [i for i, n in enumerate(names) if n.startswith("layer.")]
+    acc = np.cumsum(np.asarray(norms, dtype=np.float64)[:, cols], axis=0)
+    T = len(acc)
+    idx = np.unique(np.concatenate([np.linspace(0, T - 1, points), np.geomspace(1, T, points) - 1]).round().astype(int))
+    rho = [spearman_rho(acc[i], acc[-1]) for i in idx]
+    ok = np.nan_to_num(np.asarray(rho), nan=-1.0) >= SETTLED_RHO
+    settled = next((int(np.asarray(steps)[idx[i]]) for i in range(len(idx)) if ok[i:].all()), None)
+    out = {"steps": [int(np.asarray(steps)[i]) for i in idx], "rho": rho, "settled": settled}
+    if theory is not None:
+        out["rho_theory"] = [spearman_rho(acc[i], theory) for i in idx]
+    return out
 
 
 def mean_std(values):

@@ -1,9 +1,9 @@
 """
-The training pieces train.py, resnet.py and bench.py share: LR schedule, AdamW grouping, DDP
-setup, the optimizer step with its per-layer gradient norms, norm equalisation and clipping,
-and the non-finite guard. None of them syncs with the host on the hot path. They also work on
-sharded parameters (FSDP2's DTensors, gfa/sharding.py): each rank reduces its own shards and one
-all-reduce combines the ranks.
+The training pieces train.py, resnet.py and bench.py share: LR schedule, the optimizer (AdamW, or
+SGD with momentum) and its weight-decay groups, DDP setup, the optimizer step with its per-layer
+(or per-sub-block) gradient norms, norm equalisation and clipping, and the non-finite guard. None of
+them syncs with the host on the hot path. They also work on sharded parameters (FSDP2's DTensors,
+gfa/sharding.py): each rank reduces its own shards and one all-reduce combines the ranks.
 """
 import gc
 import math
@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from gfa.cli import UserError
 from gfa.device import pick_device
+from gfa.theory import layer_of
 
 
 def check_init_from(value):
@@ -23,14 +24,19 @@ def check_init_from(value):
         raise UserError(f"init_from={value!r}: use 'scratch' or 'resume'")
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def check_optimizer_settings(cfg):
     """One-line errors for optimizer and schedule settings that cannot be meant."""
     for key in ("learning_rate", "min_lr", "weight_decay", "seed"):
         if cfg[key] < 0:
             raise UserError(f"{key}={cfg[key]}: must be >= 0")
-    for key in ("beta1", "beta2"):
-        if not 0 <= cfg[key] < 1:
+    for key in ("beta1", "beta2", "momentum"):
+        if key in cfg and not 0 <= cfg[key] < 1:
             raise UserError(f"{key}={cfg[key]}: must be in [0, 1)")
+    if cfg.get("optimizer", "adamw") not in OPTIMIZERS:
+        raise UserError(f"optimizer={cfg['optimizer']!r}: use 'adamw' (the paper) or 'sgd' (with momentum)")
 
 
 def check_resume(saved, requested, free, allow_changes):
@@ -72,12 +78,25 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
-def adamw(params, lr, betas, weight_decay, fused):
-    """AdamW with weight decay on matrices and convolutions only (dim >= 2; no norms or biases)."""
+def _decay_groups(params, weight_decay):
+    """Weight decay on matrices and convolutions only (dim >= 2; no norms or biases)."""
     params = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=lr, betas=betas, fused=fused)
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def adamw(params, lr, betas, weight_decay, fused):
+    """AdamW with weight decay on matrices and convolutions only."""
+    return torch.optim.AdamW(_decay_groups(params, weight_decay), lr=lr, betas=betas, fused=fused)
+
+
+def optimizer_for(cfg, params, fused):
+    """train.py's optimizer from its settings: AdamW (beta1, beta2; the paper) or SGD with momentum
+    (`momentum`; its weight_decay is torch's coupled L2 term), both decaying matrices only."""
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(_decay_groups(params, cfg["weight_decay"]), lr=cfg["learning_rate"],
+                               momentum=cfg["momentum"], fused=fused)
+    return adamw(params, cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), cfg["weight_decay"], fused)
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -221,26 +240,34 @@ def scaled_step(optimizer, grads, coef):
 
 
 class GradStep:
-    """Everything after backward, as train.py does it: per-layer gradient norms of the global
+    """Everything after backward, as train.py does it: per-group gradient norms of the global
     gradient (one fused reduction), optional norm equalisation, clipping of the total norm
-    (folded into a fused optimizer's own pass), the optimizer step, zero_grad.
+    (folded into a fused optimizer's own pass), the optimizer step, zero_grad. The groups
+    partition the parameters: per layer ('layer.i'), or per sub-block ('layer.i.attn', 'layer.i.mlp').
 
-    Norm equalisation (Appendix A.2.2): each transformer layer's gradient is rescaled to the
-    largest layer norm, target / n_i (1 where n_i = 0); the other groups (embedding, head, a
-    ResNet's stem) are left alone, the same groups Eq. 2's share is over. The clip then acts
-    on the equalised total. Returns (norms, equalised norms or None, total norm), on the device."""
+    Norm equalisation (Appendix A.2.2): each transformer layer's gradient (all its sub-blocks) is
+    rescaled to the largest layer norm, target / n_i (1 where n_i = 0); the other groups
+    (embedding, head, a ResNet's stem) are left alone, the same groups Eq. 2's share is over. The
+    clip then acts on the equalised total. Returns (norms, equalised norms or None, total norm),
+    per group, on the device."""
 
     def __init__(self, groups, optimizer, grad_clip=0.0, equalize=False):
         self.norms = LayerGradNorms(groups)
         self.groups = [list(g) for g in groups.values()]   # LayerGradNorms' order
         self.params = [p for g in self.groups for p in g]
         self.optimizer, self.grad_clip, self.equalize = optimizer, grad_clip, equalize
-        self.is_layer = torch.tensor([n.startswith("layer.") for n in self.norms.names],
-                                     device=self.params[0].device)
+        layer = [layer_of(n) for n in self.norms.names]
+        layers = list(dict.fromkeys(n for n in layer if n))
+        dev = self.params[0].device
+        self.is_layer = torch.tensor([n is not None for n in layer], device=dev)
+        self.layer_index = torch.tensor([layers.index(n) if n else 0 for n in layer], device=dev)   # group -> layer
+        self.n_layers = len(layers)
 
     def _equalize(self, norms):
-        target = torch.where(self.is_layer, norms, torch.zeros_like(norms)).max()
-        scale = torch.where(self.is_layer & (norms > 0), target / norms, torch.ones_like(norms))
+        sq = torch.where(self.is_layer, norms.square(), torch.zeros_like(norms))
+        layer_norms = torch.zeros(self.n_layers, device=norms.device).index_add_(0, self.layer_index, sq).sqrt()
+        layer_scale = torch.where(layer_norms > 0, layer_norms.max() / layer_norms, torch.ones_like(layer_norms))
+        scale = torch.where(self.is_layer, layer_scale[self.layer_index], torch.ones_like(norms))
         for g, params in enumerate(self.groups):
             grads = [local_shard(p.grad) for p in params if p.grad is not None]
             if grads:

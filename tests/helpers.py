@@ -31,10 +31,11 @@ def text_tokens(n, seed):
     return np.frombuffer(out[:n], dtype=np.uint8).astype(np.uint16)
 
 
-def write_run(path, model, data_dir=None, rows=None, iter_num=5, dump=True, train_config=None):
+def write_run(path, model, data_dir=None, rows=None, iter_num=5, dump=True, train_config=None, sublayers=False):
     """A run directory as train.py writes it (gfa.rundir): model_config.json, ckpt.pt, grad_norms.npz.
-    rows: the per-step norm rows, [steps, groups] (default: 5 random rows)."""
-    names = list(model.param_groups_by_layer())
+    rows: the per-step norm rows, [steps, groups] (default: 5 random rows); sublayers: the groups are
+    attention and MLP sub-blocks (train.py's dump), else whole layers (the dump of earlier versions)."""
+    names = list(model.param_groups_by_layer(sublayers))
     d = rundir.GradNormDump(names, rundir.file(str(path), rundir.GRAD_DUMP))
     if rows is None:
         rows = 1.0 + np.random.default_rng(0).random((5, len(names)))

@@ -16,6 +16,7 @@ import fanin
 import hf
 import prune
 import resnet
+import taper
 import train
 from gfa.cli import cli
 from gfa.data import DATA
@@ -61,6 +62,11 @@ def corrupt_copy(run, tmp_path, name, truncate):
     (["--learning_rate=-1.0"], "learning_rate=-1.0: must be >= 0"),
     (["--beta1=1.5"], "beta1=1.5: must be in [0, 1)"),
     (["--seed=-3"], "seed=-3: must be >= 0"),
+    (["--optimizer=adam"], "optimizer='adam': use 'adamw' (the paper) or 'sgd'"),
+    (["--momentum=1.0"], "momentum=1.0: must be in [0, 1)"),
+    (["--norm_placement=sandwich"], "norm_placement='sandwich': use one of pre, post, mix, scaled"),
+    (["--residual_scale=-1.0"], "residual_scale=-1.0: must be > 0"),
+    (["--init_from=resume", "--optimizer=sgd"], "resuming would change the run: optimizer"),
     (["--init_from=resume", "--learning_rate=0.5"], "resuming would change the run: learning_rate"),
     (["--init_from=again"], "init_from='again'"),
     (["--bogus=1"], "unknown config key 'bogus'"),
@@ -200,7 +206,7 @@ def _script(path):
     return mod
 
 
-SCRIPTS_WITH_OPTIONS = [fanin.main, prune.main, bench.main, hf.main, prepare_local.main] + [
+SCRIPTS_WITH_OPTIONS = [fanin.main, prune.main, bench.main, hf.main, taper.main, prepare_local.main] + [
     _script(os.path.join(DATA, d, "prepare.py")).main for d in ("dolma", "shakespeare", "hellaswag")]
 
 

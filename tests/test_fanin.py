@@ -219,6 +219,25 @@ def test_share_covers_the_steps_the_checkpoint_saw(tmp_path, capsys):
     assert fanin.main([str(run), "--no_importance"])["runs"][0]["steps"] == 30
 
 
+def test_sub_block_shares_and_drift_of_a_run(tmp_path, capsys):
+    """A dump with attention and MLP apart: attention norms planted falling 4:3:2:1, MLP rising 1:2:3:4
+    (whole layers: sqrt(17), sqrt(13), sqrt(13), sqrt(17)). The report shows each kind's share and that
+    they disagree (rho -1)."""
+    model = tiny_model(0, **TINY)
+    rows = [[1.0] + [v for l in range(4) for v in (4.0 - l, 1.0 + l)] + [1.0] for _ in range(12)]
+    run = write_run(tmp_path / "sub", model, rows=rows, iter_num=12, sublayers=True)
+    out = _main(capsys, run, "--no_importance")
+    r = json.loads((tmp_path / "sub" / "fanin_summary.json").read_text())["runs"][0]
+    assert r["sub_share"]["attn"] == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert r["sub_share"]["mlp"] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    layers = np.sqrt([17, 13, 13, 17])
+    assert r["share"] == pytest.approx(layers / layers.sum()) and r["rho_attn_mlp"][0] == pytest.approx(-1.0)
+    assert "attn %" in out and "Spearman attn share vs mlp share: rho = -1.000" in out
+    assert "share drift" in out and r["drift"]["steps"][-1] == 11
+    for f in ("fig_subblocks.png", "fig_share_drift.png"):
+        assert (tmp_path / "sub" / f).stat().st_size > 0
+
+
 def test_importance_cache_belongs_to_the_weights(tmp_path, capsys):
     """Another model in the same folder at the same step (a retrain, a copied checkpoint) must not
     be served the first model's importance: the cache is keyed on a hash of the weights."""

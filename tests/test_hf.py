@@ -100,3 +100,9 @@ def test_bad_inputs(tmp_path, capsys):
     with pytest.raises(UserError, match="blocks.1.extra has no place in an HF Llama layer"):
         convert.write_hf(odd, str(tmp_path / "odd"))
     assert not os.path.exists(tmp_path / "odd")
+    for over in (dict(norm_placement="mix", mix_post_fraction=0.5), dict(norm_placement="scaled"),
+                 dict(residual_scale=0.5)):   # the same weights, computed otherwise than an HF Llama layer
+        mixed = str(tmp_path / f"mixed_{over['norm_placement'] if 'norm_placement' in over else 'residual'}")
+        rundir.save_gpt(mixed, tiny_model(**over), {}, 0)
+        assert "normalises otherwise than HF Llama" in err("export", mixed, tmp_path / "mixed_hf")
+    assert not os.path.exists(tmp_path / "mixed_hf")

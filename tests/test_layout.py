@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["train", "fanin", "prune", "bench", "resnet", "hf"]
+SCRIPTS = ["train", "fanin", "prune", "bench", "resnet", "hf", "taper"]
 
 
 def project_imports(path, scripts=SCRIPTS):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gfa.cli import gpt_config
-from model import GPT, ConfigError, GPTConfig, apply_rope, drop_layers
+from model import GPT, ConfigError, GPTConfig, apply_rope, describe, drop_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,22 +148,30 @@ def test_repeats_equal_the_explicitly_unrolled_stack():
     torch.testing.assert_close(m(x)[0], unrolled(x)[0], rtol=0, atol=1e-12)
 
 
-def naive_block(block, x, cos, sin):
-    """Block forward written out: explicit RMSNorm, masked softmax attention, SwiGLU."""
+def naive_block(block, x, cos, sin, post=False, c=1.0, s=1.0):
+    """Block forward written out: explicit RMSNorm, masked softmax attention, SwiGLU. Pre-LN
+    x + s * f(c * rms(x)), or Post-LN (post=True) rms(x + s * f(x))."""
     def rms(v, w):
         return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    def attn(h):
+        a = block.attn
+        q, k, v = (h @ a.qkv.weight.T).split(a.n_head * a.head_dim, dim=-1)
+        q, k, v = (t.view(B, T, a.n_head, a.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(a.head_dim)
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        return (att @ v).transpose(1, 2).reshape(B, T, -1) @ a.proj.weight.T
+
+    def ffn(h):
+        g, u = (h @ block.ffn.gate_up.weight.T).chunk(2, dim=-1)
+        return (F.silu(g) * u) @ block.ffn.down.weight.T
     B, T, _ = x.shape
-    a = block.attn
-    h = rms(x, block.attn_norm.weight)
-    q, k, v = (h @ a.qkv.weight.T).split(a.n_head * a.head_dim, dim=-1)
-    q, k, v = (t.view(B, T, a.n_head, a.head_dim).transpose(1, 2) for t in (q, k, v))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    att = (q @ k.transpose(-1, -2)) / math.sqrt(a.head_dim)
-    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-    x = x + (att @ v).transpose(1, 2).reshape(B, T, -1) @ a.proj.weight.T
-    h = rms(x, block.ffn_norm.weight)
-    g, u = (h @ block.ffn.gate_up.weight.T).chunk(2, dim=-1)
-    return x + (F.silu(g) * u) @ block.ffn.down.weight.T
+    if post:
+        x = rms(x + s * attn(x), block.attn_norm.weight)
+        return rms(x + s * ffn(x), block.ffn_norm.weight)
+    x = x + s * attn(c * rms(x, block.attn_norm.weight))
+    return x + s * ffn(c * rms(x, block.ffn_norm.weight))
 
 
 def test_forward_matches_a_naive_implementation():
@@ -176,6 +184,55 @@ def test_forward_matches_a_naive_implementation():
         h = naive_block(b, h, cos, sin)
     ref = F.linear(F.rms_norm(h, (32,), m.norm_f.weight, 1e-5), m.lm_head.weight)
     torch.testing.assert_close(m(x)[0], ref, rtol=1e-10, atol=1e-10)
+
+
+# per layer of a 4-layer model, written out by hand: (Post-LN?, norm scale)
+NORMS_BY_HAND = {
+    "pre": ([False] * 4, [1.0] * 4),
+    "post": ([True] * 4, [1.0] * 4),
+    "mix": ([True, True, False, False], [1.0] * 4),   # mix_post_fraction 0.5 of 4 layers: layers 0 and 1
+    "scaled": ([False] * 4, [1.0, 2 ** -0.5, 3 ** -0.5, 0.5]),
+}
+
+
+@pytest.mark.parametrize("residual_scale", [1.0, 0.5])
+@pytest.mark.parametrize("placement", sorted(NORMS_BY_HAND))
+def test_norm_placements_match_hand_written_blocks(placement, residual_scale):
+    kw = {"mix_post_fraction": 0.5} if placement == "mix" else {}
+    cfg = tiny(n_head=[4, 2, 3, 1], d_ffn=[48, 24, 40, 16], norm_placement=placement, residual_scale=residual_scale,
+               **kw)
+    m = build(cfg)
+    for b in m.blocks:   # norm gains away from 1, so a gain applied in the wrong place would show
+        torch.nn.init.uniform_(b.attn_norm.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(b.ffn_norm.weight, 0.5, 1.5)
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    h, (post, scale) = m.tok_emb(x), NORMS_BY_HAND[placement]
+    cos, sin = m.rope_cos[:12], m.rope_sin[:12]
+    for l, b in enumerate(m.blocks):
+        h = naive_block(b, h, cos, sin, post[l], scale[l], residual_scale)
+    ref = F.linear(F.rms_norm(h, (32,), m.norm_f.weight, 1e-5), m.lm_head.weight)
+    torch.testing.assert_close(m(x)[0], ref, rtol=1e-10, atol=1e-10)
+    # a model pruned of layers 1 and 2 keeps the others' own placement and scale: it equals passthrough
+    m.set_passthrough([1, 2])
+    torch.testing.assert_close(drop_layers(m, [1, 2])(x)[0], m(x)[0], rtol=0, atol=0)
+
+
+def test_description_shows_each_layers_normalisation():
+    lines = describe(GPT(tiny(norm_placement="mix", mix_post_fraction=0.5, residual_scale=0.5))).splitlines()
+    assert "norm_placement mix (Post-LN: the first 0.5 of the layers)  residual_scale 0.5" in lines
+    assert [("Post-LN" in line) for line in lines[3:7]] == [True, True, False, False]
+    scaled = describe(GPT(tiny(norm_placement="scaled"))).splitlines()
+    assert scaled[4].endswith("norm x0.7071") and "norm x" not in scaled[3]
+
+
+def test_default_block_is_the_plain_pre_ln_block():
+    """The defaults run exactly the ops of x + Attn(norm(x)), x + FFN(norm(x)): bit-identical."""
+    m = build(tiny())
+    x = torch.randn(2, 12, 32, dtype=torch.double)
+    cos, sin = m.rope_cos[:12], m.rope_sin[:12]
+    for b in m.blocks:
+        h = x + b.attn(b.attn_norm(x), cos, sin)
+        assert torch.equal(b(x, cos, sin), h + b.ffn(b.ffn_norm(h)))
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -282,7 +339,8 @@ def test_init_is_the_papers_normal_and_repeats_do_not_change_it():
     assert abs(scaled.blocks[2].attn.qkv.weight.std().item() - 0.02) < 0.001
 
 
-@pytest.mark.parametrize("kw", [{}, {"repeats": [1, 2, 1, 3], "passthrough": [2]}])
+@pytest.mark.parametrize("kw", [{}, {"repeats": [1, 2, 1, 3], "passthrough": [2]},
+                                {"norm_placement": "mix", "mix_post_fraction": 0.5, "residual_scale": 0.5}])
 def test_kv_cache_decoding_matches_the_full_forward(kw):
     cfg = tiny(**kw)
     m = build(cfg)
@@ -359,6 +417,12 @@ def test_every_parameter_gets_a_gradient():
         groups = m.param_groups_by_layer()
         assert list(groups) == ["embed"] + [f"layer.{i}" for i in range(4)] + ["head"]
         assert sum(len(v) for v in groups.values()) == len(list(m.parameters()))
+        # sub-blocks: the same parameters, each layer split into its attention and its MLP half
+        sub = m.param_groups_by_layer(sublayers=True)
+        assert list(sub) == ["embed"] + [f"layer.{i}.{p}" for i in range(4) for p in ("attn", "mlp")] + ["head"]
+        assert [id(p) for g in sub.values() for p in g] == [id(p) for p in m.parameters()]
+        b = m.blocks[2]
+        assert sub["layer.2.attn"] == [b.attn_norm.weight, b.attn.qkv.weight, b.attn.proj.weight]
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -384,6 +448,14 @@ def test_every_parameter_gets_a_gradient():
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta": 1}), "not beta"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
                         "original_max_position_embeddings": 16}), "high_freq_factor must be larger"),
+    (dict(norm_placement="sandwich"), "norm_placement='sandwich': use one of pre, post, mix, scaled"),
+    (dict(norm_placement="mix", mix_post_fraction=1.5), "mix_post_fraction=1.5: must be in [0, 1]"),
+    (dict(mix_post_fraction=0.5), "mix_post_fraction is set but norm_placement='pre'"),
+    (dict(norm_placement="mix", post_ln=[True] * 4), "post_ln is given explicitly and norm_placement='mix'"),
+    (dict(norm_placement="scaled", norm_scale=[1.0] * 4), "norm_scale is given explicitly"),
+    (dict(post_ln=[1, 0, 0, 0]), "post_ln[0]=1: must be True or False"),
+    (dict(norm_scale=[1.0, 0.0, 1.0, 1.0]), "norm_scale[1]=0.0: must be > 0"),
+    (dict(residual_scale=0.0), "residual_scale=0.0: must be > 0"),
 ])
 def test_bad_configs_raise_one_line_errors(kw, words):
     with pytest.raises(ConfigError, match=re.escape(words)):

@@ -23,7 +23,7 @@ from gfa import rundir
 from gfa.cli import UserError
 from gfa.data import get_batch, load_tokens
 from gfa.evaluation import Tokenizer, choice_accuracy, encode_items, ending_logprobs, evaluate, load_multiple_choice
-from gfa.theory import spearman
+from gfa.theory import accumulated_share, spearman
 from helpers import one_line_error, tiny_model, write_jsonl, write_local_task, write_run
 
 N = 4
@@ -177,6 +177,23 @@ def test_sleb_removes_planted_layers_in_greedy_order(byte_data):
         if r == 0:
             assert np.allclose(first, [losses[l] for l in range(N)], rtol=1e-6)
         removed.append(best)
+
+
+def test_anytime_cfp_ranks_on_a_prefix_of_training(tmp_path, byte_data):
+    """--cfp_steps 2: layer 1 starved over the first two steps only, so the share over them removes it,
+    while the share over every step the checkpoint saw removes layer 3."""
+    m = tiny_model()
+    names = list(m.param_groups_by_layer())
+    rows = 1.0 + np.random.default_rng(0).random((4, len(names)))
+    rows[:, names.index("layer.3")] = 0.1
+    rows[:2, names.index("layer.1")] = 0.01
+    run = write_run(tmp_path / "run", m, byte_data, rows=rows, iter_num=4)
+    ckpt = rundir.read_checkpoint(run)
+    early = prune.cfp_share(run, N, ckpt, steps=2)
+    np.testing.assert_allclose(early, accumulated_share(rows[:2], names), rtol=1e-6)
+    assert prune.lowest(early, 1) == [1] and prune.lowest(prune.cfp_share(run, N, ckpt), 1) == [3]
+    with pytest.raises(UserError, match="--cfp_steps 5: the checkpoint of .* has seen 4 steps"):
+        prune.cfp_share(run, N, ckpt, steps=5)
 
 
 def test_taylor_matches_hand_computation(byte_data):
@@ -373,6 +390,7 @@ def test_bad_inputs(tmp_path, byte_data, capsys):
     assert "k=4" in err("--runs", run, "--k", "4") and "[1, 3]" in err("--runs", run, "--k", "0")
     assert "--k" in err("--runs", run, "--k", "two")
     assert "--methods" in err("--runs", run, "--methods", "cfp,random")
+    assert "--cfp_steps -1: must be >= 0" in err("--runs", run, "--k", "1", "--cfp_steps", "-1")
     assert err("--runs", tmp_path / "missing", "--k", "1").startswith("error: checkpoint")
     nodump = make_run(tmp_path / "nodump", tiny_model(), byte_data, dump=False)
     assert "gradient dump" in err("--runs", nodump, "--k", "1", "--methods", "cfp")

@@ -1,6 +1,7 @@
 """train.py on CPU: learning, exact resume, DDP == one process (a real torchrun), the gradient-norm
 dump against hand-computed norms, norm equalisation, the run directory it writes, starting from
 another checkpoint's weights, and the one-line errors for bad input. Tiny models, fast."""
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,48 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
 
 
+def test_resuming_a_run_from_before_sub_blocks_keeps_its_layout(tmp_path):
+    """A run whose dump has one group per layer (earlier versions) continues in that layout, its rows
+    kept; a new run records attention and MLP apart, and its per-layer norms are the old ones."""
+    _, new = run(tmp_path, "new", "--max_iters=4", "--eval_interval=2")
+    _, old = run(tmp_path, "old", "--max_iters=4", "--eval_interval=2", "--stop_iter=2")
+    ckpt = torch.load(os.path.join(old, "ckpt.pt"), weights_only=False)
+    coarse, names = rundir.per_layer(ckpt["grad_dump"]["norms"], ckpt["grad_dump"]["names"])
+    ckpt["grad_dump"] = {"names": names, "steps": ckpt["grad_dump"]["steps"], "norms": coarse}
+    torch.save(ckpt, os.path.join(old, "ckpt.pt"))
+    os.remove(os.path.join(old, "grad_norms.npz"))
+    run(tmp_path, "old", "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    with np.load(os.path.join(old, "grad_norms.npz")) as z:
+        assert list(z["names"]) == names and z["steps"].tolist() == [0, 1, 2, 3]
+        np.testing.assert_array_equal(z["norms"][:2], coarse)
+    a, b = load_grad_dump(new), load_grad_dump(old)
+    assert "sub_share" in a and "sub_share" not in b
+    np.testing.assert_allclose(a["norms"], b["norms"], rtol=1e-6)
+
+
+def test_a_run_from_before_a_model_key_resumes(tmp_path):
+    """model_config.json written before the normalisation keys existed: the run had their defaults, so
+    it resumes (and serves as an equalisation reference) as the same model."""
+    _, out = run(tmp_path, "old", "--max_iters=4", "--eval_interval=2", "--stop_iter=2")
+    path = os.path.join(out, "model_config.json")
+    d = json.load(open(path))
+    for k in ("norm_placement", "mix_post_fraction", "post_ln", "norm_scale", "residual_scale"):
+        del d["config"][k]
+    json.dump(d, open(path, "w"))
+    run(tmp_path, "old", "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    assert rundir.read_model_config(out)[1]["norm_placement"] == "pre"
+    assert train.reference_max_norm(out, 2, GPTConfig.from_dict(rundir.read_model_config(out)[1])) > 0
+
+
+def test_sgd_run_trains_with_sgd(tmp_path):
+    _, out = run(tmp_path, "sgd", "--max_iters=2", "--optimizer=sgd", "--learning_rate=0.1")
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["train_config"]["optimizer"] == "sgd"
+    groups = ckpt["optimizer"]["param_groups"]
+    assert groups[0]["momentum"] == 0.9 and "betas" not in groups[0]
+    assert all("momentum_buffer" in st for st in ckpt["optimizer"]["state"].values())
+
+
 def test_ddp_two_ranks_equal_one_process(tmp_path):
     args = TINY + ["--max_iters=4"]
     single, out_1 = run(tmp_path, "one", "--max_iters=4")
@@ -95,6 +138,17 @@ def test_dumped_norms_equal_hand_computed(tmp_path):
     np.testing.assert_allclose(dump["norms"][0], hand, rtol=1e-5)
     layers = np.array(hand[1:-1])   # Eq. 2 over the transformer layers only (not embed / head)
     np.testing.assert_allclose(dump["share"], layers / layers.sum(), rtol=1e-5)
+    # the file records attention and MLP apart (the layer norms above are derived from them)
+    b = model.blocks
+    parts = {"attn": [[b[i].attn_norm.weight, *b[i].attn.parameters()] for i in range(2)],
+             "mlp": [[b[i].ffn_norm.weight, *b[i].ffn.parameters()] for i in range(2)]}
+    sub = {k: np.array([torch.sqrt(sum((p.grad.double() ** 2).sum() for p in ps)).item() for ps in v])
+           for k, v in parts.items()}
+    with np.load(os.path.join(out, "grad_norms.npz")) as z:
+        assert list(z["names"]) == ["embed", "layer.0.attn", "layer.0.mlp", "layer.1.attn", "layer.1.mlp", "head"]
+        np.testing.assert_allclose(z["norms"][0, 1:5], np.stack([sub["attn"], sub["mlp"]], 1).ravel(), rtol=1e-5)
+    for k in ("attn", "mlp"):
+        np.testing.assert_allclose(dump["sub_share"][k], sub[k] / sub[k].sum(), rtol=1e-5)
 
 
 def test_equalize_makes_layer_norms_equal(tmp_path):
@@ -208,7 +262,7 @@ def test_resuming_a_run_of_an_earlier_version_brings_it_up_to_date(tmp_path):
 def test_a_blown_up_update_is_never_saved(tmp_path, monkeypatch, capsys):
     """The loss and gradient of step 3 are finite, but its update leaves a weight at 1e38 (finite, an
     exploded, dead model): the eval at step 4 must refuse to save it, and keep step 2's checkpoint."""
-    real = train.adamw
+    real = train.optimizer_for
 
     def poisoned(*a, **kw):
         opt = real(*a, **kw)
@@ -221,7 +275,7 @@ def test_a_blown_up_update_is_never_saved(tmp_path, monkeypatch, capsys):
                 opt.param_groups[0]["params"][0].data.view(-1)[0] = 1e38
         opt.step = blow_up
         return opt
-    monkeypatch.setattr(train, "adamw", poisoned)
+    monkeypatch.setattr(train, "optimizer_for", poisoned)
     out = str(tmp_path / "run")
     msg = one_line_error(train.main, [*TINY, f"--out_dir={out}", "--max_iters=6", "--eval_interval=2"], capsys)
     assert "a weight is non-finite or has exploded after step 4 (max |w| 1e+38 in tok_emb.weight)" in msg

@@ -7,18 +7,23 @@
 # passes over the 24M-token minipile corpus, README: Data), then fanin.py (share vs theory and
 # importance; with --baseline=<run> for an intervention) and, for vanilla_16l, prune.py (Table 1 for
 # this seed, combined over seeds later with prune.py --combine). Extra --key=value go to train.py.
-# FANIN_BASELINE=<run dir> adds fanin.py --baseline. Copies the run directory without ckpt.pt to
-# <dest>/small_<variant>_s<seed>.
+# FANIN_BASELINE=<run dir> adds fanin.py --baseline. TAG=<name> names a run of the variant with other
+# switches (small_<variant>_<name>_s<seed>; prune.py is then skipped). <variant> may also be a path to a
+# config file (a taper.py output: its file name names the run). Copies the run directory without ckpt.pt to
+# <dest>/small_<variant>[_<tag>]_s<seed>.
 set -euo pipefail
 variant=$1 seed=$2 data=$3 mc=$4
 dest=$(mkdir -p "$5" && cd "$5" && pwd)
 shift 5
-run=out/small_${variant}_s${seed}
-python train.py config/small.py "config/${variant}.py" --data_dir="$data" --seed="$seed" --out_dir="$run" \
+file=config/${variant}.py
+case $variant in *.py) file=$variant variant=$(basename "$variant" .py) ;; esac
+name=small_${variant}${TAG:+_$TAG}_s${seed}
+run=out/$name
+python train.py config/small.py "$file" --data_dir="$data" --seed="$seed" --out_dir="$run" \
     --max_iters=3000 --warmup_iters=200 --eval_interval=1000 --log_interval=100 --overwrite=True "$@"
 python fanin.py "$run" ${FANIN_BASELINE:+--baseline "$FANIN_BASELINE"}
-if [ "$variant" = vanilla_16l ]; then
+if [ "$variant" = vanilla_16l ] && [ -z "${TAG:-}" ]; then
     python prune.py --runs "$run" --k 1,2,4,6,8 --hellaswag "$mc" --calib_batches 32 --out "$run/prune"
 fi
-mkdir -p "$dest/small_${variant}_s${seed}"
-(cd "$run" && find . -type f ! -name ckpt.pt -print0 | xargs -0 cp --parents -t "$dest/small_${variant}_s${seed}")
+mkdir -p "$dest/$name"
+(cd "$run" && find . -type f ! -name ckpt.pt -print0 | xargs -0 cp --parents -t "$dest/$name")

@@ -99,6 +99,7 @@ def test_closed_stdout_ends_quietly():
 ENTRY_POINTS = {"train.py": ["--n_layers=3"], "fanin.py": ["--theory", "config/tiny.py", "config/vanilla_8l.py",
                                                             "--n_layr=3"], "prune.py": ["--runs", "no/such/run"],
                 "bench.py": ["no_such_config", "--device", "cpu"], "resnet.py": ["--stem=big", "--device=cpu"],
+                "taper.py": ["config/tiny.py", "--profile", "cone"],
                 "data/prepare_local.py": ["--out_dir", "unused", "no/such/file.txt"],
                 "hf.py": ["import", "no/such/folder", "unused"]}
 

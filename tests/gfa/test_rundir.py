@@ -109,6 +109,25 @@ def test_share_is_derived_over_the_steps_asked_for(tmp_path):
         rundir.read_grad_dump(run, 0, ckpt)
 
 
+def test_sub_block_dump_reads_per_layer_and_per_sub_block(tmp_path):
+    """A dump with attention and MLP apart: the layer norm is sqrt(attn^2 + mlp^2) (planted 3-4-5 and
+    5-12-13 triangles), the share over it is Eq. 2's, and each kind of sub-block has its own share."""
+    names = ["embed", "layer.0.attn", "layer.0.mlp", "layer.1.attn", "layer.1.mlp", "head"]
+    rows = np.array([[1.0, 3, 4, 5, 12, 2], [1.0, 6, 8, 0, 13, 2]])
+    d = rundir.GradNormDump(names, str(tmp_path / "grad_norms.npz"), equalized=True)
+    for s, r in enumerate(rows):
+        d.record(s, torch.tensor(r, dtype=torch.float32), torch.tensor(2 * r, dtype=torch.float32))
+    d.flush()
+    got = rundir.read_grad_dump(str(tmp_path))
+    assert got["names"] == ["embed", "layer.0", "layer.1", "head"] and got["sub_names"] == names
+    np.testing.assert_allclose(got["norms"], [[1, 5, 13, 2], [1, 10, 13, 2]])
+    np.testing.assert_allclose(got["norms_equalized"], [[2, 10, 26, 4], [2, 20, 26, 4]])
+    np.testing.assert_allclose(got["share"], [15 / 41, 26 / 41])
+    np.testing.assert_allclose(got["sub_share"]["attn"], [9 / 14, 5 / 14])
+    np.testing.assert_allclose(got["sub_share"]["mlp"], [12 / 37, 25 / 37])
+    assert rundir.records_sublayers(names) and not rundir.records_sublayers(got["names"])
+
+
 def test_dump_resume_drops_rows_at_and_after_the_step(tmp_path):
     d = rundir.GradNormDump(["layer.0", "layer.1"], str(tmp_path / "g.npz"), equalized=True)
     for s in range(5):

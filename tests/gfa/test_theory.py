@@ -101,3 +101,18 @@ def test_accumulated_share_by_hand():
     norms = [[9.0, 1.0, 3.0, 9.0], [9.0, 2.0, 2.0, 9.0]]   # layers sum to 3 and 5; embed/head not counted
     assert theory.accumulated_share(norms, names).tolist() == [3 / 8, 5 / 8]
     assert theory.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2))) and theory.mean_std([4.0]) == (4.0, 0.0)
+
+
+def test_share_drift_finds_where_the_ranking_settles():
+    """Planted: 10 steps with norms 4:3:2:1 over 4 layers, then 90 with 1:2:3:4. After j of the later
+    steps the accumulated norms are (40 + j, 30 + 2j, 20 + 3j, 10 + 4j): the final (rising) order from
+    j = 11 on (row 20), all equal at j = 10 (no ranking), the falling order before."""
+    names = ["embed", "layer.0", "layer.1", "layer.2", "layer.3", "head"]
+    rows = np.array([[1, 4, 3, 2, 1, 1]] * 10 + [[1, 1, 2, 3, 4, 1]] * 90, dtype=np.float64)
+    steps = np.arange(100) + 500
+    d = theory.share_drift(rows, names, steps, theory=[5, 4, 3, 2], points=100)
+    assert d["steps"] == list(steps) and d["settled"] == 520
+    rho, rho_t = np.array(d["rho"]), np.array(d["rho_theory"])
+    assert (rho[:19] == -1).all() and np.isnan(rho[19]) and (rho[20:] == 1).all()
+    assert (rho_t[:19] == 1).all() and (rho_t[20:] == -1).all()
+    assert theory.spearman_rho([1, 2, 3], [3, 1, 2]) == pytest.approx(theory.spearman([1, 2, 3], [3, 1, 2])[0])

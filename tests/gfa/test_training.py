@@ -10,7 +10,7 @@ import torch
 from gfa.benchmark import load_config
 from gfa.cli import UserError
 from gfa.training import (FiniteGuard, GradStep, LayerGradNorms, adamw, check_weights, clip_coef, cosine_lr,
-                          scaled_step)
+                          optimizer_for, scaled_step)
 from helpers import tiny_model
 from model import GPT
 
@@ -69,17 +69,61 @@ def test_grad_step_is_train_pys_step():
         torch.testing.assert_close(p, q)
 
 
-def test_equalisation_rescales_layers_to_the_largest():
+@pytest.mark.parametrize("sublayers", [False, True])
+def test_equalisation_rescales_layers_to_the_largest(sublayers):
+    """Whole layers are rescaled, also when the groups are sub-blocks: a layer's attention and MLP get
+    one factor, so the layers' norms come out equal and each layer's attention:MLP ratio stays."""
     m = tiny_model(0).train()
     x = torch.randint(0, 256, (2, 16))
     m(x, x)[1].backward()
-    groups = m.param_groups_by_layer()
+    groups = m.param_groups_by_layer(sublayers)
     norms, eq, total = GradStep(groups, torch.optim.SGD(m.parameters(), lr=0.0), equalize=True)()
-    layers = [i for i, n in enumerate(groups) if n.startswith("layer.")]
-    assert norms[layers].std() > 0
-    torch.testing.assert_close(eq[layers], norms[layers].max().expand(len(layers)))
+    per_layer = lambda n: n[1:-1].view(4, -1).square().sum(1).sqrt()   # [embed, (attn, mlp) x 4 or layer x 4, head]
+    assert per_layer(norms).std() > 0
+    torch.testing.assert_close(per_layer(eq), per_layer(norms).max().expand(4))
+    torch.testing.assert_close(eq[1:-1].view(4, -1) / per_layer(eq)[:, None], norms[1:-1].view(4, -1)
+                               / per_layer(norms)[:, None])
     assert eq[0] == norms[0] and eq[-1] == norms[-1]   # embed and head untouched
     torch.testing.assert_close(total, eq.square().sum().sqrt())
+
+
+def _sgd_steps_as_written_by_hand(device, fused):
+    """optimizer='sgd' through train.py's clipped step: two steps of heavy-ball momentum, written out,
+    with the L2 weight decay on matrices only and the gradients scaled by the clip factor."""
+    lr, mu, wd, clip = 0.1, 0.9, 0.01, 0.05
+    cfg = {"optimizer": "sgd", "learning_rate": lr, "momentum": mu, "weight_decay": wd, "beta1": 0.9, "beta2": 0.95}
+    m = tiny_model(3).train().to(device)
+    start = [p.detach().clone() for p in m.parameters()]
+    opt = optimizer_for(cfg, m.parameters(), fused=fused)
+    x = torch.randint(0, 256, (2, 16), device=device)
+    want, buf = [p.clone() for p in start], None
+    for _ in range(2):
+        for p, w in zip(m.parameters(), want):   # the model sits at the hand-computed point: same gradients
+            p.data.copy_(w)
+        m(x, x)[1].backward()
+        grads = [p.grad.clone() for p in m.parameters()]
+        total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        coef = min(1.0, clip / (total.item() + 1e-6))
+        d = [coef * g + (wd * w if w.dim() >= 2 else 0) for g, w in zip(grads, want)]
+        buf = d if buf is None else [mu * b + di for b, di in zip(buf, d)]
+        want = [w - lr * b for w, b in zip(want, buf)]
+        scaled_step(opt, [p.grad for p in m.parameters()], clip_coef(total.float(), clip))
+        opt.zero_grad(set_to_none=True)
+    assert total.item() > clip   # the clip acted
+    for p, w, s in zip(m.parameters(), want, start):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(p.detach(), s)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_sgd_steps_as_written_by_hand(fused):
+    _sgd_steps_as_written_by_hand("cpu", fused)
+
+
+@pytest.mark.gpu
+def test_sgd_steps_as_written_by_hand_gpu():
+    """The fused CUDA kernel, with the clip folded in through grad_scale (gfa.training.scaled_step)."""
+    _sgd_steps_as_written_by_hand("cuda", True)
 
 
 def test_cosine_schedule_by_hand():
