@@ -4,6 +4,7 @@ error that leaves nothing half-written. Needs safetensors only (transformers: te
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,27 @@ def test_bad_inputs(tmp_path, capsys):
         rundir.save_gpt(mixed, tiny_model(**over), {}, 0)
         assert "normalises otherwise than HF Llama" in err("export", mixed, tmp_path / "mixed_hf")
     assert not os.path.exists(tmp_path / "mixed_hf")
+
+
+def test_open_weights_continued_training_then_cfp(tmp_path, byte_data):
+    """The paper's limitation lifted for open weights: an HF Llama folder (grouped-query, tied) is imported,
+    trained on with the gradient dump on (train.py --init_from: its weights and architecture, a fresh
+    optimizer), and CFP ranks its layers from that dump: the layer it removes is the one with the lowest
+    Eq. 2 share of the continued run, read here from the dump itself."""
+    import train
+    convert.write_hf(tiny_model(5, n_kv_head=2, tie_embeddings=True), str(tmp_path / "hf"))
+    imported, cont = str(tmp_path / "imported"), str(tmp_path / "cont")
+    hf.main(["import", str(tmp_path / "hf"), imported])
+    train.main([f"--init_from={imported}", f"--out_dir={cont}", f"--data_dir={byte_data}", "--max_iters=4",
+                "--batch_size=4", "--warmup_iters=1", "--eval_iters=1", "--eval_batch_size=2", "--eval_interval=1000",
+                "--log_interval=1", "--device=cpu"])
+    ckpt = rundir.read_checkpoint(cont)
+    assert ckpt["initialised_from"]["path"] == os.path.abspath(imported) and ckpt["iter_num"] == 4
+    _, config = rundir.read_model_config(cont)
+    assert (config["n_kv_head"], config["tie_embeddings"]) == (2, True)   # the imported architecture
+    dump = rundir.read_grad_dump(cont, before_step=4)
+    layer_share = [s for n, s in zip(dump["layer_names"], dump["share"]) if n.startswith("layer.")]
+    res = prune.main(["--runs", cont, "--k", "1", "--methods", "cfp,block_influence", "--hellaswag", "none",
+                      "--eval_batches", "1", "--batch_size", "2", "--calib_batches", "1", "--device", "cpu",
+                      "--out", str(tmp_path / "prune")])
+    assert res[0]["cells"]["cfp/1"]["layers"] == [int(np.argmin(layer_share))]
