@@ -43,8 +43,9 @@ from datetime import datetime, timezone
 import torch
 
 from gfa import rundir, sharding
-from gfa.benchmark import (CpuEvent, build, build_hf, compiled, cost_tflop, first_call, free, item_params, one_line,
-                           profile, resolve, set_dtype, stats, sync, time_calls, uniform, uses_cudagraphs)
+from gfa.benchmark import (CpuEvent, build, build_hf, compiled, copy_bandwidth, cost_tflop, decode_bytes_per_step,
+                           first_call, free, item_params, one_line, profile, resolve, set_dtype, stats, sync, time_calls,
+                           uniform, uses_cudagraphs)
 from gfa.cli import ArgumentParser, UserError, cli
 from gfa.data import eval_batches, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, peak_flops, pick_device
@@ -224,45 +225,66 @@ def greedy_decode(model, prompt, new_tokens, step=None, cache=None, ctx=nullcont
 
 
 def decode_row(item, dtype, args, device):
-    B, P, N = args.batch, args.prompt_len, args.new_tokens
+    """Rows of greedy KV-cache decoding, one per --batch: ms/token, tok/s, and the bytes a step must read
+    (weights + the whole static cache) per second, against the device-copy bandwidth measured in this run."""
+    P, N = args.prompt_len, args.new_tokens
     if N < 2:
         raise UserError("--new_tokens must be >= 2 (the first new token comes from the prefill)")
     name, model = build(item, device, P + N)
-    row = {"config": name, "model": pretty(name), "impl": "ours", "dtype": dtype, "batch": B,
-           "prompt_len": P, "new_tokens": N, "params": model.num_params()}
     model.eval()
     ctx = set_dtype(model, dtype, args.bf16, device)
-    try:
-        g = torch.Generator().manual_seed(args.seed)
-        prompt = torch.randint(1, model.config.vocab_size, (B, P), generator=g).to(device)
-        cache = model.new_kv_cache(B, P + N, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-        if uses_cudagraphs(args.compile):   # the cache is written in place: keep it out of graph inputs' copies
-            for kv in cache:
-                for t in kv:
-                    torch._dynamo.mark_static_address(t)
-        Event = (lambda: torch.cuda.Event(enable_timing=True)) if device.type == "cuda" else CpuEvent
-        ev, times = (Event(), Event()), []
-        def make(mode, fullgraph):
-            step = compiled(model.decode_step, mode, fullgraph)
-            def gen():
-                greedy_decode(model, prompt, N, step, cache, ctx, ev)
-                sync()
-                times.append(ev[0].elapsed_time(ev[1]))
-            return gen
-        gen, row["compile_s"], row["note"] = first_call(make, args.compile, not args.no_fullgraph, f"{name} decode ({dtype})")
-        for _ in range(args.warmup):
-            gen()
-        times.clear()
-        for _ in range(args.runs):
-            gen()
-        st = stats(times)
-        row.update({"decode_ms": st["median_ms"], "decode_iqr_ms": st["iqr_ms"], "n": st["n"],
-                    "ms_per_token": st["median_ms"] / (N - 1), "tok_s": B * (N - 1) / (st["median_ms"] / 1e3)})
-    except Exception as e:
-        traceback.print_exc()
-        row["error"] = one_line(e)
-        return [row]
-    return [row] + (speculative_rows(item, name, model, dtype, ctx, args) if args.exit_layers else [])
+    rows = []
+    for B in args.batches:
+        row = {"config": name, "model": pretty(name), "impl": "ours", "dtype": dtype, "batch": B,
+               "prompt_len": P, "new_tokens": N, "params": model.num_params()}
+        try:
+            row.update(time_decode(model, name, B, dtype, ctx, args, device))
+        except Exception as e:
+            traceback.print_exc()
+            row["error"] = one_line(e)
+        rows.append(row)
+        free_graphs()
+    return rows + (speculative_rows(item, name, model, dtype, ctx, args) if args.exit_layers else [])
+
+
+def free_graphs():
+    """Drop the compiled decode step of one batch size before the next compiles its own."""
+    torch._dynamo.reset()
+
+
+def time_decode(model, name, B, dtype, ctx, args, device):
+    P, N = args.prompt_len, args.new_tokens
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(1, model.config.vocab_size, (B, P), generator=g).to(device)
+    kv_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    cache = model.new_kv_cache(B, P + N, dtype=kv_dtype)
+    if uses_cudagraphs(args.compile):   # the cache is written in place: keep it out of graph inputs' copies
+        for kv in cache:
+            for t in kv:
+                torch._dynamo.mark_static_address(t)
+    Event = (lambda: torch.cuda.Event(enable_timing=True)) if device.type == "cuda" else CpuEvent
+    ev, times = (Event(), Event()), []
+
+    def make(mode, fullgraph):
+        step = compiled(model.decode_step, mode, fullgraph)
+
+        def gen():
+            greedy_decode(model, prompt, N, step, cache, ctx, ev)
+            sync()
+            times.append(ev[0].elapsed_time(ev[1]))
+        return gen
+    gen, compile_s, note = first_call(make, args.compile, not args.no_fullgraph, f"{name} decode, batch {B} ({dtype})")
+    for _ in range(args.warmup):
+        gen()
+    times.clear()
+    for _ in range(args.runs):
+        gen()
+    st = stats(times)
+    ms_token = st["median_ms"] / (N - 1)
+    read_gbps = decode_bytes_per_step(model, B, P + N, kv_dtype.itemsize) / (ms_token / 1e3) / 1e9
+    return {"compile_s": compile_s, "note": note, "decode_ms": st["median_ms"], "decode_iqr_ms": st["iqr_ms"],
+            "n": st["n"], "ms_per_token": ms_token, "tok_s": B * (N - 1) / (st["median_ms"] / 1e3),
+            "read_gbps": read_gbps, "copy_gbps": args.copy_gbps, "pct_of_copy_bw": 100 * read_gbps / args.copy_gbps}
 
 
 # ---- self-speculative decoding (LayerSkip) ------------------------------------------------------
@@ -363,14 +385,20 @@ def speculative_rows(item, name, model, dtype, ctx, args):
 def decode_markdown(rows, ref):
     spec = [r for r in rows if r.get("impl") in ("plain", "self-spec")]
     rows = [r for r in rows if r not in spec]
-    lines = ["| model | dtype | batch | prompt | new tokens | ms/token | tok/s | IQR ms (whole decode) |",
-             "|" + "---|" * 8]
+    lines = ["| model | dtype | batch | prompt | new tokens | ms/token | tok/s | IQR ms (whole decode) "
+             "| GB/s read | % of copy bandwidth |", "|" + "---|" * 10]
     for r in rows:
         if "ms_per_token" not in r:
-            lines.append(f"| {r['model']} | {r['dtype']} | {r.get('batch', '')} | | | {r.get('error', 'not run')} | | |")
+            lines.append(f"| {r['model']} | {r['dtype']} | {r.get('batch', '')} | | | {r.get('error', 'not run')} "
+                         f"| | | | |")
             continue
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | "
-                     f"{r['ms_per_token']:.3f} | {r['tok_s']:,.0f} | {r['decode_iqr_ms']:.2f} |")
+                     f"{r['ms_per_token']:.3f} | {r['tok_s']:,.0f} | {r['decode_iqr_ms']:.2f} | "
+                     f"{r['read_gbps']:,.0f} | {r['pct_of_copy_bw']:.1f} |")
+    if any("copy_gbps" in r for r in rows):
+        lines += ["", f"Device-copy bandwidth, this run: {next(r['copy_gbps'] for r in rows if 'copy_gbps' in r):,.0f} "
+                  "GB/s (read + written). GB/s read: the weights (all but the embedding table) and the whole "
+                  "static KV cache, once per step."]
     if spec:
         lines += ["", "Self-speculative decoding (batch 1, whole generations incl. prefill, "
                   f"{spec[0]['prompts']} prompts from {spec[0]['prompt_source']}):", "",
@@ -575,7 +603,8 @@ def parse(argv):
     p.add_argument("--dtype", default="bfloat16", help="comma list of float32, tf32, bfloat16 (fp32/bf16 too)")
     p.add_argument("--bf16", choices=["cast", "autocast"], default="cast", help="inference/decode bf16: cast the "
                    "weights (default) or autocast over fp32 weights; training always autocasts")
-    p.add_argument("--batch", type=int, default=None, help="default 1 (inference, decode), 8 (train)")
+    p.add_argument("--batch", default=None, help="default 1 (inference, decode), 8 (train); decode: a comma list, "
+                   "e.g. 1,16 (a row each)")
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (inference, train)")
     p.add_argument("--compile", choices=MODES + ["eager"], default=None,
                    help="torch.compile mode; default: 'default' on CUDA (decode: reduce-overhead), none on CPU")
@@ -611,7 +640,10 @@ def parse(argv):
     if a.compile is None:
         a.compile = "none" if not a.device.startswith("cuda") else ("reduce-overhead" if a.mode == "decode" else "default")
     defaults = {"inference": (1, 10, 100), "decode": (1, 3, 10), "train": (8, 3, 20)}[a.mode]
-    a.batch = defaults[0] if a.batch is None else a.batch
+    a.batches = parse_ints(a.batch, "--batch") if a.batch is not None else [defaults[0]]
+    if len(a.batches) > 1 and a.mode != "decode":
+        raise UserError(f"--batch {a.batch}: several batch sizes are for --mode decode; give one")
+    a.batch = a.batches[0]
     a.warmup = defaults[1] if a.warmup is None else a.warmup
     a.runs = defaults[2] if a.runs is None else a.runs
     bad = [d for d in a.dtype.split(",") if d not in DTYPES]
@@ -621,7 +653,7 @@ def parse(argv):
     if min(a.batch, a.seq, a.runs, a.rounds, a.prompt_len) < 1 or a.warmup < 0:
         raise UserError("--batch, --seq, --runs, --rounds, --prompt_len must be >= 1 and --warmup >= 0")
     a.exit_layers, a.draft_lens = parse_ints(a.exit_layer, "--exit_layer"), parse_ints(a.draft_len, "--draft_len")
-    if a.exit_layers and (a.mode != "decode" or a.batch != 1 or not a.draft_lens):
+    if a.exit_layers and (a.mode != "decode" or a.batches != [1] or not a.draft_lens):
         raise UserError("--exit_layer (self-speculative decoding) needs --mode decode, --batch 1 and a --draft_len")
     a.items = a.configs + a.ckpt or (["vanilla_16l"] if a.mode == "train" else TABLE2)
     for it in a.items:
@@ -657,11 +689,15 @@ def main(argv):
     run_one, table = {"inference": (inference_row, inference_markdown), "decode": (decode_row, decode_markdown),
                       "train": (train_row, train_markdown)}[args.mode]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if args.mode == "decode":   # the ceiling the decode rows are read against, measured in this run
+        args.copy_gbps = copy_bandwidth(device, 1024 if device.type == "cuda" else 64)
+        print(f"device-copy bandwidth: {args.copy_gbps:,.0f} GB/s", flush=True)
     meta = {"mode": args.mode, "device": dev_name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python bench.py " + " ".join(argv), "compile": args.compile,
             "fullgraph": not args.no_fullgraph, "bf16": args.bf16, "warmup": args.warmup, "runs": args.runs,
-            "batch": args.batch, "seq": args.seq, "ref": args.ref, "sdpa": args.sdpa}
+            "batch": args.batches if args.mode == "decode" else args.batch, "seq": args.seq, "ref": args.ref,
+            "sdpa": args.sdpa, "copy_gbps": getattr(args, "copy_gbps", None)}
     print(f"bench {args.mode} on {dev_name}, torch {torch.__version__}, compile={args.compile}, "
           f"fullgraph={not args.no_fullgraph}, dtypes={args.dtypes}, batch={args.batch}", flush=True)
     rows = []

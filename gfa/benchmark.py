@@ -208,6 +208,31 @@ def time_calls(fn, warmup, runs, device, cudagraphs=False):
     return out
 
 
+def copy_bandwidth(device, mib=1024, runs=20):
+    """Device-copy bandwidth in GB/s (1e9 bytes): the median of `runs` copies of a mib-MiB buffer into
+    another, counting the bytes read and the bytes written. What a memory-bound kernel can reach; the
+    decode rows are measured against it (bench.py --mode decode)."""
+    n = mib * 2 ** 20
+    src, dst = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
+    ms = statistics.median(time_calls(lambda: dst.copy_(src), 3, runs, device))
+    del src, dst
+    return 2 * n / (ms / 1e3) / 1e9
+
+
+def decode_bytes_per_step(model, batch, cache_len, kv_bytes):
+    """Bytes one static-shape decode step must read at least: every weight but the token-embedding
+    table (a step gathers only `batch` rows of it; a tied table is read whole as the head), and the
+    whole KV cache of every virtual layer that runs (decode_step attends over all cache_len positions
+    through a mask)."""
+    size = lambda p: p.numel() * p.element_size()
+    weights = sum(size(p) for n, p in model.named_parameters() if n != "tok_emb.weight")
+    if model.config.tie_embeddings:
+        weights += size(model.tok_emb.weight)
+    kv = sum(2 * h * model.config.head_dim * cache_len * batch * r
+             for i, (h, r) in enumerate(zip(model.kv_heads, model.repeats)) if i not in model.passthrough)
+    return weights + kv * kv_bytes
+
+
 def stats(ms):
     q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
     return {"median_ms": statistics.median(ms), "iqr_ms": q[2] - q[0], "std_ms": statistics.pstdev(ms),

@@ -47,10 +47,16 @@ def test_decode_matches_generate(name, passthrough):
     assert torch.equal(got, want)
 
 
-def test_decode_and_train_modes_run(tmp_path):
+def test_decode_and_train_modes_run(tmp_path, capsys):
     rows = bench.main(["tiny/vanilla_8l", "--mode", "decode", "--device", "cpu", "--prompt_len", "8",
-                       "--new_tokens", "4", "--warmup", "0", "--runs", "2", "--out", str(tmp_path / "d.json")])
-    assert rows[0]["ms_per_token"] > 0 and "error" not in rows[0]
+                       "--new_tokens", "4", "--warmup", "0", "--runs", "2", "--batch", "1,3",
+                       "--out", str(tmp_path / "d.json")])
+    assert [r["batch"] for r in rows] == [1, 3] and all("error" not in r and r["ms_per_token"] > 0 for r in rows)
+    for r in rows:   # the share of the copy bandwidth is the bytes read per step over the step time
+        assert r["copy_gbps"] > 0 and r["pct_of_copy_bw"] == pytest.approx(100 * r["read_gbps"] / r["copy_gbps"])
+    assert "Device-copy bandwidth, this run:" in (tmp_path / "d.md").read_text()
+    assert "for --mode decode" in one_line_error(bench.main, ["tiny/vanilla_8l", "--mode", "train", "--batch", "1,2"],
+                                                 capsys)
     rows = bench.main(["tiny/vanilla_8l", "--mode", "train", "--device", "cpu", "--dtype", "float32",
                        "--batch", "1", "--seq", "16", "--warmup", "0", "--runs", "1", "--rounds", "1"])
     r = rows[0]

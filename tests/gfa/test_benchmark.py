@@ -78,3 +78,26 @@ def test_hf_twin_computes_our_model():
     with torch.no_grad():
         torch.testing.assert_close(twin.eval()(input_ids=x, use_cache=False).logits, model.eval()(x)[0],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_decode_bytes_per_step_by_hand():
+    """The bytes a static-shape decode step reads: every weight but the embedding table (tied: the table
+    once, as the head) plus K and V of the whole cache of every virtual layer that runs, counted by hand."""
+    m = tiny_model(n_layer=3, n_kv_head=2, repeats=[1, 2, 1])
+    c = m.config
+    blocks = sum(p.numel() for p in m.blocks.parameters())
+    weights = (blocks + c.d_model + c.vocab_size * c.d_model) * 4   # blocks, final norm, head (fp32)
+    kv = 2 * 2 * c.head_dim * 10 * 3 * (1 + 2 + 1) * 2                # K+V, kv heads, len 10, batch 3, 4 virtual, bf16
+    assert benchmark.decode_bytes_per_step(m, 3, 10, 2) == weights + kv
+    m.set_passthrough([1])                                             # a skipped layer's cache is not read
+    assert benchmark.decode_bytes_per_step(m, 3, 10, 2) == weights + kv // 4 * 2
+    tied = tiny_model(n_layer=3, tie_embeddings=True).to(torch.bfloat16)
+    t = tied.config
+    want = (sum(p.numel() for p in tied.blocks.parameters()) + t.d_model + t.vocab_size * t.d_model) * 2
+    heads = t.d_attn0 // t.head_dim                                  # no GQA, no taper in TINY
+    assert benchmark.decode_bytes_per_step(tied, 1, 1, 2) == want + 2 * heads * t.head_dim * 3 * 2
+
+
+def test_copy_bandwidth_is_positive_and_finite():
+    gbps = benchmark.copy_bandwidth(torch.device("cpu"), mib=4, runs=3)
+    assert 0 < gbps < 1e5
