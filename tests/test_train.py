@@ -521,3 +521,15 @@ def test_fused_ce_trains_as_the_plain_head(tmp_path, extra):
     mp, mf = rundir.load_gpt(out_p)[0].state_dict(), rundir.load_gpt(out_f)[0].state_dict()
     for k in mp:
         torch.testing.assert_close(mf[k], mp[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_fused_ce_on_a_gpu_compiled_bf16_deep_supervision(tmp_path):
+    """What CPUs cannot check: fused_ce=True compiled (one graph, deep supervision's exits included) under bf16
+    autocast on CUDA trains as the plain compiled head to bf16 rounding."""
+    gpu = ["--device=cuda", "--compile=True", "--dtype=bfloat16", "--max_iters=4", "--deep_supervision=True",
+           "--ds_scale=linear"]
+    plain, _ = run(tmp_path, "plain", *gpu)
+    fused, _ = run(tmp_path, "fused", *gpu, "--fused_ce=True", "--fused_ce_chunk=100")
+    for s, loss in plain["loss"].items():
+        assert fused["loss"][s] == pytest.approx(loss, abs=5e-3)
