@@ -73,8 +73,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             lse = logits.logsumexp(-1)
             tc = tc.clamp(min=0)[:, None]   # an ignored target points anywhere: its row is zeroed below
             loss = loss + torch.where(vc, lse - logits.gather(1, tc)[:, 0], 0.0).sum()
-            g = (logits - lse[:, None]).exp_().scatter_add_(1, tc, torch.full_like(tc, -1, dtype=logits.dtype))
-            g = (g * (vc[:, None] * scale)).to(dtype)
+            # in place: one fp32 [chunk, V] buffer becomes softmax - onehot, scaled (ignored rows zero)
+            g = logits.sub_(lse[:, None]).exp_().scatter_add_(1, tc, torch.full_like(tc, -1, dtype=logits.dtype))
+            g = g.mul_(vc[:, None] * scale).to(dtype)
             grad_x.append((g @ w).to(x.dtype))
             grad_w = grad_w + (g.t() @ xc).float()
         ctx.save_for_backward(torch.cat(grad_x), grad_w.to(weight.dtype))
@@ -470,7 +471,7 @@ class GPT(nn.Module):
         cross_entropy). Numbers equal the plain path's to rounding; forward with targets and gradients
         on then returns logits=None."""
         if not (isinstance(chunk, int) and chunk >= 0):
-            raise ConfigError(f"fused_ce_chunk={chunk!r}: must be an integer >= 1 (tokens per chunk; 0 = off)")
+            raise ConfigError(f"fused_ce_chunk={chunk!r}: must be an integer >= 0 (tokens per chunk; 0 = off)")
         self.fused_ce_chunk = chunk
 
     # ---- forward -------------------------------------------------------------------------
