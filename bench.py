@@ -10,6 +10,7 @@ Latency, throughput and TFLOP/s of the paper's models (Table 2), decode speed, t
     python bench.py --mode train vanilla_16l --batch 8      # optimizer steps, MFU, grad-norm dump overhead
     python bench.py --mode train vanilla_16l --hf           # ... and HF LlamaForCausalLM's step, same run
     python bench.py --mode train vanilla_16l --fsdp         # ... and the step under FSDP (train.py --parallel=fsdp)
+    python bench.py --mode train vanilla_16l --fused_ce     # ... and the step with train.py's fused_ce=True
     python bench.py tiny/vanilla_16l --device cpu --runs 5  # CPU, tiny configs (tests)
 
 Configs are variant names under config/ (vanilla_16l, cascade_a2: the paper's 1.2B scale),
@@ -195,6 +196,11 @@ def headlines(rows):
         elif r.get("speedup_vs_hf"):
             out.append(f"{r['model']} ({r['dtype']}): {r['median_ms']:.2f} ms, {r['tflops_with_attention']:.0f} "
                        f"TFLOP/s incl. attn; {r['speedup_vs_hf']:.2f}x faster than HF LlamaForCausalLM")
+        if "fused" in r and "dump" in r:
+            f, d = r["fused"], r["dump"]
+            mem = f", peak memory {d['max_memory_gb']:.1f} -> {f['max_memory_gb']:.1f} GB" if f["max_memory_gb"] else ""
+            out.append(f"{r['model']} train ({r['dtype']}): fused LM head + CE {f['ms_step']:.1f} ms/step vs "
+                       f"{d['ms_step']:.1f} ({f['overhead_pct']:+.1f} %){mem}")
         if r.get("note"):
             out.append(f"{r['model']} ({r['dtype']}): {r['note']}")
         if r["config"].endswith("cascade_a2") and r.get("latency_vs_ref_pct") is not None:
@@ -421,11 +427,12 @@ def decode_markdown(rows, ref):
 # ---- training ---------------------------------------------------------------------------------
 def train_steps(model, loss_of, ctx, args, device):
     """make(mode, fullgraph) -> step(variant): one full optimizer step (fwd+bwd, grad clip, fused
-    AdamW) in one of three variants; loss_of(compiled model) is the forward and loss. dump:
+    AdamW) in one of four variants; loss_of(compiled model) is the forward and loss. dump:
     train.py's own code path (gfa.training.GradStep: per-layer norms, recorded, the clip's total
     taken from them); nodump: one total-norm pass instead; dump_clip: the dump plus that separate
-    total-norm pass (what the dump would cost without the reuse). All clip through
-    gfa.training.scaled_step. A model without per-layer groups (HF Llama) has nodump only."""
+    total-norm pass (what the dump would cost without the reuse); fused: dump with train.py's
+    fused_ce=True (GPT.set_fused_ce; a second compiled graph, the switch being a static attribute).
+    All clip through gfa.training.scaled_step. A model without per-layer groups (HF Llama) has nodump only."""
     opt = adamw(model.parameters(), 2e-4, (0.9, 0.95), 0.1, fused=device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     grad_step = GradStep(model.param_groups_by_layer(), opt, args.grad_clip) if isinstance(model, GPT) else None
@@ -436,10 +443,12 @@ def train_steps(model, loss_of, ctx, args, device):
         m = compiled(model, mode, fullgraph)
 
         def step(variant="nodump"):
+            if grad_step:
+                model.set_fused_ce(args.fused_ce_chunk if variant == "fused" else 0)
             with ctx:
                 loss = loss_of(m)
             loss.backward()
-            if variant == "dump":
+            if variant in ("dump", "fused"):
                 dump.record(n_step[0], grad_step()[0])
             else:
                 if variant == "dump_clip":
@@ -456,16 +465,21 @@ def train_steps(model, loss_of, ctx, args, device):
 
 
 def time_train_variants(make, variants, label, args, device):
-    """Compile, then time the step variants interleaved in args.rounds rounds (drift hits all alike)."""
+    """Compile, then time the step variants interleaved in args.rounds rounds (drift hits all alike).
+    Returns (step, {variant: ms per step}, {variant: peak GB over its timed steps (CUDA) or None}, compile s, note)."""
     step, compile_s, note = first_call(make, args.compile, not args.no_fullgraph, label)
-    times = {v: [] for v in variants}
+    times, peak = {v: [] for v in variants}, {v: None for v in variants}
     per_round = max(1, args.runs // args.rounds)
     for v in variants:
         time_calls(lambda: step(v), args.warmup, 0, device, uses_cudagraphs(args.compile))
     for r in range(args.rounds):
         for v in variants:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             times[v] += time_calls(lambda: step(v), 0, per_round, device, uses_cudagraphs(args.compile))
-    return step, times, compile_s, note
+            if device.type == "cuda":
+                peak[v] = max(peak[v] or 0, torch.cuda.max_memory_allocated() / 1e9)
+    return step, times, peak, compile_s, note
 
 
 def step_stats(ms, tokens, flops_per_token, peak):
@@ -486,21 +500,21 @@ def train_row(item, dtype, args, device):
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(1, model.config.vocab_size, (B, T), generator=g).to(device)
     y = torch.randint(1, model.config.vocab_size, (B, T), generator=g).to(device)
-    peak = peak_flops(device, dtype)
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         make = train_steps(model, lambda m: m(x, y)[1], ctx, args, device)
-        variants = ["nodump", "dump", "dump_clip"]
-        step, times, row["compile_s"], row["note"] = time_train_variants(make, variants, f"{name} train ({dtype})",
-                                                                         args, device)
+        variants = ["nodump", "dump", "dump_clip"] + (["fused"] if args.fused_ce else [])
+        step, times, peak, row["compile_s"], row["note"] = time_train_variants(
+            make, variants, f"{name} train ({dtype})", args, device)
         if args.profile:
             profile(lambda: step("dump"), f"{name} train ({dtype})", device, args.out, n=2)
         del make, step   # the optimizer state goes before HF Llama's comes
         for v in variants:
-            row[v] = step_stats(times[v], B * T, row["flops_per_token_fwd"], peak)
-        base = row["nodump"]["ms_step"]
-        for v in variants[1:]:
+            row[v] = step_stats(times[v], B * T, row["flops_per_token_fwd"], peak_flops(device, dtype))
+            row[v]["max_memory_gb"] = peak[v]
+        for v in variants[1:]:   # the fused step against the same step unfused (dump), the others against nodump
+            base = row["dump" if v == "fused" else "nodump"]["ms_step"]
             row[v]["overhead_pct"] = 100 * (row[v]["ms_step"] / base - 1)
         if device.type == "cuda":
             row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -527,7 +541,7 @@ def fsdp_train_row(item, x, y, ctx, ours, args, device):
             torch.cuda.reset_peak_memory_stats()
         sharding.shard(model, d, ours["dtype"], compile=args.compile != "none")
         make = train_steps(model, lambda m: m(x, y)[1], ctx, args, device)
-        _, times, row["compile_s"], row["note"] = time_train_variants(
+        _, times, _, row["compile_s"], row["note"] = time_train_variants(
             lambda mode, fullgraph: make("none", fullgraph),   # compiled per block by shard()
             ["dump"], f"{ours['model']} FSDP train ({ours['dtype']})", args, device)
         row["dump"] = step_stats(times["dump"], ours["tokens"], ours["flops_per_token_fwd"],
@@ -558,7 +572,7 @@ def hf_train_row(model, x, y, ctx, ours, args, device):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             make = train_steps(hf, lambda m: cross_entropy(m(input_ids=x, use_cache=False).logits, y), ctx, args, device)
-            _, times, row["compile_s"], row["note"] = time_train_variants(
+            _, times, _, row["compile_s"], row["note"] = time_train_variants(
                 make, ["nodump"], f"HF Llama {ours['config']} train ({ours['dtype']})", args, device)
             row["nodump"] = step_stats(times["nodump"], ours["tokens"], ours["flops_per_token_fwd"],
                                        peak_flops(device, ours["dtype"]))
@@ -579,16 +593,16 @@ def hf_train_row(model, x, y, ctx, ours, args, device):
 def train_markdown(rows, ref):
     lines = ["| model | dtype | batch x seq | variant | ms/step | IQR ms | tok/s | MFU | overhead % | peak mem GB |",
              "|" + "---|" * 10]
-    for r in rows:   # overhead: vs the model's nodump step; an FSDP row's dump step vs our (DDP-path) dump step
+    for r in rows:   # overhead: vs the model's nodump step; fused and an FSDP row's dump step vs our (DDP-path) dump step
         if not any(v in r for v in ("nodump", "dump")):
             lines.append(f"| {r['model']} | {r['dtype']} | | {r.get('error', 'not run')} | | | | | | |")
             continue
-        for v in ("nodump", "dump", "dump_clip"):
+        for v in ("nodump", "dump", "dump_clip", "fused"):
             if v in r:
                 s = r[v]
                 lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} x {r['seq']} | {v} | {s['ms_step']:.1f} | "
                              f"{s['iqr_ms']:.1f} | {s['tok_s']:,.0f} | {fmt(s['mfu_pct'], '.1f') + (' %' if s['mfu_pct'] is not None else '')} | "
-                             f"{fmt(s.get('overhead_pct'), '+.2f')} | {fmt(r.get('max_memory_gb'), '.1f')} |")
+                             f"{fmt(s.get('overhead_pct'), '+.2f')} | {fmt(s.get('max_memory_gb') or r.get('max_memory_gb'), '.1f')} |")
     return "\n".join(lines)
 
 
@@ -629,6 +643,10 @@ def parse(argv):
                    "the forward; train: the same training step)")
     p.add_argument("--fsdp", action="store_true", help="train: also time the step under train.py's parallel=fsdp "
                    "(one process, compiled per block); its overhead is against our dump step")
+    p.add_argument("--fused_ce", action="store_true", help="train: also time train.py's step with fused_ce=True "
+                   "(the LM head and cross-entropy fused and chunked), interleaved; its overhead is against dump")
+    p.add_argument("--fused_ce_chunk", type=int, default=8192, help="train --fused_ce: tokens per chunk "
+                   "(train.py's fused_ce_chunk)")
     p.add_argument("--device", default="", help="default cuda when available, else cpu")
     p.add_argument("--out", default=None, help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--cache_dir", default=None, help="inductor + triton on-disk cache (default: torch's)")
@@ -650,8 +668,8 @@ def parse(argv):
     if bad:
         raise UserError(f"--dtype {bad[0]}: use float32, tf32 or bfloat16 (comma-separated)")
     a.dtypes = list(dict.fromkeys(DTYPES[d] for d in a.dtype.split(",")))
-    if min(a.batch, a.seq, a.runs, a.rounds, a.prompt_len) < 1 or a.warmup < 0:
-        raise UserError("--batch, --seq, --runs, --rounds, --prompt_len must be >= 1 and --warmup >= 0")
+    if min(a.batch, a.seq, a.runs, a.rounds, a.prompt_len, a.fused_ce_chunk) < 1 or a.warmup < 0:
+        raise UserError("--batch, --seq, --runs, --rounds, --prompt_len, --fused_ce_chunk must be >= 1 and --warmup >= 0")
     a.exit_layers, a.draft_lens = parse_ints(a.exit_layer, "--exit_layer"), parse_ints(a.draft_len, "--draft_len")
     if a.exit_layers and (a.mode != "decode" or a.batches != [1] or not a.draft_lens):
         raise UserError("--exit_layer (self-speculative decoding) needs --mode decode, --batch 1 and a --draft_len")

@@ -45,6 +45,48 @@ def cross_entropy(logits, targets, **kw):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), **kw)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """CE of the logits x @ weight.T against targets (ignore_index -1), mean or sum, without ever holding
+    the [N, V] logits: forward walks `chunk` tokens at a time and computes each chunk's loss and both
+    gradients at once, g = (softmax - onehot) * scale, grad_x = g @ W, grad_W += g.T @ x (fp32), so the
+    chunk's logits die with it; backward only scales the stored gradients by grad_output.
+
+    Why: the plain head keeps N x V logits and their fp32 softmax for backward (GBs at 50k vocabulary),
+    and deep supervision's exits, which cannot keep them all, recompute them in backward (checkpoint:
+    4 head matmuls per exit instead of 3). Here each call keeps grad_x [N, C] and an fp32 grad_W [V, C]
+    instead, and runs the three matmuls once. Matmuls run in the autocast dtype (as the plain head
+    under autocast), the softmax in fp32. x: [N, C], weight: [V, C], targets: [N] (long)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk, reduction="mean"):
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        w = weight.to(dtype)
+        valid = targets != -1
+        scale = 1.0 / valid.sum() if reduction == "mean" else torch.ones((), device=x.device)   # no host sync
+        loss = torch.zeros((), device=x.device)
+        grad_w = torch.zeros(weight.shape, device=x.device)   # fp32: the chunks' sum
+        grad_x = []
+        for xc, tc, vc in zip(x.split(chunk), targets.split(chunk), valid.split(chunk)):
+            xc = xc.to(dtype)
+            logits = (xc @ w.t()).float()
+            lse = logits.logsumexp(-1)
+            tc = tc.clamp(min=0)[:, None]   # an ignored target points anywhere: its row is zeroed below
+            loss = loss + torch.where(vc, lse - logits.gather(1, tc)[:, 0], 0.0).sum()
+            # in place: one fp32 [chunk, V] buffer becomes softmax - onehot, scaled (ignored rows zero)
+            g = logits.sub_(lse[:, None]).exp_().scatter_add_(1, tc, torch.full_like(tc, -1, dtype=logits.dtype))
+            g = g.mul_(vc[:, None] * scale).to(dtype)
+            grad_x.append((g @ w).to(x.dtype))
+            grad_w = grad_w + (g.t() @ xc).float()
+        ctx.save_for_backward(torch.cat(grad_x), grad_w.to(weight.dtype))
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+
+
 class ConfigError(ValueError):
     """A user mistake in a model config; scripts print it as one line, without a traceback."""
 
@@ -390,6 +432,7 @@ class GPT(nn.Module):
         self.config = cfg
         self.heads, self.ffns, self.repeats = cfg.layer_heads(), cfg.layer_ffn(), cfg.layer_repeats()
         self.kv_heads = cfg.layer_kv_heads()
+        self.fused_ce_chunk = 0   # set_fused_ce(): a run-time switch, not architecture (not in the config)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, h, f, l) for l, (h, f) in enumerate(zip(self.heads, self.ffns)))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -423,6 +466,14 @@ class GPT(nn.Module):
         """Skip exactly `layers` (identity) from now on; GPTConfig checks the indices."""
         self.config = replace(self.config, passthrough=sorted(int(i) for i in layers))
 
+    def set_fused_ce(self, chunk):
+        """Training losses through LinearCrossEntropy, `chunk` tokens at a time (0: the plain head and
+        cross_entropy). Numbers equal the plain path's to rounding; forward with targets and gradients
+        on then returns logits=None."""
+        if not (isinstance(chunk, int) and chunk >= 0):
+            raise ConfigError(f"fused_ce_chunk={chunk!r}: must be an integer >= 0 (tokens per chunk; 0 = off)")
+        self.fused_ce_chunk = chunk
+
     # ---- forward -------------------------------------------------------------------------
     def head(self, x):
         """Logits of residual-stream states: the final norm and the LM head (an exit, after any block)."""
@@ -430,6 +481,11 @@ class GPT(nn.Module):
 
     def _head_loss(self, x, targets):
         return cross_entropy(self.head(x), targets, ignore_index=-1)
+
+    def _fused_head_loss(self, x, targets):
+        h = self.norm_f(x)   # the norm stays outside: autograd takes LinearCrossEntropy's grad_x through it
+        return LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                        self.fused_ce_chunk)
 
     def _rope(self, T, pos):
         """(cos, sin, pos) for T tokens from position pos: an int, or a 0-d long tensor (static shapes),
@@ -460,22 +516,29 @@ class GPT(nn.Module):
         """Returns (logits, loss). loss is the final exit's cross-entropy, plus, in train mode
         with deep supervision, sum_k alpha_k * CE(exit after block k) (the training objective).
         With kv_cache, idx continues a sequence at position pos: an int, or a 0-d long tensor for
-        static shapes (decode_step)."""
+        static shapes (decode_step). After set_fused_ce(chunk), a forward with targets and gradients
+        on computes every loss through LinearCrossEntropy and returns logits=None."""
         cos, sin, pos = self._rope(idx.size(1), pos)
         run = [i for i in range(self.config.n_layer) if i not in self.passthrough]
         deep = self.config.deep_supervision and self.training and targets is not None and bool(run)
         weights = self.config.exit_weights(run) if deep else None
+        fused = bool(self.fused_ce_chunk) and targets is not None and torch.is_grad_enabled()
         aux = []
 
         def exit_loss(i, x):
             if i != run[-1]:   # the last exit is the final loss, weighted below
-                # recompute logits in backward: peak memory holds one layer's logits, not N
-                aux.append(weights[run.index(i)] * checkpoint(self._head_loss, x, targets, use_reentrant=False))
+                # plain: recompute logits in backward, so peak memory holds one layer's logits, not N
+                ce = self._fused_head_loss(x, targets) if fused else checkpoint(self._head_loss, x, targets,
+                                                                                 use_reentrant=False)
+                aux.append(weights[run.index(i)] * ce)
         x = self.run_blocks(self.tok_emb(idx), cos, sin, kv_cache, pos, on_exit=exit_loss if deep else None)
         if targets is None:
             return self.head(x[:, -1:] if last_only else x), None
-        logits = self.head(x)
-        loss = cross_entropy(logits, targets, ignore_index=-1)
+        if fused:
+            logits, loss = None, self._fused_head_loss(x, targets)
+        else:
+            logits = self.head(x)
+            loss = cross_entropy(logits, targets, ignore_index=-1)
         if deep:   # the final output's weight ('paper': 1 + alpha_last, the last block's exit being the same CE)
             loss = loss * weights[-1]
         return logits, (loss + sum(aux[1:], aux[0]) if aux else loss)

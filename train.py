@@ -88,6 +88,8 @@ device = ""                    # '' = cuda if available, else cpu
 compile = None                 # None = on for cuda, off for cpu
 parallel = "ddp"               # with torchrun: 'ddp' (whole model on every rank) or 'fsdp' (sharded, FSDP2)
 activation_checkpointing = False  # recompute each block's activations in backward (less memory, ~1/3 more compute)
+fused_ce = False               # LM head + cross-entropy fused and chunked (model.LinearCrossEntropy): no logits kept
+fused_ce_chunk = 8192          # fused_ce: tokens per chunk (each chunk's fp32 logits live only inside it)
 eval_interval = 1000           # steps between held-out evaluations (and checkpoints)
 eval_iters = 20                # batches of the fixed held-out set
 eval_batch_size = 8            # fixed, so val losses compare across batch sizes and world sizes
@@ -102,7 +104,7 @@ _DEFAULTS = {k: v for k, v in globals().items() if k not in _before and not k.st
 _FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "allow_changes", "device", "compile", "eval_interval",
                    "eval_iters", "eval_batch_size", "log_interval", "always_save_checkpoint", "stop_iter",
                    "gradient_accumulation_steps", "wandb_log", "wandb_project", "wandb_run_name",
-                   "parallel", "activation_checkpointing",
+                   "parallel", "activation_checkpointing", "fused_ce", "fused_ce_chunk",
                    "equalize_reference", "equalize_pilot_iters"}   # a resume reuses the recorded clip factor
 
 
@@ -125,6 +127,8 @@ def check_settings(cfg, world):
     if cfg["equalize"] and not cfg["equalize_clip_factor"] and not cfg["grad_clip"]:
         raise UserError("equalize=True derives a clip factor, but grad_clip=0 (no clipping): give grad_clip > 0, "
                         "or equalize_clip_factor=1")
+    if cfg["fused_ce_chunk"] < 1:
+        raise UserError(f"fused_ce_chunk={cfg['fused_ce_chunk']}: must be >= 1 (tokens per chunk of the fused loss)")
     check_optimizer_settings(cfg)
     use_compile(cfg["compile"], "cpu")   # checks the value
     return B // (world * accum)
@@ -210,6 +214,7 @@ def build(cfg, model_cfg, d, ckpt):
     model = GPT(model_cfg)
     if ckpt is not None and "model" in ckpt:
         model.load_state_dict(ckpt["model"])
+    model.set_fused_ce(cfg["fused_ce_chunk"] if cfg["fused_ce"] else 0)
     if cfg["activation_checkpointing"]:
         sharding.checkpoint_blocks(model)
     if d.sharded:
@@ -264,8 +269,9 @@ def main(argv):
     compiled = use_compile(cfg["compile"], d.device_type)
     model = raw_model
     if compiled and not d.sharded:   # (FSDP compiled each block in build)
-        # fullgraph: the forward is one graph (layer loops unroll); a graph break would be a bug
-        model = torch.compile(model, fullgraph=not model_cfg.deep_supervision)
+        # fullgraph: the forward is one graph (layer loops unroll); a graph break would be a bug. The plain
+        # path's checkpointed deep-supervision exits are not traced as one graph; the fused loss's are
+        model = torch.compile(model, fullgraph=not model_cfg.deep_supervision or cfg["fused_ce"])
     eval_model = model
     if d.ddp and not d.sharded:
         model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None,
@@ -277,6 +283,7 @@ def main(argv):
         f"{raw_model.flops_per_token(T) / 1e6:,.1f} MFLOP/token forward; data {data}: {len(train_data):,} train tokens")
     log(f"device {d.device} x {d.world}, {'fsdp' if d.sharded else 'ddp' if d.ddp else 'one process'}, dtype "
         f"{cfg['dtype']}, compile {compiled}" + (", activation checkpointing" if cfg["activation_checkpointing"] else "")
+        + (f", fused LM head + CE ({cfg['fused_ce_chunk']} tokens a chunk)" if cfg["fused_ce"] else "")
         + f"; global batch {B} x {T} tokens"
         f" = {micro} per micro-step x {cfg['gradient_accumulation_steps']} accumulation x {d.world} ranks"
         + (f"; resuming at step {iter_num}" if iter_num else ""))

@@ -61,7 +61,7 @@ def test_decode_and_train_modes_run(tmp_path, capsys):
                        "--batch", "1", "--seq", "16", "--warmup", "0", "--runs", "1", "--rounds", "1"])
     r = rows[0]
     assert "error" not in r, r
-    assert r["nodump"]["ms_step"] > 0 and "overhead_pct" in r["dump"]
+    assert r["nodump"]["ms_step"] > 0 and "overhead_pct" in r["dump"] and "fused" not in r   # --fused_ce: opt-in
 
 
 def test_self_speculative_rows(tmp_path, byte_data, capsys):
@@ -144,3 +144,18 @@ def test_train_mode_times_the_fsdp_step():
     assert fsdp["impl"] == "ours-fsdp" and "error" not in fsdp, fsdp
     assert fsdp["dump"]["overhead_pct"] == pytest.approx(100 * (fsdp["dump"]["ms_step"] / ours["dump"]["ms_step"] - 1))
     assert not torch.distributed.is_initialized()   # its group of one is gone
+
+
+def test_train_mode_times_the_fused_ce_step_beside_the_others(monkeypatch):
+    """--fused_ce: a fourth variant, train.py's step with fused_ce=True, interleaved with the others: the fused loss
+    runs on its steps and on no other, its overhead is against the unfused dump step."""
+    import model
+    calls = []
+    plain_apply = model.LinearCrossEntropy.apply
+    monkeypatch.setattr(model.LinearCrossEntropy, "apply", lambda *a: calls.append(a[3]) or plain_apply(*a))
+    rows = bench.main(["tiny/vanilla_8l", "--mode", "train", "--device", "cpu", "--dtype", "float32", "--fused_ce",
+                       "--fused_ce_chunk", "5", "--batch", "1", "--seq", "16", "--warmup", "0", "--runs", "2",
+                       "--rounds", "1"])
+    r = rows[0]
+    assert calls == [5, 5] and r["fused"]["n"] == r["dump"]["n"] == 2   # one loss per fused step, chunks of 5
+    assert r["fused"]["overhead_pct"] == pytest.approx(100 * (r["fused"]["ms_step"] / r["dump"]["ms_step"] - 1))

@@ -586,3 +586,113 @@ def test_self_speculative_refuses_what_it_cannot_do():
         m.generate_self_speculative(torch.zeros(1, 3, dtype=torch.long), 4, 5, 2)
     with pytest.raises(ValueError, match="exceeds block_size"):
         m.generate_self_speculative(torch.zeros(1, 20, dtype=torch.long), 10, 2, 4)
+
+
+# ---- the fused, chunked LM head + cross-entropy (set_fused_ce) ---------------------------------------
+@pytest.mark.parametrize("chunk", [1, 7, 37, 100])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_equals_the_head_and_cross_entropy(chunk, reduction):
+    """Second implementation: F.cross_entropy of the whole logits matrix; chunks that do not divide N,
+    one token per chunk, one chunk; ignored targets (-1) count for nothing, in the loss nor in its mean."""
+    from model import LinearCrossEntropy
+    torch.manual_seed(0)
+    x, w = torch.randn(37, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (37,))
+    y[[0, 9, 36]] = -1
+    got = LinearCrossEntropy.apply(x, w, y, chunk, reduction)
+    want = F.cross_entropy(x @ w.t(), y, ignore_index=-1, reduction=reduction)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for a, b in zip(torch.autograd.grad(2.5 * got, [x, w]), torch.autograd.grad(2.5 * want, [x, w])):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()   # fp32 rounding, relative to the gradient's scale
+    assert (torch.autograd.grad(LinearCrossEntropy.apply(x, w, y, chunk, reduction), x)[0][[0, 9, 36]] == 0).all()
+
+
+FUSED_CASES = [dict(), dict(tie_embeddings=True), dict(passthrough=[1]),
+               dict(deep_supervision=True, ds_alpha=[0.5, 0.25, 2.0, 1.0], repeats=[1, 2, 1, 1]),
+               dict(deep_supervision=True, passthrough=[3], tie_embeddings=True),
+               dict(deep_supervision=True, ds_scale="sum", ds_e_scale=0.5),
+               dict(deep_supervision=True, ds_scale="inv_sqrt")]
+
+
+def fused_and_plain(m, x, y, ctx=None):
+    """(loss, {name: grad}) of the plain and of the fused path, from the same weights."""
+    out = []
+    for chunk in (0, 5):
+        m.zero_grad(set_to_none=True)
+        m.set_fused_ce(chunk)
+        with ctx or torch.autocast("cpu", enabled=False):
+            logits, loss = m(x, y)
+        assert (logits is None) == bool(chunk)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    m.set_fused_ce(0)
+    return out
+
+
+@pytest.mark.parametrize("kw", FUSED_CASES)
+def test_fused_ce_model_equals_the_plain_head(kw):
+    """fp32: the loss and every parameter's gradient equal the plain path's (checkpointed exits, logits
+    and cross_entropy) to rounding: tied and untied heads, passthrough, every deep-supervision weighting;
+    18 tokens in chunks of 5, some targets ignored. bf16 autocast: the same to bf16's rounding."""
+    torch.manual_seed(1)
+    m = GPT(tiny(**kw)).train()
+    x, y = torch.randint(0, 61, (2, 9)), torch.randint(0, 61, (2, 9))
+    y[0, :3] = -1
+    (plain, gp), (fused, gf) = fused_and_plain(m, x, y)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=0)
+    assert gf.keys() == gp.keys()   # the same parameters get gradients (a passthrough layer's none)
+    for n in gp:
+        assert (gf[n] - gp[n]).abs().max() <= 1e-6 * gp[n].abs().max(), n
+    (plain, gp), (fused, gf) = fused_and_plain(m, x, y, torch.autocast("cpu", dtype=torch.bfloat16))
+    torch.testing.assert_close(fused, plain, rtol=1e-2, atol=0)
+    for n in gp:
+        scale = gp[n].abs().max()
+        assert (gf[n] - gp[n]).abs().max() <= 0.05 * scale, n
+    with torch.no_grad():   # without gradients (evaluation) the fused switch changes nothing: logits come back
+        m.set_fused_ce(5)
+        logits, loss = m.eval()(x, y)
+        torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 61), y.view(-1), ignore_index=-1))
+
+
+def test_fused_ce_compiles_as_one_graph():
+    """torch.compile(fullgraph=True) traces the fused loss, deep supervision's exits included (which the
+    plain path's checkpoint keeps out of one graph), through AOTAutograd as inductor would: the compiled
+    loss and gradients are the eager ones exactly (aot_eager runs the same kernels)."""
+    torch.manual_seed(0)
+    m = GPT(tiny(n_layer=2, deep_supervision=True, tie_embeddings=True)).train()
+    m.set_fused_ce(5)
+    x, y = torch.randint(0, 61, (2, 9)), torch.randint(0, 61, (2, 9))
+    y[0, :2] = -1
+    runs = []
+    for model in (m, torch.compile(m, fullgraph=True, backend="aot_eager")):
+        m.zero_grad(set_to_none=True)
+        loss = model(x, y)[1]
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad.clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.gpu
+def test_fused_ce_compiled_bf16_on_a_gpu_equals_the_plain_head():
+    """What CPUs cannot check: inductor's kernels on CUDA, bf16 autocast, a 50k vocabulary in 3 uneven chunks,
+    deep supervision (LayerSkip weights): loss and gradients close to the plain compiled path, and less memory."""
+    torch.manual_seed(0)
+    cfg = tiny(n_layer=4, vocab_size=50257, d_model=256, d_attn0=256, head_dim=32, S_d=32, d_ffn0=512,
+               block_size=1024, deep_supervision=True, ds_scale="linear")
+    m = GPT(cfg).cuda().train()
+    x, y = torch.randint(0, cfg.vocab_size, (4, 1024), device="cuda"), torch.randint(0, cfg.vocab_size, (4, 1024), device="cuda")
+    out = []
+    for chunk in (0, 1500):
+        m.zero_grad(set_to_none=True)
+        m.set_fused_ce(chunk)
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.compile(m, fullgraph=bool(chunk))(x, y)[1]
+        loss.backward()
+        out.append((loss.item(), {n: p.grad.clone() for n, p in m.named_parameters()}, torch.cuda.max_memory_allocated()))
+        torch._dynamo.reset()
+    (plain, gp, mem_plain), (fused, gf, mem_fused) = out
+    assert fused == pytest.approx(plain, rel=1e-2)
+    for n in gp:
+        assert (gf[n] - gp[n]).abs().max() <= 0.05 * gp[n].abs().max(), n
+    assert mem_fused < mem_plain

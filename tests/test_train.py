@@ -318,7 +318,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "n_head has 1 entries but n_layer=3" in fails("--n_head=[4]", f"--out_dir={tmp_path / 'x'}")   # ConfigError
     for bad, words in [("--learning_rate=-1e-3", "learning_rate=-0.001: must be >= 0"),
                        ("--beta1=1.0", "beta1=1.0: must be in [0, 1)"), ("--seed=-1", "seed=-1: must be >= 0"),
-                       ("--dtype=fp16", "dtype='fp16'"), ("--device=cuda:0", "no CUDA GPU is visible")]:
+                       ("--dtype=fp16", "dtype='fp16'"), ("--device=cuda:0", "no CUDA GPU is visible"),
+                       ("--fused_ce_chunk=0", "fused_ce_chunk=0: must be >= 1")]:
         if "cuda" in bad and torch.cuda.is_available():
             continue
         assert words in fails(bad, f"--out_dir={tmp_path / 'x'}")
@@ -500,3 +501,35 @@ def test_init_from_bad_input(tmp_path, capsys):
         f.write(mc.replace('"d_ffn0": 64', '"d_ffn0": 48'))
     assert "does not hold the model" in err(f"--init_from={src}/ckpt.pt", f"--out_dir={out}")
     assert not out.exists()   # nothing written
+
+
+@pytest.mark.parametrize("extra", [[], ["--deep_supervision=True", "--ds_scale=linear", "--tie_embeddings=True",
+                                        "--parallel=fsdp"]])
+def test_fused_ce_trains_as_the_plain_head(tmp_path, extra):
+    """fused_ce=True (the LM head and cross-entropy fused, 256 tokens a micro-step in chunks of 100) trains as
+    the plain head to fp32 rounding: the losses, the dumped per-layer gradient norms and the weights after 3
+    steps; with deep supervision, a tied head and FSDP's sharded root (a process group of one) too."""
+    common = ["--max_iters=3", "--eval_interval=3", *extra]
+    plain, out_p = run(tmp_path, "plain", *common)
+    fused, out_f = run(tmp_path, "fused", *common, "--fused_ce=True", "--fused_ce_chunk=100")
+    assert "fused LM head + CE (100 tokens a chunk)" in open(os.path.join(out_f, "log.txt")).read()
+    for s in plain["loss"]:
+        assert fused["loss"][s] == pytest.approx(plain["loss"][s], rel=1e-6)
+    assert fused["val"] == pytest.approx(plain["val"], rel=1e-6)
+    dp, df = load_grad_dump(out_p), load_grad_dump(out_f)
+    np.testing.assert_allclose(df["norms"], dp["norms"], rtol=1e-5)
+    mp, mf = rundir.load_gpt(out_p)[0].state_dict(), rundir.load_gpt(out_f)[0].state_dict()
+    for k in mp:
+        torch.testing.assert_close(mf[k], mp[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_fused_ce_on_a_gpu_compiled_bf16_deep_supervision(tmp_path):
+    """What CPUs cannot check: fused_ce=True compiled (one graph, deep supervision's exits included) under bf16
+    autocast on CUDA trains as the plain compiled head to bf16 rounding."""
+    gpu = ["--device=cuda", "--compile=True", "--dtype=bfloat16", "--max_iters=4", "--deep_supervision=True",
+           "--ds_scale=linear"]
+    plain, _ = run(tmp_path, "plain", *gpu)
+    fused, _ = run(tmp_path, "fused", *gpu, "--fused_ce=True", "--fused_ce_chunk=100")
+    for s, loss in plain["loss"].items():
+        assert fused["loss"][s] == pytest.approx(loss, abs=5e-3)
