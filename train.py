@@ -477,9 +477,11 @@ class Loop:
         peak = peak_flops(d.device, cfg["dtype"])
         mfu = f"{100 * 3 * self.raw_model.flops_per_token() * tok_s / (peak * d.world):.1f}%" if peak else "n/a"
         lr = self.optimizer.param_groups[0]["lr"]
+        # rank 0's peak since the start (CUDA only): what the multi-GPU scaling table reports
+        mem = f" | peak mem {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB" if d.device_type == "cuda" else ""
         self.history["loss"][it] = lossf
         self.log(f"step {it} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {gnorm:.4f} | {dt * 1000:.1f} ms/step"
-                 f" | {tok_s:,.0f} tok/s | MFU {mfu}")
+                 f" | {tok_s:,.0f} tok/s | MFU {mfu}{mem}")
         self.dump.flush()
         if self.wandb:
             self.wandb.log({"step": it, "train/loss": lossf, "lr": lr, "grad_norm": gnorm, "tok_s": tok_s})
