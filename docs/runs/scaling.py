@@ -24,8 +24,8 @@ A run whose command and result are already recorded in <out> (<name>.json, after
 exited 0) is reused, so a study longer than one sitting is done in parts and the last call builds
 the whole table. Checkpoints (15 GB a run at 1.2B) are deleted once read, unless --keep_checkpoints.
 Writes <out>/scaling.md and <out>/scaling.json (device, torch version, date, every command); exits
-1 when a run failed or a check did not pass. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0
-unless set).
+1 when a run failed or a check did not pass. NVLink multicast is off in every run (NCCL_NVLS_ENABLE=0,
+as the issue asks; on a shared host it can take the GPUs out of service).
 """
 import datetime
 import json
@@ -45,7 +45,7 @@ from gfa import rundir  # noqa: E402
 from gfa.cli import ArgumentParser, UserError, cli  # noqa: E402
 
 MODES = ("ddp", "fsdp")
-# kept set in every child: NVLink multicast can take a shared host's GPUs out of service
+# set in every run: NVLink multicast can take a shared host's GPUs out of service
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 STEP = re.compile(r"^step (\d+) \| loss (\S+) \| .*? \| ([\d.]+) ms/step \| ([\d,]+) tok/s \| MFU (\S+)"
                   r"(?: \| peak mem ([\d.]+) GiB)?")
@@ -54,8 +54,8 @@ RESUMED = re.compile(r"^resumed at step (\d+)")
 
 
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], prog="docs/runs/scaling.py")
-    p.add_argument("--data_dir", default="", help="the dataset folder (train.bin, val.bin) every run trains on")
+    p = ArgumentParser(description=__doc__, prog="docs/runs/scaling.py")
+    p.add_argument("--data_dir", default=None, help="the dataset folder (train.bin, val.bin) every run trains on")
     p.add_argument("--configs", default="config/cascade_a2.py", help="train.py's config files, comma-separated")
     p.add_argument("--modes", default="ddp,fsdp", help="train.py --parallel values to run, comma-separated")
     p.add_argument("--nproc", default="", help="numbers of GPUs, e.g. 1,2,4,8 (default: 1 and the powers of 2 up "
@@ -140,7 +140,7 @@ def train_command(args, mode, n, run, *extra):
 
 def launch(cmd, output):
     """Run cmd from the repository root, its stdout and stderr into the file output; the exit status."""
-    env = {**os.environ, **{k: os.environ.get(k, v) for k, v in NO_MULTICAST.items()}}
+    env = {**os.environ, **NO_MULTICAST}
     with open(output, "w") as f:
         return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
 
@@ -339,7 +339,7 @@ def markdown(report):
     lines = [f"# Scaling: {', '.join(r0['configs'])}, {r0['dtype']}, global batch {r0['batch_size']} sequences", "",
              f"{r0['device']}, torch {r0['torch']}, {r0['date']}. {r0['model']}", "",
              f"`{r0['command']}`", "",
-             f"Timed: steps {r0['skip']}..{r0['steps'] - 1} of {r0['steps']} (compile and warm-up left out). Scaling "
+             f"Timed: the steps after step {r0['skip']} of {r0['steps']} (compile and warm-up left out). Scaling "
              f"efficiency: tokens/s per GPU over that of 1 GPU in the same mode. Checks: step-0 loss within "
              f"{r0['loss_atol']} and every layer's step-0 gradient norm within {r0['norm_rtol']:.0%} of the reference "
              f"run (the 1-GPU run of the mode; FSDP's 1-GPU run against DDP's).", "",
