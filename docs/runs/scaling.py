@@ -186,8 +186,9 @@ def read_log(run):
         for line in f:
             if m := STEP.match(line):
                 mfu = None if m[5] == "n/a" else float(m[5].rstrip("%")) / 100
-                out["steps"][int(m[1])] = {"loss": float(m[2]), "ms": float(m[3]), "tok_s": float(m[4].replace(",", "")),
-                                           "mfu": mfu, "mem": None if m[6] is None else float(m[6])}
+                out["steps"][int(m[1])] = {"loss": float(m[2]), "ms": float(m[3]),
+                                           "tok_s": float(m[4].replace(",", "")), "mfu": mfu,
+                                           "mem": None if m[6] is None else float(m[6])}
             elif m := VAL.match(line):
                 out["val"][int(m[1])] = float(m[2])
             elif m := RESUMED.match(line):
@@ -268,10 +269,10 @@ def check_rows(args, rows):
     same mode (FSDP's 1-GPU run against DDP's)."""
     done = {(r["mode"], r["n"]): r for r in rows if r["error"] is None}
     for r in rows:
-        one = done.get((r["mode"], 1))
-        ref = one if r["n"] > 1 else done.get(("ddp", 1)) if r["mode"] == "fsdp" else None
         if r["error"] is not None:
             continue
+        one = done.get((r["mode"], 1))
+        ref = one if r["n"] > 1 else done.get(("ddp", 1)) if r["mode"] == "fsdp" else None   # ddp_n1: the reference
         r["efficiency"] = r["tok_s_per_gpu"] / one["tok_s_per_gpu"] if one else None
         if ref is not None:
             r["reference"] = ref["run"]
@@ -310,14 +311,12 @@ def resume_checks(args, rows):
 def header(args):
     on_cpu = "--device=cpu" in args.train_args or not torch.cuda.is_available()
     device = "CPU (gloo)" if on_cpu else f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    model = ""
-    for r in args.modes:   # the model line of any finished run's log
-        log = rundir.file(os.path.join(args.out, f"{r}_n1"), rundir.LOG)
-        if not model and os.path.isfile(log):
-            model = next((line.strip() for line in open(log) if line.startswith("model: ")), "")
+    logs = [rundir.file(os.path.join(args.out, f"{mode}_n1"), rundir.LOG) for mode in args.modes]
+    model = next((line.strip() for log in logs if os.path.isfile(log) for line in open(log)
+                  if line.startswith("model: ")), "")   # params and FLOPs, as train.py logged them
     return {"device": device, "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": shlex.join(["python", "docs/runs/scaling.py", *sys.argv[1:]]), "configs": args.configs, "model": model,
-            "batch_size": args.batch_size, "dtype": args.dtype, "steps": args.steps, "skip": args.skip,
+            "command": shlex.join(["python", "docs/runs/scaling.py", *sys.argv[1:]]), "configs": args.configs,
+            "model": model, "batch_size": args.batch_size, "dtype": args.dtype, "steps": args.steps, "skip": args.skip,
             "loss_atol": args.loss_atol, "norm_rtol": args.norm_rtol}
 
 

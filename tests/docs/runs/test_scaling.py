@@ -40,7 +40,8 @@ def data(tmp_path):
 def forked_launch(cmd, output):
     """scaling.launch's stand-in: the torchrun command's train.py argv, run by n ranks forked from this
     process (a gloo group, the environment torchrun gives); 0 when every rank exits cleanly."""
-    import torch._dynamo, torch.distributed.checkpoint, torch.distributed.fsdp  # noqa: F401, E401 (here, not in each rank)
+    # what DDP, FSDP and DCP import on first use: once here, not in every rank
+    import torch._dynamo, torch.distributed.checkpoint, torch.distributed.fsdp  # noqa: F401, E401
     n = int(next(a for a in cmd if a.startswith("--nproc_per_node=")).split("=")[1])
     argv = cmd[cmd.index("train.py") + 1:]
     port = 29500 + os.getpid() % 1000 + len(os.listdir(os.path.dirname(output)))   # a fresh one each launch
@@ -173,8 +174,10 @@ def test_the_checks_fail_on_planted_differences(tmp_path):
 
 def test_bad_input_is_one_line(tmp_path, data, capsys):
     base = [f"--data_dir={data}", f"--out={tmp_path / 'o'}", "--train_args=--device=cpu"]
-    for extra, words in [(["--nproc=1,3"], "does not split into 3 GPUs"), (["--nproc=1", "--modes=zero"], "--modes=zero: use"),
-                         (["--nproc=1,x"], "give numbers of GPUs"), (["--nproc=1", "--steps=5"], "need 1 <= skip < steps"),
+    for extra, words in [(["--nproc=1,3"], "does not split into 3 GPUs"),
+                         (["--nproc=1", "--modes=zero"], "--modes=zero: use"),
+                         (["--nproc=1,x"], "give numbers of GPUs"),
+                         (["--nproc=1", "--steps=5"], "need 1 <= skip < steps"),
                          (["--nproc=1", "--resume_at=40"], "--resume_at=40: must be"),
                          (["--nproc=2", "--data_dir="], "give a dataset folder")]:
         assert words in one_line_error(scaling.main, base + extra, capsys)
