@@ -341,6 +341,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
 
 # ---- parallel=fsdp (gfa/sharding.py) --------------------------------------------------------------
 def _rank(rank, argv, port):
+    torch.set_num_threads(1)   # first: torch's thread pool, inherited through fork, can abort the child otherwise
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     train.main(argv)
