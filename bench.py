@@ -106,9 +106,10 @@ def inference_row(item, dtype, args, device):
     return rows
 
 
-def hf_row(model, idx, ours, dtype, args, device):
-    """The same config as HF LlamaForCausalLM, compiled the same way, same input."""
-    row = {k: ours[k] for k in ("config", "dtype", "batch", "seq", "tokens", "cost_tflop", "tflop_with_attention")}
+def hf_twin_row(model, ours, keys, label, device, measure):
+    """A row for HF LlamaForCausalLM built with our model's config (uniform configs only), carrying ours'
+    keys: measure(hf, row) fills it in; a failure becomes the row's error, and the HF model is freed."""
+    row = {k: ours[k] for k in keys}
     row.update(model=f"HF-Llama ({pretty(ours['config'])})", impl="hf-llama")
     try:
         if not uniform(model):
@@ -116,12 +117,7 @@ def hf_row(model, idx, ours, dtype, args, device):
         hf = build_hf(model, device)
         try:
             row["params"] = sum(p.numel() for p in hf.parameters())
-            row["params_non_embedding"] = row["params"] - hf.get_input_embeddings().weight.numel()
-            ctx = set_dtype(hf, dtype, args.bf16, device)   # cast: inv_freq too (HF upcasts it in forward)
-            st, row["compile_s"], row["note"] = bench_forward(hf, idx, ctx, args, device,
-                                                              f"HF Llama {ours['config']} ({dtype})", hf=True)
-            row.update(st)
-            ours["speedup_vs_hf"] = row["median_ms"] / ours["median_ms"]
+            measure(hf, row)
             import transformers
             row["transformers"] = transformers.__version__
         finally:
@@ -129,8 +125,22 @@ def hf_row(model, idx, ours, dtype, args, device):
             free()
     except Exception as e:
         row["error"] = one_line(e)
-        print(f"HF Llama {ours['config']} ({dtype}): {row['error']}", flush=True)
+        print(f"{label}: {row['error']}", flush=True)
     return row
+
+
+def hf_row(model, idx, ours, dtype, args, device):
+    """The same config as HF LlamaForCausalLM, compiled the same way, same input."""
+    label = f"HF Llama {ours['config']} ({dtype})"
+
+    def measure(hf, row):
+        row["params_non_embedding"] = row["params"] - hf.get_input_embeddings().weight.numel()
+        ctx = set_dtype(hf, dtype, args.bf16, device)   # cast: inv_freq too (HF upcasts it in forward)
+        st, row["compile_s"], row["note"] = bench_forward(hf, idx, ctx, args, device, label, hf=True)
+        row.update(st)
+        ours["speedup_vs_hf"] = row["median_ms"] / ours["median_ms"]
+    return hf_twin_row(model, ours, ("config", "dtype", "batch", "seq", "tokens", "cost_tflop", "tflop_with_attention"),
+                       label, device, measure)
 
 
 def ref_row(rows, ref, dtype):
@@ -560,34 +570,21 @@ def fsdp_train_row(item, x, y, ctx, ours, args, device):
 def hf_train_row(model, x, y, ctx, ours, args, device):
     """HF LlamaForCausalLM with the same config, its training step timed as our nodump step: the
     same batch, the same loss (model.cross_entropy over every position), compile, fused AdamW, clip."""
-    row = {k: ours[k] for k in ("config", "dtype", "batch", "seq", "tokens", "flops_per_token_fwd")}
-    row.update(model=f"HF-Llama ({pretty(ours['config'])})", impl="hf-llama")
-    try:
-        if not uniform(model):
-            raise UserError("HF Llama has one width for all layers; this config is tapered")
-        hf = build_hf(model, device)
-        try:
-            hf.train()
-            row["params"] = sum(p.numel() for p in hf.parameters())
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            make = train_steps(hf, lambda m: cross_entropy(m(input_ids=x, use_cache=False).logits, y), ctx, args, device)
-            _, times, _, row["compile_s"], row["note"] = time_train_variants(
-                make, ["nodump"], f"HF Llama {ours['config']} train ({ours['dtype']})", args, device)
-            row["nodump"] = step_stats(times["nodump"], ours["tokens"], ours["flops_per_token_fwd"],
-                                       peak_flops(device, ours["dtype"]))
-            ours["speedup_vs_hf"] = row["nodump"]["ms_step"] / ours["nodump"]["ms_step"]
-            if device.type == "cuda":
-                row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            import transformers
-            row["transformers"] = transformers.__version__
-        finally:
-            del hf
-            free()
-    except Exception as e:
-        row["error"] = one_line(e)
-        print(f"HF Llama {ours['config']} train ({ours['dtype']}): {row['error']}", flush=True)
-    return row
+    label = f"HF Llama {ours['config']} train ({ours['dtype']})"
+
+    def measure(hf, row):
+        hf.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        make = train_steps(hf, lambda m: cross_entropy(m(input_ids=x, use_cache=False).logits, y), ctx, args, device)
+        _, times, _, row["compile_s"], row["note"] = time_train_variants(make, ["nodump"], label, args, device)
+        row["nodump"] = step_stats(times["nodump"], ours["tokens"], ours["flops_per_token_fwd"],
+                                   peak_flops(device, ours["dtype"]))
+        ours["speedup_vs_hf"] = row["nodump"]["ms_step"] / ours["nodump"]["ms_step"]
+        if device.type == "cuda":
+            row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return hf_twin_row(model, ours, ("config", "dtype", "batch", "seq", "tokens", "flops_per_token_fwd"), label,
+                       device, measure)
 
 
 def train_markdown(rows, ref):
