@@ -1,6 +1,11 @@
 """What several test files share: the tiny model config, run directories written through
-gfa.rundir as train.py writes them, a local lm-eval task, and the in-process check of a one-line error."""
+gfa.rundir as train.py writes them, a local lm-eval task, train.py on forked gloo ranks, and the
+in-process check of a one-line error."""
 import json
+import os
+import socket
+import time
+import traceback
 
 import numpy as np
 import pytest
@@ -93,3 +98,48 @@ def one_line_error(main, argv, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def train_on_forked_ranks(n, argv, stdout=None, timeout=120):
+    """train.main(argv) as n ranks of a gloo group, in processes forked from this one (no torch import
+    to repeat per rank: seconds faster than torchrun, which tests/test_train.py's DDP test runs).
+    stdout: a file for rank 0's output (the other ranks' is dropped). 0 when every rank exits cleanly."""
+    import torch._dynamo, torch.distributed.checkpoint, torch.distributed.fsdp  # noqa: F401, E401  (once, not per rank)
+    import train
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pids = []
+    for rank in range(n):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                # first, while this is the child's only thread: rebuilds the thread pool fork invalidated (else
+                # two threads can race to rebuild it: "Invalid thread pool!")
+                torch.set_num_threads(1)
+                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(port))
+                if stdout:
+                    with open(stdout if rank == 0 else os.devnull, "w") as f:
+                        os.dup2(f.fileno(), 1)
+                train.main(argv)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    codes, deadline = {}, time.time() + timeout
+    while len(codes) < n:
+        for p in set(pids) - set(codes):
+            done, status = os.waitpid(p, os.WNOHANG)
+            if done:
+                codes[p] = os.waitstatus_to_exitcode(status)
+        if len(codes) < n and time.time() > deadline:
+            for p in set(pids) - set(codes):
+                os.kill(p, 9)
+                os.waitpid(p, 0)
+            pytest.fail(f"{n}-rank run did not finish in {timeout} s")
+        time.sleep(0.05)
+    return int(any(codes.values()))

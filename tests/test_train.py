@@ -14,7 +14,7 @@ import train
 from gfa import rundir
 from gfa.data import DATA, get_batch, load_tokens
 from gfa.evaluation import evaluate
-from helpers import one_line_error
+from helpers import one_line_error, train_on_forked_ranks
 from model import GPT, GPTConfig, drop_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -340,30 +340,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
 
 
 # ---- parallel=fsdp (gfa/sharding.py) --------------------------------------------------------------
-def _rank(rank, argv, port):
-    torch.set_num_threads(1)   # first: torch's thread pool, inherited through fork, can abort the child otherwise
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    train.main(argv)
-
-
-def two_ranks(argv, timeout=120):
-    """train.main(argv) as 2 ranks of a gloo group, in processes forked from this one (no torch import
-    to repeat: seconds faster than torchrun, which test_ddp_two_ranks_equal_one_process covers)."""
-    import socket
-    import time
-    import torch.distributed.fsdp   # noqa: F401  (imported once here, not in each rank)
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = mp.start_processes(_rank, args=(argv, port), nprocs=2, start_method="fork", join=False)
-    deadline = time.time() + timeout
-    while not ranks.join(timeout=1):
-        if time.time() > deadline:
-            for p in ranks.processes:
-                p.kill()
-            pytest.fail(f"2-rank run did not finish in {timeout} s")
+def two_ranks(argv):
+    assert train_on_forked_ranks(2, argv) == 0, "a rank failed (its traceback is above)"
 
 
 def logged_losses(out):

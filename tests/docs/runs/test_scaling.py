@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-import train
 from gfa import rundir
-from helpers import one_line_error, text_tokens
+from helpers import one_line_error, train_on_forked_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 spec = importlib.util.spec_from_file_location("scaling", os.path.join(ROOT, "docs", "runs", "scaling.py"))
@@ -28,48 +27,17 @@ STUDY = ["--configs=config/tiny.py,config/cascade_a2.py", "--nproc=1,2", "--batc
          "--steps=6", "--skip=2", "--log_interval=1", f"--train_args={' '.join(MODEL)}"]
 
 
-@pytest.fixture
-def data(tmp_path):
-    d = tmp_path / "bytes"
-    d.mkdir()
-    text_tokens(6000, 1).tofile(d / "train.bin")
-    text_tokens(3000, 2).tofile(d / "val.bin")
-    return str(d)
-
-
 def forked_launch(cmd, output):
     """scaling.launch's stand-in: the torchrun command's train.py argv, run by n ranks forked from this
     process (a gloo group, the environment torchrun gives); 0 when every rank exits cleanly."""
-    # what DDP, FSDP and DCP import on first use: once here, not in every rank
-    import torch._dynamo, torch.distributed.checkpoint, torch.distributed.fsdp  # noqa: F401, E401
     n = int(next(a for a in cmd if a.startswith("--nproc_per_node=")).split("=")[1])
-    argv = cmd[cmd.index("train.py") + 1:]
-    port = 29500 + os.getpid() % 1000 + len(os.listdir(os.path.dirname(output)))   # a fresh one each launch
-    pids = []
-    for rank in range(n):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                # first, while this is the child's only thread: rebuilds the thread pool fork invalidated (else
-                # two threads can race to rebuild it: "Invalid thread pool!")
-                torch.set_num_threads(1)
-                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=str(port))
-                with open(output if rank == 0 else os.devnull, "w") as f:
-                    os.dup2(f.fileno(), 1)
-                    train.main(argv)
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    return max(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) != 0 for p in pids)
+    return train_on_forked_ranks(n, cmd[cmd.index("train.py") + 1:], stdout=output)
 
 
-def test_the_study_on_cpu_ranks_gives_the_table_and_its_checks_pass(tmp_path, data, monkeypatch):
+def test_the_study_on_cpu_ranks_gives_the_table_and_its_checks_pass(tmp_path, byte_data, monkeypatch):
     monkeypatch.setattr(scaling, "launch", forked_launch)
     out = str(tmp_path / "scaling")
-    report = scaling.main([f"--data_dir={data}", f"--out={out}", *STUDY])
+    report = scaling.main([f"--data_dir={byte_data}", f"--out={out}", *STUDY])
     runs = {(r["mode"], r["n"]): r for r in report["runs"]}
     assert sorted(runs) == [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)]
     assert all(r["error"] is None for r in runs.values())
@@ -97,11 +65,11 @@ def test_the_study_on_cpu_ranks_gives_the_table_and_its_checks_pass(tmp_path, da
 
     # a second call reuses every finished run; one with another setting runs that part again
     monkeypatch.setattr(scaling, "launch", lambda cmd, output: pytest.fail(f"ran again: {cmd}"))
-    assert scaling.main([f"--data_dir={data}", f"--out={out}", *STUDY])["runs"] == report["runs"]
+    assert scaling.main([f"--data_dir={byte_data}", f"--out={out}", *STUDY])["runs"] == report["runs"]
     launched = []
     monkeypatch.setattr(scaling, "launch", lambda cmd, output: launched.append(cmd) or 1)
     with pytest.raises(SystemExit):   # every launch "fails": the table says so and the exit status is 1
-        scaling.main([f"--data_dir={data}", f"--out={out}", *STUDY, "--steps=7", "--modes=ddp", "--resume_at=0"])
+        scaling.main([f"--data_dir={byte_data}", f"--out={out}", *STUDY, "--steps=7", "--modes=ddp", "--resume_at=0"])
     assert len(launched) == 2 and "failed" in open(os.path.join(out, "scaling.md")).read()
 
 
@@ -172,8 +140,8 @@ def test_the_checks_fail_on_planted_differences(tmp_path):
     assert scaling.compare(far, ref, loss_atol=0.1, norm_rtol=0.02)["ok"]   # the tolerance is the caller's
 
 
-def test_bad_input_is_one_line(tmp_path, data, capsys):
-    base = [f"--data_dir={data}", f"--out={tmp_path / 'o'}", "--train_args=--device=cpu"]
+def test_bad_input_is_one_line(tmp_path, byte_data, capsys):
+    base = [f"--data_dir={byte_data}", f"--out={tmp_path / 'o'}", "--train_args=--device=cpu"]
     for extra, words in [(["--nproc=1,3"], "does not split into 3 GPUs"),
                          (["--nproc=1", "--modes=zero"], "--modes=zero: use"),
                          (["--nproc=1,x"], "give numbers of GPUs"),
@@ -182,18 +150,18 @@ def test_bad_input_is_one_line(tmp_path, data, capsys):
                          (["--nproc=2", "--data_dir="], "give a dataset folder")]:
         assert words in one_line_error(scaling.main, base + extra, capsys)
     if not torch.cuda.is_available():
-        assert "no GPU is visible" in one_line_error(scaling.main, [f"--data_dir={data}"], capsys)
+        assert "no GPU is visible" in one_line_error(scaling.main, [f"--data_dir={byte_data}"], capsys)
     assert not os.path.exists(tmp_path / "o")
 
 
 @pytest.mark.gpu
-def test_the_study_on_gpus(tmp_path, data):
+def test_the_study_on_gpus(tmp_path, byte_data):
     """torchrun itself, NCCL, compile and bf16 on the GPUs there are (1 and 2 at most): MFU and peak memory in
     the table, and the checks pass at the default bf16 tolerance."""
     out = str(tmp_path / "scaling")
     n = "1,2" if torch.cuda.device_count() > 1 else "1"
     study = [a for a in STUDY if not a.startswith(("--nproc", "--train_args", "--steps", "--log_interval"))]
-    report = scaling.main([f"--data_dir={data}", f"--out={out}", *study, f"--nproc={n}", "--steps=12",
+    report = scaling.main([f"--data_dir={byte_data}", f"--out={out}", *study, f"--nproc={n}", "--steps=12",
                            "--log_interval=2", f"--train_args={' '.join(MODEL[1:])}"])
     for r in report["runs"]:
         assert r["error"] is None and r["mfu"] > 0 and r["peak_mem_gib"] > 0
