@@ -1,0 +1,51 @@
+"""The derived figures docs/RESULTS.md quotes for Figure 5 and the share drift, from the committed study
+runs (no GPU, seconds):
+
+    python docs/runs/study_numbers.py            # after fanin.py wrote docs/figs/study_drift/fanin_summary.json
+
+Figure 5: per run, the held-out PPL of fanin.py's importance evaluation, the summed importance (PPL
+increase when the layer is passed through) of the late layers, and their share of layers 1..N-1's sum
+(layer 0 is left out: it is vital in every run and would swamp the sums). Share drift: per run, the
+Spearman correlation of the share accumulated up to step t with the linear fan-in at steps 100, 200, 500
+and 1000, and the first step at which it is below zero.
+"""
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STUDY = os.path.join(ROOT, "docs", "runs", "study")
+LATE = {16: range(8, 16), 8: range(4, 8)}   # Figure 5's late layers: 8-15 of 16, the repeated 4-7 of 8
+
+
+def late_importance(run):
+    with open(os.path.join(STUDY, run, "importance.json")) as f:
+        imp = json.load(f)
+    d = imp["importance"]
+    late = sum(d[i] for i in LATE[len(d)])
+    return imp["baseline"], late, late / sum(d[1:])
+
+
+def drift_rows(summary):
+    with open(summary) as f:
+        runs = json.load(f)["runs"]
+    for r in runs:
+        steps, rho = r["drift"]["steps"], r["drift"]["rho_theory"]
+        at = lambda t: rho[max(i for i, s in enumerate(steps) if s <= t)]
+        below = next((s for s, v in zip(steps, rho) if v < 0), None)
+        yield r["name"], [at(t) for t in (100, 200, 500, 1000)], below, r["drift"]["settled"]
+
+
+def main():
+    print("run | held-out PPL | late layers' summed dPPL | their share of layers 1..N-1")
+    for run in sorted(os.listdir(STUDY)):
+        if os.path.isfile(os.path.join(STUDY, run, "importance.json")):
+            ppl, late, share = late_importance(run)
+            print(f"{run} | {ppl:.2f} | {late:.1f} | {100 * share:.0f} %")
+    summary = os.path.join(ROOT, "docs", "figs", "study_drift", "fanin_summary.json")
+    print("\nrun | Spearman(share to step t, fan-in) at t = 100 / 200 / 500 / 1000 | first step below 0 | settles")
+    for name, rhos, below, settled in drift_rows(summary):
+        print(f"{name} | {' / '.join(f'{v:.2f}' for v in rhos)} | {below} | {settled}")
+
+
+if __name__ == "__main__":
+    main()
