@@ -259,13 +259,8 @@ def decode_row(item, dtype, args, device):
             traceback.print_exc()
             row["error"] = one_line(e)
         rows.append(row)
-        free_graphs()
+        free()   # the compiled step of this batch size goes before the next compiles its own
     return rows + (speculative_rows(item, name, model, dtype, ctx, args) if args.exit_layers else [])
-
-
-def free_graphs():
-    """Drop the compiled decode step of one batch size before the next compiles its own."""
-    torch._dynamo.reset()
 
 
 def time_decode(model, name, B, dtype, ctx, args, device):
