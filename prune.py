@@ -313,9 +313,10 @@ def rank_layers(model, methods, ks, share, calib, device, ctx, args):
     return scores, choice
 
 
-def measurer(val, T, mc, tasks, args, device, ctx):
+def measurer(val, T, mc, tasks, tok, args, device, ctx):
     """measure(model) -> {ppl, loss[, acc, acc_norm][, tasks, zero_shot_mean]} of the model as it is
-    (its passthrough included). mc: (items, their encoded pairs) or None; tasks: lm-eval's or None."""
+    (its passthrough included). mc: (items, their encoded pairs) or None; tasks: lm-eval's or None;
+    tok: the run's tokenizer (run_tokenizer)."""
     def measure(model):
         loss = evaluate(model, val, T, args.batch_size, args.eval_batches, device, ctx)
         r = {"ppl": math.exp(loss), "loss": loss}
@@ -323,7 +324,7 @@ def measurer(val, T, mc, tasks, args, device, ctx):
             r["acc"], r["acc_norm"] = choice_accuracy(ending_logprobs(model, mc[1], device, ctx, args.hs_tokens), mc[0])
         if tasks is not None:
             from gfa.lm_eval_adapter import evaluate_tasks
-            r["tasks"] = evaluate_tasks(model, tasks, device, args.dtype, args.task_limit, args.hs_tokens)
+            r["tasks"] = evaluate_tasks(model, tasks, device, args.dtype, args.task_limit, args.hs_tokens, tok=tok)
             r["zero_shot_mean"] = float(np.mean([headline(m) for m in r["tasks"].values()]))
         return r
     return measure
@@ -378,8 +379,9 @@ def prune_run(run, tag, args, ks, methods, mc_items, tasks, device, ctx, to_time
                  for step in range(args.calib_batches)]
 
     scores, choice = rank_layers(model, methods, ks, share, calib, device, ctx, args)
-    mc = None if mc_items is None else (mc_items, encode_items(mc_items, run_tokenizer(cfg, ckpt, args)))
-    measure = measurer(val, T, mc, tasks, args, device, ctx)
+    tok = run_tokenizer(cfg, ckpt, args)
+    mc = None if mc_items is None else (mc_items, encode_items(mc_items, tok))
+    measure = measurer(val, T, mc, tasks, tok, args, device, ctx)
     cache = {}   # frozenset(layers) -> metrics: methods that agree share one evaluation
 
     def score(layers):

@@ -15,7 +15,9 @@ lm_eval.simple_evaluate(model="gfa", ...).
 model_args: ckpt (a run directory, or its ckpt.pt: passthrough layers in its config are skipped,
 a physically pruned model loads as saved), device (default cuda when available), dtype (float32,
 tf32 or bfloat16), max_tokens (padded tokens per batch, default 16384; lm-eval's batch_size is
-not used: batches are packed by length up to max_tokens).
+not used: batches are packed by length up to max_tokens), tokenizer (an HF model folder whose
+tokenizer.json encodes the text; default: the folder an hf.py-imported run came from, else the
+vocabulary's: bytes or GPT-2).
 
   loglikelihood          gfa.evaluation.continuation_logprobs: lm-eval's tokenisation of each
                          (context, continuation), batched by length on the device
@@ -34,6 +36,7 @@ from gfa import rundir
 from gfa.cli import UserError
 from gfa.device import autocast_for, pick_device
 from gfa.evaluation import Tokenizer, continuation_logprobs
+from gfa.hf_llama import source_tokenizer
 
 try:
     import lm_eval.models  # noqa: F401  (the built-in models first: a registry holding only ours would hide them)
@@ -54,17 +57,20 @@ class GFALM(TemplateLM):
     """A GPT of this codebase as an lm-eval model: from a run directory (ckpt=...) or a model object
     (model=..., prune.py's passthrough-pruned models)."""
 
-    def __init__(self, ckpt=None, device="", dtype="float32", max_tokens=16384, model=None, **lm_eval_args):
+    def __init__(self, ckpt=None, device="", dtype="float32", max_tokens=16384, tokenizer=None, model=None, tok=None,
+                 **lm_eval_args):
         super().__init__()   # lm_eval_args: batch_size, max_batch_size, ... that lm-eval passes to every model
         self._device = pick_device(str(device or ""))
         if model is None:
             if not ckpt:
                 raise UserError("--model_args needs ckpt=<run directory or its ckpt.pt>")
             run = (os.path.dirname(ckpt) or ".") if str(ckpt).endswith(".pt") else ckpt
-            model, _ = rundir.load_gpt(run, self._device)
+            model, loaded = rundir.load_gpt(run, self._device)
+            # an imported HF model's text goes through its own tokenizer.json (tokenizer=<folder> overrides)
+            tok = Tokenizer(model.config.vocab_size, source_tokenizer(loaded, tokenizer))
         self.model = model
         self.ctx = autocast_for(torch.device(self._device).type, dtype)
-        self.tok = Tokenizer(model.config.vocab_size)
+        self.tok = tok or Tokenizer(model.config.vocab_size, tokenizer)
         self.max_tokens = int(max_tokens)
 
     @classmethod
@@ -189,12 +195,13 @@ def load_tasks(names, include_path=None):
                         f"missing, or the hub is out of reach (offline, use task YAMLs over local files)") from None
 
 
-def evaluate_tasks(model, tasks, device, dtype="float32", limit=0, max_tokens=16384, log_samples=False):
+def evaluate_tasks(model, tasks, device, dtype="float32", limit=0, max_tokens=16384, log_samples=False, tok=None):
     """{task: {metric: value}} of a model (its passthrough as set) on load_tasks()' tasks, zero-shot.
     Metrics are lm-eval's (acc, acc_norm, ...; a filter other than 'none' is kept in the name).
-    log_samples=True returns (metrics, lm-eval's per-item samples)."""
+    log_samples=True returns (metrics, lm-eval's per-item samples); tok: the model's Tokenizer (default: its
+    vocabulary's)."""
     from lm_eval.evaluator import evaluate
-    lm = GFALM(model=model, device=device, dtype=dtype, max_tokens=max_tokens)
+    lm = GFALM(model=model, device=device, dtype=dtype, max_tokens=max_tokens, tok=tok)
     res = evaluate(lm, tasks, limit=limit or None, log_samples=log_samples, bootstrap_iters=0)
     out = {}
     for task, metrics in res["results"].items():

@@ -168,3 +168,25 @@ def test_lm_eval_missing_is_a_one_line_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "gfa.lm_eval_adapter")
     with pytest.raises(UserError, match="lm-eval is not installed.*requirements-extra.txt"):
         import gfa.lm_eval_adapter   # noqa: F401
+
+
+def test_an_imported_run_is_read_through_its_own_tokenizer(tmp_path):
+    """A run hf.py imported records the HF folder it came from: the adapter encodes text with that folder's
+    tokenizer.json and its eos (a word-level vocabulary written here, so the ids are known by hand), and
+    tokenizer=<folder> names one for any other run; a plain run keeps its vocabulary's (bytes)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from gfa import rundir
+    vocab = {"[UNK]": 0, "</s>": 1, "to": 2, "be": 3, "or": 4, "not": 5}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    imported, plain = str(tmp_path / "imported"), str(tmp_path / "plain")
+    rundir.save_gpt(imported, tiny_model(), {}, 0, imported_from={"path": str(folder)})
+    rundir.save_gpt(plain, tiny_model(), {}, 0)
+    lm = adapter.GFALM(ckpt=imported, device="cpu")
+    assert (lm.tok_encode("not to be"), lm.eot_token_id) == ([5, 2, 3], 1)
+    assert adapter.GFALM(ckpt=plain, device="cpu", tokenizer=str(folder)).tok_encode("to be") == [2, 3]
+    assert adapter.GFALM(ckpt=plain, device="cpu").tok_encode("to") == [116, 111]
