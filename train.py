@@ -70,6 +70,7 @@ batch_size = 64                # global sequences per optimizer step (x block_si
 gradient_accumulation_steps = 1  # micro-steps per optimizer step (same global batch)
 max_iters = 53400              # one epoch of 7B tokens at 64 x 2048
 stop_iter = 0                  # > 0: stop (and checkpoint) there, schedule unchanged, as if interrupted
+stop_after_min = 0.0           # > 0: the same stop at the first log line after this many minutes (a job's time limit)
 learning_rate = 2e-4           # peak
 min_lr = 2e-5                  # end of the cosine
 warmup_iters = 2000             # linear warm-up steps
@@ -102,7 +103,7 @@ _DEFAULTS = {k: v for k, v in globals().items() if k not in _before and not k.st
 # settings a resume may change freely: where output goes, how often to log and evaluate, how the same
 # global batch is computed (accumulation), the device and compiler; everything else shapes the run
 _FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "allow_changes", "device", "compile", "eval_interval",
-                   "eval_iters", "eval_batch_size", "log_interval", "always_save_checkpoint", "stop_iter",
+                   "eval_iters", "eval_batch_size", "log_interval", "always_save_checkpoint", "stop_iter", "stop_after_min",
                    "gradient_accumulation_steps", "wandb_log", "wandb_project", "wandb_run_name",
                    "parallel", "activation_checkpointing", "fused_ce", "fused_ce_chunk",
                    "equalize_reference", "equalize_pilot_iters"}   # a resume reuses the recorded clip factor
@@ -119,7 +120,7 @@ def check_settings(cfg, world):
             raise UserError(f"{k}={cfg[k]}: must be >= 1")
     if cfg["dtype"] not in DTYPES:
         raise UserError(f"dtype={cfg['dtype']!r}: use float32, tf32 or bfloat16")
-    for k in ("warmup_iters", "grad_clip", "stop_iter"):
+    for k in ("warmup_iters", "grad_clip", "stop_iter", "stop_after_min"):
         if cfg[k] < 0:
             raise UserError(f"{k}={cfg[k]}: must be >= 0")
     if cfg["equalize_clip_factor"] < 0 or cfg["equalize_pilot_iters"] < 0:
@@ -241,6 +242,7 @@ def build(cfg, model_cfg, d, ckpt):
 
 
 def main(argv):
+    t_start = time.time()
     given = set()   # the keys config files and overrides set
     cfg = read_config(argv, GPTConfig.defaults() | _DEFAULTS, given=given,
                       help=(__doc__, [("train.py", _DEFAULTS, __file__),
@@ -294,7 +296,7 @@ def main(argv):
         log(f"weights from {source['path']} (step {source['iter_num']} of its run); a fresh optimizer and schedule, "
             f"{model_cfg.n_layer} layers")
     loop = Loop(cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro)
-    loop.initialised_from = source
+    loop.initialised_from, loop.t_start = source, t_start
     if cfg["equalize"]:
         if iter_num and not ckpt_clip and not cfg["equalize_clip_factor"]:
             raise UserError(f"{cfg['out_dir']}/ckpt.pt does not record its equalisation clip factor (an earlier "
@@ -352,6 +354,8 @@ class Loop:
         self.history = {"loss": {}, "val": {}}   # what the log printed; main() returns it (tests)
         self.equalize_clip = None   # how the equalisation clip factor was set (equalize=True)
         self.initialised_from = None   # init_from=<checkpoint>: where the weights came from
+        self.stop_iter = cfg["stop_iter"]   # stop_after_min moves it to the step where time ran out
+        self.t_start = time.time()   # main() sets its own start: stop_after_min counts from there
         self.wandb = None
         if cfg["wandb_log"] and d.master:
             import wandb
@@ -419,7 +423,7 @@ class Loop:
                             f"try a lower learning_rate or dtype=float32")
         if self.wandb:
             self.wandb.log({"step": it, "val/loss": val, "val/ppl": math.exp(min(val, 50))})
-        stopping = 0 < cfg["stop_iter"] <= it   # a stop is for resuming: always save
+        stopping = 0 < self.stop_iter <= it   # a stop is for resuming: always save
         if it > start and (val < best_val or cfg["always_save_checkpoint"] or stopping):
             self.save(it, min(best_val, val))
         return min(best_val, val)
@@ -486,11 +490,20 @@ class Loop:
         if self.wandb:
             self.wandb.log({"step": it, "train/loss": lossf, "lr": lr, "grad_norm": gnorm, "tok_s": tok_s})
 
+    def out_of_time(self):
+        """stop_after_min passed (rank 0's clock decides for every rank; called at log lines, which sync anyway)."""
+        if not self.cfg["stop_after_min"]:
+            return False
+        late = torch.tensor(float(time.time() - self.t_start > 60 * self.cfg["stop_after_min"]), device=self.d.device)
+        if self.d.ddp:
+            torch.distributed.broadcast(late, src=0)
+        return bool(late.item())
+
     def run(self, train_data, val_data, it, best_val):
         cfg, start = self.cfg, it
         t_last, it_last = time.time(), it
         while True:
-            last = it >= cfg["max_iters"] or 0 < cfg["stop_iter"] <= it
+            last = it >= cfg["max_iters"] or 0 < self.stop_iter <= it
             if it % cfg["eval_interval"] == 0 or last:
                 best_val = self.evaluate_and_save(val_data, it, start, best_val)
                 t_last, it_last = time.time(), it   # eval time is not training time
@@ -498,10 +511,13 @@ class Loop:
                 break
             loss_sum, total = self.train_step(train_data, it)
             it += 1
-            if (it - 1) % cfg["log_interval"] == 0 or it in (cfg["max_iters"], cfg["stop_iter"]):
+            if (it - 1) % cfg["log_interval"] == 0 or it in (cfg["max_iters"], self.stop_iter):
                 dt = (time.time() - t_last) / max(1, it - it_last)
                 t_last, it_last = time.time(), it
                 self.log_step(it - 1, loss_sum, total, dt)
+                if it < cfg["max_iters"] and self.out_of_time():
+                    self.stop_iter = it
+                    self.log(f"stop_after_min={cfg['stop_after_min']:g} reached: stopping at step {it}")
         if self.d.master:
             self.dump.flush()
             self.log_clip_share()

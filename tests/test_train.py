@@ -59,6 +59,16 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
 
 
+def test_stop_after_min_stops_at_a_log_line_with_a_checkpoint(tmp_path):
+    """A time limit already passed stops the run at its first log line (the one of step 0, so at step 1),
+    checkpointed there as --stop_iter would, and the run resumes to the end."""
+    part, out = run(tmp_path, "t", "--max_iters=8", "--log_interval=3", "--stop_after_min=1e-9")
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["iter_num"] == 1
+    assert "stop_after_min=1e-09 reached: stopping at step 1" in open(os.path.join(out, "log.txt")).read()
+    rest, _ = run(tmp_path, "t", "--max_iters=8", "--log_interval=3", "--init_from=resume")
+    assert max(rest["loss"]) == 7
+
+
 def test_resuming_a_run_from_before_sub_blocks_keeps_its_layout(tmp_path):
     """A run whose dump has one group per layer (earlier versions) continues in that layout, its rows
     kept; a new run records attention and MLP apart, and its per-layer norms are the old ones."""

@@ -11,9 +11,11 @@
 # switches (small_<variant>_<name>_s<seed>; prune.py is then skipped). <variant> may also be a path to a
 # config file (a taper.py output: its file name names the run). Copies the run directory without ckpt.pt to
 # <dest>/small_<variant>[_<tag>]_s<seed>.
-# A run longer than one sitting (LayerSkip: ~17 min on an H200) in two: STOP_AT=<step> trains to that step,
-# checkpoints and stops (nothing else runs); a later call with RESUME=1, the run's checkpoint still in out/,
-# resumes it (init_from=resume instead of a fresh start) and goes on to the analysis.
+# A run longer than one sitting (LayerSkip: ~17 min on an H200) in parts: STOP_AT=<step> trains to that step,
+# STOP_AFTER=<minutes> until that much time has passed (train.py --stop_after_min), checkpoints and stops
+# (nothing else runs until the last step is trained); a later call with RESUME=1, the run's checkpoint still
+# in out/, resumes it (init_from=resume instead of a fresh start) and goes on to the analysis once it is done.
+# The checkpoint stays in out/<run> (prune.py's extended table, early exit and bench.py read it there).
 set -euo pipefail
 variant=$1 seed=$2 data=$3 mc=$4
 dest=$(mkdir -p "$5" && cd "$5" && pwd)
@@ -26,8 +28,9 @@ start=--overwrite=True
 [ -n "${RESUME:-}" ] && start=--init_from=resume
 python train.py config/small.py "$file" --data_dir="$data" --seed="$seed" --out_dir="$run" \
     --max_iters=3000 --warmup_iters=200 --eval_interval=1000 --log_interval=100 $start \
-    ${STOP_AT:+--stop_iter=$STOP_AT} "$@"
-[ -n "${STOP_AT:-}" ] && exit 0
+    ${STOP_AT:+--stop_iter=$STOP_AT} ${STOP_AFTER:+--stop_after_min=$STOP_AFTER} "$@"
+python -c "import sys, torch; c = torch.load(sys.argv[1], map_location='cpu', mmap=True, weights_only=False)
+sys.exit(c['iter_num'] < c['train_config']['max_iters'])" "$run/ckpt.pt" || { echo "stopped early: resume with RESUME=1"; exit 0; }
 python fanin.py "$run" ${FANIN_BASELINE:+--baseline "$FANIN_BASELINE"}
 if [ "$variant" = vanilla_16l ] && [ -z "${TAG:-}" ]; then
     python prune.py --runs "$run" --k 1,2,4,6,8 --hellaswag "$mc" --calib_batches 32 --out "$run/prune"
