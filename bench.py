@@ -500,7 +500,7 @@ def train_row(item, dtype, args, device):
     name, model = build(item, device, T)
     model.train()
     row = {"config": name, "model": pretty(name), "impl": "ours", "dtype": dtype, "batch": B, "seq": T,
-           "tokens": B * T, "params": model.num_params(), "flops_per_token_fwd": model.flops_per_token(T)}
+           "tokens": B * T, "params": model.num_params(), "flops_per_token_fwd": model.train_flops_per_token(T)}
     ctx = autocast_for(device.type, dtype)   # training keeps fp32 master weights: autocast
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(1, model.config.vocab_size, (B, T), generator=g).to(device)

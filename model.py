@@ -683,6 +683,12 @@ class GPT(nn.Module):
         """Forward FLOPs per token: the layers plus the LM head (embedding lookup is free)."""
         return sum(self.layer_flops_per_token(seq_len)) + 2 * self.config.d_model * self.config.vocab_size
 
+    def train_flops_per_token(self, seq_len=None):
+        """Forward FLOPs per token of the training objective (what MFU counts, x3): with deep supervision
+        every exit's LM head too (model FLOPs: the plain path's recomputation of the exits is not counted)."""
+        exits = sum(i not in self.passthrough for i in range(self.config.n_layer)) if self.config.deep_supervision else 1
+        return self.flops_per_token(seq_len) + (exits - 1) * 2 * self.config.d_model * self.config.vocab_size
+
     def param_groups_by_layer(self, sublayers=False):
         """Stable names for "layer i's parameters": 'embed', 'layer.0' .. 'layer.N-1', 'head'
         (final norm + LM head; a tied LM head's matrix is in 'embed', once). A repeated layer's group

@@ -479,7 +479,7 @@ class Loop:
             return
         tok_s = cfg["batch_size"] * self.raw_model.config.block_size / dt
         peak = peak_flops(d.device, cfg["dtype"])
-        mfu = f"{100 * 3 * self.raw_model.flops_per_token() * tok_s / (peak * d.world):.1f}%" if peak else "n/a"
+        mfu = f"{100 * 3 * self.raw_model.train_flops_per_token() * tok_s / (peak * d.world):.1f}%" if peak else "n/a"
         lr = self.optimizer.param_groups[0]["lr"]
         # rank 0's peak since the start (CUDA only): what the multi-GPU scaling table reports
         mem = f" | peak mem {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB" if d.device_type == "cuda" else ""
