@@ -67,15 +67,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), device=x.device)
         grad_w = torch.zeros(weight.shape, device=x.device)   # fp32: the chunks' sum
         grad_x = []
+        cols = torch.arange(weight.size(0), device=x.device)
         for xc, tc, vc in zip(x.split(chunk), targets.split(chunk), valid.split(chunk)):
             xc = xc.to(dtype)
-            logits = (xc @ w.t()).float()
-            lse = logits.logsumexp(-1)
+            logits = xc @ w.t()   # [chunk, V] in the matmul dtype; every step below reads it in fp32
+            lse = logits.float().logsumexp(-1)
             tc = tc.clamp(min=0)[:, None]   # an ignored target points anywhere: its row is zeroed below
-            loss = loss + torch.where(vc, lse - logits.gather(1, tc)[:, 0], 0.0).sum()
-            # in place: one fp32 [chunk, V] buffer becomes softmax - onehot, scaled (ignored rows zero)
-            g = logits.sub_(lse[:, None]).exp_().scatter_add_(1, tc, torch.full_like(tc, -1, dtype=logits.dtype))
-            g = g.mul_(vc[:, None] * scale).to(dtype)
+            loss = loss + torch.where(vc, lse - logits.gather(1, tc)[:, 0].float(), 0.0).sum()
+            # (softmax - onehot) * scale, ignored rows zero, cast last: all element-wise, so compiled it is one
+            # pass from the matmul's output to g (no fp32 [chunk, V] buffer); eager makes fp32 temporaries
+            p = (logits.float() - lse[:, None]).exp()
+            g = (torch.where(cols == tc, p - 1, p) * (vc[:, None] * scale)).to(dtype)
             grad_x.append((g @ w).to(x.dtype))
             grad_w = grad_w + (g.t() @ xc).float()
         ctx.save_for_backward(torch.cat(grad_x), grad_w.to(weight.dtype))
