@@ -291,6 +291,8 @@ def time_decode(model, name, B, dtype, ctx, args, device):
     for _ in range(args.runs):
         gen()
     st = stats(times)
+    if args.profile:   # one whole generation: its kernels divided by N - 1 are a step's
+        profile(gen, f"{name} decode batch {B} ({dtype}), one call = {N - 1} decode steps", device, args.out, n=1)
     ms_token = st["median_ms"] / (N - 1)
     read_gbps = decode_bytes_per_step(model, B, P + N, kv_dtype.itemsize) / (ms_token / 1e3) / 1e9
     return {"compile_s": compile_s, "note": note, "decode_ms": st["median_ms"], "decode_iqr_ms": st["iqr_ms"],
@@ -630,7 +632,7 @@ def parse(argv):
     p.add_argument("--sdpa", choices=["auto", "flash", "cudnn", "efficient", "math"], default="auto",
                    help="inference/train: allow only this SDPA backend (auto: PyTorch's choice)")
     p.add_argument("--profile", action="store_true", help="CUDA: kernel time per call by kind (matmul, attention, "
-                   "other, idle between kernels) and the top kernels of a few extra runs")
+                   "other, idle between kernels) and the top kernels of a few extra runs (decode: of one whole generation)")
     p.add_argument("--hf", action="store_true", help="also time HF LlamaForCausalLM for each uniform config (inference: "
                    "the forward; train: the same training step)")
     p.add_argument("--fsdp", action="store_true", help="train: also time the step under train.py's parallel=fsdp "

@@ -49,7 +49,7 @@ def test_decode_matches_generate(name, passthrough):
 
 def test_decode_and_train_modes_run(tmp_path, capsys):
     rows = bench.main(["tiny/vanilla_8l", "--mode", "decode", "--device", "cpu", "--prompt_len", "8",
-                       "--new_tokens", "4", "--warmup", "0", "--runs", "2", "--batch", "1,3",
+                       "--new_tokens", "4", "--warmup", "0", "--runs", "2", "--batch", "1,3", "--profile",
                        "--out", str(tmp_path / "d.json")])
     assert [r["batch"] for r in rows] == [1, 3] and all("error" not in r and r["ms_per_token"] > 0 for r in rows)
     for r in rows:   # the share of the copy bandwidth is the bytes read per step over the step time
