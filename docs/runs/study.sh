@@ -6,9 +6,10 @@
 # trains config/small.py config/<variant>.py for 3000 steps of 32 x 1024 tokens (98.3M tokens, ~4.1
 # passes over the 24M-token minipile corpus, README: Data), then fanin.py (share vs theory and
 # importance; with --baseline=<run> for an intervention) and, for vanilla_16l, prune.py (Table 1 for
-# this seed, combined over seeds later with prune.py --combine). Extra --key=value go to train.py.
+# this seed, combined over seeds later with prune.py --combine); for vanilla_16l and layerskip also the
+# early-exit curve (prune.py --exits, into <run>/exits). Extra --key=value go to train.py.
 # FANIN_BASELINE=<run dir> adds fanin.py --baseline. TAG=<name> names a run of the variant with other
-# switches (small_<variant>_<name>_s<seed>; prune.py is then skipped). <variant> may also be a path to a
+# switches (small_<variant>_<name>_s<seed>; Table 1 is then skipped). <variant> may also be a path to a
 # config file (a taper.py output: its file name names the run). Copies the run directory without ckpt.pt to
 # <dest>/small_<variant>[_<tag>]_s<seed>.
 # A run longer than one sitting (LayerSkip: ~17 min on an H200) in parts: STOP_AT=<step> trains to that step,
@@ -34,6 +35,9 @@ sys.exit(c['iter_num'] < c['train_config']['max_iters'])" "$run/ckpt.pt" || { ec
 python fanin.py "$run" ${FANIN_BASELINE:+--baseline "$FANIN_BASELINE"}
 if [ "$variant" = vanilla_16l ] && [ -z "${TAG:-}" ]; then
     python prune.py --runs "$run" --k 1,2,4,6,8 --hellaswag "$mc" --calib_batches 32 --out "$run/prune"
+fi
+if [ "$variant" = vanilla_16l ] || [ "$variant" = layerskip ]; then   # the early-exit curve (README: Early exit)
+    python prune.py --runs "$run" --exits --hellaswag "$mc" --out "$run/exits"
 fi
 mkdir -p "$dest/$name"
 (cd "$run" && find . -type f ! -name ckpt.pt -print0 | xargs -0 cp --parents -t "$dest/$name")
