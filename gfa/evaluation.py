@@ -151,11 +151,13 @@ def continuation_logprobs(model, pairs, device, ctx=None, max_tokens=16384, exit
             y[b, len(toks) - 1 - n:len(toks) - 1] = t[len(toks) - n:]
         rows, cols = (y >= 0).nonzero(as_tuple=True)   # on the host: no device sync per batch
         x, rows, cols, tgt = (to_device(t) for t in (x, rows, cols, y[rows, cols]))
+        lp = []
         with ctx or nullcontext():
-            logits = _scored_logits(model, x, rows, cols, exits)   # per exit: [scored tokens, vocab]
-        lp = torch.stack([torch.log_softmax(lg.float(), dim=-1).gather(1, tgt[:, None])[:, 0] for lg in logits])
+            for logits in _scored_logits(model, x, rows, cols, exits):   # per exit: [scored tokens, vocab]
+                lp.append(torch.log_softmax(logits.float(), dim=-1).gather(1, tgt[:, None])[:, 0])
+        lp = torch.stack(lp)
         per_seq = torch.zeros(len(lp), len(batch), device=device, dtype=torch.float64).index_add_(1, rows, lp.double())
-        misses = torch.zeros(len(batch), device=device).index_add_(0, rows, (logits[-1].argmax(-1) != tgt).float())
+        misses = torch.zeros(len(batch), device=device).index_add_(0, rows, (logits.argmax(-1) != tgt).float())
         scored.append((order[i:j], per_seq, misses))
         i = j
     logprob, greedy = np.zeros((len(scored[0][1]) if scored else 1, len(seqs))), np.zeros(len(seqs), dtype=bool)
@@ -168,9 +170,10 @@ def continuation_logprobs(model, pairs, device, ctx=None, max_tokens=16384, exit
 
 def _scored_logits(model, x, rows, cols, exits):
     """Logits at the scored positions (rows, cols of x): [the model's own], or one per exit from one pass
-    (exits=True; the head runs on the scored positions only)."""
+    (exits=True; the head runs on the scored positions only, one exit at a time: a generator, so only one
+    exit's [scored tokens, vocab] logits live at once)."""
     if exits:
-        return [model.head(h[rows, cols]) for _, h in model.exit_states(x)]
+        return (model.head(h[rows, cols]) for _, h in model.exit_states(x))
     return [model(x)[0][rows, cols]]
 
 
