@@ -3,7 +3,7 @@ against the bf16 forward latency of the same profiles at the paper's size (bench
 
     python docs/taper/compare.py docs/runs/taper/small_*_s* --bench out/bench/taper_bf16.json --out docs/taper
 
-A run named small_<config>_s<seed> (docs/runs/study.sh names them so) is a seed of <config>; its
+A run named <scale>_<config>_s<seed> (docs/runs/study.sh names them small_...) is a seed of <config>; its
 perplexity is the last 'val ppl' of its log.txt; its latency is bench.py's row for <config> (the
 basename of docs/taper/1b/<config>.py, or vanilla_15l, cascade_a2). Writes taper_compare.md and .png.
 """
@@ -31,22 +31,25 @@ def final_ppl(run):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="run directories small_<config>_s<seed>")
+    ap.add_argument("runs", nargs="+", help="run directories <scale>_<config>_s<seed>, e.g. small_cascade_a2_s1")
     ap.add_argument("--bench", help="bench.py --out JSON of the paper-size models (bf16)")
     ap.add_argument("--out", default="docs/taper", help="folder for taper_compare.md and taper_compare.png")
     args = ap.parse_args()
-    ppl, size = defaultdict(list), {}
+    ppl, size, scales = defaultdict(list), {}, set()
     for run in args.runs:
-        m = re.fullmatch(r"small_(.+)_s\d+", os.path.basename(os.path.normpath(run)))
+        m = re.fullmatch(r"([A-Za-z0-9]+)_(.+)_s\d+", os.path.basename(os.path.normpath(run)))
         if not m:
-            sys.exit(f"error: {run}: not named small_<config>_s<seed>")
-        ppl[m.group(1)].append(final_ppl(run))
+            sys.exit(f"error: {run}: not named <scale>_<config>_s<seed> (e.g. small_cascade_a2_s1)")
+        scales.add(m.group(1))
+        m = m.group(2)
+        ppl[m].append(final_ppl(run))
         with torch.device("meta"):
             model = GPT(GPTConfig(**rundir.read_model_config(run)[1]))
-        size[m.group(1)] = (model.num_params(), model.flops_per_token())
+        size[m] = (model.num_params(), model.flops_per_token())
+    scale = "/".join(sorted(scales))
     rows = json.load(open(args.bench))["rows"] if args.bench else []
     latency = {os.path.basename(r["config"]): r for r in rows if r.get("impl") == "ours" and "median_ms" in r}
-    lines = ["| config | params (small) | fwd GFLOP/token (small) | held-out PPL (small, mean ± std) | seeds | "
+    lines = [f"| config | params ({scale}) | fwd MFLOP/token ({scale}) | held-out PPL ({scale}, mean ± std) | seeds | "
              "bf16 latency ms (1.2B) | vs Vanilla-15L |", "|---|---|---|---|---|---|---|"]
     points = []
     for name in sorted(ppl, key=lambda n: mean_std(ppl[n])[0]):
@@ -54,7 +57,7 @@ def main():
         b = latency.get(name, {})
         lat = f"{b['median_ms']:.2f}" if b else "-"
         rel = f"{b['latency_vs_ref_pct']:+.1f} %" if b.get("latency_vs_ref_pct") is not None else "-"
-        lines.append(f"| {name} | {size[name][0] / 1e6:.1f}M | {size[name][1] / 1e9:.3f} | {m:.2f} ± {s:.2f} | "
+        lines.append(f"| {name} | {size[name][0] / 1e6:.2f}M | {size[name][1] / 1e6:.2f} | {m:.2f} ± {s:.2f} | "
                      f"{len(ppl[name])} | {lat} | {rel} |")
         if b:
             points.append((name, b["median_ms"], m, s))
@@ -70,7 +73,7 @@ def main():
             ax.errorbar([x], [y], yerr=[e], fmt="o", capsize=3)
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xlabel("bf16 forward latency at the paper's size, ms (bench.py)")
-        ax.set_ylabel("held-out PPL at the small scale (mean ± std)")
+        ax.set_ylabel(f"held-out PPL at the {scale} scale (mean ± std)")
         ax.set_title("Width profiles at the training FLOPs of Vanilla-15L")
         ax.grid(alpha=0.3)
         fig.savefig(os.path.join(args.out, "taper_compare.png"), dpi=130, bbox_inches="tight")
