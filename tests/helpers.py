@@ -89,6 +89,22 @@ def write_local_task(folder, data_path, name="tiny_mc"):
     return str(folder)
 
 
+WORD_VOCAB = {"[UNK]": 0, "</s>": 1, "to": 2, "be": 3, "or": 4, "not": 5}
+
+
+def write_word_level_tokenizer(folder):
+    """An HF tokenizer folder (tokenizer.json + tokenizer_config.json, eos '</s>') over WORD_VOCAB, so the
+    ids a test expects are known by hand; needs the tokenizers package (the caller importorskips it)."""
+    import tokenizers
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(WORD_VOCAB, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "</s>"}, f)
+    return folder
+
+
 def one_line_error(main, argv, capsys):
     """Run main(argv) as its __main__ does (gfa.cli.cli); assert it exits 2 with one stderr line
     'error: ...' and no traceback. Returns that line."""

@@ -13,6 +13,7 @@ import pytest
 from gfa.cli import UserError
 from gfa.data import DATA
 from gfa.prepare import write_bins
+from helpers import write_word_level_tokenizer
 
 sys.path.insert(0, DATA)
 import prepare_local  # noqa: E402
@@ -96,15 +97,10 @@ def test_hf_tokenizer_folder(tmp_path):
     """--tokenizer <an HF model's folder>: its tokenizer.json's ids (a word-level vocabulary written here,
     so the expected ids are known by hand) and its eos token after each document; the multiple-choice
     encoder of an imported model uses the same tokenizer."""
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from gfa.evaluation import Tokenizer
-    vocab = {"[UNK]": 0, "</s>": 1, "to": 2, "be": 3, "or": 4, "not": 5}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     model = tmp_path / "model"
-    model.mkdir()
-    tok.save(str(model / "tokenizer.json"))
-    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    write_word_level_tokenizer(str(model))
     src = tmp_path / "corpus.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["to be or not to be", "not to be", "be xyz"]))
     prepare_local.main(["--out_dir", str(tmp_path / "out"), "--tokenizer", str(model), "--val_fraction", "0.34",

@@ -21,7 +21,7 @@ from lm_eval.evaluator import evaluate   # noqa: E402
 from gfa import lm_eval_adapter as adapter   # noqa: E402
 from gfa.cli import UserError   # noqa: E402
 from gfa.evaluation import Tokenizer, choice_accuracy, encode_items, ending_logprobs, load_multiple_choice  # noqa: E402
-from helpers import tiny_model, write_jsonl, write_local_task, write_run   # noqa: E402
+from helpers import tiny_model, write_jsonl, write_local_task, write_run, write_word_level_tokenizer   # noqa: E402
 from model import drop_layers   # noqa: E402
 
 # endings with their joining space (the in-house verbatim reading): helpers.LOCAL_TASK trims them again
@@ -174,15 +174,10 @@ def test_an_imported_run_is_read_through_its_own_tokenizer(tmp_path):
     """A run hf.py imported records the HF folder it came from: the adapter encodes text with that folder's
     tokenizer.json and its eos (a word-level vocabulary written here, so the ids are known by hand), and
     tokenizer=<folder> names one for any other run; a plain run keeps its vocabulary's (bytes)."""
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from gfa import rundir
-    vocab = {"[UNK]": 0, "</s>": 1, "to": 2, "be": 3, "or": 4, "not": 5}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     folder = tmp_path / "hf"
-    folder.mkdir()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    write_word_level_tokenizer(str(folder))
     imported, plain = str(tmp_path / "imported"), str(tmp_path / "plain")
     rundir.save_gpt(imported, tiny_model(), {}, 0, imported_from={"path": str(folder)})
     rundir.save_gpt(plain, tiny_model(), {}, 0)
