@@ -769,10 +769,10 @@ def check_runs(runs, save_pruned, out, same_architecture=True):
         if not os.path.isfile(rundir.file(run, rundir.CKPT)):
             raise UserError(f"checkpoint {rundir.file(run, rundir.CKPT)} does not exist (train the run with train.py, "
                             f"or pass --runs <run dir>)")
-        kind, mc = rundir.read_model_config(run)
+        kind, _ = rundir.read_model_config(run)
         if kind != "gpt":
             raise UserError(f"{run} holds a {kind} model: prune.py prunes language models")
-        rundir.check_weights_match(run, rundir.model_state(run, rundir.read_checkpoint(run)), mc)   # memory-mapped: no weights read
+        _, _, mc = rundir.read_gpt(run)   # weights checked against the config, memory-mapped: none read
         configs.append({k: v for k, v in mc.items() if k != "passthrough"})   # pruning scores every layer
     for run, mc in zip(runs[1:], configs[1:] if same_architecture else []):
         diff = sorted(k for k in mc.keys() | configs[0].keys() if mc.get(k) != configs[0].get(k))

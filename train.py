@@ -156,10 +156,8 @@ def init_weights(cfg, given):
     if os.path.realpath(run) == os.path.realpath(cfg["out_dir"]):
         raise UserError(f"init_from={value} is out_dir's own checkpoint: continue the run with --init_from=resume, "
                         f"or start a new run from its weights in another --out_dir")
-    ckpt = rundir.read_checkpoint(run)
-    ckpt = {k: v for k, v in ckpt.items() if k != "sharded"} | {"model": rundir.model_state(run, ckpt)}   # FSDP's too
-    _, config = rundir.read_model_config(run)
-    rundir.check_weights_match(run, ckpt["model"], config)
+    ckpt, weights, config = rundir.read_gpt(run)
+    ckpt = {k: v for k, v in ckpt.items() if k != "sharded"} | {"model": weights}   # FSDP's too, gathered
     check_given_model_keys(config, cfg, given, f"init_from={value}")
     source = {"path": os.path.abspath(run), "iter_num": ckpt.get("iter_num", 0), "save_id": rundir.checkpoint_id(ckpt)}
     return ckpt, GPTConfig(**config), source
@@ -295,8 +293,7 @@ def main(argv):
     elif source:
         log(f"weights from {source['path']} (step {source['iter_num']} of its run); a fresh optimizer and schedule, "
             f"{model_cfg.n_layer} layers")
-    loop = Loop(cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro)
-    loop.initialised_from, loop.t_start = source, t_start
+    loop = Loop(cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro, t_start, source)
     if cfg["equalize"]:
         if iter_num and not ckpt_clip and not cfg["equalize_clip_factor"]:
             raise UserError(f"{cfg['out_dir']}/ckpt.pt does not record its equalisation clip factor (an earlier "
@@ -345,7 +342,8 @@ class Loop:
     """The training loop: evaluation and checkpoint every eval_interval, one optimizer step per
     iteration, a log line every log_interval (the only host syncs)."""
 
-    def __init__(self, cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro):
+    def __init__(self, cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro, t_start,
+                 initialised_from):
         self.cfg, self.train_cfg, self.d, self.log, self.micro = cfg, train_cfg, d, log, micro
         self.raw_model, self.model, self.eval_model = raw_model, model, eval_model
         self.optimizer, self.step, self.dump = optimizer, step, dump
@@ -353,9 +351,9 @@ class Loop:
         self.guard = FiniteGuard()
         self.history = {"loss": {}, "val": {}}   # what the log printed; main() returns it (tests)
         self.equalize_clip = None   # how the equalisation clip factor was set (equalize=True)
-        self.initialised_from = None   # init_from=<checkpoint>: where the weights came from
+        self.initialised_from = initialised_from   # init_from=<checkpoint>: where the weights came from
         self.stop_iter = cfg["stop_iter"]   # stop_after_min moves it to the step where time ran out
-        self.t_start = time.time()   # main() sets its own start: stop_after_min counts from there
+        self.t_start = t_start   # main()'s start: stop_after_min counts from there
         self.wandb = None
         if cfg["wandb_log"] and d.master:
             import wandb

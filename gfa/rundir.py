@@ -164,6 +164,11 @@ def write_model_config(run, kind, config):
     atomic_write_json({"kind": kind, "config": dict(config)}, file(run, MODEL_CONFIG), indent=1)
 
 
+def _with_defaults(kind, config):
+    # a GPT run of an earlier version lacks the fields added since: their defaults are what it ran with
+    return GPTConfig.defaults() | config if kind == "gpt" else config
+
+
 def read_model_config(run):
     """(kind, config dict) of a run: model_config.json, else (runs of earlier versions) the
     architecture inside its checkpoint, or a ResNet run known by its importance metric. A GPT
@@ -176,13 +181,11 @@ def read_model_config(run):
         except (OSError, ValueError) as e:
             raise UserError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
         kind, config = (d["kind"], d["config"]) if "kind" in d else ("gpt", d)   # earlier versions: a bare GPTConfig
-        # a GPT run of an earlier version lacks the fields added since: their defaults are what it ran with
-        return kind, (GPTConfig.defaults() | config if kind == "gpt" else config)
+        return kind, _with_defaults(kind, config)
     if os.path.isfile(file(run, CKPT)) or os.path.isfile(file(run, OLD_RESNET_CKPT)):
         ckpt = read_checkpoint(run, kind=None)
         if "model_config" in ckpt:
-            return ckpt["kind"], (GPTConfig.defaults() | ckpt["model_config"] if ckpt["kind"] == "gpt"
-                                  else ckpt["model_config"])
+            return ckpt["kind"], _with_defaults(ckpt["kind"], ckpt["model_config"])
     if (read_importance(run) or {}).get("metric") == "top1_drop":
         return "resnet", {}
     raise UserError(f"{run} has no {MODEL_CONFIG}: not a run directory (train one with train.py or resnet.py)")
@@ -314,13 +317,20 @@ def check_weights_match(run, weights, config):
                         f"run's files do not belong together; restore them from one run")
 
 
-def load_gpt(run, device="cpu"):
-    """(GPT on device, checkpoint dict) of a run directory; weights that do not fit its config are a
-    one-line error."""
+def read_gpt(run):
+    """(checkpoint dict, its weights as a state dict (FSDP's gathered from their shards; memory-mapped
+    otherwise), the GPTConfig dict of model_config.json) of a GPT run directory, checked to belong
+    together: weights that do not fit the config are a one-line error."""
     ckpt = read_checkpoint(run, kind="gpt")
-    kind, config = read_model_config(run)
+    _, config = read_model_config(run)
     weights = model_state(run, ckpt)
     check_weights_match(run, weights, config)
+    return ckpt, weights, config
+
+
+def load_gpt(run, device="cpu"):
+    """(GPT on device, checkpoint dict) of a run directory (read_gpt's checks)."""
+    ckpt, weights, config = read_gpt(run)
     model = GPT(GPTConfig(**config))
     model.load_state_dict(weights)
     return model.to(device), ckpt

@@ -259,6 +259,7 @@ class GradStep:
         layer = [layer_of(n) for n in self.norms.names]
         layers = list(dict.fromkeys(n for n in layer if n))
         dev = self.params[0].device
+        self.layer_groups = [g for g, n in enumerate(layer) if n is not None]
         self.is_layer = torch.tensor([n is not None for n in layer], device=dev)
         self.layer_index = torch.tensor([layers.index(n) if n else 0 for n in layer], device=dev)   # group -> layer
         self.n_layers = len(layers)
@@ -268,11 +269,11 @@ class GradStep:
         layer_norms = torch.zeros(self.n_layers, device=norms.device).index_add_(0, self.layer_index, sq).sqrt()
         layer_scale = torch.where(layer_norms > 0, layer_norms.max() / layer_norms, torch.ones_like(layer_norms))
         scale = torch.where(self.is_layer, layer_scale[self.layer_index], torch.ones_like(norms))
-        for g, params in enumerate(self.groups):
-            grads = [local_shard(p.grad) for p in params if p.grad is not None]
+        for g in self.layer_groups:   # the other groups keep scale 1: nothing to do
+            grads = [local_shard(p.grad) for p in self.groups[g] if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, scale[g])   # 0-dim device tensor: no host sync
-        return self.norms()
+        return norms * scale   # each group's norm scaled with it: no second norm pass (nor FSDP all-reduce)
 
     def __call__(self):
         norms = self.norms()
