@@ -507,9 +507,7 @@ def train_row(item, dtype, args, device):
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(1, model.config.vocab_size, (B, T), generator=g).to(device)
     y = torch.randint(1, model.config.vocab_size, (B, T), generator=g).to(device)
-    try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+    try:   # peak memory: time_train_variants' own, per variant
         make = train_steps(model, lambda m: m(x, y)[1], ctx, args, device)
         variants = ["nodump", "dump", "dump_clip"] + (["fused"] if args.fused_ce else [])
         step, times, peak, row["compile_s"], row["note"] = time_train_variants(
@@ -523,8 +521,6 @@ def train_row(item, dtype, args, device):
         for v in variants[1:]:   # the fused step against the same step unfused (dump), the others against nodump
             base = row["dump" if v == "fused" else "nodump"]["ms_step"]
             row[v]["overhead_pct"] = 100 * (row[v]["ms_step"] / base - 1)
-        if device.type == "cuda":
-            row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     except Exception as e:
         traceback.print_exc()
         row["error"] = one_line(e)
@@ -544,18 +540,15 @@ def fsdp_train_row(item, x, y, ctx, ours, args, device):
         torch.manual_seed(args.seed)
         _, model = build(item, torch.device("cpu"), args.seq)   # fully_shard moves each shard to the device
         model.train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         sharding.shard(model, d, ours["dtype"], compile=args.compile != "none")
         make = train_steps(model, lambda m: m(x, y)[1], ctx, args, device)
-        _, times, _, row["compile_s"], row["note"] = time_train_variants(
+        _, times, peak, row["compile_s"], row["note"] = time_train_variants(
             lambda mode, fullgraph: make("none", fullgraph),   # compiled per block by shard()
             ["dump"], f"{ours['model']} FSDP train ({ours['dtype']})", args, device)
         row["dump"] = step_stats(times["dump"], ours["tokens"], ours["flops_per_token_fwd"],
                                  peak_flops(device, ours["dtype"]))
         row["dump"]["overhead_pct"] = 100 * (row["dump"]["ms_step"] / ours["dump"]["ms_step"] - 1)
-        if device.type == "cuda":
-            row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        row["dump"]["max_memory_gb"] = peak["dump"]
     except Exception as e:
         traceback.print_exc()
         row["error"] = one_line(e)
@@ -571,15 +564,12 @@ def hf_train_row(model, x, y, ctx, ours, args, device):
 
     def measure(hf, row):
         hf.train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         make = train_steps(hf, lambda m: cross_entropy(m(input_ids=x, use_cache=False).logits, y), ctx, args, device)
-        _, times, _, row["compile_s"], row["note"] = time_train_variants(make, ["nodump"], label, args, device)
+        _, times, peak, row["compile_s"], row["note"] = time_train_variants(make, ["nodump"], label, args, device)
         row["nodump"] = step_stats(times["nodump"], ours["tokens"], ours["flops_per_token_fwd"],
                                    peak_flops(device, ours["dtype"]))
+        row["nodump"]["max_memory_gb"] = peak["nodump"]
         ours["speedup_vs_hf"] = row["nodump"]["ms_step"] / ours["nodump"]["ms_step"]
-        if device.type == "cuda":
-            row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return hf_twin_row(model, ours, ("config", "dtype", "batch", "seq", "tokens", "flops_per_token_fwd"), label,
                        device, measure)
 
@@ -596,7 +586,7 @@ def train_markdown(rows, ref):
                 s = r[v]
                 lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} x {r['seq']} | {v} | {s['ms_step']:.1f} | "
                              f"{s['iqr_ms']:.1f} | {s['tok_s']:,.0f} | {fmt(s['mfu_pct'], '.1f') + (' %' if s['mfu_pct'] is not None else '')} | "
-                             f"{fmt(s.get('overhead_pct'), '+.2f')} | {fmt(s.get('max_memory_gb') or r.get('max_memory_gb'), '.1f')} |")
+                             f"{fmt(s.get('overhead_pct'), '+.2f')} | {fmt(s.get('max_memory_gb'), '.1f')} |")
     return "\n".join(lines)
 
 

@@ -195,14 +195,13 @@ def load_tasks(names, include_path=None):
                         f"missing, or the hub is out of reach (offline, use task YAMLs over local files)") from None
 
 
-def evaluate_tasks(model, tasks, device, dtype="float32", limit=0, max_tokens=16384, log_samples=False, tok=None):
+def evaluate_tasks(model, tasks, device, dtype="float32", limit=0, max_tokens=16384, tok=None):
     """{task: {metric: value}} of a model (its passthrough as set) on load_tasks()' tasks, zero-shot.
     Metrics are lm-eval's (acc, acc_norm, ...; a filter other than 'none' is kept in the name).
-    log_samples=True returns (metrics, lm-eval's per-item samples); tok: the model's Tokenizer (default: its
-    vocabulary's)."""
+    tok: the model's Tokenizer (default: its vocabulary's)."""
     from lm_eval.evaluator import evaluate
     lm = GFALM(model=model, device=device, dtype=dtype, max_tokens=max_tokens, tok=tok)
-    res = evaluate(lm, tasks, limit=limit or None, log_samples=log_samples, bootstrap_iters=0)
+    res = evaluate(lm, tasks, limit=limit or None, log_samples=False, bootstrap_iters=0)
     out = {}
     for task, metrics in res["results"].items():
         out[task] = {}
@@ -210,7 +209,7 @@ def evaluate_tasks(model, tasks, device, dtype="float32", limit=0, max_tokens=16
             name, _, filt = key.partition(",")
             if filt and isinstance(value, (int, float)) and "stderr" not in name:
                 out[task][name if filt == "none" else key] = float(value)
-    return (out, res["samples"]) if log_samples else out
+    return out
 
 
 if __name__ == "__main__":   # lm-eval's command line, with "gfa" registered; our mistakes as one line

@@ -11,15 +11,17 @@ and 1000, and the first step at which it is below zero.
 """
 import json
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STUDY = os.path.join(ROOT, "docs", "runs", "study")
+sys.path.insert(0, ROOT)
+from gfa import rundir  # noqa: E402
+
 LATE = {16: range(8, 16), 8: range(4, 8)}   # Figure 5's late layers: 8-15 of 16, the repeated 4-7 of 8
 
 
-def late_importance(run):
-    with open(os.path.join(STUDY, run, "importance.json")) as f:
-        imp = json.load(f)
+def late_importance(imp):
     d = imp["importance"]
     late = sum(d[i] for i in LATE[len(d)])
     return imp["baseline"], late, late / sum(d[1:])
@@ -38,8 +40,9 @@ def drift_rows(summary):
 def main():
     print("run | held-out PPL | late layers' summed dPPL | their share of layers 1..N-1")
     for run in sorted(os.listdir(STUDY)):
-        if os.path.isfile(os.path.join(STUDY, run, "importance.json")):
-            ppl, late, share = late_importance(run)
+        imp = rundir.read_importance(os.path.join(STUDY, run))
+        if imp:
+            ppl, late, share = late_importance(imp)
             print(f"{run} | {ppl:.2f} | {late:.1f} | {100 * share:.0f} %")
     summary = os.path.join(ROOT, "docs", "figs", "study_drift", "fanin_summary.json")
     print("\nrun | Spearman(share to step t, fan-in) at t = 100 / 200 / 500 / 1000 | first step below 0 | settles")
