@@ -176,7 +176,7 @@ def config_text(cfg, header):
     lines = ["# " + line for line in header] + [""]
     for f in fields(GPTConfig):
         v = getattr(cfg, f.name)
-        if f.name in always or (v != defaults[f.name] and f.name != "passthrough"):
+        if f.name in always or v != defaults[f.name]:
             lines.append(f"{f.name} = {v!r}")
     return "\n".join(lines) + "\n"
 

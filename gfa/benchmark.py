@@ -17,7 +17,7 @@ from gfa import rundir
 from gfa.cli import UserError, gpt_config
 from gfa.data import REPO
 from gfa.device import autocast_for
-from gfa.hf_llama import check_llama_blocks, hf_config
+from gfa.hf_llama import check_llama_blocks, hf_config, is_plain_llama
 from model import GPT, GPTConfig
 
 
@@ -78,8 +78,7 @@ def cost_tflop(model, tokens):
 
 
 def uniform(model):
-    return (len(set(model.heads)) == 1 and len(set(model.ffns)) == 1 and set(model.repeats) == {1}
-            and not model.passthrough)
+    return is_plain_llama(model) and set(model.repeats) == {1} and not model.passthrough
 
 
 def build_hf(model, device):

@@ -145,7 +145,7 @@ class GFALM(TemplateLM):
         with self.ctx:
             logits, _ = model(torch.tensor([ids], device=dev), kv_cache=cache, pos=0, last_only=True)
             nxt = logits[:, -1].float().argmax(dim=-1, keepdim=True)
-            out = []
+            out, positions = [], torch.arange(len(ids), len(ids) + new, device=dev)
             for step in range(new):
                 t = int(nxt)   # the stop strings are checked on text: one host sync per token
                 if t == self.tok.eot:
@@ -154,7 +154,7 @@ class GFALM(TemplateLM):
                 if until and any(u in self.tok.decode(out) for u in until):
                     break
                 if step + 1 < new:
-                    nxt = model.decode_step(nxt, torch.tensor(len(ids) + step, device=dev), cache)
+                    nxt = model.decode_step(nxt, positions[step], cache)
         text = self.tok.decode(out)
         for u in until:
             text = text.split(u)[0]
