@@ -7,6 +7,7 @@ with optional healing and the speed of the physically pruned models.
     python prune.py --runs out/a --k 4 --methods cfp --save_pruned out/a_cfp4   # a smaller run directory
     python prune.py --combine out/a/prune/results.json out/b/prune/results.json --out t1   # seeds pruned apart
     python prune.py --runs out/layerskip out/vanilla_16l --exits   # early exit: PPL, HellaSwag after every layer
+    python prune.py --combine out/a/exits/exits.json out/b/exits/exits.json --out ee   # curves measured apart
     python prune.py --runs out/a out/b out/c --k 2,4,8 --methods cfp,similarity,taylor,magnitude,block_influence,sleb \
         --tasks piqa,winogrande,hellaswag,arc_easy,arc_challenge --heal_tokens 2e7 --speed   # the whole study
 
@@ -729,7 +730,7 @@ def plot_exits(results, path):
             label = r["run"] + (" (deep supervision)" if r["deep_supervision"] else "")
             ax.plot([x["exit"] for x in r["exits"]], [x[key] for x in r["exits"]], marker="o", label=label)
         ax.set_xlabel("exit after layer E")
-        ax.set_ylabel({"ppl": "held-out PPL (log)", "acc_norm": "HellaSwag acc_norm"}[key])
+        ax.set_ylabel({"ppl": "held-out PPL (log)", "acc_norm": "multiple-choice acc_norm"}[key])
     axes[0][0].set_yscale("log")
     axes[0][0].legend()
     fig.tight_layout()
@@ -840,7 +841,8 @@ def parse(argv):
     p.add_argument("--keep_models", action="store_true", help="keep the checkpoints of the pruned and healed models "
                    "(default: only the healed runs' logs and dumps stay)")
     p.add_argument("--combine", nargs="+", default=None, help="results.json files of earlier prune.py calls "
-                   "(e.g. one per seed, run on different machines): one table over all their runs, no model loaded")
+                   "(e.g. one per seed, run on different machines): one table over all their runs, no model loaded; "
+                   "or exits.json files of --exits calls: one early-exit table and plot over their runs")
     p.add_argument("--device", default="", help="default cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", help="float32 (the paper), tf32 or bfloat16")
     p.add_argument("--out", default=None, help="folder for table1.md, table1_ppl.png, results.json "
@@ -889,6 +891,8 @@ def mc_file(args):
 def main(argv):
     args = parse(argv)
     if args.combine:
+        if is_exits_file(args.combine[0]):
+            return write_exits(*combine_exits(args.combine), args.out or "exits_combined")
         return write_table(*combine(args.combine), args.out or "prune_combined")
     ks, methods = parse_ks(args.k), parse_methods(args.methods)
     check_args(args, ks, methods)
@@ -931,20 +935,51 @@ def main(argv):
     return write_table(results, ks, methods, settings, args.out)
 
 
+def read_results(path):
+    """One results.json or exits.json of an earlier prune.py call, or a one-line error."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--combine {path}: cannot read it as JSON ({type(e).__name__}): give results.json or "
+                        f"exits.json files of prune.py") from None
+
+
+def is_exits_file(path):
+    r = read_results(path)
+    return isinstance(r, dict) and isinstance(r.get("runs"), list) and bool(r["runs"]) and "exits" in r["runs"][0]
+
+
+def combine_exits(paths):
+    """The runs of several exits.json files (prune.py --exits), for one early-exit table and plot:
+    (results, multiple-choice file). Runs without accuracy leave the accuracy columns out for all."""
+    runs, mc = [], set()
+    for path in paths:
+        if not is_exits_file(path):
+            raise UserError(f"--combine {path}: not an exits.json of prune.py --exits; combine exits.json files "
+                            f"with exits.json files only")
+        r = read_results(path)
+        runs += r["runs"]
+        mc.add(r.get("mc_file", "none"))
+    if not all("acc" in r["exits"][0] for r in runs):
+        runs = [dict(r, exits=[{k: v for k, v in x.items() if k not in ("acc", "acc_norm")} for x in r["exits"]])
+                for r in runs]
+    return runs, " + ".join(sorted(mc))
+
+
 def combine(paths):
     """The runs of several results.json files, checked to be one table: (results, ks, methods, settings).
     Speed may come from some of them only (it is per architecture, not per seed: time one seed)."""
     runs, first, timed = [], None, {}
     for path in paths:
+        r = read_results(path)
         try:
-            with open(path) as f:
-                r = json.load(f)
             settings = dict(r.get("settings", {}), mc_file=r.get("mc_file", r.get("settings", {}).get("mc_file", "none")))
             if settings.get("speed"):
                 timed = {k: settings[k] for k in ("speed", "bench_args")}
             key = (r["ks"], r["methods"], {k: v for k, v in settings.items() if k not in ("speed", "bench_args")})
             runs += r["runs"]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"--combine {path}: not a results.json of prune.py ({type(e).__name__})") from None
         if first is not None and key != first[1]:
             raise UserError(f"--combine: {path} was made with other --k, --methods, multiple-choice file or "

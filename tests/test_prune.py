@@ -304,6 +304,19 @@ def test_exits_curve_equals_the_models_cut_above_each_exit(tmp_path, byte_data):
     assert [len(r["exits"]) for r in res] == [4, 3] and (out / "exits.png").stat().st_size > 0
     assert json.loads((out / "exits.json").read_text())["runs"] == json.loads(json.dumps(res))
     assert len((out / "exits.md").read_text().splitlines()) == 4 + 4   # title, blank, header, rule, E = 1..4
+    # each run's curve measured apart (one machine per run), then --combine: the same table and runs
+    for i, run in enumerate(runs):
+        prune.main(["--runs", run, "--exits", "--hellaswag", hs, "--eval_batches", "2", "--batch_size", "4",
+                    "--device", "cpu", "--out", str(tmp_path / f"apart{i}")])
+    both = prune.main(["--combine", *[str(tmp_path / f"apart{i}" / "exits.json") for i in (0, 1)],
+                       "--out", str(tmp_path / "joined")])
+    assert json.loads(json.dumps(both)) == json.loads(json.dumps(res))
+    assert (tmp_path / "joined" / "exits.md").read_text() == (out / "exits.md").read_text()
+    with pytest.raises(UserError, match="exits.json files only"):
+        prune.main(["--combine", str(tmp_path / "joined" / "exits.json"),
+                    write_jsonl(tmp_path / "table1.json", [{"ks": [1], "runs": [{"n_layer": 4}]}])])
+    with pytest.raises(UserError, match="cannot read it as JSON"):
+        prune.main(["--combine", str(tmp_path / "absent.json")])
     val = load_tokens(str(byte_data / "val.bin"), 256)
     items = load_multiple_choice(hs)
     no_autocast = torch.autocast("cpu", enabled=False)
