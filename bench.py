@@ -47,7 +47,7 @@ from gfa import rundir, sharding
 from gfa.benchmark import (CpuEvent, build, build_hf, compiled, copy_bandwidth, cost_tflop, decode_bytes_per_step,
                            first_call, free, item_params, one_line, profile, resolve, set_dtype, stats, sync, time_calls,
                            uniform, uses_cudagraphs)
-from gfa.cli import ArgumentParser, UserError, cli
+from gfa.cli import ArgumentParser, UserError, cli, int_list
 from gfa.data import eval_batches, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, peak_flops, pick_device
 from gfa.training import GradStep, adamw, clip_coef, scaled_step, teardown
@@ -263,16 +263,23 @@ def decode_row(item, dtype, args, device):
     return rows + (speculative_rows(item, name, model, dtype, ctx, args) if args.exit_layers else [])
 
 
+def static_cache(model, batch, length, dtype, compile_mode):
+    """The model's KV cache for static-shape steps. Under CUDA graphs it is marked static: the steps
+    write it in place, so the graphs must not copy it in as an input."""
+    cache = model.new_kv_cache(batch, length, dtype=dtype)
+    if uses_cudagraphs(compile_mode):
+        for kv in cache:
+            for t in kv:
+                torch._dynamo.mark_static_address(t)
+    return cache
+
+
 def time_decode(model, name, B, dtype, ctx, args, device):
     P, N = args.prompt_len, args.new_tokens
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(1, model.config.vocab_size, (B, P), generator=g).to(device)
     kv_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    cache = model.new_kv_cache(B, P + N, dtype=kv_dtype)
-    if uses_cudagraphs(args.compile):   # the cache is written in place: keep it out of graph inputs' copies
-        for kv in cache:
-            for t in kv:
-                torch._dynamo.mark_static_address(t)
+    cache = static_cache(model, B, P + N, kv_dtype, args.compile)
     Event = (lambda: torch.cuda.Event(enable_timing=True)) if device.type == "cuda" else CpuEvent
     ev, times = (Event(), Event()), []
 
@@ -346,12 +353,8 @@ def speculative_rows(item, name, model, dtype, ctx, args):
     P, N = args.prompt_len, args.new_tokens
     device = model.lm_head.weight.device
     prompts, source = decode_prompts(item, model.config.vocab_size, args.runs, P, args.seed, device)
-    cache = model.new_kv_cache(1, P + N + max(args.draft_lens), dtype=torch.bfloat16 if dtype == "bfloat16" else
-                               torch.float32)
-    if uses_cudagraphs(args.compile):
-        for kv in cache:
-            for t in kv:
-                torch._dynamo.mark_static_address(t)
+    cache = static_cache(model, 1, P + N + max(args.draft_lens), torch.bfloat16 if dtype == "bfloat16" else
+                         torch.float32, args.compile)
     base = {"config": name, "model": pretty(name), "dtype": dtype, "prompts": len(prompts), "prompt_source": source,
             "prompt_len": P, "new_tokens": N}
 
@@ -642,7 +645,7 @@ def parse(argv):
     if a.compile is None:
         a.compile = "none" if not a.device.startswith("cuda") else ("reduce-overhead" if a.mode == "decode" else "default")
     defaults = {"inference": (1, 10, 100), "decode": (1, 3, 10), "train": (8, 3, 20)}[a.mode]
-    a.batches = parse_ints(a.batch, "--batch") if a.batch is not None else [defaults[0]]
+    a.batches = int_list(a.batch, "--batch", "1,16") if a.batch is not None else [defaults[0]]
     if len(a.batches) > 1 and a.mode != "decode":
         raise UserError(f"--batch {a.batch}: several batch sizes are for --mode decode; give one")
     a.batch = a.batches[0]
@@ -654,7 +657,7 @@ def parse(argv):
     a.dtypes = list(dict.fromkeys(DTYPES[d] for d in a.dtype.split(",")))
     if min(a.batch, a.seq, a.runs, a.rounds, a.prompt_len, a.fused_ce_chunk) < 1 or a.warmup < 0:
         raise UserError("--batch, --seq, --runs, --rounds, --prompt_len, --fused_ce_chunk must be >= 1 and --warmup >= 0")
-    a.exit_layers, a.draft_lens = parse_ints(a.exit_layer, "--exit_layer"), parse_ints(a.draft_len, "--draft_len")
+    a.exit_layers, a.draft_lens = int_list(a.exit_layer, "--exit_layer", "4,8"), int_list(a.draft_len, "--draft_len", "2,4")
     if a.exit_layers and (a.mode != "decode" or a.batches != [1] or not a.draft_lens):
         raise UserError("--exit_layer (self-speculative decoding) needs --mode decode, --batch 1 and a --draft_len")
     a.items = a.configs + a.ckpt or (["vanilla_16l"] if a.mode == "train" else TABLE2)
@@ -665,14 +668,6 @@ def parse(argv):
             raise UserError(f"{it} has {params / 1e6:,.0f}M parameters: too big to time on the CPU (no GPU is in use); "
                             f"on a CPU time the tiny models, e.g. python bench.py tiny/vanilla_16l tiny/cascade_a2")
     return a
-
-
-def parse_ints(text, option):
-    """'4,6,8' -> [4, 6, 8] (positive integers); '' -> []."""
-    parts = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not all(t.isdigit() and int(t) > 0 for t in parts):
-        raise UserError(f"{option} {text!r}: give positive integers separated by commas, e.g. {option} 2,4")
-    return [int(t) for t in parts]
 
 
 def main(argv):

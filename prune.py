@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from gfa import rundir
-from gfa.cli import ArgumentParser, UserError, cli
+from gfa.cli import ArgumentParser, UserError, cli, int_list
 from gfa.data import DATA, get_batch, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, pick_device
 from gfa.hf_llama import source_tokenizer
@@ -262,10 +262,10 @@ def print_ranking(name, scores, what):
 
 # ---- run-level work ---------------------------------------------------------------------------
 def parse_ks(text):
-    parts = [v.strip() for v in str(text).split(",")]
-    if not all(p.isdigit() for p in parts):
-        raise UserError(f"--k {text!r}: give positive integers separated by commas, e.g. --k 1,2,4,6,8")
-    return sorted(set(int(p) for p in parts))
+    ks = int_list(text, "--k", "1,2,4,6,8", minimum=0)   # 0 gets the range error, which names the valid ks
+    if not ks:
+        raise UserError(f"--k {text!r}: give the numbers of layers to remove, e.g. --k 1,2,4,6,8")
+    return sorted(set(ks))
 
 
 def parse_methods(text):

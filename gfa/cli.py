@@ -62,6 +62,15 @@ def cli(main):
         sys.exit(1)
 
 
+def int_list(text, option, example, minimum=1):
+    """'4,6,8' -> [4, 6, 8], in the order given ('' -> []); anything but integers >= minimum separated
+    by commas is a one-line error that shows `example`."""
+    parts = [t.strip() for t in str(text).split(",")] if str(text).strip() else []
+    if not all(t.isdigit() and int(t) >= minimum for t in parts):
+        raise UserError(f"{option} {text!r}: give integers >= {minimum} separated by commas, e.g. {option} {example}")
+    return [int(t) for t in parts]
+
+
 class _Namespace(dict):
     """A config file's namespace: it remembers the names the file reads."""
 

@@ -1,5 +1,5 @@
 """gfa/cli.py: the configurator (types, unknown keys, files composed in order, a variant written
-relative to a scale, the default run name) and the one-line errors, in process and once end to end."""
+relative to a scale, the default run name), comma lists of integers and the one-line errors, in process and once end to end."""
 import json
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gfa.cli import UserError, cli, config_name, gpt_config, read_config
+from gfa.cli import UserError, cli, config_name, gpt_config, int_list, read_config
 from helpers import one_line_error
 from model import GPTConfig
 
@@ -128,3 +128,11 @@ print(json.dumps(out))
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (script, code, err)
     assert results["fanin.py"][1].strip() == "error: unknown config key 'n_layr' in --n_layr=3 (did you mean n_layer?)"
+
+
+def test_int_list_keeps_the_order_and_names_the_fix():
+    assert int_list("4, 8,2", "--exit_layer", "4,8") == [4, 8, 2] and int_list("", "--exit_layer", "4,8") == []
+    assert int_list("0,3", "--k", "1,2", minimum=0) == [0, 3]
+    for bad in ("1,,2", "0", "2,x", "-1", "1.5"):
+        with pytest.raises(UserError, match=r"--batch '.*': give integers >= 1 separated by commas, e.g. --batch 1,16"):
+            int_list(bad, "--batch", "1,16")
