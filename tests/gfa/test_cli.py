@@ -1,5 +1,6 @@
 """gfa/cli.py: the configurator (types, unknown keys, files composed in order, a variant written
-relative to a scale, the default run name), comma lists of integers and the one-line errors, in process and once end to end."""
+relative to a scale, the default run name), comma lists of integers and the one-line errors, in
+process and once end to end."""
 import json
 import subprocess
 import sys
