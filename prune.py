@@ -452,27 +452,45 @@ def heal_argv(train_config, pruned, healed, ddir, T, args):
                "--equalize=False", "--overwrite=True", f"--device={args.device}"] + shlex.split(args.heal_args))
 
 
+MEASURE_KEYS = ("eval_batches", "batch_size", "hellaswag", "hs_items", "hs_tokens", "tasks", "task_limit",
+                "include_path", "dtype")   # what measurer()'s numbers depend on, besides the model
+
+
 def heal_cells(res, model, ckpt, run, tag, ddir, measure, args, device):
     """Every distinct pruned model of a run, saved with its layers removed, healed by train.py and measured
-    again: cell['healed']. Only the healed runs' logs and dumps stay unless --keep_models."""
+    again: cell['healed']. Only the healed runs' logs, dumps and healed.json stay unless --keep_models.
+    A model healed and measured the same way by an earlier call (its healed.json) is not healed again,
+    so a call stopped half-way goes on where it stopped."""
     healed_of = {}
     for name, cell in res["cells"].items():
         key = frozenset(cell["layers"])
         if key not in healed_of:
-            pruned = os.path.join(args.out, "models", f"{tag}_{set_tag(key)}")
-            healed = os.path.join(args.out, "healed", f"{tag}_{set_tag(key)}")
             by = [n for n, c in res["cells"].items() if frozenset(c["layers"]) == key]
-            save_pruned(pruned, model, ckpt, sorted(key), run, by)
-            run_script("train.py", heal_argv(ckpt.get("train_config") or {}, pruned, healed, ddir,
-                                              model.config.block_size, args))
-            healed_model, _ = rundir.load_gpt(healed, device)
-            healed_of[key] = dict(measure(healed_model), run_dir=healed)
-            del healed_model
-            if not args.keep_models:
-                shutil.rmtree(pruned)
-                os.remove(rundir.file(healed, rundir.CKPT))
+            healed_of[key] = heal_one(sorted(key), by, model, ckpt, run, tag, ddir, measure, args, device)
         cell["healed"] = healed_of[key]
         print(f"  {name:<12} healed ({args.heal_tokens:,.0f} tokens): {_fmt_metrics(cell['healed'])}")
+
+
+def heal_one(layers, by, model, ckpt, run, tag, ddir, measure, args, device):
+    pruned = os.path.join(args.out, "models", f"{tag}_{set_tag(layers)}")
+    healed = os.path.join(args.out, "healed", f"{tag}_{set_tag(layers)}")
+    argv = heal_argv(ckpt.get("train_config") or {}, pruned, healed, ddir, model.config.block_size, args)
+    stamp = {"source": run, "checkpoint": rundir.checkpoint_id(ckpt), "removed_layers": layers, "train_argv": argv,
+             "measure": {k: getattr(args, k) for k in MEASURE_KEYS}}
+    done = rundir.read_healed(healed, stamp)
+    if done is not None:
+        print(f"  {set_tag(layers)}: healed and measured by an earlier call ({healed}/{rundir.HEALED}): reused")
+        return done
+    save_pruned(pruned, model, ckpt, layers, run, by)
+    run_script("train.py", argv)
+    healed_model, _ = rundir.load_gpt(healed, device)
+    metrics = dict(measure(healed_model), run_dir=healed)
+    del healed_model
+    rundir.write_healed(healed, stamp, metrics)
+    if not args.keep_models:
+        shutil.rmtree(pruned)
+        os.remove(rundir.file(healed, rundir.CKPT))
+    return metrics
 
 
 def architecture(config):

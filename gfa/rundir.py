@@ -24,6 +24,11 @@ The run directory: one folder per run, read and written only through this module
                               the settings and the checkpoint's save_id it was measured with) or
                               resnet.py (top1_drop, with that save_id too)
     <run>/log.txt             the training log
+    <run>/healed.json         in a run that healed a pruned model (prune.py --heal_tokens): what was
+                              healed and measured how ("stamp": the source checkpoint's save_id, the
+                              removed layers, train.py's arguments, the measurement's settings) and
+                              the measurement ("metrics"); a later prune.py call with the same stamp
+                              reuses it instead of healing again
     fanin.py also writes fanin_summary.json and its figures there, prune.py a prune/ folder.
 
 Every write of these files is atomic (a temporary file, then a rename; log.txt is appended line
@@ -51,8 +56,8 @@ from gfa.cli import UserError
 from gfa.theory import accumulated_share, layer_of
 from model import GPT, GPTConfig
 
-CKPT, MODEL_CONFIG, GRAD_DUMP, IMPORTANCE, LOG = (
-    "ckpt.pt", "model_config.json", "grad_norms.npz", "importance.json", "log.txt")
+CKPT, MODEL_CONFIG, GRAD_DUMP, IMPORTANCE, LOG, HEALED = (
+    "ckpt.pt", "model_config.json", "grad_norms.npz", "importance.json", "log.txt", "healed.json")
 KINDS = ("gpt", "resnet")
 OLD_RESNET_CKPT = "resnet_ckpt.pt"   # resnet.py's checkpoint before checkpoints carried their kind
 
@@ -130,7 +135,8 @@ def atomic_write_text(text, path):
 # ---- model config and checkpoint ------------------------------------------------------------------
 # what a run's scripts write into its folder: --overwrite removes all of it, so nothing of the
 # replaced run stays beside the new one
-_RUN_OUTPUTS = (CKPT, GRAD_DUMP, OLD_RESNET_CKPT, IMPORTANCE, LOG, "fanin_summary.json", "fig*.png", "*_fig*.png")
+_RUN_OUTPUTS = (CKPT, GRAD_DUMP, OLD_RESNET_CKPT, IMPORTANCE, LOG, HEALED, "fanin_summary.json", "fig*.png",
+                "*_fig*.png")
 SHARDED = "ckpt_sharded"   # the folder of sharded checkpoints (parallel='fsdp')
 
 
@@ -493,6 +499,23 @@ def read_importance(run):
 
 def write_importance(run, result):
     atomic_write_json(result, file(run, IMPORTANCE), indent=1)
+
+
+# ---- healing -----------------------------------------------------------------------------------------
+def read_healed(run, stamp):
+    """The metrics <run>/healed.json recorded for exactly this stamp, else None (none, another stamp,
+    unreadable)."""
+    path = file(run, HEALED)
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        return rec["metrics"] if rec.get("stamp") == json.loads(json.dumps(stamp)) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def write_healed(run, stamp, metrics):
+    atomic_write_json({"stamp": stamp, "metrics": metrics}, file(run, HEALED), indent=1)
 
 
 # ---- the log ----------------------------------------------------------------------------------------

@@ -336,7 +336,7 @@ def test_heal_speed_and_tasks_for_every_pruned_model(tmp_path, byte_data, monkey
     """--heal_tokens: every distinct pruned model is saved, healed by train.py for that many tokens and
     measured again (checked here against the healed run itself); --speed: bench.py times one saved model per
     architecture; --tasks (with lm-eval installed): a local lm-eval task scores every model. The scripts run
-    in process; only the healed runs' logs and dumps stay."""
+    in process; only the healed runs' logs and dumps stay. A call stopped half-way goes on where it stopped."""
     with_lm_eval = importlib.util.find_spec("lm_eval") is not None
     val = load_tokens(str(byte_data / "val.bin"), 256)
     calls, healed_loss = [], {}
@@ -393,6 +393,21 @@ def test_heal_speed_and_tasks_for_every_pruned_model(tmp_path, byte_data, monkey
         (tmp_path / f"part{i}.json").write_text(json.dumps(part))
     prune.main(["--combine", str(tmp_path / "part0.json"), str(tmp_path / "part1.json"), "--out", str(tmp_path / "c")])
     assert (tmp_path / "c" / "table1.md").read_text() == text
+    # a call stopped after some heals (one healed.json missing): the same call again heals only that one,
+    # and every number is what the uninterrupted call gave; other heal settings heal everything again
+    first = res[0]["cells"]["cfp/1"]["healed"]["run_dir"]
+    os.remove(os.path.join(first, "healed.json"))
+    again = ["--runs", *runs, "--k", "1", "--methods", "cfp,magnitude", "--hellaswag", mc, *tasks, "--eval_batches", "2",
+             "--batch_size", "4", "--device", "cpu", "--heal_tokens", "640", "--heal_args",
+             "--eval_iters=1 --eval_batch_size=2", "--out", str(out)]
+    calls.clear()
+    res2 = prune.main(again + ["--heal_lr", "1e-2"])
+    assert [a for s, a in calls if s == "train.py"] == [heals[0]] and f"--out_dir={first}" in heals[0]
+    assert [[c["healed"] for c in r["cells"].values()] for r in res2] == \
+        [[c["healed"] for c in r["cells"].values()] for r in res]
+    calls.clear()
+    prune.main(again + ["--heal_lr", "2e-2"])
+    assert len([a for s, a in calls if s == "train.py"]) == len(heals)
 
 
 # ---- bad input: one-line errors ---------------------------------------------------------------------------
