@@ -12,7 +12,8 @@ repeats [1,1,1,1,2,3,3,5] (N_virt = 17), which config/virtual_depth.py uses (VIR
 
 Accumulated gradient share (Eq. 2): per layer, the sum over optimizer steps of the L2 norm of
 its gradient, normalised over the layers. Spearman's rho with a permutation p-value (no scipy),
-linear-vs-quadratic fits of the share, mean and sample std over seeds.
+linear-vs-quadratic fits of the share, mean and sample std over seeds, and an exact two-sample
+permutation test for comparing two configs over their seeds.
 """
 import itertools
 import math
@@ -219,3 +220,23 @@ def mean_std(values):
     """Mean and sample standard deviation (ddof=1; 0 for a single value), e.g. over seeds."""
     v = np.asarray(values, dtype=np.float64)
     return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)
+
+
+def permutation_test(a, b):
+    """Two-sided exact permutation test of mean(a) - mean(b), for two configs' values over seeds (no
+    scipy): over every split of the pooled values into groups of len(a) and len(b), the fraction whose
+    |mean difference| is at least the observed one. (difference, p). With 3 and 3 seeds there are 20
+    splits, so p >= 0.1: seeds can show a difference, or fail to, but not prove a small one."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 1 or len(b) < 1:
+        raise ValueError("permutation_test needs at least one value in each group")
+    pooled, n = np.concatenate([a, b]), len(a)
+    diff = a.mean() - b.mean()
+    tol = 1e-12 * max(1.0, np.abs(pooled).max())
+    hits = total = 0
+    for idx in itertools.combinations(range(len(pooled)), n):
+        mask = np.zeros(len(pooled), dtype=bool)
+        mask[list(idx)] = True
+        hits += abs(pooled[mask].mean() - pooled[~mask].mean()) >= abs(diff) - tol
+        total += 1
+    return float(diff), hits / total

@@ -1,5 +1,5 @@
-"""The derived figures docs/RESULTS.md quotes for Figure 5 and the share drift, from the committed study
-runs (no GPU, seconds):
+"""The derived figures docs/RESULTS.md quotes for Figure 5, the share drift and Table 2's perplexity column,
+from the committed study runs (no GPU, seconds):
 
     python docs/runs/study_numbers.py            # after fanin.py wrote docs/figs/study_drift/fanin_summary.json
 
@@ -7,16 +7,19 @@ Figure 5: per run, the held-out PPL of fanin.py's importance evaluation, the sum
 increase when the layer is passed through) of the late layers, and their share of layers 1..N-1's sum
 (layer 0 is left out: it is vital in every run and would swamp the sums). Share drift: per run, the
 Spearman correlation of the share accumulated up to step t with the linear fan-in at steps 100, 200, 500
-and 1000, and the first step at which it is below zero.
+and 1000, and the first step at which it is below zero. Table 2's PPL column: the held-out PPL of each
+config over its seeds (fanin.py's evaluation), and CascadeFormer-A2 against Vanilla-15L (equal training
+FLOPs) as the difference of the means with an exact permutation p-value.
 """
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STUDY = os.path.join(ROOT, "docs", "runs", "study")
 sys.path.insert(0, ROOT)
-from gfa import rundir  # noqa: E402
+from gfa import rundir, theory  # noqa: E402
 
 LATE = {16: range(8, 16), 8: range(4, 8)}   # Figure 5's late layers: 8-15 of 16, the repeated 4-7 of 8
 
@@ -37,6 +40,17 @@ def drift_rows(summary):
         yield r["name"], [at(t) for t in (100, 200, 500, 1000)], below, r["drift"]["settled"]
 
 
+def table2_ppl():
+    """{config: [held-out PPL of each seed]} for the configs of Table 2's PPL column."""
+    ppl = {c: [] for c in ("vanilla_16l", "vanilla_15l", "cascade_a2")}
+    for run in sorted(os.listdir(STUDY)):
+        m = re.fullmatch(r"small_(.+)_s\d+", run)
+        imp = rundir.read_importance(os.path.join(STUDY, run)) if m and m.group(1) in ppl else None
+        if imp:
+            ppl[m.group(1)].append(imp["baseline"])
+    return ppl
+
+
 def main():
     print("run | held-out PPL | late layers' summed dPPL | their share of layers 1..N-1")
     for run in sorted(os.listdir(STUDY)):
@@ -48,6 +62,16 @@ def main():
     print("\nrun | Spearman(share to step t, fan-in) at t = 100 / 200 / 500 / 1000 | first step below 0 | settles")
     for name, rhos, below, settled in drift_rows(summary):
         print(f"{name} | {' / '.join(f'{v:.2f}' for v in rhos)} | {below} | {settled}")
+    ppl = table2_ppl()
+    print("\nconfig | seeds | held-out PPL (mean ± std)")
+    for config, values in ppl.items():
+        if values:
+            print(f"{config} | {len(values)} | {'%.2f ± %.2f' % theory.mean_std(values)}")
+    if ppl["cascade_a2"] and ppl["vanilla_15l"]:
+        diff, p = theory.permutation_test(ppl["cascade_a2"], ppl["vanilla_15l"])
+        print(f"A2 - Vanilla-15L: {diff:+.2f} PPL (exact permutation p = {p:.2f})")
+    else:
+        print("A2 vs Vanilla-15L: not run yet")
 
 
 if __name__ == "__main__":

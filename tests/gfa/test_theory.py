@@ -116,3 +116,13 @@ def test_share_drift_finds_where_the_ranking_settles():
     assert (rho[:19] == -1).all() and np.isnan(rho[19]) and (rho[20:] == 1).all()
     assert (rho_t[:19] == 1).all() and (rho_t[20:] == -1).all()
     assert theory.spearman_rho([1, 2, 3], [3, 1, 2]) == pytest.approx(theory.spearman([1, 2, 3], [3, 1, 2])[0])
+
+
+def test_permutation_test_by_hand():
+    # a = [1, 2], b = [3, 4]: of the 6 splits only {1,2}|{3,4} and {3,4}|{1,2} reach |diff| 2 -> p = 2/6
+    assert theory.permutation_test([1, 2], [3, 4]) == (-2.0, pytest.approx(2 / 6))
+    d, p = theory.permutation_test([5.0, 5.1, 4.9], [5.0, 5.2, 4.8])   # no difference: every split counts
+    assert d == pytest.approx(0.0) and p == 1.0
+    assert theory.permutation_test([10, 11, 12], [1, 2, 3])[1] == pytest.approx(2 / 20)   # the 3+3 floor
+    with pytest.raises(ValueError):
+        theory.permutation_test([], [1.0])
