@@ -28,6 +28,13 @@ def tiny_model(seed=0, **over):
     return GPT(tiny_config(**over)).eval()
 
 
+def zero_branch(model, layer):
+    """Block `layer` made an identity: its attention and MLP outputs are zero (the residual passes through)."""
+    with torch.no_grad():
+        model.blocks[layer].attn.proj.weight.zero_()
+        model.blocks[layer].ffn.down.weight.zero_()
+
+
 def text_tokens(n, seed):
     """Byte 'text' with structure (repeated words), so a model's numbers are not degenerate."""
     rng = np.random.default_rng(seed)

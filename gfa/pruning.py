@@ -1,0 +1,187 @@
+"""
+The layer scores of the pruning methods and the choices they make: CascadeFlow Pruning's accumulated
+gradient share (from a run's dump), the paper's baselines (Magnitude, Taylor, Similarity) and
+Block Influence (ShortGPT) and SLEB. Each takes a model (and calibration batches) and returns one
+score per block as a numpy array, computed on the model's device with one host copy at the end (SLEB:
+one per round); prune.py ranks, prunes and evaluates with them (its docstring defines each method).
+
+    from gfa.pruning import block_influence, lowest
+    drop = lowest(block_influence(model, batches, "cuda", torch.autocast("cuda", torch.bfloat16)), k=4)
+"""
+import math
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gfa import rundir
+from gfa.cli import UserError
+from gfa.evaluation import mean_loss
+
+
+# ---- block scores ------------------------------------------------------------------------------
+def _abs_sum(tensors):
+    """sum of |t| over all elements of all tensors, a float64 scalar on their device (no host sync)."""
+    return sum(t.abs().sum(dtype=torch.float64) for t in tensors)
+
+
+MAGNITUDE_READINGS = ("row_l2", "sum")
+
+
+@torch.no_grad()
+def magnitude_scores(model, reading="row_l2"):
+    """Per block: 'row_l2' = sum over its matrices of the L2 norm of each output row, plus sum |g| of
+    its norm gains; 'sum' = sum of |W| over all its weights. One host copy for all blocks."""
+    def block_score(b):
+        if reading == "sum":
+            return _abs_sum(b.parameters())
+        return sum(p.norm(dim=1, dtype=torch.float64).sum() if p.dim() >= 2 else p.abs().sum(dtype=torch.float64)
+                   for p in b.parameters())
+    return torch.stack([block_score(b) for b in model.blocks]).cpu().numpy()
+
+
+def taylor_scores(model, batches, device, ctx):
+    """Per block: sum over batches and weights of |W * dL/dW|. Gradients only for the blocks;
+    the scores accumulate on the device in float64, one host copy at the end."""
+    was_training = model.training
+    flags = {p: p.requires_grad for p in model.parameters()}
+    params = [list(b.parameters()) for b in model.blocks]
+    flat = [p for ps in params for p in ps]
+    acc = torch.zeros(len(params), device=device, dtype=torch.float64)
+    try:
+        model.eval()   # no deep-supervision aux losses: L is the final LM loss
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in flat:
+            p.requires_grad_(True)
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with ctx:
+                _, loss = model(x, y)
+            grads = iter(torch.autograd.grad(loss, flat))
+            for b, ps in enumerate(params):
+                acc[b] += _abs_sum(p.detach() * next(grads) for p in ps)
+    finally:   # an error mid-way must not leave the model frozen or in eval mode
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+    return acc.cpu().numpy()
+
+
+@contextmanager
+def layer_inputs(model):
+    """x -> [B, T, N+1, C]: the input of every block (its first application if repeated) and, last,
+    the input of the final norm (the last block's output), from one forward in eval mode. The hooks
+    come off and the mode is restored on exit."""
+    N = model.config.n_layer
+    hidden = {}   # i -> input of block i (i = N: of the final norm), one forward's worth
+
+    def grab(i):
+        def hook(module, args):
+            hidden.setdefault(i, args[0].detach())   # first application only (virtual depth)
+        return hook
+
+    def run(x):
+        hidden.clear()
+        model(x)
+        return torch.stack([hidden[i] for i in range(N + 1)], dim=2)
+    hooks = [b.register_forward_pre_hook(grab(i)) for i, b in enumerate(model.blocks)]
+    hooks.append(model.norm_f.register_forward_pre_hook(grab(N)))
+    was_training = model.training
+    model.eval()
+    try:
+        yield run
+    finally:
+        for hk in hooks:
+            hk.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
+def angular_distances(model, batches, device, ctx, tokens="last"):
+    """D[l, m] (l < m, m <= N): mean of arccos(cos(h_l, h_m)) / pi over the last token of every
+    sequence (tokens='last', Gromov et al.) or over all tokens ('all'), where h_l is the input of
+    block l (its first application if repeated) and h_N the input of the final norm."""
+    N = model.config.n_layer
+    D, count = torch.zeros(N + 1, N + 1, device=device, dtype=torch.float64), 0
+    with layer_inputs(model) as run:
+        for x, _ in batches:
+            with ctx:
+                h = run(x.to(device))   # [B, T, N+1, C]
+            # [tokens, N+1, C], unit rows; float64 so the cosines near 1 (where arccos is steep)
+            # keep their digits and no TF32 matmul touches them
+            h = (h[:, -1] if tokens == "last" else h.flatten(0, 1)).double()
+            h.div_(h.norm(dim=-1, keepdim=True).clamp_min(1e-12))   # in place: h is the big tensor here
+            cos = torch.bmm(h, h.transpose(1, 2)).clamp(-1.0, 1.0)   # all pairs (l, m) of every token at once
+            D += torch.arccos(cos).sum(0) / math.pi
+            count += h.size(0)
+    return (D.triu(1) / count).cpu().numpy()   # l < m only, as before; the diagonal is 0
+
+
+@torch.no_grad()
+def block_influence(model, batches, device, ctx):
+    """ShortGPT's Block Influence (Men et al. 2024): BI_l = 1 - cos(input of block l, its output),
+    averaged over every token of the calibration batches (the output is the next block's input,
+    after all repeats). Accumulated in float64 on the device, one host copy at the end."""
+    N = model.config.n_layer
+    total, count = torch.zeros(N, device=device, dtype=torch.float64), 0
+    with layer_inputs(model) as run:
+        for x, _ in batches:
+            with ctx:
+                h = run(x.to(device)).flatten(0, 1).double()   # [tokens, N+1, C]
+            total += (1 - F.cosine_similarity(h[:, :-1], h[:, 1:], dim=-1)).sum(0)
+            count += h.size(0)
+    return (total / count).cpu().numpy()
+
+
+def sleb_order(model, batches, device, ctx, k):
+    """SLEB (Song et al. 2024): remove one block at a time, each round the block whose removal (on top
+    of the ones already removed) gives the lowest calibration perplexity. Returns (the k blocks in
+    removal order, the calibration loss after each removal, the loss with each block removed alone:
+    the first round). A round queues every candidate's loss on the device and reads them at once."""
+    N = model.config.n_layer
+    removed, after, first = [], [], None
+    try:
+        for _ in range(k):
+            cand = [l for l in range(N) if l not in removed]
+            losses = []
+            for l in cand:
+                model.set_passthrough(removed + [l])
+                losses.append(mean_loss(model, batches, device, ctx))
+            losses = torch.stack(losses).cpu().numpy()   # the one host sync of the round
+            first = losses if first is None else first
+            best = int(np.argmin(losses))
+            removed.append(cand[best])
+            after.append(float(losses[best]))
+    finally:
+        model.set_passthrough([])
+    return removed, after, first
+
+
+def cfp_share(run, n_layer, ckpt, steps=0):
+    """Eq. 2 share per layer over the steps the checkpoint's weights have seen (gfa.rundir), or over
+    its first `steps` steps only (any-time CFP: the ranking a run had reached by then)."""
+    if not os.path.isfile(rundir.file(run, rundir.GRAD_DUMP)) and not ckpt.get("grad_dump"):
+        raise UserError(f"run {run} has no gradient dump (grad_norms.npz): CFP needs one; train the run "
+                        f"with train.py, or leave cfp out of --methods")
+    if steps > ckpt["iter_num"]:
+        raise UserError(f"--cfp_steps {steps}: the checkpoint of {run} has seen {ckpt['iter_num']} steps; give at "
+                        f"most that (0 = all of them)")
+    share = rundir.read_grad_dump(run, before_step=steps or ckpt["iter_num"], ckpt=ckpt)["share"]
+    if len(share) != n_layer:
+        raise UserError(f"gradient dump of {run} has {len(share)} layers but the model has {n_layer}")
+    return share
+
+
+# ---- pruning choices -----------------------------------------------------------------------------
+def lowest(scores, k):
+    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:k])
+
+
+def similarity_block(D, k):
+    """(start l of the contiguous block [l, l+k) with the smallest D[l, l+k], all candidate distances)."""
+    N = D.shape[0] - 1
+    cand = np.array([D[l, l + k] for l in range(N - k + 1)])
+    return int(np.argmin(cand)), cand
