@@ -35,6 +35,7 @@ fp32) or fp32 weights under autocast (--bf16 autocast: re-casts every weight on 
 reads ~7.5 GB more per run for a 1.2B model). The paper's A100 "fp32" reaches 54 TFLOP/s, above the
 A100's 19.5 TFLOP/s fp32 peak, so its matmuls must have run in TF32: compare its numbers with tf32.
 """
+import functools
 import os
 import time
 import traceback
@@ -516,7 +517,7 @@ def train_row(item, dtype, args, device):
         step, times, peak, row["compile_s"], row["note"] = time_train_variants(
             make, variants, f"{name} train ({dtype})", args, device)
         if args.profile:
-            profile(lambda: step("dump"), f"{name} train ({dtype})", device, args.out, n=2)
+            profile(functools.partial(step, "dump"), f"{name} train ({dtype})", device, args.out, n=2)
         del make, step   # the optimizer state goes before HF Llama's comes
         for v in variants:
             row[v] = step_stats(times[v], B * T, row["flops_per_token_fwd"], peak_flops(device, dtype))
