@@ -6,6 +6,8 @@
 #
 #   bash docs/runs/table1_extended.sh <mc.jsonl> <dest> <run dir>...   # runs: out/small_vanilla_16l_s{1,2,3}
 #
+# Healing runs uncompiled (a compile per pruned shape costs more than it saves over ~150 steps) and its own
+# held-out loss on 10 batches only: the table's numbers come from prune.py's evaluation of the healed model.
 # One prune.py call per seed, into <run>/prune_extended, skipped when its results.json exists; re-run the
 # script after an interruption (a device call's time limit): a seed half-way through heals only the models
 # it had not finished (their healed.json, README: Healing). Then prune.py --combine writes <dest>, with bench.py's tables in <dest>/speed.
@@ -19,7 +21,8 @@ for run in "$@"; do
     out="$run/prune_extended"
     if [ ! -f "$out/results.json" ]; then
         python prune.py --runs "$run" --k "${K:-2,4,8}" --methods cfp,similarity,taylor,magnitude,block_influence,sleb \
-            --hellaswag "$mc" --calib_batches 32 --heal_tokens "${HEAL_TOKENS:-5e6}" --heal_args=--compile=False \
+            --hellaswag "$mc" --calib_batches 32 --heal_tokens "${HEAL_TOKENS:-5e6}" \
+            --heal_args="--compile=False --eval_iters=10" \
             $speed ${TASKS:+--tasks "$TASKS"} ${INCLUDE:+--include_path "$INCLUDE"} --out "$out"
     fi
     parts+=("$out/results.json")
