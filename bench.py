@@ -46,11 +46,11 @@ import torch
 
 from gfa import rundir, sharding
 from gfa.benchmark import (CpuEvent, build, build_hf, compiled, copy_bandwidth, cost_tflop, decode_bytes_per_step,
-                           first_call, free, item_params, one_line, profile, resolve, set_dtype, stats, sync, time_calls,
+                           first_call, free, item_params, one_line, profile, resolve, set_dtype, stats, time_calls,
                            uniform, uses_cudagraphs)
 from gfa.cli import ArgumentParser, UserError, cli, int_list
 from gfa.data import eval_batches, load_tokens, run_dataset_dir
-from gfa.device import autocast_for, peak_flops, pick_device
+from gfa.device import autocast_for, peak_flops, pick_device, sync
 from gfa.training import GradStep, adamw, clip_coef, scaled_step, teardown
 from model import GPT, cross_entropy
 TABLE2 = ["vanilla_16l", "vanilla_15l", "vanilla_14l", "vanilla_13l", "vanilla_12l",

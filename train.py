@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gfa import rundir, sharding
 from gfa.cli import UserError, cli, config_name, read_config
 from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
-from gfa.device import DTYPES, autocast_for, peak_flops
+from gfa.device import DTYPES, autocast_for, peak_flops, sync
 from gfa.evaluation import evaluate
 from gfa.training import (FiniteGuard, GradStep, check_optimizer_settings, check_resume, check_weights, copy_weights,
                           cosine_lr, on_master, optimizer_for, restore_weights, set_lr, teardown, use_compile)
@@ -510,6 +510,7 @@ class Loop:
             loss_sum, total = self.train_step(train_data, it)
             it += 1
             if (it - 1) % cfg["log_interval"] == 0 or it in (cfg["max_iters"], self.stop_iter):
+                sync()   # the steps done, not launched: one step after an evaluation would time its launch only
                 dt = (time.time() - t_last) / max(1, it - it_last)
                 t_last, it_last = time.time(), it
                 self.log_step(it - 1, loss_sum, total, dt)

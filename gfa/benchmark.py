@@ -16,7 +16,7 @@ import torch
 from gfa import rundir
 from gfa.cli import UserError, gpt_config
 from gfa.data import REPO
-from gfa.device import autocast_for
+from gfa.device import autocast_for, sync
 from gfa.hf_llama import check_llama_blocks, hf_config, is_plain_llama
 from model import GPT, GPTConfig
 
@@ -175,11 +175,6 @@ def first_call(make, mode, fullgraph, msg):
             fn()
             sync()
         return fn, p.elapsed, note
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def time_calls(fn, warmup, runs, device, cudagraphs=False):

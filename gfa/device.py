@@ -1,4 +1,5 @@
-"""Devices: which one to run on, the compute dtype, and the GPU's peak FLOP/s (for MFU)."""
+"""Devices: which one to run on, the compute dtype, waiting for queued work, and the GPU's peak FLOP/s
+(for MFU)."""
 from contextlib import nullcontext
 
 import torch
@@ -26,6 +27,13 @@ def autocast_for(device_type, dtype):
     if dtype == "bfloat16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def sync():
+    """Wait for the GPU's queued work (a no-op without one): what a wall-clock timing must do before it
+    reads the clock, or it times the host's launches instead of the work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 # dense peak TFLOP/s per GPU (bf16, tf32, fp32), from the vendors' data sheets

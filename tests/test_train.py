@@ -2,6 +2,7 @@
 dump against hand-computed norms, norm equalisation, the run directory it writes, starting from
 another checkpoint's weights, and the one-line errors for bad input. Tiny models, fast."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -522,3 +523,18 @@ def test_fused_ce_on_a_gpu_compiled_bf16_deep_supervision(tmp_path):
     fused, _ = run(tmp_path, "fused", *gpu, "--fused_ce=True", "--fused_ce_chunk=100")
     for s, loss in plain["loss"].items():
         assert fused["loss"][s] == pytest.approx(loss, abs=5e-3)
+
+
+@pytest.mark.gpu
+def test_ms_per_step_after_an_evaluation_times_the_work_not_its_launch(tmp_path):
+    """The progress line's ms/step is wall time of finished steps: the one step logged right after an
+    evaluation (a log interval of one step) reads like the others, not like the host's launch of it,
+    on a model big enough that a step's GPU work outlasts its launch."""
+    big = ["--device=cuda", "--compile=False", "--d_model=1024", "--head_dim=64", "--d_attn0=1024", "--S_d=0",
+           "--d_ffn0=4096", "--n_layer=4", "--block_size=512", "--batch_size=32", "--max_iters=12",
+           "--eval_interval=6", "--eval_iters=1"]
+    _, out = run(tmp_path, "big", *big)
+    ms = {int(m[1]): float(m[2]) for m in re.finditer(r"step (\d+) \| loss .*? \| ([\d.]+) ms/step",
+                                                        open(os.path.join(out, "log.txt")).read())}
+    steady = np.median([ms[s] for s in range(2, 12) if s != 6])
+    assert 0.5 * steady < ms[6] < 2 * steady, (ms, steady)
