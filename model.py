@@ -333,6 +333,14 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+def cache_mask(pos, length, dtype):
+    """The static-shape steps' attention mask over a KV cache of `length` positions: the query at
+    position q sees cache position p when p <= q. Additive (0 / -inf) in the compute dtype and built
+    once per step for every layer (GPT.run_blocks), so no layer builds or converts its own."""
+    visible = torch.arange(length, device=pos.device) <= pos[:, None]   # (T, length)
+    return torch.zeros(visible.shape, dtype=dtype, device=pos.device).masked_fill(~visible, float("-inf"))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -358,7 +366,7 @@ class Attention(nn.Module):
         r = self.n_head // self.n_kv_head
         return k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
+    def forward(self, x, cos, sin, cache=None, pos=0, mask=None):
         B, T, _ = x.shape
         if self.n_kv_head == self.n_head:
             q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)   # (B, T, H, D)
@@ -375,7 +383,7 @@ class Attention(nn.Module):
         elif torch.is_tensor(pos):   # static shapes: write at positions pos, attend to the whole cache, masked
             cache[0].index_copy_(2, pos, k.to(cache[0].dtype))
             cache[1].index_copy_(2, pos, v.to(cache[1].dtype))
-            mask = torch.arange(cache[0].size(2), device=x.device) <= pos[:, None]   # (T, cache length)
+            mask = cache_mask(pos, cache[0].size(2), q.dtype) if mask is None else mask
             k, v = self._expand(cache[0].to(q.dtype), cache[1].to(q.dtype))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:   # KV cache: write this chunk at [pos, pos+T), attend to everything up to it
@@ -419,12 +427,12 @@ class Block(nn.Module):
         self.post_ln, self.norm_scale = cfg.layer_post_ln()[layer], cfg.layer_norm_scale()[layer]
         self.residual_scale = cfg.residual_scale
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
+    def forward(self, x, cos, sin, cache=None, pos=0, mask=None):
         s, c = self.residual_scale, self.norm_scale
         if self.post_ln:
-            x = self.attn_norm(x + _times(self.attn(x, cos, sin, cache, pos), s))
+            x = self.attn_norm(x + _times(self.attn(x, cos, sin, cache, pos, mask), s))
             return self.ffn_norm(x + _times(self.ffn(x), s))
-        x = x + _times(self.attn(_times(self.attn_norm(x), c), cos, sin, cache, pos), s)
+        x = x + _times(self.attn(_times(self.attn_norm(x), c), cos, sin, cache, pos, mask), s)
         return x + _times(self.ffn(_times(self.ffn_norm(x), c)), s)
 
 
@@ -503,12 +511,14 @@ class GPT(nn.Module):
         """x through blocks start..stop-1: passthrough ones skipped, each applied repeats[i] times;
         on_exit(i, x) after each block that runs. kv_cache[v] is the cache of virtual position v."""
         v, skip = sum(self.repeats[:start]), self.passthrough
+        static = kv_cache is not None and torch.is_tensor(pos)   # decode_step & co.: one mask for every layer
+        mask = cache_mask(pos, kv_cache[0][0].size(2), x.dtype) if static else None
         for i in range(start, self.config.n_layer if stop is None else stop):
             if i in skip:
                 v += self.repeats[i]
                 continue
             for _ in range(self.repeats[i]):
-                x = self.blocks[i](x, cos, sin, None if kv_cache is None else kv_cache[v], pos)
+                x = self.blocks[i](x, cos, sin, None if kv_cache is None else kv_cache[v], pos, mask)
                 v += 1
             if on_exit is not None:
                 on_exit(i, x)
