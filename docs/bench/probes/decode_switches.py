@@ -1,4 +1,4 @@
-"""One-off probe behind docs/bench.md's decode figures: where a batch-1 bf16 decode step of Vanilla-16L
+"""One-off probe behind docs/bench.md's decode figures: where a batch-1 bf16 decode step of Vanilla-15L
 goes, and which compiler or attention switch moves it towards the copy bandwidth. Each variant
 compiles GPT.decode_step as bench.py does (reduce-overhead: one CUDA graph per step), times
 `new` steps of a 128-token prompt and prints ms/token, the share of the device-copy bandwidth a step's
@@ -42,7 +42,7 @@ def run(variant, dev, copy_gbps, P=128, N=128):
     torch.backends.cuda.preferred_blas_library("cublaslt" if variant == "blaslt" else "cublas")
     F.scaled_dot_product_attention = math_sdpa if variant == "math" else SDPA
     torch.manual_seed(0)
-    _, model = benchmark.build("vanilla_16l", dev, P + N)
+    _, model = benchmark.build("vanilla_15l", dev, P + N)
     benchmark.set_dtype(model, "bfloat16", "cast", dev)
     model.eval()
     cache = model.new_kv_cache(1, P + N, dtype=torch.bfloat16)
