@@ -30,8 +30,8 @@ def math_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None):
     s = (q @ k.transpose(-2, -1)) * (scale or q.size(-1) ** -0.5)
     if is_causal:
         attn_mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf"))
+    if attn_mask is not None:   # boolean (True: attend) or additive, as SDPA takes either
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
     return s.float().softmax(-1).to(q.dtype) @ v
 
 
