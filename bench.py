@@ -658,7 +658,8 @@ def parse(argv):
     a.dtypes = list(dict.fromkeys(DTYPES[d] for d in a.dtype.split(",")))
     if min(a.batch, a.seq, a.runs, a.rounds, a.prompt_len, a.fused_ce_chunk) < 1 or a.warmup < 0:
         raise UserError("--batch, --seq, --runs, --rounds, --prompt_len, --fused_ce_chunk must be >= 1 and --warmup >= 0")
-    a.exit_layers, a.draft_lens = int_list(a.exit_layer, "--exit_layer", "4,8"), int_list(a.draft_len, "--draft_len", "2,4")
+    a.exit_layers = int_list(a.exit_layer, "--exit_layer", "4,8")
+    a.draft_lens = int_list(a.draft_len, "--draft_len", "2,4")
     if a.exit_layers and (a.mode != "decode" or a.batches != [1] or not a.draft_lens):
         raise UserError("--exit_layer (self-speculative decoding) needs --mode decode, --batch 1 and a --draft_len")
     a.items = a.configs + a.ckpt or (["vanilla_16l"] if a.mode == "train" else TABLE2)

@@ -157,6 +157,7 @@ def continuation_logprobs(model, pairs, device, ctx=None, max_tokens=16384, exit
                 lp.append(torch.log_softmax(logits.float(), dim=-1).gather(1, tgt[:, None])[:, 0])
         lp = torch.stack(lp)
         per_seq = torch.zeros(len(lp), len(batch), device=device, dtype=torch.float64).index_add_(1, rows, lp.double())
+        # greedy check on `logits` as the loop left them: the last exit's, i.e. the model's own output
         misses = torch.zeros(len(batch), device=device).index_add_(0, rows, (logits.argmax(-1) != tgt).float())
         scored.append((order[i:j], per_seq, misses))
         i = j

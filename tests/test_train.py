@@ -2,8 +2,8 @@
 dump against hand-computed norms, norm equalisation, the run directory it writes, starting from
 another checkpoint's weights, and the one-line errors for bad input. Tiny models, fast."""
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 

@@ -30,8 +30,8 @@ start=--overwrite=True
 python train.py config/small.py "$file" --data_dir="$data" --seed="$seed" --out_dir="$run" \
     --max_iters=3000 --warmup_iters=200 --eval_interval=1000 --log_interval=100 $start \
     ${STOP_AT:+--stop_iter=$STOP_AT} ${STOP_AFTER:+--stop_after_min=$STOP_AFTER} "$@"
-python -c "import sys, torch; c = torch.load(sys.argv[1], map_location='cpu', mmap=True, weights_only=False)
-sys.exit(c['iter_num'] < c['train_config']['max_iters'])" "$run/ckpt.pt" || { echo "stopped early: resume with RESUME=1"; exit 0; }
+python -c "import sys; from gfa import rundir; c = rundir.read_checkpoint(sys.argv[1])
+sys.exit(c['iter_num'] < c['train_config']['max_iters'])" "$run" || { echo "stopped early: resume with RESUME=1"; exit 0; }
 python fanin.py "$run" ${FANIN_BASELINE:+--baseline "$FANIN_BASELINE"}
 if [ "$variant" = vanilla_16l ] && [ -z "${TAG:-}" ]; then
     python prune.py --runs "$run" --k 1,2,4,6,8 --hellaswag "$mc" --calib_batches 32 --out "$run/prune"

@@ -10,7 +10,8 @@
 # held-out loss on 10 batches only: the table's numbers come from prune.py's evaluation of the healed model.
 # One prune.py call per seed, into <run>/prune_extended, skipped when its results.json exists; re-run the
 # script after an interruption (a device call's time limit): a seed half-way through heals only the models
-# it had not finished (their healed.json, README: Healing). Then prune.py --combine writes <dest>, with bench.py's tables in <dest>/speed.
+# it had not finished (their healed.json, README: Healing). Then prune.py --combine writes <dest>, with
+# bench.py's tables in <dest>/speed.
 # K (default 2,4,8), HEAL_TOKENS (default 5e6), TASKS=piqa,... and INCLUDE=<folder of lm-eval task YAMLs>
 # (lm-eval installed) change it.
 set -euo pipefail
