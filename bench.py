@@ -637,6 +637,9 @@ def parse(argv):
                    "(train.py's fused_ce_chunk)")
     p.add_argument("--device", default="", help="default cuda when available, else cpu")
     p.add_argument("--out", default=None, help="JSON file; the markdown table goes beside it (.md)")
+    p.add_argument("--tune_kernels", action="store_true", help="inductor's coordinate-descent tuning of the kernels it "
+                   "generates (gpt-fast sets it): the best decode switch of docs/bench/probes/decode_switches.py on an H200, "
+                   "-4 to -5 %% ms/token for twice the compile time")
     p.add_argument("--cache_dir", default=None, help="inductor + triton on-disk cache (default: torch's)")
     p.add_argument("--deadline", type=float, default=0, help="seconds: skip models not started by then (0 = none)")
     p.add_argument("--seed", type=int, default=0, help="random weights and token ids")
@@ -696,7 +699,7 @@ def main(argv):
             "command": "python bench.py " + " ".join(argv), "compile": args.compile,
             "fullgraph": not args.no_fullgraph, "bf16": args.bf16, "warmup": args.warmup, "runs": args.runs,
             "batch": args.batches if args.mode == "decode" else args.batch, "seq": args.seq, "ref": args.ref,
-            "sdpa": args.sdpa, "copy_gbps": getattr(args, "copy_gbps", None)}
+            "sdpa": args.sdpa, "tune_kernels": args.tune_kernels, "copy_gbps": getattr(args, "copy_gbps", None)}
     print(f"bench {args.mode} on {dev_name}, torch {torch.__version__}, compile={args.compile}, "
           f"fullgraph={not args.no_fullgraph}, dtypes={args.dtypes}, batch={args.batch}", flush=True)
     rows = []
@@ -710,6 +713,7 @@ def main(argv):
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             header = (f"{args.mode} on {dev_name}, torch {torch.__version__}, {meta['date']}\n\n"
                       f"`{meta['command']}`\n\ncompile={args.compile}, fullgraph={meta['fullgraph']}, bf16={args.bf16}, "
+                      f"{'coordinate-descent kernel tuning, ' if args.tune_kernels else ''}"
                       f"warm-up {args.warmup}, median of {args.runs}\n\n")
             md_path = os.path.splitext(args.out)[0] + ".md"
             rundir.atomic_write_json({"meta": meta, "rows": rows}, args.out, indent=1, default=str)
@@ -721,7 +725,9 @@ def main(argv):
             if args.out:
                 print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.md")
 
-    run_all(args, device, run_one, rows, report)
+    from torch._inductor import config as inductor_config
+    with inductor_config.patch(coordinate_descent_tuning=args.tune_kernels):   # this call's compiles only
+        run_all(args, device, run_one, rows, report)
     report(final=True)
     failed = [r for r in rows if "error" in r and not r["error"].startswith("skipped")
               and "this config is tapered" not in r["error"]]   # HF Llama cannot taper: expected, not a failure

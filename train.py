@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gfa import rundir, sharding
 from gfa.cli import UserError, cli, config_name, read_config
 from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
-from gfa.device import DTYPES, autocast_for, peak_flops, sync
+from gfa.device import DTYPES, autocast_for, peak_flops, percent, sync
 from gfa.evaluation import evaluate
 from gfa.training import (FiniteGuard, GradStep, check_optimizer_settings, check_resume, check_weights, copy_weights,
                           cosine_lr, on_master, optimizer_for, restore_weights, set_lr, teardown, use_compile)
@@ -477,7 +477,7 @@ class Loop:
             return
         tok_s = cfg["batch_size"] * self.raw_model.config.block_size / dt
         peak = peak_flops(d.device, cfg["dtype"])
-        mfu = f"{100 * 3 * self.raw_model.train_flops_per_token() * tok_s / (peak * d.world):.1f}%" if peak else "n/a"
+        mfu = percent(3 * self.raw_model.train_flops_per_token() * tok_s / (peak * d.world)) if peak else "n/a"
         lr = self.optimizer.param_groups[0]["lr"]
         # rank 0's peak since the start (CUDA only): what the multi-GPU scaling table reports
         mem = f" | peak mem {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB" if d.device_type == "cuda" else ""

@@ -44,6 +44,13 @@ _PEAKS = [("H200", (989.4, 494.7, 66.9)), ("H100 NVL", (835.0, 417.5, 60.0)),
           ("A10", (125.0, 62.5, 31.2)), ("L4", (121.0, 60.0, 30.3)), ("4090", (165.2, 82.6, 82.6))]
 
 
+def percent(fraction):
+    """A fraction as the log's percentage: one decimal, or two significant digits below 0.1 % (a small
+    model's MFU on a large GPU must not read as 0.0 %, which the scaling study would take for no MFU)."""
+    pct = 100 * fraction
+    return f"{pct:.1f}%" if pct >= 0.1 or pct == 0 else f"{pct:.2g}%"
+
+
 def peak_flops(device, dtype):
     """Peak FLOP/s of the device for dtype, looked up by the GPU's name; None where unknown
     (CPU, or a GPU missing from the table: then MFU is not reported)."""

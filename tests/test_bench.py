@@ -50,7 +50,10 @@ def test_decode_matches_generate(name, passthrough):
 def test_decode_and_train_modes_run(tmp_path, capsys):
     rows = bench.main(["tiny/vanilla_8l", "--mode", "decode", "--device", "cpu", "--prompt_len", "8",
                        "--new_tokens", "4", "--warmup", "0", "--runs", "2", "--batch", "1,3", "--profile",
-                       "--out", str(tmp_path / "d.json")])
+                       "--tune_kernels", "--out", str(tmp_path / "d.json")])
+    from torch._inductor import config as inductor_config
+    assert json.loads((tmp_path / "d.json").read_text())["meta"]["tune_kernels"]
+    assert not inductor_config.coordinate_descent_tuning   # the switch held for that call only
     assert [r["batch"] for r in rows] == [1, 3] and all("error" not in r and r["ms_per_token"] > 0 for r in rows)
     for r in rows:   # the share of the copy bandwidth is the bytes read per step over the step time
         assert r["copy_gbps"] > 0 and r["pct_of_copy_bw"] == pytest.approx(100 * r["read_gbps"] / r["copy_gbps"])
@@ -112,10 +115,13 @@ def test_compiled_self_speculative_matches_generate_gpu():
 def test_compiled_decode_matches_generate_gpu():
     """The compiled, CUDA-graphed decode step (bench's decode default) == generate() on the GPU."""
     model, prompt, want, cache = gpu_case("tiny/cascade_c2", 2)
-    step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
-    for _ in range(2):   # second pass replays the recorded graph
-        assert torch.equal(bench.greedy_decode(model, prompt, 16, step, cache), want)
-    torch._dynamo.reset()
+    from torch._inductor import config as inductor_config
+    for tune in (False, True):   # bench.py --tune_kernels too
+        with inductor_config.patch(coordinate_descent_tuning=tune):
+            step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+            for _ in range(2):   # second pass replays the recorded graph
+                assert torch.equal(bench.greedy_decode(model, prompt, 16, step, cache), want), tune
+        torch._dynamo.reset()
 
 
 
