@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch._inductor import config as inductor_config
 
 import bench
 from gfa.benchmark import load_config
@@ -51,7 +52,6 @@ def test_decode_and_train_modes_run(tmp_path, capsys):
     rows = bench.main(["tiny/vanilla_8l", "--mode", "decode", "--device", "cpu", "--prompt_len", "8",
                        "--new_tokens", "4", "--warmup", "0", "--runs", "2", "--batch", "1,3", "--profile",
                        "--tune_kernels", "--out", str(tmp_path / "d.json")])
-    from torch._inductor import config as inductor_config
     assert json.loads((tmp_path / "d.json").read_text())["meta"]["tune_kernels"]
     assert not inductor_config.coordinate_descent_tuning   # the switch held for that call only
     assert [r["batch"] for r in rows] == [1, 3] and all("error" not in r and r["ms_per_token"] > 0 for r in rows)
@@ -115,7 +115,6 @@ def test_compiled_self_speculative_matches_generate_gpu():
 def test_compiled_decode_matches_generate_gpu():
     """The compiled, CUDA-graphed decode step (bench's decode default) == generate() on the GPU."""
     model, prompt, want, cache = gpu_case("tiny/cascade_c2", 2)
-    from torch._inductor import config as inductor_config
     for tune in (False, True):   # bench.py --tune_kernels too
         with inductor_config.patch(coordinate_descent_tuning=tune):
             step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
