@@ -46,6 +46,9 @@ from gfa.theory import (SETTLED_RHO, VIRTUAL_NOTE, fanin_deep_supervision, fanin
                         share_drift, spearman, theory_for)
 from model import GPT, GPTConfig, describe
 
+# the share the figures plot (Eq. 2): the L2 norm of a layer's gradient, summed over steps, over all layers' sum
+SHARE_LABEL = "gradient share: Σ_t ‖∇ layer‖₂ / Σ over layers"
+
 
 def print_theory(mc):
     """A config's architecture (model.describe: widths, repeats, params, FLOPs) and its fan-in table."""
@@ -285,7 +288,7 @@ def fig3(runs, path):
         ax.plot(x, phi / phi.sum(), style, color=tc, alpha=0.9, lw=1.8,
                 label=f"{r['name']}: theory, {r['kind']} (Spearman ρ={r['rho_theory']:.2f})")
     ax.set_xlabel("layer (0 = first, as in the table and passthrough)")
-    ax.set_ylabel("accumulated gradient share  /  fan-in / sum")
+    ax.set_ylabel(SHARE_LABEL + "  /  fan-in / sum")
     ax.set_title("Measured gradient share vs theoretical fan-in (Fig. 3)")
     ax.set_xticks(np.arange(max(r["n_layer"] for r in runs)))
     ax.set_ylim(bottom=0)
@@ -366,7 +369,7 @@ def fig678(r, path):
     x = np.arange(r["n_layer"])
     l1 = ax.plot(x, r["share"], "o--", color="tab:red", label="gradient share $\\bar g_i$")
     ax.set_xlabel("layer (0 = first, as in the table and passthrough)")
-    ax.set_ylabel("accumulated gradient share", color="tab:red")
+    ax.set_ylabel(SHARE_LABEL, color="tab:red")
     ax.tick_params(axis="y", colors="tab:red")
     ax2 = ax.twinx()
     l2 = ax2.plot(x, r["importance"], "s-", color="tab:blue", label="importance")
@@ -394,7 +397,7 @@ def fig_subblocks(r, path):
     ax.plot(x, r["share"], "^:", color="tab:gray", label="whole layers (Eq. 2)")
     ax.plot(x, phi / phi.sum(), "--", color="black", label=f"theory, {r['kind']}")
     ax.set_xlabel("layer")
-    ax.set_ylabel("accumulated gradient share")
+    ax.set_ylabel(SHARE_LABEL)
     ax.set_title(f"{r['name']}: share per sub-block (Spearman attn vs MLP ρ = {r['rho_attn_mlp'][0]:.2f})")
     ax.set_xticks(x)
     ax.set_ylim(bottom=0)
@@ -468,7 +471,7 @@ def fig3_seeds(runs, summary, path):
     ax.plot(x, phi / phi.sum(), ":" if "deep" in runs[0]["kind"] else "--", color="black",
             label=f"theory, {runs[0]['kind']} (Spearman ρ = {rho[0]:.2f} ± {rho[1]:.2f})")
     ax.set_xlabel("layer")
-    ax.set_ylabel("accumulated gradient share  /  fan-in / sum")
+    ax.set_ylabel(SHARE_LABEL + "  /  fan-in / sum")
     ax.set_title("Measured gradient share vs theoretical fan-in (Fig. 3), seeds")
     ax.set_xticks(x)
     ax.set_ylim(bottom=0)
