@@ -743,7 +743,7 @@ def mc_file(args):
 def main(argv):
     args = parse(argv)
     if args.combine:
-        if is_exits_file(args.combine[0]):
+        if is_exits(read_results(args.combine[0])):
             return write_exits(*combine_exits(args.combine), args.out or "exits_combined")
         return write_table(*combine(args.combine), args.out or "prune_combined")
     ks, methods = parse_ks(args.k), parse_methods(args.methods)
@@ -797,8 +797,8 @@ def read_results(path):
                         f"exits.json files of prune.py") from None
 
 
-def is_exits_file(path):
-    r = read_results(path)
+def is_exits(r):
+    """Whether a read results file is an exits.json (prune.py --exits)."""
     return isinstance(r, dict) and isinstance(r.get("runs"), list) and bool(r["runs"]) and "exits" in r["runs"][0]
 
 
@@ -807,10 +807,10 @@ def combine_exits(paths):
     (results, multiple-choice file). Runs without accuracy leave the accuracy columns out for all."""
     runs, mc = [], set()
     for path in paths:
-        if not is_exits_file(path):
+        r = read_results(path)
+        if not is_exits(r):
             raise UserError(f"--combine {path}: not an exits.json of prune.py --exits; combine exits.json files "
                             f"with exits.json files only")
-        r = read_results(path)
         runs += r["runs"]
         mc.add(r.get("mc_file", "none"))
     if not all("acc" in r["exits"][0] for r in runs):
