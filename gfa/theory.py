@@ -12,8 +12,8 @@ repeats [1,1,1,1,2,3,3,5] (N_virt = 17), which config/virtual_depth.py uses (VIR
 
 Accumulated gradient share (Eq. 2): per layer, the sum over optimizer steps of the L2 norm of
 its gradient, normalised over the layers. Spearman's rho with a permutation p-value (no scipy),
-linear-vs-quadratic fits of the share, mean and sample std over seeds, and an exact two-sample
-permutation test for comparing two configs over their seeds.
+linear-vs-quadratic fits of the share, mean and sample std over seeds, and for comparing two configs
+over their seeds an exact two-sample permutation test and Welch's interval.
 """
 import itertools
 import math
@@ -240,3 +240,40 @@ def permutation_test(a, b):
         hits += abs(pooled[mask].mean() - pooled[~mask].mean()) >= abs(diff) - tol
         total += 1
     return float(diff), hits / total
+
+
+def _t_cdf(t, df, intervals=2000):
+    """Student's t CDF at t >= 0: 1/2 plus the density's integral over [0, t] by Simpson's rule."""
+    x = np.linspace(0.0, t, 2 * intervals + 1)
+    f = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) \
+        * (1 + x * x / df) ** (-(df + 1) / 2)
+    return 0.5 + (x[1] - x[0]) / 3 * (f[0] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum() + f[-1])
+
+
+def t_quantile(q, df):
+    """Student's t quantile for 0.5 < q < 1 and any real df > 0 (Welch's are fractional), by bisection on
+    the CDF (no scipy)."""
+    if not (0.5 < q < 1 and df > 0):
+        raise ValueError(f"t_quantile needs 0.5 < q < 1 and df > 0, got q={q}, df={df}")
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < q:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf(mid, df) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def welch_interval(a, b, level=0.95):
+    """Welch's interval for mean(a) - mean(b) (unequal variances, Welch-Satterthwaite df): what a
+    difference over few seeds can still be, where the permutation test's floor (p >= 0.1 at 3 + 3 seeds)
+    cannot say. (difference, low, high, df)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("welch_interval needs at least two values in each group")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        raise ValueError("welch_interval: neither group varies, so the interval is undefined")
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    diff, half = a.mean() - b.mean(), t_quantile((1 + level) / 2, df) * math.sqrt(va + vb)
+    return float(diff), float(diff - half), float(diff + half), float(df)

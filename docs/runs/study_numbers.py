@@ -9,7 +9,7 @@ increase when the layer is passed through) of the late layers, and their share o
 Spearman correlation of the share accumulated up to step t with the linear fan-in at steps 100, 200, 500
 and 1000, and the first step at which it is below zero. Table 2's PPL column: the held-out PPL of each
 config over its seeds (fanin.py's evaluation), and CascadeFormer-A2 against Vanilla-15L (equal training
-FLOPs) as the difference of the means with an exact permutation p-value.
+FLOPs) as the difference of the means with an exact permutation p-value and Welch's 95 % interval.
 """
 import json
 import os
@@ -68,7 +68,11 @@ def main():
             print(f"{config} | {len(values)} | {spread}")
     if len(ppl["cascade_a2"]) > 1 and len(ppl["vanilla_15l"]) > 1:
         diff, p = theory.permutation_test(ppl["cascade_a2"], ppl["vanilla_15l"])
-        print(f"A2 - Vanilla-15L: {diff:+.2f} PPL (exact permutation p = {p:.2f})")
+        _, low, high, df = theory.welch_interval(ppl["cascade_a2"], ppl["vanilla_15l"])
+        base = sum(ppl["vanilla_15l"]) / len(ppl["vanilla_15l"])
+        print(f"A2 - Vanilla-15L: {diff:+.2f} PPL (exact permutation p = {p:.2f}); Welch 95 % interval "
+              f"{low:+.2f} to {high:+.2f} PPL ({100 * low / base:+.1f} % to {100 * high / base:+.1f} % of "
+              f"Vanilla-15L's mean; df {df:.1f})")
     else:
         print(f"A2 vs Vanilla-15L: {len(ppl['cascade_a2'])} and {len(ppl['vanilla_15l'])} seed(s) so far; "
               "the test needs two of each")

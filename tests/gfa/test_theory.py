@@ -126,3 +126,30 @@ def test_permutation_test_by_hand():
     assert theory.permutation_test([10, 11, 12], [1, 2, 3])[1] == pytest.approx(2 / 20)   # the 3+3 floor
     with pytest.raises(ValueError):
         theory.permutation_test([], [1.0])
+
+
+@pytest.mark.parametrize("q, df, table", [(0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.975, 4, 2.776445),
+                                          (0.975, 10, 2.228139), (0.95, 30, 1.697261), (0.995, 5, 4.032143)])
+def test_t_quantile_matches_the_printed_table(q, df, table):
+    assert theory.t_quantile(q, df) == pytest.approx(table, abs=2e-6)
+
+
+def test_t_quantile_between_integer_df_and_towards_the_normal():
+    assert theory.t_quantile(0.975, 4) < theory.t_quantile(0.975, 3.6) < theory.t_quantile(0.975, 3)
+    assert theory.t_quantile(0.975, 1e6) == pytest.approx(1.959964, abs=1e-5)
+    with pytest.raises(ValueError):
+        theory.t_quantile(0.3, 4)
+
+
+def test_welch_interval_by_hand():
+    # equal variances (1) and sizes (3): df = (2/3)^2 / (2 (1/3)^2 / 2) = 4, se = sqrt(2/3), t_.975,4 = 2.776445
+    diff, low, high, df = theory.welch_interval([1, 2, 3], [4, 5, 6])
+    half = 2.776445 * math.sqrt(2 / 3)
+    assert (diff, df) == (-3.0, pytest.approx(4.0)) and (low, high) == (pytest.approx(-3 - half, abs=1e-5),
+                                                                      pytest.approx(-3 + half, abs=1e-5))
+    # one group without spread: the other's alone, df = n - 1 = 2, se = 1 / sqrt(3) (t_.975,2 = 4.302653)
+    _, low, high, df = theory.welch_interval([1, 2, 3], [0, 0, 0])
+    assert df == pytest.approx(2.0) and high - 2 == pytest.approx(4.302653 / math.sqrt(3), abs=1e-5)
+    for a, b in (([1.0], [1.0, 2.0]), ([1.0, 1.0], [2.0, 2.0])):
+        with pytest.raises(ValueError):
+            theory.welch_interval(a, b)
