@@ -8,8 +8,9 @@ increase when the layer is passed through) of the late layers, and their share o
 (layer 0 is left out: it is vital in every run and would swamp the sums). Share drift: per run, the
 Spearman correlation of the share accumulated up to step t with the linear fan-in at steps 100, 200, 500
 and 1000, and the first step at which it is below zero. Table 2's PPL column: the held-out PPL of each
-config over its seeds (fanin.py's evaluation), and CascadeFormer-A2 against Vanilla-15L (equal training
-FLOPs) as the difference of the means with an exact permutation p-value and Welch's 95 % interval.
+config over its seeds (fanin.py's evaluation); CascadeFormer-A2 against Vanilla-15L (equal training
+FLOPs), and both against Vanilla-16L (how much one layer more buys, the scale of the paper's claim), each
+as the difference of the means with an exact permutation p-value and Welch's 95 % interval.
 """
 import json
 import os
@@ -49,6 +50,17 @@ def table2_ppl():
     return ppl
 
 
+def compare(a, b, pa, pb):
+    """One line: mean(pa) - mean(pb) with the exact permutation p and Welch's 95 % interval (also in % of b)."""
+    if len(pa) < 2 or len(pb) < 2:
+        return f"{a} vs {b}: {len(pa)} and {len(pb)} seed(s) so far; the tests need two of each"
+    diff, p = theory.permutation_test(pa, pb)
+    _, low, high, df = theory.welch_interval(pa, pb)
+    base = sum(pb) / len(pb)
+    return (f"{a} - {b}: {diff:+.2f} PPL (exact permutation p = {p:.2f}); Welch 95 % interval {low:+.2f} to "
+            f"{high:+.2f} PPL ({100 * low / base:+.1f} % to {100 * high / base:+.1f} % of {b}'s mean; df {df:.1f})")
+
+
 def main():
     print("run | held-out PPL | late layers' summed dPPL | their share of layers 1..N-1")
     for run in sorted(os.listdir(STUDY)):
@@ -66,17 +78,8 @@ def main():
         if values:
             spread = "%.2f ± %.2f" % theory.mean_std(values) if len(values) > 1 else f"{values[0]:.2f} (one seed)"
             print(f"{config} | {len(values)} | {spread}")
-    if len(ppl["cascade_a2"]) > 1 and len(ppl["vanilla_15l"]) > 1:
-        diff, p = theory.permutation_test(ppl["cascade_a2"], ppl["vanilla_15l"])
-        _, low, high, df = theory.welch_interval(ppl["cascade_a2"], ppl["vanilla_15l"])
-        base = sum(ppl["vanilla_15l"]) / len(ppl["vanilla_15l"])
-        print(f"A2 - Vanilla-15L: {diff:+.2f} PPL (exact permutation p = {p:.2f}); Welch 95 % interval "
-              f"{low:+.2f} to {high:+.2f} PPL ({100 * low / base:+.1f} % to {100 * high / base:+.1f} % of "
-              f"Vanilla-15L's mean; df {df:.1f})")
-    else:
-        print(f"A2 vs Vanilla-15L: {len(ppl['cascade_a2'])} and {len(ppl['vanilla_15l'])} seed(s) so far; "
-              "the test needs two of each")
-
+    for a, b in (("cascade_a2", "vanilla_15l"), ("cascade_a2", "vanilla_16l"), ("vanilla_15l", "vanilla_16l")):
+        print(compare(a, b, ppl[a], ppl[b]))
 
 if __name__ == "__main__":
     main()
