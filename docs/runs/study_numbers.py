@@ -40,8 +40,8 @@ def drift_rows(summary):
 
 
 def table2_ppl():
-    """{config: [held-out PPL of each seed]} for the configs of Table 2's PPL column."""
-    ppl = {c: [] for c in ("vanilla_16l", "vanilla_15l", "cascade_a2")}
+    """{config: [held-out PPL of each seed]} for the configs of Table 2's PPL column, and Vanilla-8L."""
+    ppl = {c: [] for c in ("vanilla_16l", "vanilla_15l", "cascade_a2", "vanilla_8l")}   # 8L: what depth buys
     for run in sorted(os.listdir(STUDY)):
         m = re.fullmatch(r"small_(.+)_s\d+", run)
         imp = rundir.read_importance(os.path.join(STUDY, run)) if m and m.group(1) in ppl else None
