@@ -81,5 +81,6 @@ def main():
     for a, b in (("cascade_a2", "vanilla_15l"), ("cascade_a2", "vanilla_16l"), ("vanilla_15l", "vanilla_16l")):
         print(compare(a, b, ppl[a], ppl[b]))
 
+
 if __name__ == "__main__":
     main()
