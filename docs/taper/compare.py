@@ -4,8 +4,12 @@ against the bf16 forward latency of the same profiles at the paper's size (bench
     python docs/taper/compare.py docs/runs/taper/small_*_s* --bench out/bench/taper_bf16.json --out docs/taper
 
 A run named <scale>_<config>_s<seed> (docs/runs/study.sh names them small_...) is a seed of <config>; its
-perplexity is the last 'val ppl' of its log.txt; its latency is bench.py's row for <config> (the
-basename of docs/taper/1b/<config>.py, or vanilla_15l, cascade_a2). Writes taper_compare.md and .png.
+latency is bench.py's row for <config> (the basename of docs/taper/1b/<config>.py, or vanilla_15l,
+cascade_a2). Its perplexity is fanin.py's held-out evaluation (importance.json's baseline, what
+docs/runs/study_numbers.py and Table 2 use) when every run has one, else for every run the last 'val ppl'
+of its log.txt (the CPU previews): one evaluation for the whole table, named in its header. The study's
+A2 and Vanilla-15L seeds (docs/runs/study/small_{cascade_a2,vanilla_15l}_s*) go beside the profiles as they
+are. Writes taper_compare.md and .png.
 """
 import argparse
 import json
@@ -23,33 +27,47 @@ from model import GPT, GPTConfig  # noqa: E402
 
 
 def final_ppl(run):
+    if not os.path.isfile(rundir.file(run, rundir.LOG)):
+        sys.exit(f"error: {run} has no log.txt: not a run directory (give train.py's --out_dir)")
     lines = [m for m in re.finditer(r"val ppl ([0-9.]+)", open(rundir.file(run, rundir.LOG)).read())]
     if not lines:
         sys.exit(f"error: {run}/log.txt has no 'val ppl' line (a run still training?)")
     return float(lines[-1].group(1))
 
 
-def main():
+def held_out_ppl(runs):
+    """({run: PPL}, what evaluated it): fanin.py's (importance.json) if every run has it, else the logs'."""
+    imp = {run: rundir.read_importance(run) for run in runs}
+    if all(imp.values()):
+        return {run: imp[run]["baseline"] for run in runs}, "fanin.py's evaluation"
+    if any(imp.values()):
+        print("note: some runs have no importance.json: every PPL is train.py's last evaluation instead")
+    return {run: final_ppl(run) for run in runs}, "train.py's last evaluation"
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories <scale>_<config>_s<seed>, e.g. small_cascade_a2_s1")
     ap.add_argument("--bench", help="bench.py --out JSON of the paper-size models (bf16)")
     ap.add_argument("--out", default="docs/taper", help="folder for taper_compare.md and taper_compare.png")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     ppl, size, scales = defaultdict(list), {}, set()
+    values, source = held_out_ppl(args.runs)
     for run in args.runs:
         m = re.fullmatch(r"([A-Za-z0-9]+)_(.+)_s\d+", os.path.basename(os.path.normpath(run)))
         if not m:
             sys.exit(f"error: {run}: not named <scale>_<config>_s<seed> (e.g. small_cascade_a2_s1)")
         scales.add(m.group(1))
         m = m.group(2)
-        ppl[m].append(final_ppl(run))
+        ppl[m].append(values[run])
         with torch.device("meta"):
             model = GPT(GPTConfig(**rundir.read_model_config(run)[1]))
         size[m] = (model.num_params(), model.flops_per_token())
     scale = "/".join(sorted(scales))
     rows = json.load(open(args.bench))["rows"] if args.bench else []
     latency = {os.path.basename(r["config"]): r for r in rows if r.get("impl") == "ours" and "median_ms" in r}
-    lines = [f"| config | params ({scale}) | fwd MFLOP/token ({scale}) | held-out PPL ({scale}, mean ± std) | seeds | "
+    lines = [f"| config | params ({scale}) | fwd MFLOP/token ({scale}) | held-out PPL ({scale}, {source}, mean ± std) "
+             "| seeds | "
              "bf16 latency ms (1.2B) | vs Vanilla-15L |", "|---|---|---|---|---|---|---|"]
     points = []
     for name in sorted(ppl, key=lambda n: mean_std(ppl[n])[0]):

@@ -1,0 +1,60 @@
+"""docs/taper/compare.py: which held-out perplexity the taper table uses (fanin.py's evaluation when every run
+has one, else every run's log), the mean ± std per config over hand-written run directories, one-line errors."""
+import importlib.util
+import os
+
+import pytest
+
+from gfa import rundir
+from helpers import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "docs", "taper", "compare.py"))
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def run_dir(root, name, log_ppl, fanin_ppl=None):
+    """A run as study.sh leaves it: model_config.json, log.txt with its evaluations, importance.json if given."""
+    run = os.path.join(root, name)
+    os.makedirs(run)
+    rundir.write_model_config(run, "gpt", TINY)
+    with open(rundir.file(run, rundir.LOG), "w") as f:
+        f.write(f"step 0 | val loss 5.5 | val ppl 250.00\nstep 10 | loss 2.0 | lr 1e-3\nstep 20 | val loss 2.0 | "
+                f"val ppl {log_ppl:.2f}\n")
+    if fanin_ppl is not None:
+        rundir.write_importance(run, {"metric": "ppl_increase", "baseline": fanin_ppl, "importance": [1.0] * 4})
+    return run
+
+
+def table_rows(out):
+    lines = open(os.path.join(out, "taper_compare.md")).read().splitlines()
+    return lines[0], {c[1].strip(): c for c in (line.split("|") for line in lines[2:])}
+
+
+def test_every_run_with_fanins_evaluation_uses_it(tmp_path):
+    runs = [run_dir(tmp_path, "small_gfa_s1", 40.0, 39.0), run_dir(tmp_path, "small_gfa_s2", 41.0, 41.0),
+            run_dir(tmp_path, "small_cascade_a2_s1", 38.0, 39.5)]
+    compare.main([*runs, "--out", str(tmp_path / "t")])
+    header, rows = table_rows(tmp_path / "t")
+    assert "fanin.py's evaluation" in header
+    assert rows["gfa"][4].strip() == "40.00 ± 1.41" and rows["gfa"][5].strip() == "2"   # (39, 41): std sqrt(2)
+    assert rows["cascade_a2"][4].strip() == "39.50 ± 0.00"
+
+
+def test_a_run_without_it_puts_every_run_on_its_log(tmp_path, capsys):
+    runs = [run_dir(tmp_path, "demo_gfa_s1", 7.2, 7.0), run_dir(tmp_path, "demo_gfa_s2", 7.4)]
+    compare.main([*runs, "--out", str(tmp_path / "t")])
+    header, rows = table_rows(tmp_path / "t")
+    assert "train.py's last evaluation" in header and rows["gfa"][4].strip() == "7.30 ± 0.14"
+    assert "some runs have no importance.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, make, message", [("gfa_s1", True, "not named <scale>_<config>_s<seed>"),
+                                                 ("small_gfa_s1", False, "has no log.txt")])
+def test_bad_runs_are_one_line_errors(tmp_path, name, make, message):
+    run = run_dir(tmp_path, name, 7.0) if make else str(tmp_path / name)
+    with pytest.raises(SystemExit) as e:
+        compare.main([run, "--out", str(tmp_path / "t")])
+    assert str(e.value).startswith("error: ") and message in str(e.value)
+    assert not os.path.exists(tmp_path / "t")
