@@ -7,7 +7,8 @@
 # passes over the 24M-token minipile corpus, README: Data), then fanin.py (share vs theory and
 # importance; with --baseline=<run> for an intervention) and, for vanilla_16l, prune.py (Table 1 for
 # this seed, combined over seeds later with prune.py --combine); for vanilla_16l and layerskip also the
-# early-exit curve (prune.py --exits, into <run>/exits). Extra --key=value go to train.py.
+# early-exit curve (prune.py --exits, into <run>/exits; EXITS=0 skips it, ~40 s of an H200). Extra --key=value
+# go to train.py.
 # FANIN_BASELINE=<run dir> adds fanin.py --baseline. TAG=<name> names a run of the variant with other
 # switches (small_<variant>_<name>_s<seed>; Table 1 is then skipped). <variant> may also be a path to a
 # config file (a taper.py output: its file name names the run). Copies the run directory without ckpt.pt to
@@ -36,7 +37,7 @@ python fanin.py "$run" ${FANIN_BASELINE:+--baseline "$FANIN_BASELINE"}
 if [ "$variant" = vanilla_16l ] && [ -z "${TAG:-}" ]; then
     python prune.py --runs "$run" --k 1,2,4,6,8 --hellaswag "$mc" --calib_batches 32 --out "$run/prune"
 fi
-if [ "$variant" = vanilla_16l ] || [ "$variant" = layerskip ]; then   # the early-exit curve (README: Early exit)
+if { [ "$variant" = vanilla_16l ] || [ "$variant" = layerskip ]; } && [ "${EXITS:-1}" != 0 ]; then   # README: Early exit
     python prune.py --runs "$run" --exits --hellaswag "$mc" --out "$run/exits"
 fi
 mkdir -p "$dest/$name"
