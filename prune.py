@@ -743,9 +743,10 @@ def mc_file(args):
 def main(argv):
     args = parse(argv)
     if args.combine:
-        if is_exits(read_results(args.combine[0])):
-            return write_exits(*combine_exits(args.combine), args.out or "exits_combined")
-        return write_table(*combine(args.combine), args.out or "prune_combined")
+        files = [(path, read_results(path)) for path in args.combine]   # each read once
+        if is_exits(files[0][1]):
+            return write_exits(*combine_exits(files), args.out or "exits_combined")
+        return write_table(*combine(files), args.out or "prune_combined")
     ks, methods = parse_ks(args.k), parse_methods(args.methods)
     check_args(args, ks, methods)
     if args.exits and args.save_pruned:
@@ -802,12 +803,12 @@ def is_exits(r):
     return isinstance(r, dict) and isinstance(r.get("runs"), list) and bool(r["runs"]) and "exits" in r["runs"][0]
 
 
-def combine_exits(paths):
-    """The runs of several exits.json files (prune.py --exits), for one early-exit table and plot:
-    (results, multiple-choice file). Runs without accuracy leave the accuracy columns out for all."""
+def combine_exits(files):
+    """The runs of several read exits.json files [(path, contents)] (prune.py --exits), for one early-exit
+    table and plot: (results, multiple-choice file). Runs without accuracy leave the accuracy columns out
+    for all."""
     runs, mc = [], set()
-    for path in paths:
-        r = read_results(path)
+    for path, r in files:
         if not is_exits(r):
             raise UserError(f"--combine {path}: not an exits.json of prune.py --exits; combine exits.json files "
                             f"with exits.json files only")
@@ -819,12 +820,12 @@ def combine_exits(paths):
     return runs, " + ".join(sorted(mc))
 
 
-def combine(paths):
-    """The runs of several results.json files, checked to be one table: (results, ks, methods, settings).
-    Speed may come from some of them only (it is per architecture, not per seed: time one seed)."""
+def combine(files):
+    """The runs of several read results.json files [(path, contents)], checked to be one table: (results,
+    ks, methods, settings). Speed may come from some of them only (it is per architecture, not per seed:
+    time one seed)."""
     runs, first, timed = [], None, {}
-    for path in paths:
-        r = read_results(path)
+    for path, r in files:
         try:
             settings = dict(r.get("settings", {}), mc_file=r.get("mc_file", r.get("settings", {}).get("mc_file", "none")))
             if settings.get("speed"):
