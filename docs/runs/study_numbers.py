@@ -10,7 +10,8 @@ Spearman correlation of the share accumulated up to step t with the linear fan-i
 and 1000, and the first step at which it is below zero. Table 2's PPL column: the held-out PPL of each
 config over its seeds (fanin.py's evaluation); CascadeFormer-A2 against Vanilla-15L (equal training
 FLOPs), and both against Vanilla-16L (how much one layer more buys, the scale of the paper's claim), each
-as the difference of the means with an exact permutation p-value and Welch's 95 % interval.
+as the difference of the means with an exact permutation p-value and Welch's 95 % interval; and what
+difference 2, 3, 5 or 10 seeds a side could resolve at Vanilla-16L's seed spread.
 """
 import json
 import os
@@ -61,6 +62,13 @@ def compare(a, b, pa, pb):
             f"{high:+.2f} PPL ({100 * low / base:+.1f} % to {100 * high / base:+.1f} % of {b}'s mean; df {df:.1f})")
 
 
+def resolution(values, seeds=(2, 3, 5, 10)):
+    """Welch's 95 % half-width for two configs of this spread (values: one config over its seeds), with n
+    seeds a side (equal spreads: df = 2n - 2), in % of the mean: what difference n seeds can resolve."""
+    mean, std = theory.mean_std(values)
+    return {n: 100 * theory.t_quantile(0.975, 2 * n - 2) * std * (2 / n) ** 0.5 / mean for n in seeds}
+
+
 def main():
     print("run | held-out PPL | late layers' summed dPPL | their share of layers 1..N-1")
     for run in sorted(os.listdir(STUDY)):
@@ -80,6 +88,10 @@ def main():
             print(f"{config} | {len(values)} | {spread}")
     for a, b in (("cascade_a2", "vanilla_15l"), ("cascade_a2", "vanilla_16l"), ("vanilla_15l", "vanilla_16l")):
         print(compare(a, b, ppl[a], ppl[b]))
+    if len(ppl["vanilla_16l"]) > 1:
+        half = resolution(ppl["vanilla_16l"])
+        print("resolvable at Vanilla-16L's seed spread (Welch 95 % half-width, % of its mean), n seeds a side: "
+              + ", ".join(f"n = {n}: ± {h:.1f} %" for n, h in half.items()))
 
 
 if __name__ == "__main__":
