@@ -2,6 +2,8 @@
 from the committed study runs (no GPU, seconds):
 
     python docs/runs/study_numbers.py            # after fanin.py wrote docs/figs/study_drift/fanin_summary.json
+    python docs/runs/study_numbers.py --fig docs/figs/study_overview.png    # and the overview figure
+
 
 Figure 5: per run, the held-out PPL of fanin.py's importance evaluation, the summed importance (PPL
 increase when the layer is passed through) of the late layers, and their share of layers 1..N-1's sum
@@ -11,17 +13,27 @@ and 1000, and the first step at which it is below zero. Table 2's PPL column: th
 config over its seeds (fanin.py's evaluation); CascadeFormer-A2 against Vanilla-15L (equal training
 FLOPs), and both against Vanilla-16L (how much one layer more buys, the scale of the paper's claim), each
 as the difference of the means with an exact permutation p-value and Welch's 95 % interval; and what
-difference 2, 3, 5 or 10 seeds a side could resolve at Vanilla-16L's seed spread.
+difference 2, 3, 5 or 10 seeds a side could resolve at Vanilla-16L's seed spread. The overview figure
+(--fig): the 16-layer configs side by side, share and importance per layer (mean and range over the
+seeds) against the linear and the quadratic fan-in.
 """
+import argparse
 import json
 import os
 import re
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STUDY = os.path.join(ROOT, "docs", "runs", "study")
 sys.path.insert(0, ROOT)
 from gfa import rundir, theory  # noqa: E402
+from gfa.cli import UserError, cli  # noqa: E402
+
+# the overview figure's configs: (run-name stem, label); the 16-layer models with a different protocol
+OVERVIEW = (("vanilla_16l", "Pre-LN (Vanilla-16L)"), ("layerskip", "deep supervision (LayerSkip)"),
+            ("vanilla_16l_mixln", "Mix-LN"), ("equalize", "norms equalised"))
 
 def late_importance(imp):
     """Figure 5's late layers are the second half: 8-15 of 16, the repeated 4-7 of 8 (7-14 of 15)."""
@@ -40,15 +52,62 @@ def drift_rows(summary):
         yield r["name"], [at(t) for t in (100, 200, 500, 1000)], below, r["drift"]["settled"]
 
 
+def seed_runs(config, study=STUDY):
+    """The run directories small_<config>_s<seed> of the study, in seed order."""
+    runs = [(int(m.group(1)), os.path.join(study, name)) for name in os.listdir(study)
+            if (m := re.fullmatch(rf"small_{re.escape(config)}_s(\d+)", name))]
+    return [run for _, run in sorted(runs)]
+
+
 def table2_ppl():
     """{config: [held-out PPL of each seed]} for the configs of Table 2's PPL column, and Vanilla-8L."""
-    ppl = {c: [] for c in ("vanilla_16l", "vanilla_15l", "cascade_a2", "vanilla_8l")}   # 8L: what depth buys
-    for run in sorted(os.listdir(STUDY)):
-        m = re.fullmatch(r"small_(.+)_s\d+", run)
-        imp = rundir.read_importance(os.path.join(STUDY, run)) if m and m.group(1) in ppl else None
-        if imp:
-            ppl[m.group(1)].append(imp["baseline"])
+    ppl = {}
+    for config in ("vanilla_16l", "vanilla_15l", "cascade_a2", "vanilla_8l"):   # 8L: what depth buys
+        ppl[config] = [imp["baseline"] for imp in map(rundir.read_importance, seed_runs(config)) if imp]
     return ppl
+
+
+def profiles(config, study=STUDY):
+    """Per-layer gradient share (%) and importance (PPL increase) of every seed of a config with both:
+    two arrays (seeds, layers), and the config's fan-in kind."""
+    share, imp, kind = [], [], None
+    for run in seed_runs(config, study):
+        importance = rundir.read_importance(run)
+        if importance:
+            share.append(100 * np.asarray(rundir.read_grad_dump(run)["share"]))
+            imp.append(importance["importance"])
+            kind = theory.theory_for(rundir.read_model_config(run)[1])[0]
+    return np.array(share), np.array(imp), kind
+
+
+def overview_figure(path, configs=OVERVIEW, study=STUDY):
+    """Share (left) and importance (right, log) per layer for the configs, mean with the seeds' range."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    n = None
+    for config, label in configs:
+        share, imp, _ = profiles(config, study)
+        if len(share) == 0:
+            continue
+        n, layers = share.shape[1], np.arange(share.shape[1])
+        text = f"{label}, {len(share)} seed{'s' * (len(share) > 1)}"
+        for ax, values in ((left, share), (right, np.maximum(imp, 1e-3))):   # the log axis: no PPL increase <= 0
+            line, = ax.plot(layers, values.mean(0), marker="o", ms=3, label=text)
+            ax.fill_between(layers, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+    if n is None:
+        raise UserError(f"no run of {[c for c, _ in configs]} with importance under {study}: run fanin.py on them first")
+    for fan_in, style, label in ((theory.fanin_plain(n), "--", "linear fan-in"),
+                                 (theory.fanin_deep_supervision(n), ":", "quadratic fan-in")):
+        left.plot(np.arange(n), 100 * np.asarray(fan_in) / sum(fan_in), "k" + style, lw=1, label=label)
+    left.set(xlabel="layer", ylabel="gradient share (Eq. 2), %", title="where the gradient goes")
+    right.set(xlabel="layer", ylabel="PPL increase when skipped", yscale="log", title="what each layer is worth")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def compare(a, b, pa, pb):
@@ -69,7 +128,10 @@ def resolution(values, seeds=(2, 3, 5, 10)):
     return {n: 100 * theory.t_quantile(0.975, 2 * n - 2) * std * (2 / n) ** 0.5 / mean for n in seeds}
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fig", help="also write the overview figure to this path")
+    args = ap.parse_args(argv)
     print("run | held-out PPL | late layers' summed dPPL | their share of layers 1..N-1")
     for run in sorted(os.listdir(STUDY)):
         imp = rundir.read_importance(os.path.join(STUDY, run))
@@ -92,7 +154,9 @@ def main():
         half = resolution(ppl["vanilla_16l"])
         print("resolvable at Vanilla-16L's seed spread (Welch 95 % half-width, % of its mean), n seeds a side: "
               + ", ".join(f"n = {n}: ± {h:.1f} %" for n, h in half.items()))
+    if args.fig:
+        overview_figure(args.fig)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
