@@ -4,7 +4,6 @@ from the committed study runs (no GPU, seconds):
     python docs/runs/study_numbers.py            # after fanin.py wrote docs/figs/study_drift/fanin_summary.json
     python docs/runs/study_numbers.py --fig docs/figs/study_overview.png    # and the overview figure
 
-
 Figure 5: per run, the held-out PPL of fanin.py's importance evaluation, the summed importance (PPL
 increase when the layer is passed through) of the late layers, and their share of layers 1..N-1's sum
 (layer 0 is left out: it is vital in every run and would swamp the sums). Share drift: per run, the
@@ -31,7 +30,7 @@ sys.path.insert(0, ROOT)
 from gfa import rundir, theory  # noqa: E402
 from gfa.cli import UserError, cli  # noqa: E402
 
-# the overview figure's configs: (run-name stem, label); the 16-layer models with a different protocol
+# the overview figure's configs, (run-name stem, label): Vanilla-16L and the 16-layer runs that change one thing
 OVERVIEW = (("vanilla_16l", "Pre-LN (Vanilla-16L)"), ("layerskip", "deep supervision (LayerSkip)"),
             ("vanilla_16l_mixln", "Mix-LN"), ("equalize", "norms equalised"))
 
