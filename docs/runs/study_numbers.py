@@ -68,15 +68,14 @@ def table2_ppl():
 
 def profiles(config, study=STUDY):
     """Per-layer gradient share (%) and importance (PPL increase) of every seed of a config with both:
-    two arrays (seeds, layers), and the config's fan-in kind."""
-    share, imp, kind = [], [], None
+    two arrays (seeds, layers)."""
+    share, imp = [], []
     for run in seed_runs(config, study):
         importance = rundir.read_importance(run)
         if importance:
             share.append(100 * np.asarray(rundir.read_grad_dump(run)["share"]))
             imp.append(importance["importance"])
-            kind = theory.theory_for(rundir.read_model_config(run)[1])[0]
-    return np.array(share), np.array(imp), kind
+    return np.array(share), np.array(imp)
 
 
 def overview_figure(path, configs=OVERVIEW, study=STUDY):
@@ -87,7 +86,7 @@ def overview_figure(path, configs=OVERVIEW, study=STUDY):
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     n = None
     for config, label in configs:
-        share, imp, _ = profiles(config, study)
+        share, imp = profiles(config, study)
         if len(share) == 0:
             continue
         n, layers = share.shape[1], np.arange(share.shape[1])

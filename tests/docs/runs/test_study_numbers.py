@@ -38,11 +38,10 @@ def test_seed_runs_profiles_and_the_overview_figure(tmp_path):
     runs = study_numbers.seed_runs("vanilla_16l", study)
     assert [os.path.basename(r) for r in runs] == ["small_vanilla_16l_s2", "small_vanilla_16l_s3",
                                                    "small_vanilla_16l_s10"]
-    share, imp, kind = study_numbers.profiles("vanilla_16l", study)
+    share, imp = study_numbers.profiles("vanilla_16l", study)
     expected = [100 * np.array(norms[s]) / sum(norms[s]) for s in (2, 10)]   # Eq. 2 of constant rows: norm / sum
     np.testing.assert_allclose(share, expected)
     np.testing.assert_allclose(imp, [[2.0] * n, [10.0] * n])
-    assert kind == "plain (linear)"
 
     fig = tmp_path / "figs" / "overview.png"
     study_numbers.overview_figure(str(fig), configs=(("vanilla_16l", "Pre-LN"), ("vanilla_16l_mixln", "Mix-LN"),
