@@ -10,9 +10,10 @@ increase when the layer is passed through) of the late layers, and their share o
 Spearman correlation of the share accumulated up to step t with the linear fan-in at steps 100, 200, 500
 and 1000, and the first step at which it is below zero. Table 2's PPL column: the held-out PPL of each
 config over its seeds (fanin.py's evaluation); CascadeFormer-A2 against Vanilla-15L (equal training
-FLOPs), and both against Vanilla-16L (how much one layer more buys, the scale of the paper's claim), each
-as the difference of the means with an exact permutation p-value and Welch's 95 % interval; and what
-difference 2, 3, 5 or 10 seeds a side could resolve at Vanilla-16L's seed spread. The overview figure
+FLOPs), both against Vanilla-16L (how much one layer more buys, the scale of the paper's claim), and
+Vanilla-16L under Mix-LN and LayerNorm scaling against Pre-LN, each as the difference of the means with
+an exact permutation p-value and Welch's 95 % interval; and what difference 2, 3, 5 or 10 seeds a side
+could resolve at Vanilla-16L's seed spread. The overview figure
 (--fig): the 16-layer configs side by side, share and importance per layer (mean and range over the
 seeds) against the linear and the quadratic fan-in.
 """
@@ -34,6 +35,7 @@ from gfa.cli import UserError, cli  # noqa: E402
 OVERVIEW = (("vanilla_16l", "Pre-LN (Vanilla-16L)"), ("layerskip", "deep supervision (LayerSkip)"),
             ("vanilla_16l_mixln", "Mix-LN"), ("vanilla_16l_lns", "LayerNorm scaling"),
             ("equalize", "norms equalised"))
+
 
 def late_importance(imp):
     """Figure 5's late layers are the second half: 8-15 of 16, the repeated 4-7 of 8 (7-14 of 15)."""
@@ -97,7 +99,8 @@ def overview_figure(path, configs=OVERVIEW, study=STUDY):
             line, = ax.plot(layers, values.mean(0), marker="o", ms=3, label=text)
             ax.fill_between(layers, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
     if n is None:
-        raise UserError(f"no run of {[c for c, _ in configs]} with importance under {study}: run fanin.py on them first")
+        raise UserError(f"no run of {[c for c, _ in configs]} with importance under {study}: "
+                        "run fanin.py on them first")
     for fan_in, style, label in ((theory.fanin_plain(n), "--", "linear fan-in"),
                                  (theory.fanin_deep_supervision(n), ":", "quadratic fan-in")):
         left.plot(np.arange(n), 100 * np.asarray(fan_in) / sum(fan_in), "k" + style, lw=1, label=label)
