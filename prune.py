@@ -351,7 +351,11 @@ def time_models(to_time, T, args):
     extra = shlex.split(args.bench_args)
     out = os.path.join(args.out, "speed")
     half = max(2, min(128, T // 2))
-    runs = {"inference": [f"--seq={T}"], "decode": [f"--prompt_len={half}", f"--new_tokens={half}"]}
+    # on CUDA the forward under CUDA graphs, as decode is: a small pruned model's plain compiled forward is
+    # bound by kernel launches, which times the host rather than the model (docs/RESULTS.md: extended Table 1)
+    graphs = ["--compile=reduce-overhead"] if torch.device(args.device).type == "cuda" else []
+    runs = {"inference": [f"--seq={T}", *graphs],
+            "decode": [f"--prompt_len={half}", f"--new_tokens={half}"]}
     speed = {arch: {} for arch in to_time}
     for mode, shape in runs.items():
         path = os.path.join(out, f"{mode}.json")
@@ -362,12 +366,14 @@ def time_models(to_time, T, args):
         if not os.path.isfile(path):
             raise UserError(f"bench.py wrote no {path}: its error is above")
         with open(path) as f:
-            rows = json.load(f)["rows"]
+            bench = json.load(f)
+        rows = bench["rows"]
         for arch, d in to_time.items():
             row = next((r for r in rows if r["config"] == os.path.basename(d)), {"error": "not timed"})   # 1st dtype
             speed[arch]["dtype"] = row.get("dtype")
             if mode == "inference":
-                speed[arch].update(forward_ms=row.get("median_ms"), tok_s=row.get("tok_s"))
+                speed[arch].update(forward_ms=row.get("median_ms"), tok_s=row.get("tok_s"),
+                                   forward_compile=bench["meta"].get("compile"))
             else:
                 speed[arch]["decode_ms_per_token"] = row.get("ms_per_token")
             if "error" in row:
@@ -414,6 +420,14 @@ def stability(results, methods):
 def timed_cell(results):
     """A cell with the speed of its model, from whichever run timed it (seeds pruned apart, one timed)."""
     return next((c for r in results for c in r["cells"].values() if "speed" in c), None)
+
+
+def forward_how(results):
+    """How the forward was compiled, where the timed runs say (results of before it was recorded do not)."""
+    mode = timed_cell(results)["speed"].get("forward_compile")
+    if not mode:
+        return ""
+    return f"; forward compiled with mode={mode}" + (" (CUDA graphs)" if mode == "reduce-overhead" else "")
 
 
 def table_sections(results):
@@ -489,7 +503,7 @@ def legend(results, settings):
         how = sp.get("dtype") + (f", {settings['bench_args']}" if settings.get("bench_args") else "")
         out.append(f"Speed: bench.py on the physically pruned model ({how}): forward = one {settings.get('block_size')}"
                    f"-token sequence (median ms, tok/s); decode = KV-cache greedy ms/token; one measurement per "
-                   f"architecture.")
+                   f"architecture{forward_how(results)}.")
     return out
 
 
@@ -501,13 +515,13 @@ def plot(results, ks, methods, path):
     acc = ("zero_shot_mean",) if "tasks" in cell else ("acc_norm",) if "acc" in cell else None
     panels = [(("ppl",), "held-out PPL (log)")] + ([(acc, "zero-shot mean" if "tasks" in cell else "acc_norm")]
                                                    if acc else [])
-    panels += [(("speed", "forward_ms"), "forward ms (pruned model)")] if timed_cell(results) else []
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    timed = timed_cell(results) is not None
+    fig, axes = plt.subplots(1, len(panels) + timed, figsize=(5.5 * (len(panels) + timed), 4), squeeze=False)
     for ax, (key, name) in zip(axes[0], panels):
         for i, m in enumerate(methods):
             for pre, style in (((), "-"), (("healed",), "--")):
                 vals = [[v for r in results if (v := _get(r["cells"][f"{m}/{k}"], pre + key)) is not None] for k in ks]
-                if not all(vals):   # not measured (healed, speed: in the runs that timed it)
+                if not all(vals):   # not measured (healed: not asked for)
                     continue
                 ms = [mean_std(v) for v in vals]
                 ax.errorbar(ks, [a for a, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, ls=style,
@@ -518,11 +532,32 @@ def plot(results, ks, methods, path):
         ax.set_xlabel("layers removed k")
         ax.set_ylabel(name)
         ax.set_xticks(ks)
+    if timed:
+        plot_speed(axes[0][-1], results, ks, methods)
     axes[0][0].set_yscale("log")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_speed(ax, results, ks, methods):
+    """The pruned model's time as a fraction of the unpruned one's, against k: speed depends on the
+    architecture alone, so every method's k gives one point (the first method with a timed cell)."""
+    base = next(r["baseline"]["speed"] for r in results if "speed" in r["baseline"])
+    for key, name, marker in (("forward_ms", "forward", "o"), ("decode_ms_per_token", "decode, per token", "s")):
+        pts = [(k, c["speed"][key] / base[key]) for k in ks
+               for c in [next((r["cells"][f"{m}/{k}"] for r in results for m in methods
+                               if "speed" in r["cells"][f"{m}/{k}"]), None)]
+               if c and c["speed"].get(key) and base.get(key)]
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label=name)
+    n = results[0]["n_layer"]
+    ax.plot(ks, [(n - k) / n for k in ks], color="gray", ls=":", label="layers kept / all")
+    ax.set_xlabel("layers removed k")
+    ax.set_ylabel("time vs the unpruned model")
+    ax.set_xticks(ks)
+    ax.legend(fontsize=7)
 
 
 # ---- early exit -----------------------------------------------------------------------------------

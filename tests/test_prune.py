@@ -192,6 +192,8 @@ def test_heal_speed_and_tasks_for_every_pruned_model(tmp_path, byte_data, monkey
     assert [a[2] for a in timed] == ["--mode=inference", "--mode=decode"]   # the 4- and the 3-layer model, once
     assert res[0]["cells"]["cfp/1"]["speed"] == res[1]["cells"]["magnitude/1"]["speed"] != res[0]["baseline"]["speed"]
     assert not (out / "models").exists() and (out / "speed" / "inference.json").is_file()
+    forward_compile = json.loads((out / "speed" / "inference.json").read_text())["meta"]["compile"]
+    assert res[0]["baseline"]["speed"]["forward_compile"] == forward_compile   # named in the table's legend
     text = (out / "table1.md").read_text()
     assert "Healed (the pruned model" in text and "Speed of the physically pruned model" in text
     assert ("tiny_mc acc_norm" in text) == with_lm_eval
