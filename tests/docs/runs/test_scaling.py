@@ -24,7 +24,7 @@ spec.loader.exec_module(scaling)
 MODEL = ["--device=cpu", "--n_layer=4", "--d_model=32", "--head_dim=8", "--d_attn0=32", "--S_d=8", "--d_ffn0=64",
          "--block_size=32", "--eval_iters=1", "--eval_batch_size=4"]
 STUDY = ["--configs=config/tiny.py,config/cascade_a2.py", "--nproc=1,2", "--batch_size=8", "--micro_batch=2",
-         "--steps=6", "--skip=2", "--log_interval=1", f"--train_args={' '.join(MODEL)}"]
+         "--steps=4", "--skip=1", "--log_interval=1", f"--train_args={' '.join(MODEL)}"]
 
 
 def forked_launch(cmd, output):
@@ -52,10 +52,10 @@ def test_the_study_on_cpu_ranks_gives_the_table_and_its_checks_pass(tmp_path, by
             assert r["check"]["ok"] and r["check"]["norm_rel_diff"] < 1e-5, r["check"]
         assert r["efficiency"] == pytest.approx(r["tok_s_per_gpu"] / runs[(k[0], 1)]["tok_s_per_gpu"])
         assert r["tok_s"] == pytest.approx(8 * 32 * 1000 / r["ms_step"])   # 8 x 32 tokens a step
-    # stopped at step 3 and resumed: the uninterrupted run's losses and every step's norms (fp32 on CPU: equal)
-    assert [(r["mode"], r["resumed"], r["check"]["ok"]) for r in report["resume"]] == [("ddp", [3], True),
-                                                                                       ("fsdp", [3], True)]
-    assert all(r["check"]["norm_steps"] == 6 and r["check"]["loss_diff"] == 0 for r in report["resume"])
+    # stopped at step 2 and resumed: the uninterrupted run's losses and every step's norms (fp32 on CPU: equal)
+    assert [(r["mode"], r["resumed"], r["check"]["ok"]) for r in report["resume"]] == [("ddp", [2], True),
+                                                                                       ("fsdp", [2], True)]
+    assert all(r["check"]["norm_steps"] == 4 and r["check"]["loss_diff"] == 0 for r in report["resume"])
     md = open(os.path.join(out, "scaling.md")).read()
     assert md.count("| ok |") == 5 and "FAIL" not in md and "| reference |" in md
     assert json.load(open(os.path.join(out, "scaling.json")))["runs"][1]["check"]["ok"]
@@ -69,7 +69,7 @@ def test_the_study_on_cpu_ranks_gives_the_table_and_its_checks_pass(tmp_path, by
     launched = []
     monkeypatch.setattr(scaling, "launch", lambda cmd, output: launched.append(cmd) or 1)
     with pytest.raises(SystemExit):   # every launch "fails": the table says so and the exit status is 1
-        scaling.main([f"--data_dir={byte_data}", f"--out={out}", *STUDY, "--steps=7", "--modes=ddp", "--resume_at=0"])
+        scaling.main([f"--data_dir={byte_data}", f"--out={out}", *STUDY, "--steps=5", "--modes=ddp", "--resume_at=0"])
     assert len(launched) == 2 and "failed" in open(os.path.join(out, "scaling.md")).read()
 
 
