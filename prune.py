@@ -857,15 +857,19 @@ def combine_exits(files):
 
 def combine(files):
     """The runs of several read results.json files [(path, contents)], checked to be one table: (results,
-    ks, methods, settings). Speed may come from some of them only (it is per architecture, not per seed:
-    time one seed)."""
+    ks, methods, settings). Speed is per architecture, not per seed: it comes from the first file that
+    timed its models, and later files' timings (perhaps made another way) are left out, with a note."""
     runs, first, timed = [], None, {}
     for path, r in files:
         try:
             settings = dict(r.get("settings", {}), mc_file=r.get("mc_file", r.get("settings", {}).get("mc_file", "none")))
-            if settings.get("speed"):
-                timed = {k: settings[k] for k in ("speed", "bench_args")}
             key = (r["ks"], r["methods"], {k: v for k, v in settings.items() if k not in ("speed", "bench_args")})
+            if settings.get("speed") and timed:
+                print(f"note: {path}'s speed is left out: the table's comes from {timed['path']}, the first file "
+                      f"that timed its models (put the one to show first)")
+                r = dict(r, runs=[without_speed(run) for run in r["runs"]])
+            elif settings.get("speed"):
+                timed = {k: settings[k] for k in ("speed", "bench_args")} | {"path": path}
             runs += r["runs"]
         except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"--combine {path}: not a results.json of prune.py ({type(e).__name__})") from None
@@ -876,7 +880,14 @@ def combine(files):
     ks, methods, settings = first[1]
     if len({r["n_layer"] for r in runs}) > 1:
         raise UserError("--combine: the runs have different numbers of layers: --combine takes seeds of one config")
-    return runs, ks, methods, settings | timed
+    return runs, ks, methods, settings | {k: v for k, v in timed.items() if k != "path"}
+
+
+def without_speed(run):
+    """A run of results.json with its cells' speed left out (another file's timing stands for it)."""
+    def strip(cell):
+        return {k: v for k, v in cell.items() if k != "speed"}
+    return dict(run, baseline=strip(run["baseline"]), cells={name: strip(c) for name, c in run["cells"].items()})
 
 
 def write_table(results, ks, methods, settings, out):

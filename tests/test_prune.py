@@ -208,6 +208,14 @@ def test_heal_speed_and_tasks_for_every_pruned_model(tmp_path, byte_data, monkey
         (tmp_path / f"part{i}.json").write_text(json.dumps(part))
     prune.main(["--combine", str(tmp_path / "part0.json"), str(tmp_path / "part1.json"), "--out", str(tmp_path / "c")])
     assert (tmp_path / "c" / "table1.md").read_text() == text
+    # both seeds timed, the second another way (10x slower): the table shows the first file's timing, not a mean
+    joint = json.loads((out / "results.json").read_text())   # afresh: the parts above took the speed out
+    slow = dict(joint, runs=[joint["runs"][1]])
+    for cell in [slow["runs"][0]["baseline"], *slow["runs"][0]["cells"].values()]:
+        cell["speed"] = {k: v * 10 if k == "forward_ms" else v for k, v in cell["speed"].items()}
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    prune.main(["--combine", str(tmp_path / "part0.json"), str(tmp_path / "slow.json"), "--out", str(tmp_path / "c2")])
+    assert (tmp_path / "c2" / "table1.md").read_text() == text
     # a call stopped after some heals (one healed.json missing): the same call again heals only that one,
     # and every number is what the uninterrupted call gave; other heal settings heal everything again
     first = res[0]["cells"]["cfp/1"]["healed"]["run_dir"]
