@@ -14,7 +14,7 @@
 # bench.py's tables in <dest>/speed.
 # K (default 2,4,8), HEAL_TOKENS (default 5e6), TASKS=piqa,... and INCLUDE=<folder of lm-eval task YAMLs>
 # (lm-eval installed) change it. SPEED=0 times nothing: for a seed pruned while the GPU is busy with other
-# work (timings need the GPU to themselves); the combined table takes the speed from whichever seed timed it.
+# work (timings need the GPU to themselves); the combined table takes the speed of the first seed that timed it.
 set -euo pipefail
 mc=$1 dest=$2
 shift 2
