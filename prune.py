@@ -351,8 +351,8 @@ def time_models(to_time, T, args):
     extra = shlex.split(args.bench_args)
     out = os.path.join(args.out, "speed")
     half = max(2, min(128, T // 2))
-    # on CUDA the forward under CUDA graphs, as decode is: a small pruned model's plain compiled forward is
-    # bound by kernel launches, which times the host rather than the model (docs/RESULTS.md: extended Table 1)
+    # on CUDA the forward under CUDA graphs, as decode is: a small pruned model's plain compiled forward timed
+    # out of order with its depth, most likely launch-bound, timing the host (docs/RESULTS.md: extended Table 1)
     graphs = ["--compile=reduce-overhead"] if torch.device(args.device).type == "cuda" else []
     runs = {"inference": [f"--seq={T}", *graphs],
             "decode": [f"--prompt_len={half}", f"--new_tokens={half}"]}
