@@ -543,13 +543,12 @@ def plot(results, ks, methods, path):
 
 def plot_speed(ax, results, ks, methods):
     """The pruned model's time as a fraction of the unpruned one's, against k: speed depends on the
-    architecture alone, so every method's k gives one point (the first method with a timed cell)."""
-    base = next(r["baseline"]["speed"] for r in results if "speed" in r["baseline"])
+    architecture alone, so the timed run's first method gives every k's point."""
+    run = next(r for r in results if "speed" in r["baseline"])   # a timed run has speed in every cell
+    base = run["baseline"]["speed"]
     for key, name, marker in (("forward_ms", "forward", "o"), ("decode_ms_per_token", "decode, per token", "s")):
-        pts = [(k, c["speed"][key] / base[key]) for k in ks
-               for c in [next((r["cells"][f"{m}/{k}"] for r in results for m in methods
-                               if "speed" in r["cells"][f"{m}/{k}"]), None)]
-               if c and c["speed"].get(key) and base.get(key)]
+        times = [(k, run["cells"][f"{methods[0]}/{k}"]["speed"].get(key)) for k in ks]
+        pts = [(k, t / base[key]) for k, t in times if t and base.get(key)]
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=name)
     n = results[0]["n_layer"]
