@@ -75,7 +75,8 @@ def main(argv=None):
         b = latency.get(name, {})
         lat = f"{b['median_ms']:.2f}" if b else "-"
         rel = f"{b['latency_vs_ref_pct']:+.1f} %" if b.get("latency_vs_ref_pct") is not None else "-"
-        lines.append(f"| {name} | {size[name][0] / 1e6:.2f}M | {size[name][1] / 1e6:.2f} | {m:.2f} ± {s:.2f} | "
+        ppl_cell = f"{m:.2f} ± {s:.2f}" if len(ppl[name]) > 1 else f"{m:.2f} (one seed)"
+        lines.append(f"| {name} | {size[name][0] / 1e6:.2f}M | {size[name][1] / 1e6:.2f} | {ppl_cell} | "
                      f"{len(ppl[name])} | {lat} | {rel} |")
         if b:
             points.append((name, b["median_ms"], m, s))
