@@ -9,7 +9,8 @@ cascade_a2). Its perplexity is fanin.py's held-out evaluation (importance.json's
 docs/runs/study_numbers.py and Table 2 use) when every run has one, else for every run the last 'val ppl'
 of its log.txt (the CPU previews): one evaluation for the whole table, named in its header. The study's
 A2 and Vanilla-15L seeds (docs/runs/study/small_{cascade_a2,vanilla_15l}_s*) go beside the profiles as they
-are. Writes taper_compare.md and .png.
+are. Each config's PPL is set against --ref's (Vanilla-15L: the profiles' FLOPs) with Welch's 95 % interval
+and the exact permutation p. Writes taper_compare.md and .png.
 """
 import argparse
 import json
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from gfa import rundir  # noqa: E402
-from gfa.theory import mean_std  # noqa: E402
+from gfa.theory import mean_std, permutation_test, welch_interval  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -45,10 +46,24 @@ def held_out_ppl(runs):
     return {run: final_ppl(run) for run in runs}, "train.py's last evaluation"
 
 
+def versus(a, b):
+    """One config's PPL over seeds against the reference's: the difference of means with Welch's 95 % interval
+    and the exact permutation p, or '-' below two seeds a side (what few seeds can and cannot tell apart)."""
+    if len(a) < 2 or len(b) < 2:
+        return "-"
+    diff, p = permutation_test(a, b)
+    try:
+        _, low, high, _ = welch_interval(a, b)
+    except ValueError:   # neither group varies
+        return f"{diff:+.2f} (p = {p:.2f})"
+    return f"{diff:+.2f} ({low:+.2f} to {high:+.2f}; p = {p:.2f})"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories <scale>_<config>_s<seed>, e.g. small_cascade_a2_s1")
     ap.add_argument("--bench", help="bench.py --out JSON of the paper-size models (bf16)")
+    ap.add_argument("--ref", default="vanilla_15l", help="the config whose PPL the others are compared with")
     ap.add_argument("--out", default="docs/taper", help="folder for taper_compare.md and taper_compare.png")
     args = ap.parse_args(argv)
     ppl, size, scales = defaultdict(list), {}, set()
@@ -67,8 +82,8 @@ def main(argv=None):
     rows = json.load(open(args.bench))["rows"] if args.bench else []
     latency = {os.path.basename(r["config"]): r for r in rows if r.get("impl") == "ours" and "median_ms" in r}
     lines = [f"| config | params ({scale}) | fwd MFLOP/token ({scale}) | held-out PPL ({scale}, {source}, mean ± std) "
-             "| seeds | "
-             "bf16 latency ms (1.2B) | vs Vanilla-15L |", "|---|---|---|---|---|---|---|"]
+             f"| seeds | PPL - {args.ref} (Welch 95 %; permutation p) | "
+             "bf16 latency ms (1.2B) | vs Vanilla-15L |", "|---|---|---|---|---|---|---|---|"]
     points = []
     for name in sorted(ppl, key=lambda n: mean_std(ppl[n])[0]):
         m, s = mean_std(ppl[name])
@@ -77,7 +92,8 @@ def main(argv=None):
         rel = f"{b['latency_vs_ref_pct']:+.1f} %" if b.get("latency_vs_ref_pct") is not None else "-"
         ppl_cell = f"{m:.2f} ± {s:.2f}" if len(ppl[name]) > 1 else f"{m:.2f} (one seed)"
         lines.append(f"| {name} | {size[name][0] / 1e6:.2f}M | {size[name][1] / 1e6:.2f} | {ppl_cell} | "
-                     f"{len(ppl[name])} | {lat} | {rel} |")
+                     f"{len(ppl[name])} | {'reference' if name == args.ref else versus(ppl[name], ppl.get(args.ref, []))} | "
+                     f"{lat} | {rel} |")
         if b:
             points.append((name, b["median_ms"], m, s))
     os.makedirs(args.out, exist_ok=True)
