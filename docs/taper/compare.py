@@ -84,7 +84,7 @@ def main(argv=None):
     lines = [f"| config | params ({scale}) | fwd MFLOP/token ({scale}) | held-out PPL ({scale}, {source}, mean ± std) "
              f"| seeds | PPL - {args.ref} (Welch 95 %; permutation p) | "
              "bf16 latency ms (1.2B) | vs Vanilla-15L |", "|---|---|---|---|---|---|---|---|"]
-    points = []
+    points, ref = [], ppl.get(args.ref, [])
     for name in sorted(ppl, key=lambda n: mean_std(ppl[n])[0]):
         m, s = mean_std(ppl[name])
         b = latency.get(name, {})
@@ -92,8 +92,7 @@ def main(argv=None):
         rel = f"{b['latency_vs_ref_pct']:+.1f} %" if b.get("latency_vs_ref_pct") is not None else "-"
         ppl_cell = f"{m:.2f} ± {s:.2f}" if len(ppl[name]) > 1 else f"{m:.2f} (one seed)"
         lines.append(f"| {name} | {size[name][0] / 1e6:.2f}M | {size[name][1] / 1e6:.2f} | {ppl_cell} | "
-                     f"{len(ppl[name])} | {'reference' if name == args.ref else versus(ppl[name], ppl.get(args.ref, []))} | "
-                     f"{lat} | {rel} |")
+                     f"{len(ppl[name])} | {'reference' if name == args.ref else versus(ppl[name], ref)} | {lat} | {rel} |")
         if b:
             points.append((name, b["median_ms"], m, s))
     os.makedirs(args.out, exist_ok=True)

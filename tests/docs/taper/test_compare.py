@@ -64,8 +64,8 @@ def test_each_config_is_set_against_the_reference(tmp_path):
     # gfa (40, 42) vs vanilla_15l (38, 40): +2.00; each side's variance of the mean 1, df = 2, so Welch's
     # half-width is t(0.975, 2) * sqrt(2) = 4.3027 * 1.4142 = 6.085; of the 6 splits of the pooled four,
     # 4 differ by |2| or more: p = 0.67
-    runs = [run_dir(tmp_path, f"small_{c}_s{i + 1}", v, v) for c, vs in (("gfa", (40, 42)), ("vanilla_15l", (38, 40)),
-                                                                        ("linear", (39,))) for i, v in enumerate(vs)]
+    seeds = {"gfa": (40, 42), "vanilla_15l": (38, 40), "linear": (39,)}
+    runs = [run_dir(tmp_path, f"small_{c}_s{i + 1}", v, v) for c, vs in seeds.items() for i, v in enumerate(vs)]
     compare.main([*runs, "--out", str(tmp_path / "t")])
     header, rows = table_rows(tmp_path / "t")
     assert "PPL - vanilla_15l" in header
