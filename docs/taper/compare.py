@@ -92,7 +92,8 @@ def main(argv=None):
         rel = f"{b['latency_vs_ref_pct']:+.1f} %" if b.get("latency_vs_ref_pct") is not None else "-"
         ppl_cell = f"{m:.2f} ± {s:.2f}" if len(ppl[name]) > 1 else f"{m:.2f} (one seed)"
         lines.append(f"| {name} | {size[name][0] / 1e6:.2f}M | {size[name][1] / 1e6:.2f} | {ppl_cell} | "
-                     f"{len(ppl[name])} | {'reference' if name == args.ref else versus(ppl[name], ref)} | {lat} | {rel} |")
+                     f"{len(ppl[name])} | {'reference' if name == args.ref else versus(ppl[name], ref)} | "
+                     f"{lat} | {rel} |")
         if b:
             points.append((name, b["median_ms"], m, s))
     os.makedirs(args.out, exist_ok=True)
