@@ -277,3 +277,16 @@ def welch_interval(a, b, level=0.95):
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     diff, half = a.mean() - b.mean(), t_quantile((1 + level) / 2, df) * math.sqrt(va + vb)
     return float(diff), float(diff - half), float(diff + half), float(df)
+
+
+def seed_difference(a, b, level=0.95):
+    """mean(a) - mean(b) over seeds, as the study reports it: {diff, p (exact permutation), low, high, df
+    (Welch's interval; None where neither group varies)}, or None below two seeds a side."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    diff, p = permutation_test(a, b)
+    try:
+        _, low, high, df = welch_interval(a, b, level)
+    except ValueError:   # neither group varies: the interval is undefined, the permutation p is not
+        low = high = df = None
+    return {"diff": diff, "p": p, "low": low, "high": high, "df": df}

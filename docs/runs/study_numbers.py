@@ -115,13 +115,15 @@ def overview_figure(path, configs=OVERVIEW, study=STUDY):
 
 def compare(a, b, pa, pb):
     """One line: mean(pa) - mean(pb) with the exact permutation p and Welch's 95 % interval (also in % of b)."""
-    if len(pa) < 2 or len(pb) < 2:
+    d = theory.seed_difference(pa, pb)
+    if d is None:
         return f"{a} vs {b}: {len(pa)} and {len(pb)} seed(s) so far; the tests need two of each"
-    diff, p = theory.permutation_test(pa, pb)
-    _, low, high, df = theory.welch_interval(pa, pb)
+    line = f"{a} - {b}: {d['diff']:+.2f} PPL (exact permutation p = {d['p']:.2f})"
+    if d["low"] is None:
+        return line + "; neither varies over its seeds, so there is no Welch interval"
     base = sum(pb) / len(pb)
-    return (f"{a} - {b}: {diff:+.2f} PPL (exact permutation p = {p:.2f}); Welch 95 % interval {low:+.2f} to "
-            f"{high:+.2f} PPL ({100 * low / base:+.1f} % to {100 * high / base:+.1f} % of {b}'s mean; df {df:.1f})")
+    return (line + f"; Welch 95 % interval {d['low']:+.2f} to {d['high']:+.2f} PPL ({100 * d['low'] / base:+.1f} % "
+            f"to {100 * d['high'] / base:+.1f} % of {b}'s mean; df {d['df']:.1f})")
 
 
 def resolution(values, seeds=(2, 3, 5, 10)):

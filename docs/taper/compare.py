@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from gfa import rundir  # noqa: E402
-from gfa.theory import mean_std, permutation_test, welch_interval  # noqa: E402
+from gfa.theory import mean_std, seed_difference  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -49,14 +49,11 @@ def held_out_ppl(runs):
 def versus(a, b):
     """One config's PPL over seeds against the reference's: the difference of means with Welch's 95 % interval
     and the exact permutation p, or '-' below two seeds a side (what few seeds can and cannot tell apart)."""
-    if len(a) < 2 or len(b) < 2:
+    d = seed_difference(a, b)
+    if d is None:
         return "-"
-    diff, p = permutation_test(a, b)
-    try:
-        _, low, high, _ = welch_interval(a, b)
-    except ValueError:   # neither group varies
-        return f"{diff:+.2f} (p = {p:.2f})"
-    return f"{diff:+.2f} ({low:+.2f} to {high:+.2f}; p = {p:.2f})"
+    interval = f"{d['low']:+.2f} to {d['high']:+.2f}; " if d["low"] is not None else ""
+    return f"{d['diff']:+.2f} ({interval}p = {d['p']:.2f})"
 
 
 def main(argv=None):

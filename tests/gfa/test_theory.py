@@ -153,3 +153,13 @@ def test_welch_interval_by_hand():
     for a, b in (([1.0], [1.0, 2.0]), ([1.0, 1.0], [2.0, 2.0])):
         with pytest.raises(ValueError):
             theory.welch_interval(a, b)
+
+
+def test_seed_difference_joins_the_two_tests():
+    d = theory.seed_difference([1, 2, 3], [4, 5, 6])
+    _, low, high, df = theory.welch_interval([1, 2, 3], [4, 5, 6])
+    assert (d["diff"], d["low"], d["high"], d["df"]) == (-3.0, low, high, df)
+    assert d["p"] == pytest.approx(2 / 20)   # the 3 + 3 floor: only the two extreme splits are as far apart
+    flat = theory.seed_difference([2, 2], [1, 1])   # neither varies: a p, no interval
+    assert flat["diff"] == 1.0 and flat["p"] == pytest.approx(2 / 6) and flat["low"] is None
+    assert theory.seed_difference([1.0], [2.0, 3.0]) is None
