@@ -351,8 +351,8 @@ def time_models(to_time, T, args):
     extra = shlex.split(args.bench_args)
     out = os.path.join(args.out, "speed")
     half = max(2, min(128, T // 2))
-    # on CUDA the forward under CUDA graphs, as decode is: a small pruned model's plain compiled forward timed
-    # out of order with its depth, most likely launch-bound, timing the host (docs/RESULTS.md: extended Table 1)
+    # on CUDA the forward under CUDA graphs, as decode is: a small model's plain compiled forward is launch-bound,
+    # 2.4-2.8x slower and out of order with its depth (docs/RESULTS.md: extended Table 1, the re-timing)
     graphs = ["--compile=reduce-overhead"] if torch.device(args.device).type == "cuda" else []
     runs = {"inference": [f"--seq={T}", *graphs],
             "decode": [f"--prompt_len={half}", f"--new_tokens={half}"]}
@@ -858,17 +858,17 @@ def combine(files):
     """The runs of several read results.json files [(path, contents)], checked to be one table: (results,
     ks, methods, settings). Speed is per architecture, not per seed: it comes from the first file that
     timed its models, and later files' timings (perhaps made another way) are left out, with a note."""
-    runs, first, timed = [], None, {}
+    runs, first, timed, timed_path = [], None, {}, None
     for path, r in files:
         try:
             settings = dict(r.get("settings", {}), mc_file=r.get("mc_file", r.get("settings", {}).get("mc_file", "none")))
             key = (r["ks"], r["methods"], {k: v for k, v in settings.items() if k not in ("speed", "bench_args")})
-            if settings.get("speed") and timed:
-                print(f"note: {path}'s speed is left out: the table's comes from {timed['path']}, the first file "
+            if settings.get("speed") and timed_path:
+                print(f"note: {path}'s speed is left out: the table's comes from {timed_path}, the first file "
                       f"that timed its models (put the one to show first)")
                 r = dict(r, runs=[without_speed(run) for run in r["runs"]])
             elif settings.get("speed"):
-                timed = {k: settings[k] for k in ("speed", "bench_args")} | {"path": path}
+                timed, timed_path = {k: settings[k] for k in ("speed", "bench_args")}, path
             runs += r["runs"]
         except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"--combine {path}: not a results.json of prune.py ({type(e).__name__})") from None
@@ -879,7 +879,7 @@ def combine(files):
     ks, methods, settings = first[1]
     if len({r["n_layer"] for r in runs}) > 1:
         raise UserError("--combine: the runs have different numbers of layers: --combine takes seeds of one config")
-    return runs, ks, methods, settings | {k: v for k, v in timed.items() if k != "path"}
+    return runs, ks, methods, settings | timed
 
 
 def without_speed(run):
