@@ -33,6 +33,7 @@ rounded to multiples of --head_multiple heads and --ffn_multiple FFN units; the 
 closest to the budget from below (never over it).
 """
 import os
+import re
 import shlex
 from dataclasses import asdict, fields
 
@@ -181,6 +182,15 @@ def config_text(cfg, header):
     return "\n".join(lines) + "\n"
 
 
+def scale_file(configs):
+    """The base's scale file (the first config file that sets max_iters, the training budget), for the written
+    file's training hint; config/small.py, the one-GPU scale, when the base has none (the paper's size)."""
+    for c in configs:
+        if c.endswith(".py") and os.path.isfile(c) and re.search(r"^max_iters\s*=", open(c).read(), re.M):
+            return c
+    return "config/small.py"
+
+
 def main(argv):
     ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog="Profiles: " + ", ".join(PROFILES))
     ap.add_argument("configs", nargs="*", help="the base config files and --key=value model overrides")
@@ -241,7 +251,7 @@ def main(argv):
     command = "python " + " ".join(shlex.quote(a) for a in ["taper.py", *argv])
     header = [f"Made by taper.py: {summary}", budget, command,
               f"Every width is set here; a scale file before it sets the training budget: python train.py "
-              f"config/small.py {out}"]
+              f"{scale_file(args.configs)} {out}"]
     rundir.atomic_write_text(config_text(cfg, header), out)
     print(f"wrote {out}")
     return cfg

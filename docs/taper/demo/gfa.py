@@ -1,7 +1,7 @@
 # Made by taper.py: profile gfa, parts both, strength 1
 # budget 3,966,720 FLOPs/token forward at 128 tokens (the base with 7 uniform layers); this model 3,966,720 (+0.00 %)
 # python taper.py config/demo.py --profile gfa --target_layers 7 --out docs/taper/demo/gfa.py
-# Every width is set here; a scale file before it sets the training budget: python train.py config/demo.py docs/taper/demo/gfa.py --out_dir=out/demo_gfa
+# Every width is set here; a scale file before it sets the training budget: python train.py config/demo.py docs/taper/demo/gfa.py
 
 vocab_size = 256
 block_size = 128

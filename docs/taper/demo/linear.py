@@ -1,7 +1,7 @@
 # Made by taper.py: profile linear, parts ffn
 # budget 3,966,720 FLOPs/token forward at 128 tokens (the base with 7 uniform layers); this model 3,934,208 (-0.82 %)
 # python taper.py config/demo.py --profile linear --target_layers 7 --out docs/taper/demo/linear.py
-# Every width is set here; a scale file before it sets the training budget: python train.py config/demo.py docs/taper/demo/linear.py --out_dir=out/demo_linear
+# Every width is set here; a scale file before it sets the training budget: python train.py config/demo.py docs/taper/demo/linear.py
 
 vocab_size = 256
 block_size = 128

@@ -1,7 +1,7 @@
 # Made by taper.py: profile narrow_middle, parts both, strength 1
 # budget 3,966,720 FLOPs/token forward at 128 tokens (the base with 7 uniform layers); this model 3,966,720 (+0.00 %)
 # python taper.py config/demo.py --profile narrow_middle --target_layers 7 --out docs/taper/demo/narrow_middle.py
-# Every width is set here; a scale file before it sets the training budget: python train.py config/demo.py docs/taper/demo/narrow_middle.py --out_dir=out/demo_narrow_middle
+# Every width is set here; a scale file before it sets the training budget: python train.py config/demo.py docs/taper/demo/narrow_middle.py
 
 vocab_size = 256
 block_size = 128
