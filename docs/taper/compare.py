@@ -10,7 +10,10 @@ docs/runs/study_numbers.py and Table 2 use) when every run has one, else for eve
 of its log.txt (the CPU previews): one evaluation for the whole table, named in its header. The study's
 A2 and Vanilla-15L seeds (docs/runs/study/small_{cascade_a2,vanilla_15l}_s*) go beside the profiles as they
 are. Each config's PPL is set against --ref's (Vanilla-15L: the profiles' FLOPs) with Welch's 95 % interval
-and the exact permutation p. Writes taper_compare.md and .png.
+and the exact permutation p. Where every run has its gradient dump and importance.json (the GPU runs), a
+second table says how each config spreads the gradient and the importance over depth: Spearman of the
+share with the linear fan-in and with the importance, and the last layer's importance, means over seeds.
+Writes taper_compare.md and .png.
 """
 import argparse
 import json
@@ -23,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from gfa import rundir  # noqa: E402
-from gfa.theory import mean_std, seed_difference  # noqa: E402
+from gfa.theory import mean_std, seed_difference, spearman_rho, theory_for  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -56,6 +59,27 @@ def versus(a, b):
     return f"{d['diff']:+.2f} ({interval}p = {d['p']:.2f})"
 
 
+def spread_table(members, order):
+    """Markdown lines: per config, how its runs spread gradient and importance over the layers (means over
+    seeds); none unless every run has a gradient dump and importance.json."""
+    stats = {}
+    for name, runs in members.items():
+        rows = []
+        for run in runs:
+            imp = rundir.read_importance(run)
+            if not imp or not os.path.isfile(rundir.file(run, rundir.GRAD_DUMP)):
+                return []
+            share = rundir.read_grad_dump(run)["share"]
+            fanin = theory_for(rundir.read_model_config(run)[1])[1]
+            rows.append((spearman_rho(share, fanin), spearman_rho(share, imp["importance"]), imp["importance"][-1]))
+        stats[name] = [sum(col) / len(col) for col in zip(*rows)]
+    lines = ["", "How each config spreads the gradient and the importance over depth (means over its seeds; importance "
+             "= PPL increase when the layer is passed through):", "",
+             "| config | Spearman(share, linear fan-in) | Spearman(share, importance) | last layer's importance |",
+             "|---|---|---|---|"]
+    return lines + [f"| {n} | {stats[n][0]:+.2f} | {stats[n][1]:+.2f} | {stats[n][2]:.1f} |" for n in order]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories <scale>_<config>_s<seed>, e.g. small_cascade_a2_s1")
@@ -63,7 +87,7 @@ def main(argv=None):
     ap.add_argument("--ref", default="vanilla_15l", help="the config whose PPL the others are compared with")
     ap.add_argument("--out", default="docs/taper", help="folder for taper_compare.md and taper_compare.png")
     args = ap.parse_args(argv)
-    ppl, size, scales = defaultdict(list), {}, set()
+    ppl, members, size, scales = defaultdict(list), defaultdict(list), {}, set()
     values, source = held_out_ppl(args.runs)
     for run in args.runs:
         m = re.fullmatch(r"([A-Za-z0-9]+)_(.+)_s\d+", os.path.basename(os.path.normpath(run)))
@@ -72,6 +96,7 @@ def main(argv=None):
         scales.add(m.group(1))
         m = m.group(2)
         ppl[m].append(values[run])
+        members[m].append(run)
         with torch.device("meta"):
             model = GPT(GPTConfig(**rundir.read_model_config(run)[1]))
         size[m] = (model.num_params(), model.flops_per_token())
@@ -82,7 +107,8 @@ def main(argv=None):
              f"| seeds | PPL - {args.ref} (Welch 95 %; permutation p) | "
              "bf16 latency ms (1.2B) | vs Vanilla-15L |", "|---|---|---|---|---|---|---|---|"]
     points, ref = [], ppl.get(args.ref, [])
-    for name in sorted(ppl, key=lambda n: mean_std(ppl[n])[0]):
+    order = sorted(ppl, key=lambda n: mean_std(ppl[n])[0])
+    for name in order:
         m, s = mean_std(ppl[name])
         b = latency.get(name, {})
         lat = f"{b['median_ms']:.2f}" if b else "-"
@@ -93,6 +119,7 @@ def main(argv=None):
                      f"{lat} | {rel} |")
         if b:
             points.append((name, b["median_ms"], m, s))
+    lines += spread_table(members, order)
     os.makedirs(args.out, exist_ok=True)
     open(os.path.join(args.out, "taper_compare.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))

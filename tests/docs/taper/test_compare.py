@@ -6,7 +6,7 @@ import os
 import pytest
 
 from gfa import rundir
-from helpers import TINY
+from helpers import TINY, tiny_model, write_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "docs", "taper", "compare.py"))
@@ -40,6 +40,7 @@ def test_every_run_with_fanins_evaluation_uses_it(tmp_path):
     assert "fanin.py's evaluation" in header
     assert rows["gfa"][4].strip() == "40.00 ± 1.41" and rows["gfa"][5].strip() == "2"   # (39, 41): std sqrt(2)
     assert rows["cascade_a2"][4].strip() == "39.50 (one seed)"   # no fake spread from a single value
+    assert "How each config spreads" not in open(tmp_path / "t" / "taper_compare.md").read()   # no dumps here
 
 
 def test_a_run_without_it_puts_every_run_on_its_log(tmp_path, capsys):
@@ -71,3 +72,20 @@ def test_each_config_is_set_against_the_reference(tmp_path):
     assert "PPL - vanilla_15l" in header
     assert rows["gfa"][6].strip() == "+2.00 (-4.08 to +8.08; p = 0.67)"
     assert rows["vanilla_15l"][6].strip() == "reference" and rows["linear"][6].strip() == "-"   # one seed: no test
+
+
+def test_the_spread_table_from_dumps_and_importance(tmp_path):
+    # 4 layers, linear fan-in 5, 4, 3, 2 (ranks 4 3 2 1); every step's norms the same, so the share is their
+    # proportion. Seed 1: share ranks 4 3 2 1 (rho with the fan-in +1), importance (9, 1, 2, 3) ranks 4 1 2 3:
+    # sum d^2 = 0 + 4 + 0 + 4 = 8, rho = 1 - 6 * 8 / (4 * 15) = 0.2. Seed 2: share ranks 4 3 1 2: with the
+    # fan-in sum d^2 = 2, rho 0.8; importance (9, 1, 2, 5) ranks 4 1 2 3 again: sum d^2 = 0 + 4 + 1 + 1 = 6,
+    # rho 0.4. Means: +0.90, +0.30, and the last layer's importance (3 + 5) / 2 = 4.0.
+    runs = []
+    for seed, norms, imp in ((1, [4, 3, 2, 1], [9, 1, 2, 3]), (2, [4, 3, 1, 2], [9, 1, 2, 5])):
+        run = write_run(tmp_path / f"small_gfa_s{seed}", tiny_model(), rows=[[1.0, *norms, 1.0]] * 3)
+        open(rundir.file(run, rundir.LOG), "w").write("step 20 | val loss 3.0 | val ppl 20.00\n")
+        rundir.write_importance(run, {"metric": "ppl_increase", "baseline": 20.0, "importance": imp})
+        runs.append(run)
+    compare.main([*runs, "--out", str(tmp_path / "t")])
+    text = open(tmp_path / "t" / "taper_compare.md").read()
+    assert "| gfa | +0.90 | +0.30 | 4.0 |" in text.splitlines()
