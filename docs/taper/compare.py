@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from gfa import rundir  # noqa: E402
+from gfa.cli import cli  # noqa: E402
 from gfa.theory import mean_std, seed_difference, spearman_rho, theory_for  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -140,4 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)   # a corrupt dump (gfa.rundir's UserError) is one line too
