@@ -26,17 +26,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from gfa import rundir  # noqa: E402
-from gfa.cli import cli  # noqa: E402
+from gfa.cli import UserError, cli  # noqa: E402
 from gfa.theory import mean_std, seed_difference, spearman_rho, theory_for  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
 def final_ppl(run):
     if not os.path.isfile(rundir.file(run, rundir.LOG)):
-        sys.exit(f"error: {run} has no log.txt: not a run directory (give train.py's --out_dir)")
+        raise UserError(f"{run} has no log.txt: not a run directory (give train.py's --out_dir)")
     lines = [m for m in re.finditer(r"val ppl ([0-9.]+)", open(rundir.file(run, rundir.LOG)).read())]
     if not lines:
-        sys.exit(f"error: {run}/log.txt has no 'val ppl' line (a run still training?)")
+        raise UserError(f"{run}/log.txt has no 'val ppl' line (a run still training?)")
     return float(lines[-1].group(1))
 
 
@@ -93,7 +93,7 @@ def main(argv=None):
     for run in args.runs:
         m = re.fullmatch(r"([A-Za-z0-9]+)_(.+)_s\d+", os.path.basename(os.path.normpath(run)))
         if not m:
-            sys.exit(f"error: {run}: not named <scale>_<config>_s<seed> (e.g. small_cascade_a2_s1)")
+            raise UserError(f"{run}: not named <scale>_<config>_s<seed> (e.g. small_cascade_a2_s1)")
         scales.add(m.group(1))
         m = m.group(2)
         ppl[m].append(values[run])
@@ -141,4 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main)   # a corrupt dump (gfa.rundir's UserError) is one line too
+    cli(main)

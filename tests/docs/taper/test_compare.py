@@ -6,7 +6,7 @@ import os
 import pytest
 
 from gfa import rundir
-from helpers import TINY, tiny_model, write_run
+from helpers import TINY, one_line_error, tiny_model, write_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "docs", "taper", "compare.py"))
@@ -53,12 +53,18 @@ def test_a_run_without_it_puts_every_run_on_its_log(tmp_path, capsys):
 
 @pytest.mark.parametrize("name, make, message", [("gfa_s1", True, "not named <scale>_<config>_s<seed>"),
                                                  ("small_gfa_s1", False, "has no log.txt")])
-def test_bad_runs_are_one_line_errors(tmp_path, name, make, message):
+def test_bad_runs_are_one_line_errors(tmp_path, capsys, name, make, message):
     run = run_dir(tmp_path, name, 7.0) if make else str(tmp_path / name)
-    with pytest.raises(SystemExit) as e:
-        compare.main([run, "--out", str(tmp_path / "t")])
-    assert str(e.value).startswith("error: ") and message in str(e.value)
+    assert message in one_line_error(compare.main, [run, "--out", tmp_path / "t"], capsys)
     assert not os.path.exists(tmp_path / "t")
+
+
+def test_a_corrupt_dump_is_a_one_line_error(tmp_path, capsys):
+    run = write_run(tmp_path / "small_gfa_s1", tiny_model(), dump=False)   # no copy in the checkpoint either
+    open(rundir.file(run, rundir.LOG), "w").write("step 20 | val loss 3.0 | val ppl 20.00\n")
+    rundir.write_importance(run, {"metric": "ppl_increase", "baseline": 20.0, "importance": [1.0] * 4})
+    open(rundir.file(run, rundir.GRAD_DUMP), "w").write("not an npz")
+    assert "is corrupt or truncated" in one_line_error(compare.main, [run, "--out", tmp_path / "t"], capsys)
 
 
 def test_each_config_is_set_against_the_reference(tmp_path):
