@@ -129,9 +129,13 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        xs, ys = [p[1] for p in points], [p[2] for p in points]
+        near_x, near_y = 0.03 * (max(xs) - min(xs) or 1), 0.05 * (max(ys) - min(ys) or 1)
         for name, x, y, e in points:
             ax.errorbar([x], [y], yerr=[e], fmt="o", capsize=3)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            # a label goes below its point when a close neighbour sits just above (A2 beside Vanilla-15L)
+            crowded = any(0 < y2 - y < near_y and abs(x2 - x) < near_x for _, x2, y2, _ in points)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, -11 if crowded else 4), fontsize=8)
         ax.set_xlabel("bf16 forward latency at the paper's size, ms (bench.py)")
         ax.set_ylabel(f"held-out PPL at the {scale} scale (mean ± std)")
         ax.set_title("Width profiles at the training FLOPs of Vanilla-15L")
