@@ -225,7 +225,7 @@ def print_report(r):
         print(f"Spearman attn share vs mlp share: rho = {r['rho_attn_mlp'][0]:.3f}, p = {fmt_p(r['rho_attn_mlp'][1])}")
     print(f"Spearman share vs theoretical fan-in: rho = {r['rho_theory']:.3f}, p = {fmt_p(r['p_theory'])}")
     d = r["drift"]
-    print(f"share drift: the layer ranking " + (f"settles at step {d['settled']} of {r['step_range'][1]}"
+    print("share drift: the layer ranking " + (f"settles at step {d['settled']} of {r['step_range'][1]}"
                                                if d["settled"] is not None else "does not settle")
           + f" (Spearman with the final share >= {SETTLED_RHO} from then on); at 10 / 25 / 50 % of the steps: "
           + " / ".join(f"{_drift_at(d, f):.2f}" for f in (0.1, 0.25, 0.5))

@@ -214,6 +214,7 @@ def test_fashion_mnist_idx_reader(tmp_path):
     (x, y), (xv, yv) = data["train"], data["val"]
     assert data["size"] == 28 and data["in_channels"] == 1 and data["fill"] == [-resnet.FMNIST_MEAN / resnet.FMNIST_STD]
     assert x.shape == (6, 1, 28, 28) and xv.shape == (2, 1, 28, 28) and y.tolist() == ytr.tolist()
+    assert yv.tolist() == ytr[:2].tolist()
     assert torch.allclose(x[:, 0] * resnet.FMNIST_STD + resnet.FMNIST_MEAN, torch.tensor(xtr / 255.0).float(), atol=1e-6)
     aug = resnet.gpu_augment(x, torch.Generator().manual_seed(0), fill=-1.0)
     assert aug.shape == x.shape
