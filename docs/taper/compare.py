@@ -13,7 +13,8 @@ are. Each config's PPL is set against --ref's (Vanilla-15L: the profiles' FLOPs)
 and the exact permutation p. Where every run has its gradient dump and importance.json (the GPU runs), a
 second table says how each config spreads the gradient and the importance over depth: Spearman of the
 share with the linear fan-in and with the importance, and the last layer's importance, means over seeds.
-Writes taper_compare.md and .png.
+Writes taper_compare.md and .png, and taper_layers.png: each config's widths by layer and, for the GPU runs,
+its gradient share and importance by layer.
 """
 import argparse
 import json
@@ -86,7 +87,7 @@ def main(argv=None):
     ap.add_argument("runs", nargs="+", help="run directories <scale>_<config>_s<seed>, e.g. small_cascade_a2_s1")
     ap.add_argument("--bench", help="bench.py --out JSON of the paper-size models (bf16)")
     ap.add_argument("--ref", default="vanilla_15l", help="the config whose PPL the others are compared with")
-    ap.add_argument("--out", default="docs/taper", help="folder for taper_compare.md and taper_compare.png")
+    ap.add_argument("--out", default="docs/taper", help="folder for taper_compare.md, .png and taper_layers.png")
     args = ap.parse_args(argv)
     ppl, members, size, scales = defaultdict(list), defaultdict(list), {}, set()
     values, source = held_out_ppl(args.runs)
@@ -124,25 +125,82 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     open(os.path.join(args.out, "taper_compare.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(order)}   # one colour per config in both figures
+    written = ["taper_compare.md", "taper_layers.png"]
+    plot_layers(members, order, colors, args.out)
     if points:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        xs, ys = [p[1] for p in points], [p[2] for p in points]
-        near_x, near_y = 0.03 * (max(xs) - min(xs) or 1), 0.05 * (max(ys) - min(ys) or 1)
-        for name, x, y, e in points:
-            ax.errorbar([x], [y], yerr=[e], fmt="o", capsize=3)
-            # a label goes below its point when a close neighbour sits just above (A2 beside Vanilla-15L)
-            crowded = any(0 < y2 - y < near_y and abs(x2 - x) < near_x for _, x2, y2, _ in points)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, -11 if crowded else 4), fontsize=8)
-        ax.set_xlabel("bf16 forward latency at the paper's size, ms (bench.py)")
-        ax.set_ylabel(f"held-out PPL at the {scale} scale (mean ± std)")
-        ax.set_title("Width profiles at the training FLOPs of Vanilla-15L")
-        ax.grid(alpha=0.3)
-        fig.savefig(os.path.join(args.out, "taper_compare.png"), dpi=130, bbox_inches="tight")
-        print(f"wrote {args.out}/taper_compare.md, taper_compare.png")
+        plot_tradeoff(points, colors, scale, args.out)
+        written.append("taper_compare.png")
+    print(f"wrote {', '.join(os.path.join(args.out, w) for w in written)}")
 
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_tradeoff(points, colors, scale, out):
+    """taper_compare.png: each config's PPL (mean ± std over seeds) against its latency at the paper's size."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    near_x, near_y = 0.03 * (max(xs) - min(xs) or 1), 0.05 * (max(ys) - min(ys) or 1)
+    for name, x, y, e in points:
+        ax.errorbar([x], [y], yerr=[e], fmt="o", capsize=3, color=colors[name])
+        # a label goes below its point when a close neighbour sits just above (A2 beside Vanilla-15L)
+        crowded = any(0 < y2 - y < near_y and abs(x2 - x) < near_x for _, x2, y2, _ in points)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, -11 if crowded else 4), fontsize=8)
+    ax.set_xlabel("bf16 forward latency at the paper's size, ms (bench.py)")
+    ax.set_ylabel(f"held-out PPL at the {scale} scale (mean ± std)")
+    ax.set_title("Width profiles at the training FLOPs of Vanilla-15L")
+    ax.grid(alpha=0.3)
+    fig.savefig(os.path.join(out, "taper_compare.png"), dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+def layer_means(runs, key):
+    """Per layer, the mean over runs of the gradient share (key 'share') or the importance; None if a run lacks it."""
+    rows = []
+    for run in runs:
+        if key == "share":
+            if not os.path.isfile(rundir.file(run, rundir.GRAD_DUMP)):
+                return None
+            rows.append(rundir.read_grad_dump(run)["share"])
+        else:
+            imp = rundir.read_importance(run)
+            if not imp:
+                return None
+            rows.append(imp["importance"])
+    return [sum(col) / len(col) for col in zip(*rows)]
+
+
+def plot_layers(members, order, colors, out):
+    """taper_layers.png: per config, its heads and FFN sizes by layer and, where every run has them (the GPU
+    runs), the gradient share and the importance by layer, means over seeds."""
+    measured = {n: (layer_means(members[n], "share"), layer_means(members[n], "importance")) for n in order}
+    with_data = all(share is not None and imp is not None for share, imp in measured.values())
+    plt = pyplot()
+    fig, axes = plt.subplots(2 if with_data else 1, 2, figsize=(11, 7.5 if with_data else 3.8), squeeze=False)
+    for name in order:
+        cfg = GPTConfig(**rundir.read_model_config(members[name][0])[1])
+        panels = [cfg.layer_heads(), cfg.layer_ffn()] + (list(measured[name]) if with_data else [])
+        for ax, ys in zip(axes.flat, panels):
+            ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name, color=colors[name])
+    titles = ["attention heads", "FFN size", "gradient share (Eq. 2, accumulated)",
+              "importance: PPL increase when passed through"]
+    for ax, title in zip(axes.flat, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    if with_data:
+        axes[1, 1].set_yscale("symlog", linthresh=1)   # layer 0's thousands beside the late layers' units
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("Each config's layers (means over seeds)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "taper_layers.png"), dpi=110)
+    plt.close(fig)
 
 if __name__ == "__main__":
     cli(main)

@@ -3,6 +3,7 @@ has one, else every run's log), the mean ± std per config over hand-written run
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 from gfa import rundir
@@ -95,3 +96,23 @@ def test_the_spread_table_from_dumps_and_importance(tmp_path):
     compare.main([*runs, "--out", str(tmp_path / "t")])
     text = open(tmp_path / "t" / "taper_compare.md").read()
     assert "| gfa | +0.90 | +0.30 | 4.0 |" in text.splitlines()
+
+
+def test_the_layer_figure_averages_each_configs_seeds(tmp_path):
+    rng = np.random.default_rng(1)
+    runs = [write_run(tmp_path / f"small_gfa_s{i}", tiny_model(), rows=1.0 + rng.random((5, 6))) for i in (1, 2)]
+    for run, imp in zip(runs, ([1.0, 2.0, 3.0, 4.0], [3.0, 4.0, 5.0, 6.0])):
+        rundir.write_importance(run, {"metric": "ppl_increase", "baseline": 20.0, "importance": imp})
+    assert compare.layer_means(runs, "importance") == [2.0, 3.0, 4.0, 5.0]
+    shares = [rundir.read_grad_dump(run)["share"] for run in runs]
+    assert not np.allclose(*shares)   # two different seeds, so the mean is not either one
+    assert np.allclose(compare.layer_means(runs, "share"), (np.asarray(shares[0]) + shares[1]) / 2)
+    os.remove(rundir.file(runs[1], rundir.IMPORTANCE))
+    assert compare.layer_means(runs, "importance") is None   # a seed without it: no importance panel
+
+
+def test_the_layer_figure_is_drawn_without_dumps_too(tmp_path):
+    runs = [run_dir(tmp_path, "demo_gfa_s1", 7.2), run_dir(tmp_path, "demo_uniform_s1", 7.3)]
+    compare.main([*runs, "--out", str(tmp_path / "t")])
+    assert os.path.getsize(tmp_path / "t" / "taper_layers.png") > 0
+    assert not os.path.exists(tmp_path / "t" / "taper_compare.png")   # no latencies given: no trade-off plot
