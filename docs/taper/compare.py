@@ -202,5 +202,6 @@ def plot_layers(members, order, colors, out):
     fig.savefig(os.path.join(out, "taper_layers.png"), dpi=110)
     plt.close(fig)
 
+
 if __name__ == "__main__":
     cli(main)
