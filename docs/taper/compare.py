@@ -12,7 +12,8 @@ A2 and Vanilla-15L seeds (docs/runs/study/small_{cascade_a2,vanilla_15l}_s*) go 
 are. Each config's PPL is set against --ref's (Vanilla-15L: the profiles' FLOPs) with Welch's 95 % interval
 and the exact permutation p. Where every run has its gradient dump and importance.json (the GPU runs), a
 second table says how each config spreads the gradient and the importance over depth: Spearman of the
-share with the linear fan-in and with the importance, and the last layer's importance, means over seeds.
+share with the linear fan-in and with the importance, layer 0's share and importance, and the last layer's
+importance, means over seeds.
 Writes taper_compare.md and .png, and taper_layers.png: each config's widths by layer and, for the GPU runs,
 its gradient share and importance by layer.
 """
@@ -61,25 +62,39 @@ def versus(a, b):
     return f"{d['diff']:+.2f} ({interval}p = {d['p']:.2f})"
 
 
-def spread_table(members, order):
-    """Markdown lines: per config, how its runs spread gradient and importance over the layers (means over
-    seeds); none unless every run has a gradient dump and importance.json."""
-    stats = {}
+def layer_data(members):
+    """{config: [(share, importance, linear fan-in) by layer, one tuple per run]}, read once for the second table
+    and the layer figure; None unless every run has its gradient dump and importance.json (the GPU runs)."""
+    data = {}
     for name, runs in members.items():
-        rows = []
+        data[name] = []
         for run in runs:
             imp = rundir.read_importance(run)
             if not imp or not os.path.isfile(rundir.file(run, rundir.GRAD_DUMP)):
-                return []
-            share = rundir.read_grad_dump(run)["share"]
+                return None
             fanin = theory_for(rundir.read_model_config(run)[1])[1]
-            rows.append((spearman_rho(share, fanin), spearman_rho(share, imp["importance"]), imp["importance"][-1]))
-        stats[name] = [sum(col) / len(col) for col in zip(*rows)]
+            data[name].append((rundir.read_grad_dump(run)["share"], imp["importance"], fanin))
+    return data
+
+
+def seed_mean(rows):
+    """The mean over seeds of equal-length rows, element by element."""
+    return [sum(col) / len(col) for col in zip(*rows)]
+
+
+def spread_table(data, order):
+    """Markdown lines: per config, how its runs spread gradient and importance over the layers (means over
+    seeds); none without layer data."""
+    if data is None:
+        return []
+    stats = {name: seed_mean([(spearman_rho(share, fanin), spearman_rho(share, imp), 100 * share[0], imp[0], imp[-1])
+                              for share, imp, fanin in runs]) for name, runs in data.items()}
     lines = ["", "How each config spreads the gradient and the importance over depth (means over its seeds; importance "
              "= PPL increase when the layer is passed through):", "",
-             "| config | Spearman(share, linear fan-in) | Spearman(share, importance) | last layer's importance |",
-             "|---|---|---|---|"]
-    return lines + [f"| {n} | {stats[n][0]:+.2f} | {stats[n][1]:+.2f} | {stats[n][2]:.1f} |" for n in order]
+             "| config | Spearman(share, linear fan-in) | Spearman(share, importance) | layer 0's share % | "
+             "layer 0's importance | last layer's importance |", "|---|---|---|---|---|---|"]
+    return lines + [f"| {n} | {st[0]:+.2f} | {st[1]:+.2f} | {st[2]:.1f} | {st[3]:,.0f} | {st[4]:.1f} |"
+                    for n, st in ((n, stats[n]) for n in order)]
 
 
 def main(argv=None):
@@ -121,13 +136,14 @@ def main(argv=None):
                      f"{lat} | {rel} |")
         if b:
             points.append((name, b["median_ms"], m, s))
-    lines += spread_table(members, order)
+    data = layer_data(members)
+    lines += spread_table(data, order)
     os.makedirs(args.out, exist_ok=True)
     open(os.path.join(args.out, "taper_compare.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
     colors = {name: f"C{i % 10}" for i, name in enumerate(order)}   # one colour per config in both figures
     written = ["taper_compare.md", "taper_layers.png"]
-    plot_layers(members, order, colors, args.out)
+    plot_layers(members, order, data, colors, args.out)
     if points:
         plot_tradeoff(points, colors, scale, args.out)
         written.append("taper_compare.png")
@@ -160,32 +176,17 @@ def plot_tradeoff(points, colors, scale, out):
     plt.close(fig)
 
 
-def layer_means(runs, key):
-    """Per layer, the mean over runs of the gradient share (key 'share') or the importance; None if a run lacks it."""
-    rows = []
-    for run in runs:
-        if key == "share":
-            if not os.path.isfile(rundir.file(run, rundir.GRAD_DUMP)):
-                return None
-            rows.append(rundir.read_grad_dump(run)["share"])
-        else:
-            imp = rundir.read_importance(run)
-            if not imp:
-                return None
-            rows.append(imp["importance"])
-    return [sum(col) / len(col) for col in zip(*rows)]
-
-
-def plot_layers(members, order, colors, out):
-    """taper_layers.png: per config, its heads and FFN sizes by layer and, where every run has them (the GPU
-    runs), the gradient share and the importance by layer, means over seeds."""
-    measured = {n: (layer_means(members[n], "share"), layer_means(members[n], "importance")) for n in order}
-    with_data = all(share is not None and imp is not None for share, imp in measured.values())
+def plot_layers(members, order, data, colors, out):
+    """taper_layers.png: per config, its heads and FFN sizes by layer and, with layer data (the GPU runs), the
+    gradient share and the importance by layer, means over seeds."""
     plt = pyplot()
-    fig, axes = plt.subplots(2 if with_data else 1, 2, figsize=(11, 7.5 if with_data else 3.8), squeeze=False)
+    rows = 1 if data is None else 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.8 * rows), squeeze=False)
     for name in order:
         cfg = GPTConfig(**rundir.read_model_config(members[name][0])[1])
-        panels = [cfg.layer_heads(), cfg.layer_ffn()] + (list(measured[name]) if with_data else [])
+        panels = [cfg.layer_heads(), cfg.layer_ffn()]
+        if data is not None:
+            panels += [seed_mean([share for share, _, _ in data[name]]), seed_mean([imp for _, imp, _ in data[name]])]
         for ax, ys in zip(axes.flat, panels):
             ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name, color=colors[name])
     titles = ["attention heads", "FFN size", "gradient share (Eq. 2, accumulated)",
@@ -194,7 +195,7 @@ def plot_layers(members, order, colors, out):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
-    if with_data:
+    if data is not None:
         axes[1, 1].set_yscale("symlog", linthresh=1)   # layer 0's thousands beside the late layers' units
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("Each config's layers (means over seeds)")

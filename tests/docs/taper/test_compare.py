@@ -86,7 +86,8 @@ def test_the_spread_table_from_dumps_and_importance(tmp_path):
     # proportion. Seed 1: share ranks 4 3 2 1 (rho with the fan-in +1), importance (9, 1, 2, 3) ranks 4 1 2 3:
     # sum d^2 = 0 + 4 + 0 + 4 = 8, rho = 1 - 6 * 8 / (4 * 15) = 0.2. Seed 2: share ranks 4 3 1 2: with the
     # fan-in sum d^2 = 2, rho 0.8; importance (9, 1, 2, 5) ranks 4 1 2 3 again: sum d^2 = 0 + 4 + 1 + 1 = 6,
-    # rho 0.4. Means: +0.90, +0.30, and the last layer's importance (3 + 5) / 2 = 4.0.
+    # rho 0.4. Means: +0.90, +0.30, layer 0's share 4 / 10 = 40 % and importance 9 in both, and the last
+    # layer's importance (3 + 5) / 2 = 4.0.
     runs = []
     for seed, norms, imp in ((1, [4, 3, 2, 1], [9, 1, 2, 3]), (2, [4, 3, 1, 2], [9, 1, 2, 5])):
         run = write_run(tmp_path / f"small_gfa_s{seed}", tiny_model(), rows=[[1.0, *norms, 1.0]] * 3)
@@ -95,7 +96,7 @@ def test_the_spread_table_from_dumps_and_importance(tmp_path):
         runs.append(run)
     compare.main([*runs, "--out", str(tmp_path / "t")])
     text = open(tmp_path / "t" / "taper_compare.md").read()
-    assert "| gfa | +0.90 | +0.30 | 4.0 |" in text.splitlines()
+    assert "| gfa | +0.90 | +0.30 | 40.0 | 9 | 4.0 |" in text.splitlines()
 
 
 def test_the_layer_figure_averages_each_configs_seeds(tmp_path):
@@ -103,12 +104,14 @@ def test_the_layer_figure_averages_each_configs_seeds(tmp_path):
     runs = [write_run(tmp_path / f"small_gfa_s{i}", tiny_model(), rows=1.0 + rng.random((5, 6))) for i in (1, 2)]
     for run, imp in zip(runs, ([1.0, 2.0, 3.0, 4.0], [3.0, 4.0, 5.0, 6.0])):
         rundir.write_importance(run, {"metric": "ppl_increase", "baseline": 20.0, "importance": imp})
-    assert compare.layer_means(runs, "importance") == [2.0, 3.0, 4.0, 5.0]
+    data = compare.layer_data({"gfa": runs})["gfa"]
+    assert compare.seed_mean([imp for _, imp, _ in data]) == [2.0, 3.0, 4.0, 5.0]
     shares = [rundir.read_grad_dump(run)["share"] for run in runs]
     assert not np.allclose(*shares)   # two different seeds, so the mean is not either one
-    assert np.allclose(compare.layer_means(runs, "share"), (np.asarray(shares[0]) + shares[1]) / 2)
+    assert np.allclose(compare.seed_mean([share for share, _, _ in data]), (np.asarray(shares[0]) + shares[1]) / 2)
+    assert [list(fanin) for _, _, fanin in data] == [[5, 4, 3, 2]] * 2   # N - l + 1 over the 4 layers
     os.remove(rundir.file(runs[1], rundir.IMPORTANCE))
-    assert compare.layer_means(runs, "importance") is None   # a seed without it: no importance panel
+    assert compare.layer_data({"gfa": runs}) is None   # a seed without it: no layer panels, no second table
 
 
 def test_the_layer_figure_is_drawn_without_dumps_too(tmp_path):
