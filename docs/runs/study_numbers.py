@@ -34,7 +34,7 @@ from gfa.cli import UserError, cli  # noqa: E402
 # the overview figure's configs, (run-name stem, label): Vanilla-16L and the 16-layer runs that change one thing
 OVERVIEW = (("vanilla_16l", "Pre-LN (Vanilla-16L)"), ("layerskip", "deep supervision (LayerSkip)"),
             ("vanilla_16l_mixln", "Mix-LN"), ("vanilla_16l_lns", "LayerNorm scaling"),
-            ("equalize", "norms equalised"))
+            ("equalize", "norms equalised"), ("vanilla_16l_scaledinit", "scaled init"))
 
 
 def late_importance(imp):
@@ -63,9 +63,10 @@ def seed_runs(config, study=STUDY):
 
 def table2_ppl():
     """{config: [held-out PPL of each seed]} for the configs of Table 2's PPL column, Vanilla-8L (what depth
-    buys) and Vanilla-16L under the other norm placements (Mix-LN, LayerNorm scaling)."""
+    buys), Vanilla-16L under the other norm placements (Mix-LN, LayerNorm scaling) and under the scaled init."""
     ppl = {}
-    for config in ("vanilla_16l", "vanilla_15l", "cascade_a2", "vanilla_8l", "vanilla_16l_mixln", "vanilla_16l_lns"):
+    for config in ("vanilla_16l", "vanilla_15l", "cascade_a2", "vanilla_8l", "vanilla_16l_mixln", "vanilla_16l_lns",
+                   "vanilla_16l_scaledinit"):
         ppl[config] = [imp["baseline"] for imp in map(rundir.read_importance, seed_runs(config)) if imp]
     return ppl
 
@@ -154,7 +155,8 @@ def main(argv=None):
             spread = "%.2f ± %.2f" % theory.mean_std(values) if len(values) > 1 else f"{values[0]:.2f} (one seed)"
             print(f"{config} | {len(values)} | {spread}")
     for a, b in (("cascade_a2", "vanilla_15l"), ("cascade_a2", "vanilla_16l"), ("vanilla_15l", "vanilla_16l"),
-                 ("vanilla_16l_mixln", "vanilla_16l"), ("vanilla_16l_lns", "vanilla_16l")):
+                 ("vanilla_16l_mixln", "vanilla_16l"), ("vanilla_16l_lns", "vanilla_16l"),
+                 ("vanilla_16l_scaledinit", "vanilla_16l")):
         print(compare(a, b, ppl[a], ppl[b]))
     if len(ppl["vanilla_16l"]) > 1:
         half = resolution(ppl["vanilla_16l"])
