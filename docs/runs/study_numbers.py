@@ -11,7 +11,7 @@ Spearman correlation of the share accumulated up to step t with the linear fan-i
 and 1000, and the first step at which it is below zero. Table 2's PPL column: the held-out PPL of each
 config over its seeds (fanin.py's evaluation); CascadeFormer-A2 against Vanilla-15L (equal training
 FLOPs), both against Vanilla-16L (how much one layer more buys, the scale of the paper's claim), and
-Vanilla-16L under Mix-LN and LayerNorm scaling against Pre-LN, each as the difference of the means with
+Vanilla-16L under Mix-LN, LayerNorm scaling and the scaled init against Pre-LN, each as the difference of the means with
 an exact permutation p-value and Welch's 95 % interval; and what difference 2, 3, 5 or 10 seeds a side
 could resolve at Vanilla-16L's seed spread. The overview figure
 (--fig): the 16-layer configs side by side, share and importance per layer (mean and range over the
