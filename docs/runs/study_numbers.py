@@ -49,9 +49,9 @@ def drift_rows(summary):
         runs = json.load(f)["runs"]
     for r in runs:
         steps, rho = r["drift"]["steps"], r["drift"]["rho_theory"]
-        at = lambda t: rho[max(i for i, s in enumerate(steps) if s <= t)]
+        at = [rho[max(i for i, s in enumerate(steps) if s <= t)] for t in (100, 200, 500, 1000)]
         below = next((s for s, v in zip(steps, rho) if v < 0), None)
-        yield r["name"], [at(t) for t in (100, 200, 500, 1000)], below, r["drift"]["settled"]
+        yield r["name"], at, below, r["drift"]["settled"]
 
 
 def seed_runs(config, study=STUDY):
