@@ -1,7 +1,7 @@
 """The derived figures docs/RESULTS.md quotes for Figure 5, the share drift and Table 2's perplexity column,
 from the committed study runs (no GPU, seconds):
 
-    python docs/runs/study_numbers.py            # after fanin.py wrote docs/figs/study_drift/fanin_summary.json
+    python docs/runs/study_numbers.py            # after fanin.py wrote docs/figs/<DRIFT_FIGS>/fanin_summary.json
     python docs/runs/study_numbers.py --fig docs/figs/study_overview.png    # and the overview figure
 
 Figure 5: per run, the held-out PPL of fanin.py's importance evaluation, the summed importance (PPL
@@ -35,6 +35,10 @@ from gfa.cli import UserError, cli  # noqa: E402
 OVERVIEW = (("vanilla_16l", "Pre-LN (Vanilla-16L)"), ("layerskip", "deep supervision (LayerSkip)"),
             ("vanilla_16l_mixln", "Mix-LN"), ("vanilla_16l_lns", "LayerNorm scaling"),
             ("equalize", "norms equalised"), ("vanilla_16l_scaledinit", "scaled init"))
+
+# fanin.py's figure folders whose fanin_summary.json the share-drift rows come from: the Pre-LN runs and Vanilla-8L
+# (docs/figs/study_drift), then the 16-layer runs that change one thing, their seeds together
+DRIFT_FIGS = ("study_drift", "study_mixln_seeds", "study_lns_seeds", "study_scaledinit_seeds")
 
 
 def late_importance(imp):
@@ -144,10 +148,10 @@ def main(argv=None):
         if imp:
             ppl, late, share = late_importance(imp)
             print(f"{run} | {ppl:.2f} | {late:.1f} | {100 * share:.0f} %")
-    summary = os.path.join(ROOT, "docs", "figs", "study_drift", "fanin_summary.json")
     print("\nrun | Spearman(share to step t, fan-in) at t = 100 / 200 / 500 / 1000 | first step below 0 | settles")
-    for name, rhos, below, settled in drift_rows(summary):
-        print(f"{name} | {' / '.join(f'{v:.2f}' for v in rhos)} | {below} | {settled}")
+    for folder in DRIFT_FIGS:
+        for name, rhos, below, settled in drift_rows(os.path.join(ROOT, "docs", "figs", folder, "fanin_summary.json")):
+            print(f"{name} | {' / '.join(f'{v:.2f}' for v in rhos)} | {below} | {settled}")
     ppl = table2_ppl()
     print("\nconfig | seeds | held-out PPL (mean ± std)")
     for config, values in ppl.items():

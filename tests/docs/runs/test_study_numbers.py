@@ -2,6 +2,7 @@
 seed 2, other configs and tags left out), each seed's share and importance as hand-computed, the overview
 figure, and a one-line error when no run has been analysed."""
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -54,3 +55,11 @@ def test_no_analysed_run_is_a_one_line_error(tmp_path):
     with pytest.raises(study_numbers.UserError, match="run fanin.py on them first"):
         study_numbers.overview_figure(str(tmp_path / "o.png"), study=str(tmp_path / "study"))
     assert not (tmp_path / "o.png").exists()
+
+
+def test_drift_rows_read_the_share_drift_as_hand_computed(tmp_path):
+    """At step t the rho of the last logged step <= t; the first step below zero; the settle step as recorded."""
+    summary = tmp_path / "fanin_summary.json"
+    drift = {"steps": [0, 100, 150, 400, 1000, 1500], "rho_theory": [1.0, 0.9, 0.5, 0.2, -0.1, -0.3], "settled": 900}
+    summary.write_text(json.dumps({"runs": [{"name": "small_vanilla_16l_s1", "drift": drift}]}))
+    assert list(study_numbers.drift_rows(str(summary))) == [("small_vanilla_16l_s1", [0.9, 0.5, 0.2, -0.1], 1000, 900)]
