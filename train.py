@@ -262,6 +262,7 @@ def main(argv):
         rundir.start_run(cfg["out_dir"], "gpt", asdict(model_cfg), cfg["overwrite"], write=d.master)
     elif d.master:   # the same architecture, checked: a run of an earlier version gets its model_config.json
         rundir.write_model_config(cfg["out_dir"], "gpt", asdict(model_cfg))
+        rundir.record_invocation(cfg["out_dir"])
     raw_model, optimizer, step, dump, iter_num, best_val = build(cfg, model_cfg, d, ckpt)
     resuming = cfg["init_from"] == "resume"
     ckpt_clip = ckpt.get("equalize_clip") if resuming else None   # a resumed run keeps its factor

@@ -24,6 +24,9 @@ The run directory: one folder per run, read and written only through this module
                               the settings and the checkpoint's save_id it was measured with) or
                               resnet.py (top1_drop, with that save_id too)
     <run>/log.txt             the training log
+    <run>/provenance.json     {"invocations": [...]}: every script call that started or resumed the
+                              run, with the code's git commit (and whether the tree was dirty), the
+                              full command line, the time and the host (record_invocation)
     <run>/healed.json         in a run that healed a pruned model (prune.py --heal_tokens): what was
                               healed and measured how ("stamp": the source checkpoint's save_id, the
                               removed layers, train.py's arguments, the measurement's settings) and
@@ -43,8 +46,12 @@ import glob
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
+import subprocess
+import sys
+import time
 import uuid
 import warnings
 from dataclasses import asdict
@@ -56,8 +63,9 @@ from gfa.cli import UserError
 from gfa.theory import accumulated_share, layer_of
 from model import GPT, GPTConfig
 
-CKPT, MODEL_CONFIG, GRAD_DUMP, IMPORTANCE, LOG, HEALED = (
-    "ckpt.pt", "model_config.json", "grad_norms.npz", "importance.json", "log.txt", "healed.json")
+CKPT, MODEL_CONFIG, GRAD_DUMP, IMPORTANCE, LOG, HEALED, PROVENANCE = (
+    "ckpt.pt", "model_config.json", "grad_norms.npz", "importance.json", "log.txt", "healed.json",
+    "provenance.json")
 KINDS = ("gpt", "resnet")
 OLD_RESNET_CKPT = "resnet_ckpt.pt"   # resnet.py's checkpoint before checkpoints carried their kind
 
@@ -135,7 +143,7 @@ def atomic_write_text(text, path):
 # ---- model config and checkpoint ------------------------------------------------------------------
 # what a run's scripts write into its folder: --overwrite removes all of it, so nothing of the
 # replaced run stays beside the new one
-_RUN_OUTPUTS = (CKPT, GRAD_DUMP, OLD_RESNET_CKPT, IMPORTANCE, LOG, HEALED, "fanin_summary.json", "fig*.png",
+_RUN_OUTPUTS = (CKPT, GRAD_DUMP, OLD_RESNET_CKPT, IMPORTANCE, LOG, HEALED, PROVENANCE, "fanin_summary.json", "fig*.png",
                 "*_fig*.png")
 SHARDED = "ckpt_sharded"   # the folder of sharded checkpoints (parallel='fsdp')
 
@@ -163,6 +171,45 @@ def start_run(run, kind, config, overwrite=False, write=True):
     except OSError as e:
         raise UserError(f"cannot replace the run in {run}: {e.strerror or e}") from None
     write_model_config(run, kind, config)
+    record_invocation(run)
+
+
+def code_version():
+    """The git commit of this code and whether tracked files differ from it. A copy without .git (a
+    cluster's staging copy) records the commit GFA_COMMIT names, else 'unknown'."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = ["git", "-C", repo]
+        commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0 and status.returncode == 0:
+            return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": os.environ.get("GFA_COMMIT", "unknown"), "dirty": None}
+
+
+def record_invocation(run, argv=None):
+    """Append this call (commit, dirty tree, command line, time, host) to <run>/provenance.json."""
+    path = file(run, PROVENANCE)
+    record = read_provenance(run) or {"invocations": []}
+    record["invocations"].append(code_version() | {
+        "argv": list(sys.argv if argv is None else argv), "cwd": os.getcwd(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node()})
+    atomic_write_json(record, path, indent=1)
+
+
+def read_provenance(run):
+    """<run>/provenance.json as a dict, or None for a run of an earlier version (or none yet)."""
+    path = file(run, PROVENANCE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}): move it aside") from None
 
 
 def write_model_config(run, kind, config):
