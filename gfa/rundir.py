@@ -175,8 +175,11 @@ def start_run(run, kind, config, overwrite=False, write=True):
 
 
 def code_version():
-    """The git commit of this code and whether tracked files differ from it. A copy without .git (a
-    cluster's staging copy) records the commit GFA_COMMIT names, else 'unknown'."""
+    """The git commit of this code and whether tracked files differ from it. GFA_COMMIT, when set,
+    names the commit instead (a copy whose .git is missing or not the code's own: a cluster's staging
+    copy, a synced tree); without either, 'unknown'."""
+    if os.environ.get("GFA_COMMIT"):
+        return {"commit": os.environ["GFA_COMMIT"], "dirty": None}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         git = ["git", "-C", repo]
@@ -187,7 +190,7 @@ def code_version():
             return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"commit": os.environ.get("GFA_COMMIT", "unknown"), "dirty": None}
+    return {"commit": "unknown", "dirty": None}
 
 
 def record_invocation(run, argv=None):
