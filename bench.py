@@ -638,7 +638,7 @@ def parse(argv):
     p.add_argument("--device", default="", help="default cuda when available, else cpu")
     p.add_argument("--out", default=None, help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--tune_kernels", action="store_true", help="inductor's coordinate-descent tuning of the kernels it "
-                   "generates (gpt-fast sets it): the best decode switch of docs/bench/probes/decode_switches.py on an H200, "
+                   "generates (gpt-fast sets it): the best decode switch of experiments/bench/probes/decode_switches.py on an H200, "
                    "-4 to -5 %% ms/token for twice the compile time")
     p.add_argument("--cache_dir", default=None, help="inductor + triton on-disk cache (default: torch's)")
     p.add_argument("--deadline", type=float, default=0, help="seconds: skip models not started by then (0 = none)")

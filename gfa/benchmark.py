@@ -1,5 +1,5 @@
 """
-The reusable parts of benchmarking (bench.py and the probes in docs/bench/probes/): models to
+The reusable parts of benchmarking (bench.py and the probes in experiments/bench/probes/): models to
 time (from a config name, a scale/variant pair or a run; compute dtype; an HF Llama twin),
 compile with a progress heartbeat, CUDA-event timing without host syncs between calls, summary
 statistics, and the per-kind kernel profile (bench.py --profile).

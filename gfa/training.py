@@ -227,7 +227,7 @@ def scaled_step(optimizer, grads, coef):
     scales inside its own pass over the gradients, through grad_scale (the hook torch.amp.GradScaler
     uses: the kernel divides each gradient by it and writes the result back). That saves the
     separate in-place pass over every gradient: -0.5 % to -1.5 % of a Vanilla-16L training step
-    on an H100 (docs/bench/probes/train_switches.py)."""
+    on an H100 (experiments/bench/probes/train_switches.py)."""
     if optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False):
         optimizer.grad_scale = coef.float().reciprocal()
         try:

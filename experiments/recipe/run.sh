@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The recipe arms (experiments/recipe/README.md): Vanilla-16L at the small scale, the study's protocol
-# (docs/runs/study.sh: 3000 steps of 32 x 1024 tokens, then fanin.py) with one arm's config on top.
+# (experiments/study/run.sh: 3000 steps of 32 x 1024 tokens, then fanin.py) with one arm's config on top.
 #
 #   bash experiments/recipe/run.sh <arm> <data_dir> <dest> <seed> [<seed> ...]
 #   TABLE1=<mc.jsonl> bash experiments/recipe/run.sh lr2e-4 ...   # and Table 1, if the decision rule says so
@@ -18,7 +18,7 @@ config=$here/configs/$arm.py
 [ -f "$config" ] || { echo "error: no arm $arm: pick one of $(ls "$here/configs" | sed 's/\.py$//' | xargs)" >&2; exit 2; }
 mkdir -p "$dest/logs"
 for seed in "$@"; do
-    TAG=$arm EXITS=0 bash "$here/../../docs/runs/study.sh" vanilla_16l "$seed" "$data" - "$dest" "$config" \
+    TAG=$arm EXITS=0 bash "$here/../../experiments/study/run.sh" vanilla_16l "$seed" "$data" - "$dest" "$config" \
         > "$dest/logs/${arm}_s$seed.txt" 2>&1 &
     sleep 20   # staggered, so the compiles do not all start at once
 done
