@@ -6,7 +6,7 @@ against the bf16 forward latency of the same profiles at the paper's size (bench
 A run named <scale>_<config>_s<seed> (experiments/study/run.sh names them small_...) is a seed of <config>; its
 latency is bench.py's row for <config> (the basename of experiments/taper/1b/<config>.py, or vanilla_15l,
 cascade_a2). Its perplexity is fanin.py's held-out evaluation (importance.json's baseline, what
-experiments/study/numbers.py and Table 2 use) when every run has one, else for every run the last 'val ppl'
+experiments/study/aggregate.py and Table 2 use) when every run has one, else for every run the last 'val ppl'
 of its log.txt (the CPU previews): one evaluation for the whole table, named in its header. The study's
 A2 and Vanilla-15L seeds (experiments/study/runs/small_{cascade_a2,vanilla_15l}_s*) go beside the profiles as they
 are. Each config's PPL is set against --ref's (Vanilla-15L: the profiles' FLOPs) with Welch's 95 % interval

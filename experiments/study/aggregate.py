@@ -1,8 +1,8 @@
 """The derived figures docs/RESULTS.md quotes for Figure 5, the share drift and Table 2's perplexity column,
 from the committed study runs (no GPU, seconds):
 
-    python experiments/study/numbers.py            # after fanin.py wrote experiments/study/figs/<DRIFT_FIGS>/fanin_summary.json
-    python experiments/study/numbers.py --fig experiments/study/figs/overview.png    # and the overview figure
+    python experiments/study/aggregate.py            # after fanin.py wrote experiments/study/figs/<DRIFT_FIGS>/fanin_summary.json
+    python experiments/study/aggregate.py --fig experiments/study/figs/overview.png    # and the overview figure
 
 Figure 5: per run, the held-out PPL of fanin.py's importance evaluation, the summed importance (PPL
 increase when the layer is passed through) of the late layers, and their share of layers 1..N-1's sum

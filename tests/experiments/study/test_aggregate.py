@@ -1,4 +1,4 @@
-"""experiments/study/numbers.py over hand-made study folders: runs found per config in seed order (seed 10 after
+"""experiments/study/aggregate.py over hand-made study folders: runs found per config in seed order (seed 10 after
 seed 2, other configs and tags left out), each seed's share and importance as hand-computed, the overview
 figure, and a one-line error when no run has been analysed."""
 import importlib.util
@@ -12,7 +12,7 @@ from gfa import rundir
 from helpers import tiny_model, write_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from experiments.study import numbers as study_numbers  # noqa: E402
+from experiments.study import aggregate as study_numbers  # noqa: E402
 
 
 def analysed_run(study, name, layer_norms, importance):

@@ -1,0 +1,197 @@
+"""The recipe study's numbers and figures (experiments/recipe/README.md), from the committed runs, in seconds:
+
+    python experiments/recipe/aggregate.py       # prints the tables, draws the two figures into experiments/recipe/
+
+Arms: every run small_vanilla_16l_<arm>_s<seed> under experiments/recipe/runs/, and the small study's own
+Vanilla-16L seeds (experiments/study/runs/small_vanilla_16l_s<seed>) as the arm 'lr1e-3 (study)'. Per run:
+rho(share, linear fan-in) of the accumulated Eq. 2 share with its permutation p (rule 1 of the page), the
+importance of layers 8-15 as a part of layers 1-15's sum, rho(share, importance), held-out PPL (fanin.py's
+float32 evaluation, and train.py's last bf16 evaluation). Per arm: whether it keeps or overturns the fan-in's
+order (rule 1). Matched loss (rule 3): each study run's accumulated and windowed share at the step where its
+held-out PPL (train.py's evaluations, log-PPL interpolated linearly in the step between them) equals the
+lr2e-4 arm's mean final PPL. Figures: recipe_drift.png (rho with the fan-in of the accumulated and of the
+windowed share against the step, the lr schedule under it) and recipe_matched.png (rho of the accumulated
+share against held-out PPL at each evaluation).
+"""
+import argparse
+import os
+import re
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.join(ROOT, "experiments", "recipe")
+sys.path.insert(0, ROOT)
+from gfa import rundir, theory  # noqa: E402
+from gfa.cli import UserError, cli  # noqa: E402
+
+STUDY_ARM = "lr1e-3 (study)"
+PAPER_ARM = "lr2e-4"
+WINDOW = 100   # steps: the windowed ("instantaneous") share is Eq. 2 over the last WINDOW steps
+LOG_LINE = re.compile(r"^step (\d+) \| (?:val loss [\d.]+ \| val ppl ([\d.]+)|loss [\d.]+ \| lr ([\d.e+-]+))")
+
+
+def find_runs(recipe_runs, study_runs):
+    """{arm: [run dirs in seed order]}: the recipe arms, then the study's Vanilla-16L as the 1e-3 arm."""
+    arms = {}
+    for folder, pattern in ((recipe_runs, r"small_vanilla_16l_(.+)_s(\d+)"), (study_runs, r"small_vanilla_16l_s(\d+)")):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            m = re.fullmatch(pattern, name)
+            if m:
+                arm, seed = (m.group(1), m.group(2)) if m.lastindex == 2 else (STUDY_ARM, m.group(1))
+                arms.setdefault(arm, []).append((int(seed), os.path.join(folder, name)))
+    if PAPER_ARM not in arms:
+        raise UserError(f"no run of the {PAPER_ARM} arm under {recipe_runs}: train it with experiments/recipe/run.sh")
+    return {arm: [run for _, run in sorted(runs)] for arm, runs in arms.items()}
+
+
+def read_log(run):
+    """(evaluation steps, held-out PPL at them, logged steps, lr at them) from train.py's log.txt."""
+    ev, ppl, st, lr = [], [], [], []
+    with open(rundir.file(run, rundir.LOG)) as f:
+        for line in f:
+            m = LOG_LINE.match(line)
+            if m and m.group(2):
+                ev.append(int(m.group(1)))
+                ppl.append(float(m.group(2)))
+            elif m and m.group(3):
+                st.append(int(m.group(1)))
+                lr.append(float(m.group(3)))
+    return np.array(ev), np.array(ppl), np.array(st), np.array(lr)
+
+
+def analyse(run):
+    """One run's figures (see the module docstring)."""
+    dump = rundir.read_grad_dump(run)
+    _, fanin, _ = theory.theory_for(rundir.read_model_config(run)[1])
+    share, imp = dump["share"], rundir.read_importance(run)
+    cols = [i for i, n in enumerate(dump["names"]) if n.startswith("layer.")]
+    norms = np.asarray(dump["norms"], dtype=np.float64)[:, cols]
+    acc = np.cumsum(norms, axis=0)
+    win = acc - np.vstack([np.zeros((WINDOW, len(cols))), acc[:-WINDOW]])
+    steps = np.asarray(dump["steps"])
+    rho, p = theory.spearman(share, fanin)
+    d = imp["importance"]
+    ev, ppl, st, lr = read_log(run)
+    return {"run": run, "steps": steps, "fanin": fanin, "rho": rho, "p": p,
+            "late": sum(d[len(d) // 2:]) / sum(d[1:]), "rho_imp": theory.spearman(share, d)[0],
+            "ppl": imp["baseline"], "log_ppl": ppl[-1], "eval_steps": ev, "eval_ppl": ppl, "lr_steps": st, "lr": lr,
+            "rho_acc": np.array([theory.spearman_rho(a, fanin) for a in acc]),
+            "rho_win": np.array([theory.spearman_rho(w, fanin) if i >= WINDOW - 1 else np.nan
+                                 for i, w in enumerate(win)])}
+
+
+def arm_verdict(runs):
+    """Rule 1 of the page: 'keeps' (rho > 0 with p < 0.05 in every seed), 'overturns' (rho < 0 in every seed), 'mixed'."""
+    if all(r["rho"] > 0 and r["p"] < 0.05 for r in runs):
+        return "keeps"
+    return "overturns" if all(r["rho"] < 0 for r in runs) else "mixed"
+
+
+def step_at_ppl(r, target):
+    """The step at which the run's held-out PPL falls to target (log-PPL linear in the step between
+    evaluations), or None if it never does."""
+    ev, lp = r["eval_steps"], np.log(r["eval_ppl"])
+    for i in range(1, len(ev)):
+        if lp[i] <= np.log(target) <= lp[i - 1]:
+            f = (lp[i - 1] - np.log(target)) / (lp[i - 1] - lp[i])
+            return int(round(ev[i - 1] + f * (ev[i] - ev[i - 1])))
+    return None
+
+
+def fmt(mean_sd, digits=2):
+    m, s = mean_sd
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def tables(results):
+    """numbers.md's text: per-arm summary, per-run rows, the matched-loss rows."""
+    out = ["Recipe study (experiments/recipe/README.md)", "",
+           "| arm | seeds | rho(share, fan-in) | rule 1 | layers 8-15 of 1-15's ΔPPL | rho(share, ΔPPL) | held-out PPL |",
+           "|---|---|---|---|---|---|---|"]
+    for arm, runs in results.items():
+        ms = lambda key: theory.mean_std([r[key] for r in runs])  # noqa: E731
+        out.append(f"| {arm} | {len(runs)} | {fmt(ms('rho'))} | {arm_verdict(runs)} | {100 * ms('late')[0]:.0f} ± "
+                   f"{100 * ms('late')[1]:.0f} % | {fmt(ms('rho_imp'))} | {fmt(ms('ppl'))} |")
+    out += ["", "Per run (p: permutation p of rho with the fan-in, 200,000 permutations, so its floor is ~5e-6: "
+            "read 5.0e-06 as p < 1e-5; PPL: fanin.py's float32 evaluation / train.py's last bf16 one):", "",
+            "| run | rho(share, fan-in) | p | layer 0 share | last layer share | 8-15 of ΔPPL | last layer ΔPPL | "
+            "rho(share, ΔPPL) | PPL |", "|---|---|---|---|---|---|---|---|---|"]
+    for runs in results.values():
+        for r in runs:
+            share = rundir.read_grad_dump(r["run"])["share"]
+            last = rundir.read_importance(r["run"])["importance"][-1]
+            out.append(f"| {os.path.basename(r['run'])} | {r['rho']:+.2f} | {r['p']:.1e} | {100 * share[0]:.1f} % | "
+                       f"{100 * share[-1]:.1f} % | {100 * r['late']:.0f} % | {last:+.1f} | {r['rho_imp']:+.2f} | "
+                       f"{r['ppl']:.2f} / {r['log_ppl']:.2f} |")
+    target = float(np.mean([r["log_ppl"] for r in results[PAPER_ARM]]))
+    out += ["", f"Matched loss (rule 3): the {PAPER_ARM} arm ends at held-out PPL {target:.2f} (train.py's evaluation, "
+            f"mean of its seeds). Where the other arms' runs reach that PPL:", "",
+            f"| run | evaluations every | step at PPL {target:.2f} | rho(accumulated share, fan-in) there | "
+            f"rho(share of the last {WINDOW} steps, fan-in) there |", "|---|---|---|---|---|"]
+    for arm, runs in results.items():
+        for r in runs if arm != PAPER_ARM else []:
+            s = step_at_ppl(r, target)
+            i = None if s is None else int(np.abs(r["steps"] - s).argmin())
+            gap = int(np.diff(r["eval_steps"]).max())
+            out.append(f"| {os.path.basename(r['run'])} | {gap} steps | {s if s is not None else 'never'} | "
+                       + (f"{r['rho_acc'][i]:+.2f} | {r['rho_win'][i]:+.2f} |" if i is not None else "- | - |"))
+    return "\n".join(out) + "\n"
+
+
+def figures(results, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for arm, runs in results.items():
+        for j, r in enumerate(runs):
+            top.plot(r["steps"], r["rho_acc"], color=colors[arm], lw=1.4, label=arm if j == 0 else None)
+            top.plot(r["steps"], r["rho_win"], color=colors[arm], lw=0.6, alpha=0.5)
+        bottom.plot(runs[0]["lr_steps"], runs[0]["lr"], color=colors[arm], label=arm)
+    top.axhline(0, color="k", lw=0.6)
+    top.set_ylabel("Spearman rho with the linear fan-in")
+    top.set_title(f"Share drift per arm: accumulated share (thick), share of the last {WINDOW} steps (thin)")
+    top.legend(fontsize=8)
+    bottom.set_ylabel("lr")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "recipe_drift.png"), dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, runs in results.items():
+        for j, r in enumerate(runs):
+            idx = [int(np.abs(r["steps"] - s).argmin()) for s in r["eval_steps"] if s > 0]
+            ax.plot([r["eval_ppl"][k] for k, s in enumerate(r["eval_steps"]) if s > 0], r["rho_acc"][idx], "o-",
+                    color=colors[arm], ms=3, label=arm if j == 0 else None)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("held-out PPL (train.py's evaluations; training goes right)")
+    ax.set_ylabel("rho(accumulated share, fan-in)")
+    ax.set_title("The share's order against how far training has come")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "recipe_matched.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    from gfa.cli import ArgumentParser
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default=os.path.join(HERE, "runs"), help="the recipe arms' run directories")
+    p.add_argument("--study", default=os.path.join(ROOT, "experiments", "study", "runs"), help="the small study's runs")
+    p.add_argument("--out", default=HERE, help="where the figures go")
+    p.add_argument("--no_fig", action="store_true", help="the tables only")
+    args = p.parse_args(argv)
+    results = {arm: [analyse(r) for r in runs] for arm, runs in find_runs(args.runs, args.study).items()}
+    print(tables(results), end="")
+    if not args.no_fig:
+        os.makedirs(args.out, exist_ok=True)
+        figures(results, args.out)
+
+
+if __name__ == "__main__":
+    cli(main)
