@@ -41,6 +41,10 @@ OVERVIEW = (("vanilla_16l", "Pre-LN (Vanilla-16L)"), ("layerskip", "deep supervi
 DRIFT_FIGS = ("drift", "mixln_seeds", "lns_seeds", "scaledinit_seeds")
 
 
+# Table 2 of the paper: Vanilla-15L's perplexity is 0.85 % above Vanilla-16L's (one layer's worth)
+PAPER_ONE_LAYER = 0.0085
+
+
 def late_importance(imp):
     """Figure 5's late layers are the second half: 8-15 of 16, the repeated 4-7 of 8 (7-14 of 15)."""
     d = imp["importance"]
@@ -166,6 +170,10 @@ def main(argv=None):
         half = resolution(ppl["vanilla_16l"])
         print("resolvable at Vanilla-16L's seed spread (Welch 95 % half-width, % of its mean), n seeds a side: "
               + ", ".join(f"n = {n}: ± {h:.1f} %" for n, h in half.items()))
+        mean, std = theory.mean_std(ppl["vanilla_16l"])
+        n = theory.seeds_for_power(std / mean, PAPER_ONE_LAYER)
+        print(f"seeds a side for 80 % power (two-sided, 5 %) against the paper's one-layer difference "
+              f"(+{100 * PAPER_ONE_LAYER:.2f} % PPL) at Vanilla-16L's spread ({100 * std / mean:.2f} %): {n}")
     if args.fig:
         overview_figure(args.fig)
 

@@ -163,3 +163,11 @@ def test_seed_difference_joins_the_two_tests():
     flat = theory.seed_difference([2, 2], [1, 1])   # neither varies: a p, no interval
     assert flat["diff"] == 1.0 and flat["p"] == pytest.approx(2 / 6) and flat["low"] is None
     assert theory.seed_difference([1.0], [2.0, 3.0]) is None
+
+
+def test_seeds_for_power_gives_the_textbook_sample_sizes():
+    # two-sided 5 %, 80 % power: Cohen's table (and the noncentral t) give 17, 26 and 64 a side at d = 1, 0.8, 0.5
+    assert [theory.seeds_for_power(1.0, d) for d in (1.0, 0.8, 0.5)] == [17, 26, 64]
+    assert theory.seeds_for_power(2.0, 1.0) == theory.seeds_for_power(1.0, 0.5)   # only the ratio matters
+    with pytest.raises(ValueError):
+        theory.seeds_for_power(0.0, 1.0)
