@@ -75,7 +75,7 @@ def analyse(run):
     d = imp["importance"]
     ev, ppl, st, lr = read_log(run)
     return {"run": run, "steps": steps, "fanin": fanin, "rho": rho, "p": p,
-            "late": sum(d[len(d) // 2:]) / sum(d[1:]), "rho_imp": theory.spearman(share, d)[0],
+            "late": sum(d[len(d) // 2:]) / sum(d[1:]), **dict(zip(("rho_imp", "p_imp"), theory.spearman(share, d))),
             "ppl": imp["baseline"], "log_ppl": ppl[-1], "eval_steps": ev, "eval_ppl": ppl, "lr_steps": st, "lr": lr,
             "rho_acc": np.array([theory.spearman_rho(a, fanin) for a in acc]),
             "rho_win": np.array([theory.spearman_rho(w, fanin) if i >= WINDOW - 1 else np.nan
@@ -100,6 +100,12 @@ def step_at_ppl(r, target):
     return None
 
 
+def first_below_zero(r):
+    """The first step at which the windowed share's rho with the fan-in is negative, or 'never'."""
+    below = np.flatnonzero(np.nan_to_num(r["rho_win"], nan=1.0) < 0)
+    return int(r["steps"][below[0]]) if len(below) else "never"
+
+
 def fmt(mean_sd, digits=2):
     m, s = mean_sd
     return f"{m:.{digits}f} ± {s:.{digits}f}"
@@ -117,14 +123,15 @@ def tables(results):
     out += ["", "Per run (p: permutation p of rho with the fan-in, 200,000 permutations, so its floor is ~5e-6: "
             "read 5.0e-06 as p < 1e-5; PPL: fanin.py's float32 evaluation / train.py's last bf16 one):", "",
             "| run | rho(share, fan-in) | p | layer 0 share | last layer share | 8-15 of ΔPPL | last layer ΔPPL | "
-            "rho(share, ΔPPL) | PPL |", "|---|---|---|---|---|---|---|---|---|"]
+            f"rho(share, ΔPPL) (p) | PPL | first step the last {WINDOW} steps' share has rho < 0 |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for runs in results.values():
         for r in runs:
             share = rundir.read_grad_dump(r["run"])["share"]
             last = rundir.read_importance(r["run"])["importance"][-1]
             out.append(f"| {os.path.basename(r['run'])} | {r['rho']:+.2f} | {r['p']:.1e} | {100 * share[0]:.1f} % | "
-                       f"{100 * share[-1]:.1f} % | {100 * r['late']:.0f} % | {last:+.1f} | {r['rho_imp']:+.2f} | "
-                       f"{r['ppl']:.2f} / {r['log_ppl']:.2f} |")
+                       f"{100 * share[-1]:.1f} % | {100 * r['late']:.0f} % | {last:+.1f} | {r['rho_imp']:+.2f} ({r['p_imp']:.1e}) | "
+                       f"{r['ppl']:.2f} / {r['log_ppl']:.2f} | {first_below_zero(r)} |")
     target = float(np.mean([r["log_ppl"] for r in results[PAPER_ARM]]))
     out += ["", f"Matched loss (rule 3): the {PAPER_ARM} arm ends at held-out PPL {target:.2f} (train.py's evaluation, "
             f"mean of its seeds). Where the other arms' runs reach that PPL:", "",
