@@ -215,6 +215,18 @@ def read_provenance(run):
         raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}): move it aside") from None
 
 
+def provenance_summary(run):
+    """One line for an aggregator: the commit and command that started the run, or why there is none."""
+    record = read_provenance(run)
+    if not record or not record.get("invocations"):
+        return "not recorded (a run from before provenance.json)"
+    first = record["invocations"][0]
+    dirty = {True: ", dirty", False: "", None: ""}[first.get("dirty")]
+    resumed = len(record["invocations"]) - 1
+    return (f"commit {str(first.get('commit'))[:10]}{dirty}: {' '.join(first.get('argv', []))}"
+            + (f" (+{resumed} resume{'s' * (resumed > 1)})" if resumed else ""))
+
+
 def write_model_config(run, kind, config):
     assert kind in KINDS, kind
     atomic_write_json({"kind": kind, "config": dict(config)}, file(run, MODEL_CONFIG), indent=1)

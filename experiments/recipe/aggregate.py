@@ -132,6 +132,8 @@ def tables(results):
             out.append(f"| {os.path.basename(r['run'])} | {r['rho']:+.2f} | {r['p']:.1e} | {100 * share[0]:.1f} % | "
                        f"{100 * share[-1]:.1f} % | {100 * r['late']:.0f} % | {last:+.1f} | {r['rho_imp']:+.2f} ({r['p_imp']:.1e}) | "
                        f"{r['ppl']:.2f} / {r['log_ppl']:.2f} | {first_below_zero(r)} |")
+    out += ["", "Provenance (the command that started each run):", ""]
+    out += [f"* {os.path.basename(r['run'])}: {rundir.provenance_summary(r['run'])}" for runs in results.values() for r in runs]
     target = float(np.mean([r["log_ppl"] for r in results[PAPER_ARM]]))
     out += ["", f"Matched loss (rule 3): the {PAPER_ARM} arm ends at held-out PPL {target:.2f} (train.py's evaluation, "
             f"mean of its seeds). Where the other arms' runs reach that PPL:", "",

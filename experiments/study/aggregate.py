@@ -174,6 +174,10 @@ def main(argv=None):
         n = theory.seeds_for_power(std / mean, PAPER_ONE_LAYER)
         print(f"seeds a side for 80 % power (two-sided, 5 %) against the paper's one-layer difference "
               f"(+{100 * PAPER_ONE_LAYER:.2f} % PPL) at Vanilla-16L's spread ({100 * std / mean:.2f} %): {n}")
+    print("\nprovenance (the command that started each run):")
+    for run in sorted(os.listdir(STUDY)):
+        if os.path.isfile(rundir.file(os.path.join(STUDY, run), rundir.MODEL_CONFIG)):
+            print(f"{run}: {rundir.provenance_summary(os.path.join(STUDY, run))}")
     if args.fig:
         overview_figure(args.fig)
 

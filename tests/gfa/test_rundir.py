@@ -163,3 +163,24 @@ def test_failed_write_keeps_the_previous_file_and_no_temporary(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", f"ckpt.pt.tmp{os.getppid()}"] and torch.load(path) == {"a": 2}
     rundir.atomic_write_text("x", str(tmp_path / "sub" / "t.md"))   # makes the folder
     assert (tmp_path / "sub" / "t.md").read_text() == "x"
+
+
+def test_provenance_records_every_invocation_and_summarises_the_first(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    assert rundir.provenance_summary(run).startswith("not recorded")
+    monkeypatch.setenv("GFA_COMMIT", "0123456789abcdef")
+    rundir.start_run(run, "gpt", {"n_layer": 2})
+    rundir.record_invocation(run, ["train.py", "--init_from=resume"])
+    record = rundir.read_provenance(run)
+    assert [i["commit"] for i in record["invocations"]] == ["0123456789abcdef"] * 2
+    assert record["invocations"][1]["argv"] == ["train.py", "--init_from=resume"]
+    assert rundir.provenance_summary(run).startswith("commit 0123456789: ")
+    assert rundir.provenance_summary(run).endswith("(+1 resume)")
+    rundir.start_run(run, "gpt", {"n_layer": 2}, overwrite=True)   # a replaced run starts a new record
+    assert len(rundir.read_provenance(run)["invocations"]) == 1
+
+
+def test_provenance_reads_git_without_the_override(monkeypatch):
+    monkeypatch.delenv("GFA_COMMIT", raising=False)
+    v = rundir.code_version()
+    assert v["commit"] == "unknown" or (len(v["commit"]) == 40 and v["dirty"] in (True, False))
