@@ -218,7 +218,7 @@ def test_run_directory(tmp_path):
     """The files train.py leaves (gfa/rundir.py's contract): the architecture once, in model_config.json;
     the training settings without model keys; the default out_dir from the config files' names."""
     _, out = run(tmp_path, "a", "--max_iters=2")
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "grad_norms.npz", "log.txt", "model_config.json"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "grad_norms.npz", "log.txt", "model_config.json", "provenance.json"]
     kind, mc = rundir.read_model_config(out)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert kind == ckpt["kind"] == "gpt" and mc["n_layer"] == 3 and "model_config" not in ckpt
@@ -252,7 +252,7 @@ def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
         os.makedirs(os.path.dirname(os.path.join(out, f)), exist_ok=True)
         open(os.path.join(out, f), "w").close()
     train.main(TINY + [f"--out_dir={out}", "--max_iters=2", "--overwrite=True"])
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "grad_norms.npz", "log.txt", "model_config.json"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "grad_norms.npz", "log.txt", "model_config.json", "provenance.json"]
 
 
 def test_resuming_a_run_of_an_earlier_version_brings_it_up_to_date(tmp_path):
