@@ -2,7 +2,7 @@
 # taper steps keep the paper's ratios), GPT-2 BPE vocabulary, ~50-120M params. A scale sets the
 # widths and the training budget; a variant after it sets the model (its layers and tapers):
 #   python train.py config/small.py config/cascade_a2.py          # -> out/small_cascade_a2
-# Data: a 100M-token Dolma slice (README: Data), or any corpus in GPT-2 tokens via --data_dir=...
+# Data: a 100M-token Dolma slice (docs/data.md), or any corpus in GPT-2 tokens via --data_dir=...
 
 dataset = 'dolma_100m'
 

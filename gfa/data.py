@@ -3,7 +3,7 @@ Token data: nanoGPT-style uint16 files, the training batch of (seed, step), the 
 
 A dataset is a folder holding train.bin and val.bin (uint16 token ids, EOT between documents):
 `dataset=NAME` is this repository's data/NAME/, `data_dir=PATH` any folder. The recipes that
-make them are under data/ (README: Data).
+make them are under data/ (docs/data.md).
 """
 import importlib.util
 import os
@@ -48,7 +48,7 @@ def prepare_builtin(dataset, data_dir=""):
 def load_tokens(path, vocab_size=None):
     """A uint16 token file as a read-only memmap, checked against the vocabulary."""
     if not os.path.isfile(path):
-        raise UserError(f"data file {path} does not exist (run the dataset's prepare.py first, see README: Data)")
+        raise UserError(f"data file {path} does not exist (run the dataset's prepare.py first, see docs/data.md)")
     if os.path.getsize(path) < 4:
         raise UserError(f"data file {path} is empty")
     data = np.memmap(path, dtype=np.uint16, mode="r")

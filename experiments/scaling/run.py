@@ -125,7 +125,7 @@ def check_args(args):
         raise UserError(f"--resume_at={args.resume_at}: must be in 1..steps-1 (or 0: no kill-and-resume check)")
     data = args.data_dir
     if not data or not all(os.path.isfile(os.path.join(data, f)) for f in ("train.bin", "val.bin")):
-        raise UserError(f"--data_dir={data!r}: give a dataset folder with train.bin and val.bin (README: Data)")
+        raise UserError(f"--data_dir={data!r}: give a dataset folder with train.bin and val.bin (docs/data.md)")
 
 
 # ---- running train.py --------------------------------------------------------------------------

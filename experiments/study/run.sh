@@ -4,7 +4,7 @@
 #   bash experiments/study/run.sh <variant> <seed> <data_dir> <mc.jsonl> <dest> [--key=value ...]
 #
 # trains config/small.py config/<variant>.py for 3000 steps of 32 x 1024 tokens (98.3M tokens, ~4.1
-# passes over the 24M-token minipile corpus, README: Data), then fanin.py (share vs theory and
+# passes over the 24M-token minipile corpus, docs/data.md), then fanin.py (share vs theory and
 # importance; with --baseline=<run> for an intervention) and, for vanilla_16l, prune.py (Table 1 for
 # this seed, combined over seeds later with prune.py --combine); for vanilla_16l and layerskip also the
 # early-exit curve (prune.py --exits, into <run>/exits; EXITS=0 skips it, ~40 s of an H200). Extra --key=value
@@ -37,7 +37,7 @@ python fanin.py "$run" ${FANIN_BASELINE:+--baseline "$FANIN_BASELINE"}
 if [ "$variant" = vanilla_16l ] && [ -z "${TAG:-}" ]; then
     python prune.py --runs "$run" --k 1,2,4,6,8 --hellaswag "$mc" --calib_batches 32 --out "$run/prune"
 fi
-if { [ "$variant" = vanilla_16l ] || [ "$variant" = layerskip ]; } && [ "${EXITS:-1}" != 0 ]; then   # README: Early exit
+if { [ "$variant" = vanilla_16l ] || [ "$variant" = layerskip ]; } && [ "${EXITS:-1}" != 0 ]; then   # docs/pruning.md: early exit
     python prune.py --runs "$run" --exits --hellaswag "$mc" --out "$run/exits"
 fi
 mkdir -p "$dest/$name"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Extended Table 1 (README: Pruning) on the small study's Vanilla-16L seeds: the paper's four methods and
+# Extended Table 1 (docs/pruning.md) on the small study's Vanilla-16L seeds: the paper's four methods and
 # Block Influence and SLEB, held-out PPL and the in-house multiple-choice scorer, every pruned model healed
 # for HEAL_TOKENS tokens and measured again, the physically pruned models timed with bench.py (on the first
 # seed only: speed depends on the architecture, not the seed), then one table over the seeds.
@@ -10,7 +10,7 @@
 # held-out loss on 10 batches only: the table's numbers come from prune.py's evaluation of the healed model.
 # One prune.py call per seed, into <run>/prune_extended, skipped when its results.json exists; re-run the
 # script after an interruption (a device call's time limit): a seed half-way through heals only the models
-# it had not finished (their healed.json, README: Healing). Then prune.py --combine writes <dest>, with
+# it had not finished (their healed.json, docs/pruning.md: healing). Then prune.py --combine writes <dest>, with
 # bench.py's tables in <dest>/speed.
 # K (default 2,4,8), HEAL_TOKENS (default 5e6), TASKS=piqa,... and INCLUDE=<folder of lm-eval task YAMLs>
 # (lm-eval installed) change it. SPEED=0 times nothing: for a seed pruned while the GPU is busy with other

@@ -1,4 +1,4 @@
-"""The taper comparison's table and plot (README: taper.py): held-out perplexity of small runs over seeds
+"""The taper comparison's table and plot (docs/tapers.md): held-out perplexity of small runs over seeds
 against the bf16 forward latency of the same profiles at the paper's size (bench.py's JSON).
 
     python experiments/taper/compare.py experiments/taper/runs/small_*_s* --bench out/bench/taper_bf16.json --out experiments/taper
