@@ -169,6 +169,8 @@ def set_allocator(device):
     for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         if var in os.environ:
             return f"allocator: {var}={os.environ[var]} (yours)"
+    if torch.cuda.is_initialized():   # train.main called in a process that already uses the GPU (tests)
+        return "allocator: as this process started CUDA (PYTORCH_CUDA_ALLOC_CONF not set)"
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     return ("allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (train.py's default against fragmentation; "
             "set the variable to choose another)")

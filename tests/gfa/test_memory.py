@@ -159,6 +159,13 @@ def test_fit_picks_the_largest_micro_batch_that_fits_and_is_deterministic():
     assert memory.fit(cfg, s, 64, memory.GIB) is None
 
 
+def test_the_plan_lines_are_what_bench_reads():
+    from gfa.benchmark import read_train_log
+    p = memory.plan(GPTConfig(n_layer=16), S(micro=8))
+    lines = memory.describe(p, 80 * memory.GIB, 2048)
+    assert read_train_log("\n".join(lines))["plan_gib"] == pytest.approx(p.peak / memory.GIB, abs=0.05)
+
+
 def test_advice_names_changes_that_fit():
     """The paper's command on one 80 GiB GPU with 64 sequences a micro-step does not fit; what the advice
     names does, by the plan."""
