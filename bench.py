@@ -602,11 +602,10 @@ def train_markdown(rows, ref):
 # item:dtype:variant:micro. variant: plain (one process), ddp (torchrun, one rank), ckpt (activation checkpointing),
 # fsdp (--parallel=fsdp, one process);
 # micro: auto, a number, or half (half of what auto picked for the same item, dtype and variant)
-MEMORY_SET = ["small/vanilla_16l:float32:plain:auto", "small/vanilla_16l:bfloat16:plain:auto",
-              "small/vanilla_16l:float32:ddp:auto", "small/vanilla_16l:float32:ckpt:auto",
-              "small/vanilla_16l:bfloat16:fsdp:auto",
+MEMORY_SET = ["small/vanilla_16l:float32:ddp:auto", "small/vanilla_16l:bfloat16:ckpt:auto",
               "vanilla_16l:bfloat16:plain:auto", "vanilla_16l:bfloat16:plain:half",
-              "vanilla_16l:float32:plain:auto", "vanilla_16l:float32:plain:half"]
+              "vanilla_16l:float32:plain:auto", "vanilla_16l:float32:plain:half",
+              "small/vanilla_16l:bfloat16:fsdp:auto", "small/vanilla_16l:float32:plain:auto"]
 
 
 def memory_row(spec, args, data, picked):
@@ -624,7 +623,7 @@ def memory_row(spec, args, data, picked):
              "--learning_rate=0.0", "--min_lr=0.0", "--warmup_iters=0", "--always_save_checkpoint=False",
              f"--micro_batch={micro}", f"--activation_checkpointing={variant == 'ckpt'}",
              f"--parallel={'fsdp' if variant == 'fsdp' else 'ddp'}"]
-    log, row["wall_s"] = run_train(files + flags, torchrun=variant == "ddp")
+    log, row["wall_s"] = run_train(files + flags, torchrun=variant == "ddp", timeout=300)
     row.update({k: log[k] for k in ("plan_gib", "micro", "accum", "error")})
     timed = [s for i, s in log["steps"].items() if i >= 2]
     if log["steps"]:

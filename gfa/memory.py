@@ -25,7 +25,8 @@ width and FFN width, its heads):
                copies of the matmul weights are saved as well (2 bytes a weight). Activation
                checkpointing keeps only each block's input (4d) and recomputes one block at a time.
   transient    the LM head's logits and their gradient, 2NVe compiled (eager 12NV, +2NV under
-               bf16: the fp32 log-softmax, its gradient and the logits' gradient); with fused_ce a
+               bf16: the fp32 log-softmax, its gradient and the logits' gradient; eager also under FSDP,
+               whose root is not compiled, and for deep supervision's exits); with fused_ce a
                chunk's, chunk x V x (2e + 8), while each loss keeps its grad_x and fp32 grad_W.
 Outside torch's allocator (what torch.cuda.max_memory_allocated does not see): the CUDA context,
 cuBLAS/NCCL workspaces: CONTEXT_GIB (+ NCCL_GIB with a process group of more than one rank).
@@ -170,8 +171,10 @@ def head_transient(cfg, s, N, e):
     work = 8 * N * cfg.d_model + 4 * V * cfg.d_model   # the head's backward: grad_x in fp32, a fresh grad_W
     eager = 12 * N * V + (2 * N * V if e == 2 else 0) + work
     compiled = 2 * N * V * e + work
-    # deep supervision's exits are checkpointed regions, traced apart from the rest: count them as eager
-    return (compiled if s.compile and not cfg.deep_supervision else eager), N * V
+    # eager where the loss is not in a compiled graph: deep supervision's exits (checkpointed regions, traced
+    # apart) and FSDP's root (gfa/sharding.py compiles the blocks only)
+    whole = s.compile and not cfg.deep_supervision and s.parallel != "fsdp"
+    return (compiled if whole else eager), N * V
 
 
 def divisors(n):
