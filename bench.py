@@ -768,8 +768,8 @@ def parse(argv):
     if a.mode == "memory":
         for spec in a.specs:
             parts = spec.split(":")
-            if len(parts) != 4 or parts[1] not in DTYPES.values() or parts[2] not in ("plain", "ddp", "ckpt", "fsdp") or not (
-                    parts[3] in ("auto", "half") or parts[3].isdigit()):
+            if len(parts) != 4 or parts[1] not in DTYPES.values() or parts[2] not in ("plain", "ddp", "ckpt", "fsdp") \
+                    or not (parts[3] in ("auto", "half") or parts[3].isdigit()):
                 raise UserError(f"--specs {spec!r}: give item:dtype:variant:micro, e.g. vanilla_16l:bfloat16:plain:auto "
                                 f"(variant plain, ddp, ckpt or fsdp; micro auto, half or a number)")
             resolve(parts[0])

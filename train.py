@@ -8,10 +8,13 @@ Train a CascadeFormer / GFA model and dump its per-layer gradient norms.
     torchrun --nproc_per_node=8 train.py config/cascade_a2.py --parallel=fsdp   # sharded (FSDP2, gfa/sharding.py)
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 train.py \
         config/cascade_a2.py                                       # ... and node_rank=1 on the second node
+    python train.py config/cascade_a2.py --plan --world_size=8 --gpu_mem_gb=80   # memory per GPU; no GPU needed
 
 Defaults below are the paper's Table 5 and the 1.2B model; config files and --key=value override
 them (every GPTConfig field is a key too, e.g. --F_d=2). batch_size is the GLOBAL batch in
-sequences per optimizer step; it is split over world_size x gradient_accumulation_steps.
+sequences per optimizer step; it is split over the ranks x gradient_accumulation_steps. On a GPU,
+micro_batch='auto' picks the largest micro-batch the memory plan (gfa/memory.py) fits in the free
+memory and the accumulation that keeps the global batch; every run's log opens with that plan.
 out_dir defaults to out/<the config files' names joined by _>, e.g. out/small_cascade_a2.
 
 Writes the run directory out_dir (gfa/rundir.py documents it): model_config.json, ckpt.pt
@@ -69,7 +72,7 @@ allow_changes = ""             # resume: settings allowed to differ from the che
 seed = 324709                  # model init and the training batches of every step
 batch_size = 64                # global sequences per optimizer step (x block_size tokens)
 gradient_accumulation_steps = 1  # micro-steps per optimizer step (same global batch); set, it fixes micro_batch
-micro_batch = "auto"           # sequences per GPU per micro-step: 'auto' = the largest the memory plan fits (GPU; CPU: 1 step)
+micro_batch = "auto"           # sequences per GPU per micro-step: 'auto' = the largest the memory plan fits (CPU: 1 step)
 max_iters = 53400              # one epoch of 7B tokens at 64 x 2048
 stop_iter = 0                  # > 0: stop (and checkpoint) there, schedule unchanged, as if interrupted
 stop_after_min = 0.0           # > 0: the same stop at the first log line after this many minutes (a job's time limit)
@@ -101,7 +104,7 @@ always_save_checkpoint = True  # False: only save when val loss improves
 wandb_log = False              # log to Weights & Biases (needs the wandb package)
 wandb_project = "cascadeformer"  # its project
 wandb_run_name = ""             # its run name ('' = wandb's)
-plan = False                   # True (or --plan): print the per-GPU memory plan and what fits, then exit (no GPU needed)
+plan = False                   # True (or --plan): print the per-GPU memory plan and what fits, then exit (no GPU used)
 world_size = 0                 # --plan: GPUs to plan for (0 = torchrun's WORLD_SIZE, else 1)
 gpu_mem_gb = 0.0               # GiB per GPU for the plan and micro_batch='auto' (0 = the GPU's; --plan without one: 80)
 _DEFAULTS = {k: v for k, v in globals().items() if k not in _before and not k.startswith("_")}
@@ -458,7 +461,9 @@ def main(argv):
         line = stop_line(e, loop.where, cfg, model_cfg, mem_setting, gpu_bytes)
         if line is None:
             raise
-        log(f"error: {line}")
+        if log.file:   # the log records how the run ended; the terminal gets the line once, from cli()
+            log.file.write(f"error: {line}\n")
+            log.file.flush()
         raise UserError(line) from None
     log.close()
     del loop, model, eval_model   # DDP's reducer must go before its process group (see teardown)

@@ -31,7 +31,6 @@ width and FFN width, its heads):
 Outside torch's allocator (what torch.cuda.max_memory_allocated does not see): the CUDA context,
 cuBLAS/NCCL workspaces: CONTEXT_GIB (+ NCCL_GIB with a process group of more than one rank).
 """
-import math
 from dataclasses import dataclass, replace
 
 GIB = 2 ** 30
@@ -201,7 +200,8 @@ def describe(p, gpu_bytes, block_size):
     s = p.setting
     opt = {"adamw": "AdamW", "sgd": "SGD"}[s.optimizer]
     shard = f" (1/{s.world} each: fsdp)" if s.parallel == "fsdp" else ""
-    lines = [f"memory plan per GPU ({s.micro} x {block_size} tokens per micro-step x {s.accum} accumulation, {s.dtype}, "
+    lines = [f"memory plan per GPU ({s.micro} x {block_size} tokens per micro-step x {s.accum} accumulation, "
+             f"{s.dtype}, "
              + {"none": "one process", "ddp": f"ddp x {s.world}", "fsdp": f"fsdp x {s.world}"}[s.parallel]
              + (", compiled" if s.compile else ", eager") + (", activation checkpointing" if s.activation_checkpointing
                                                             else "") + (", fused_ce" if s.fused_ce else "") + "):",
@@ -215,9 +215,10 @@ def describe(p, gpu_bytes, block_size):
 
 
 def alternatives(cfg, s, per_rank, gpu_bytes):
-    """What fits instead, cheapest change first: [(settings to pass, the plan's need)]: the micro-batch
-    alone, then activation checkpointing, parallel=fsdp (several ranks), bfloat16, and their sums."""
-    out = []
+    """What fits instead (with micro_batch='auto's headroom), cheapest change first: [(settings to pass, the
+    plan's need)]: the micro-batch alone, then activation checkpointing, parallel=fsdp (several ranks),
+    bfloat16, and their sums."""
+    out, budget = [], int(gpu_bytes * (1 - HEADROOM))
     changes = [{}, {"activation_checkpointing": True}]
     if s.world > 1 and s.parallel != "fsdp":
         changes += [{"parallel": "fsdp"}, {"parallel": "fsdp", "activation_checkpointing": True}]
@@ -227,7 +228,7 @@ def alternatives(cfg, s, per_rank, gpu_bytes):
         if any(getattr(s, k) == v for k, v in change.items()):
             continue
         t = replace(s, **change)
-        m = fit(cfg, t, per_rank, gpu_bytes, below=None if change else s.micro)
+        m = fit(cfg, t, per_rank, budget, below=None if change else s.micro)
         if m is not None:
             best = plan(cfg, replace(t, micro=m, accum=per_rank // m))
             args = [f"--{k}={v}" for k, v in change.items()] + [f"--micro_batch={m}"]

@@ -590,7 +590,8 @@ def test_auto_micro_batch_on_a_gpu_is_the_plans_and_an_explicit_setting_wins():
     cfg = base | {"gradient_accumulation_steps": 2}
     assert train.fit_micro_batch(cfg, {"gradient_accumulation_steps"}, model_cfg, gpu, 32)[0] == 32
     cfg = base | {"micro_batch": 2}
-    assert train.fit_micro_batch(cfg, {"micro_batch"}, model_cfg, gpu, 64)[0] == 2 and cfg["gradient_accumulation_steps"] == 32
+    assert train.fit_micro_batch(cfg, {"micro_batch"}, model_cfg, gpu, 64)[0] == 2
+    assert cfg["gradient_accumulation_steps"] == 32
 
 
 def snapshot(run_dir):
