@@ -53,7 +53,7 @@ from gfa.benchmark import (CpuEvent, build, build_hf, compiled, copy_bandwidth, 
                            first_call, free, item_params, load_config, one_line, profile, random_tokens, resolve,
                            run_train, set_dtype, stats, time_calls, uniform, uses_cudagraphs)
 from gfa.cli import ArgumentParser, UserError, cli, int_list
-from gfa.data import eval_batches, load_tokens, run_dataset_dir
+from gfa.data import REPO, eval_batches, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, peak_flops, pick_device, sync
 from gfa.training import GradStep, adamw, clip_coef, scaled_step, teardown
 from model import GPT, cross_entropy
@@ -668,7 +668,7 @@ def memory_main(args, argv):
         raise UserError("--mode memory measures GPU memory: it needs a CUDA GPU")
     dev_name = torch.cuda.get_device_name(0)
     rows, picked, t0 = [], {}, time.time()
-    data = random_tokens(os.path.join(args.cache_dir or "out/bench", "memory_data"), 50257)
+    data = random_tokens(os.path.join(REPO, "out/bench/memory_data"), 50257)
     print(f"bench memory on {dev_name}, torch {torch.__version__}: {len(args.specs)} train.py runs", flush=True)
     for spec in args.specs:
         if args.deadline and time.time() - t0 > args.deadline:
@@ -786,13 +786,13 @@ def parse(argv):
 
 def main(argv):
     args = parse(argv)
-    if args.mode == "memory":
-        return memory_main(args, argv)
     device = torch.device(args.device)
-    if args.cache_dir:
+    if args.cache_dir:   # (memory: the train.py runs inherit it)
         os.makedirs(args.cache_dir, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(args.cache_dir)
         os.environ["TRITON_CACHE_DIR"] = os.path.join(os.path.abspath(args.cache_dir), "triton")
+    if args.mode == "memory":
+        return memory_main(args, argv)
     if args.compile in ("max-autotune", "max-autotune-no-cudagraphs") and len(args.items) > 2:
         print("note: max-autotune benchmarks every GEMM shape; expect minutes per model", flush=True)
     if args.sdpa != "auto" and args.mode != "decode":   # decode masks the cache: leave it to PyTorch

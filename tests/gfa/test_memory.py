@@ -164,6 +164,9 @@ def test_the_plan_lines_are_what_bench_reads():
     p = memory.plan(GPTConfig(n_layer=16), S(micro=8))
     lines = memory.describe(p, 80 * memory.GIB, 2048)
     assert read_train_log("\n".join(lines))["plan_gib"] == pytest.approx(p.peak / memory.GIB, abs=0.05)
+    # a GPU step line as train.py's Loop.log_step writes it (the CPU's, without peak mem: tests/test_train.py)
+    gpu = "step 7 | loss 9.1234 | lr 2.00e-04 | grad norm 1.2345 | 246.1 ms/step | 66,565 tok/s | MFU 50.2% | peak mem 45.50 GiB"
+    assert read_train_log(gpu)["steps"] == {7: {"ms": 246.1, "tok_s": 66565.0, "mfu": "50.2%", "peak_gib": 45.5}}
 
 
 def test_advice_names_changes_that_fit():
