@@ -268,9 +268,11 @@ def stop_line(e, where, cfg, model_cfg, setting, gpu):
     kept = rundir.kept(cfg["out_dir"])
     if memory.is_oom(e):
         p = memory.plan(model_cfg, setting)
+        evaluating = where.startswith("the evaluation")   # its batch is eval_batch_size, not the micro-batch
         return (f"CUDA out of memory in {where}: the memory plan puts this run at {memory.gib(p.need)} per GPU of "
-                f"{memory.gib(gpu)}; " + memory.advice(model_cfg, setting, setting.micro * setting.accum, gpu)
-                + f"; stopped ({kept})")
+                f"{memory.gib(gpu)}; " + (f"a smaller --eval_batch_size (now {setting.eval_batch}) fits, or "
+                                          if evaluating else "") + memory.advice(
+                    model_cfg, setting, setting.micro * setting.accum, gpu) + f"; stopped ({kept})")
     if memory.is_compile_failure(e):
         inner = getattr(e, "inner_exception", None) or e
         n = setting.micro * model_cfg.block_size * model_cfg.vocab_size

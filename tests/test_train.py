@@ -628,7 +628,7 @@ def test_a_step_that_does_not_fit_or_compile_ends_in_one_line_and_keeps_the_run(
     else:
         where = "the evaluation at step 4" if failure == "oom_eval" else "training step 2"
         assert line.startswith(f"error: CUDA out of memory in {where}: the memory plan puts this run at ")
-        assert "fits: --micro_batch=" in line
+        assert "fits: --micro_batch=" in line and ("--eval_batch_size" in line) == (failure == "oom_eval")
     assert f"the last good checkpoint {out}/ckpt.pt is kept" in line
     after = snapshot(out)
     assert after.keys() == before.keys()
