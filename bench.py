@@ -12,6 +12,8 @@ Latency, throughput and TFLOP/s of the paper's models (Table 2), decode speed, t
     python bench.py --mode train vanilla_16l --fsdp         # ... and the step under FSDP (train.py --parallel=fsdp)
     python bench.py --mode train vanilla_16l --fused_ce     # ... and the step with train.py's fused_ce=True
     python bench.py tiny/vanilla_16l --device cpu --runs 5  # CPU, tiny configs (tests)
+    python bench.py --mode memory --out out/bench/memory.json   # train.py's memory plan against its measured peak,
+                                                     # micro_batch='auto' against hand-picked ones (~8 min, H100)
 
 Configs are variant names under config/ (vanilla_16l, cascade_a2: the paper's 1.2B scale),
 SCALE/VARIANT for another scale (small/cascade_a2 = config/small.py + config/cascade_a2.py),
@@ -37,6 +39,8 @@ A100's 19.5 TFLOP/s fp32 peak, so its matmuls must have run in TF32: compare its
 """
 import functools
 import os
+import shutil
+import statistics
 import time
 import traceback
 from contextlib import nullcontext
@@ -46,10 +50,10 @@ import torch
 
 from gfa import rundir, sharding
 from gfa.benchmark import (CpuEvent, build, build_hf, compiled, copy_bandwidth, cost_tflop, decode_bytes_per_step,
-                           first_call, free, item_params, one_line, profile, resolve, set_dtype, stats, time_calls,
-                           uniform, uses_cudagraphs)
+                           first_call, free, item_params, load_config, one_line, profile, random_tokens, resolve,
+                           run_train, set_dtype, stats, time_calls, uniform, uses_cudagraphs)
 from gfa.cli import ArgumentParser, UserError, cli, int_list
-from gfa.data import eval_batches, load_tokens, run_dataset_dir
+from gfa.data import REPO, eval_batches, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, peak_flops, pick_device, sync
 from gfa.training import GradStep, adamw, clip_coef, scaled_step, teardown
 from model import GPT, cross_entropy
@@ -594,26 +598,119 @@ def train_markdown(rows, ref):
     return "\n".join(lines)
 
 
+# ---- memory: train.py's plan against its measured peak; micro_batch='auto' against hand-picked ----------
+# item:dtype:variant:micro. variant: plain (one process), ddp (torchrun, one rank), ckpt (activation checkpointing),
+# fsdp (--parallel=fsdp, one process);
+# micro: auto, a number, or half (half of what auto picked for the same item, dtype and variant)
+MEMORY_SET = ["small/vanilla_16l:float32:ddp:auto", "small/vanilla_16l:bfloat16:ckpt:auto",
+              "vanilla_16l:bfloat16:plain:auto", "vanilla_16l:bfloat16:plain:half",
+              "vanilla_16l:float32:plain:auto", "vanilla_16l:float32:plain:half",
+              "small/vanilla_16l:bfloat16:fsdp:auto", "small/vanilla_16l:float32:plain:auto"]
+
+
+def memory_row(spec, args, data, picked):
+    """One train.py run (a subprocess, as a user runs it: compiled, the default allocator setting) on random
+    tokens: args.runs steps of global batch args.batch, lr 0 (nothing to save); the plan's peak against
+    torch.cuda.max_memory_allocated from its log, and the median step time from step 2 on."""
+    item, dtype, variant, micro = spec.split(":")
+    if micro == "half":
+        micro = str(max(1, picked.get((item, dtype, variant), 2) // 2))
+    name, files, _ = resolve(item)
+    row = {"config": name, "model": pretty(name), "dtype": dtype, "variant": variant, "requested": micro,
+           "batch": args.batch}
+    flags = [f"--data_dir={data}", f"--out_dir={os.path.join(data, 'run')}", "--overwrite=True", f"--dtype={dtype}",
+             f"--batch_size={args.batch}", f"--max_iters={args.runs}", "--eval_iters=1", "--log_interval=1",
+             "--learning_rate=0.0", "--min_lr=0.0", "--warmup_iters=0", "--always_save_checkpoint=False",
+             f"--micro_batch={micro}", f"--activation_checkpointing={variant == 'ckpt'}",
+             f"--parallel={'fsdp' if variant == 'fsdp' else 'ddp'}"]
+    log, row["wall_s"] = run_train(files + flags, torchrun=variant == "ddp", timeout=300)
+    row.update({k: log[k] for k in ("plan_gib", "micro", "accum", "error")})
+    timed = [s for i, s in log["steps"].items() if i >= 2]
+    if log["steps"]:
+        row["measured_gib"] = max(s["peak_gib"] or 0 for s in log["steps"].values())
+    if row.get("measured_gib") and row["plan_gib"]:
+        row["plan_error_pct"] = 100 * (row["plan_gib"] / row["measured_gib"] - 1)
+    if timed:
+        row["ms_step"] = statistics.median(s["ms"] for s in timed)
+        row["tok_s"] = args.batch * load_config(item).block_size / (row["ms_step"] / 1e3)
+        row["mfu"] = timed[-1]["mfu"]
+    if micro == "auto" and row["micro"]:
+        picked[(item, dtype, variant)] = row["micro"]
+    shutil.rmtree(os.path.join(data, "run"), ignore_errors=True)
+    return row
+
+
+def memory_markdown(rows):
+    lines = ["| model | dtype | variant | micro-batch | plan peak GiB | measured GiB | plan error | ms/step | tok/s | MFU "
+             "| vs best of its group |", "|" + "---|" * 11]
+    best = {}
+    for r in rows:   # throughput: each run against the fastest of the same model, dtype and variant
+        if r.get("tok_s"):
+            key = (r["config"], r["dtype"], r["variant"])
+            best[key] = max(best.get(key, 0), r["tok_s"])
+    for r in rows:
+        if r.get("error") and not r.get("tok_s"):
+            lines.append(f"| {r['model']} | {r['dtype']} | {r['variant']} | {r['requested']} | "
+                         f"{fmt(r.get('plan_gib'), '.2f')} | | | {r['error']} | | | |")
+            continue
+        rel = 100 * (r["tok_s"] / best[(r["config"], r["dtype"], r["variant"])] - 1) if r.get("tok_s") else None
+        micro = f"{r['micro']} x {r['accum']}" + (" (auto)" if r["requested"] == "auto" else "")
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['variant']} | {micro} | {fmt(r.get('plan_gib'), '.2f')} | "
+                     f"{fmt(r.get('measured_gib'), '.2f')} | {fmt(r.get('plan_error_pct'), '+.1f')}{' %' * ('plan_error_pct' in r)} | "
+                     f"{fmt(r.get('ms_step'), '.1f')} | {fmt(r.get('tok_s'), ',.0f')} | {r.get('mfu', '')} | "
+                     f"{fmt(rel, '+.1f')}{' %' * (rel is not None)} |")
+    return "\n".join(lines)
+
+
+def memory_main(args, argv):
+    """bench.py --mode memory: MEMORY_SET (or --specs), each a train.py run; the table, and --out."""
+    if not args.device.startswith("cuda"):
+        raise UserError("--mode memory measures GPU memory: it needs a CUDA GPU")
+    dev_name = torch.cuda.get_device_name(0)
+    rows, picked, t0 = [], {}, time.time()
+    data = random_tokens(os.path.join(REPO, "out/bench/memory_data"), 50257)
+    print(f"bench memory on {dev_name}, torch {torch.__version__}: {len(args.specs)} train.py runs", flush=True)
+    for spec in args.specs:
+        if args.deadline and time.time() - t0 > args.deadline:
+            rows.append({"model": spec, "dtype": "", "variant": "", "requested": "", "error": "skipped: --deadline"})
+            continue
+        rows.append(memory_row(spec, args, data, picked))
+        r = rows[-1]
+        print(f"  {spec}: micro {r.get('micro')} x {r.get('accum')}, plan {r.get('plan_gib')} GiB, measured "
+              f"{r.get('measured_gib')} GiB, {fmt(r.get('ms_step'), '.1f')} ms/step ({r['wall_s']:.0f} s)"
+              + (f"; {r['error']}" if r.get("error") else ""), flush=True)
+    md = memory_markdown(rows)
+    print("\n" + md)
+    if args.out:
+        meta = {"mode": "memory", "device": dev_name, "torch": torch.__version__, "command": "python bench.py " +
+                " ".join(argv), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        rundir.atomic_write_json({"meta": meta, "rows": rows}, args.out, indent=1, default=str)
+        rundir.atomic_write_text(f"memory on {dev_name}, torch {torch.__version__}, {meta['date']}\n\n"
+                                 f"`{meta['command']}`\n\n{md}\n", os.path.splitext(args.out)[0] + ".md")
+    return rows
+
+
 # ---- main -----------------------------------------------------------------------------------
 def parse(argv):
     p = ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("configs", nargs="*", help="config names/paths or checkpoints (default: Table 2's 11 configs; "
                    "train: vanilla_16l)")
-    p.add_argument("--mode", choices=["inference", "decode", "train"], default="inference",
+    p.add_argument("--mode", choices=["inference", "decode", "train", "memory"], default="inference",
                    help="inference: Table 2's forward; decode: KV-cache generation; train: optimizer steps")
     p.add_argument("--ckpt", action="append", default=[], help="a run directory to time (repeatable)")
     p.add_argument("--dtype", default="bfloat16", help="comma list of float32, tf32, bfloat16 (fp32/bf16 too)")
     p.add_argument("--bf16", choices=["cast", "autocast"], default="cast", help="inference/decode bf16: cast the "
                    "weights (default) or autocast over fp32 weights; training always autocasts")
-    p.add_argument("--batch", default=None, help="default 1 (inference, decode), 8 (train); decode: a comma list, "
-                   "e.g. 1,16 (a row each)")
+    p.add_argument("--batch", default=None, help="default 1 (inference, decode), 8 (train), 16 (memory: the global "
+                   "batch of each train.py run); decode: a comma list, e.g. 1,16 (a row each)")
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (inference, train)")
     p.add_argument("--compile", choices=MODES + ["eager"], default=None,
                    help="torch.compile mode; default: 'default' on CUDA (decode: reduce-overhead), none on CPU")
     p.add_argument("--no_fullgraph", action="store_true", help="allow graph breaks (default fullgraph=True)")
     p.add_argument("--warmup", type=int, default=None, help="default 10 (inference), 3 (decode, train)")
     p.add_argument("--runs", type=int, default=None, help="timed runs: default 100 (inference), 10 generations "
-                   "(decode), 20 steps per variant (train)")
+                   "(decode), 20 steps per variant (train), 6 train.py steps (memory)")
     p.add_argument("--rounds", type=int, default=4, help="train: variants interleaved in this many rounds")
     p.add_argument("--grad_clip", type=float, default=1.0, help="train: clip norm (0 = off), as Table 5")
     p.add_argument("--prompt_len", type=int, default=128, help="decode: prompt tokens (prefilled)")
@@ -643,12 +740,14 @@ def parse(argv):
     p.add_argument("--cache_dir", default=None, help="inductor + triton on-disk cache (default: torch's)")
     p.add_argument("--deadline", type=float, default=0, help="seconds: skip models not started by then (0 = none)")
     p.add_argument("--seed", type=int, default=0, help="random weights and token ids")
+    p.add_argument("--specs", default="", help="memory: a comma list of item:dtype:variant:micro runs of train.py "
+                   "(default: bench.py's MEMORY_SET; variant plain, ddp, ckpt or fsdp; micro auto, half or a number)")
     a = p.parse_args(argv)
     a.device = pick_device(a.device)
     a.compile = "none" if a.compile == "eager" else a.compile
     if a.compile is None:
         a.compile = "none" if not a.device.startswith("cuda") else ("reduce-overhead" if a.mode == "decode" else "default")
-    defaults = {"inference": (1, 10, 100), "decode": (1, 3, 10), "train": (8, 3, 20)}[a.mode]
+    defaults = {"inference": (1, 10, 100), "decode": (1, 3, 10), "train": (8, 3, 20), "memory": (16, 0, 6)}[a.mode]
     a.batches = int_list(a.batch, "--batch", "1,16") if a.batch is not None else [defaults[0]]
     if len(a.batches) > 1 and a.mode != "decode":
         raise UserError(f"--batch {a.batch}: several batch sizes are for --mode decode; give one")
@@ -665,6 +764,16 @@ def parse(argv):
     a.draft_lens = int_list(a.draft_len, "--draft_len", "2,4")
     if a.exit_layers and (a.mode != "decode" or a.batches != [1] or not a.draft_lens):
         raise UserError("--exit_layer (self-speculative decoding) needs --mode decode, --batch 1 and a --draft_len")
+    a.specs = [s for s in a.specs.split(",") if s] or MEMORY_SET
+    if a.mode == "memory":
+        for spec in a.specs:
+            parts = spec.split(":")
+            if len(parts) != 4 or parts[1] not in DTYPES.values() or parts[2] not in ("plain", "ddp", "ckpt", "fsdp") \
+                    or not (parts[3] in ("auto", "half") or parts[3].isdigit()):
+                raise UserError(f"--specs {spec!r}: give item:dtype:variant:micro, e.g. vanilla_16l:bfloat16:plain:auto "
+                                f"(variant plain, ddp, ckpt or fsdp; micro auto, half or a number)")
+            resolve(parts[0])
+        return a
     a.items = a.configs + a.ckpt or (["vanilla_16l"] if a.mode == "train" else TABLE2)
     for it in a.items:
         resolve(it)   # fail on a typo now, not after minutes of compiling
@@ -678,10 +787,12 @@ def parse(argv):
 def main(argv):
     args = parse(argv)
     device = torch.device(args.device)
-    if args.cache_dir:
+    if args.cache_dir:   # (memory: the train.py runs inherit it)
         os.makedirs(args.cache_dir, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(args.cache_dir)
         os.environ["TRITON_CACHE_DIR"] = os.path.join(os.path.abspath(args.cache_dir), "triton")
+    if args.mode == "memory":
+        return memory_main(args, argv)
     if args.compile in ("max-autotune", "max-autotune-no-cudagraphs") and len(args.items) > 2:
         print("note: max-autotune benchmarks every GEMM shape; expect minutes per model", flush=True)
     if args.sdpa != "auto" and args.mode != "decode":   # decode masks the cache: leave it to PyTorch

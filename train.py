@@ -8,10 +8,13 @@ Train a CascadeFormer / GFA model and dump its per-layer gradient norms.
     torchrun --nproc_per_node=8 train.py config/cascade_a2.py --parallel=fsdp   # sharded (FSDP2, gfa/sharding.py)
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 train.py \
         config/cascade_a2.py                                       # ... and node_rank=1 on the second node
+    python train.py config/cascade_a2.py --plan --world_size=8 --gpu_mem_gb=80   # memory per GPU; no GPU needed
 
 Defaults below are the paper's Table 5 and the 1.2B model; config files and --key=value override
 them (every GPTConfig field is a key too, e.g. --F_d=2). batch_size is the GLOBAL batch in
-sequences per optimizer step; it is split over world_size x gradient_accumulation_steps.
+sequences per optimizer step; it is split over the ranks x gradient_accumulation_steps. On a GPU,
+micro_batch='auto' picks the largest micro-batch the memory plan (gfa/memory.py) fits in the free
+memory and the accumulation that keeps the global batch; every run's log opens with that plan.
 out_dir defaults to out/<the config files' names joined by _>, e.g. out/small_cascade_a2.
 
 Writes the run directory out_dir (gfa/rundir.py documents it): model_config.json, ckpt.pt
@@ -48,13 +51,14 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gfa import rundir, sharding
+from gfa import memory, rundir, sharding
 from gfa.cli import UserError, cli, config_name, read_config
 from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
-from gfa.device import DTYPES, autocast_for, peak_flops, percent, sync
+from gfa.device import DTYPES, autocast_for, peak_flops, percent, pick_device, sync
 from gfa.evaluation import evaluate
 from gfa.training import (FiniteGuard, GradStep, check_optimizer_settings, check_resume, check_weights, copy_weights,
                           cosine_lr, on_master, optimizer_for, restore_weights, set_lr, teardown, use_compile)
+from gfa.training import Dist
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -67,7 +71,8 @@ overwrite = False              # True: a new run may replace the run already in 
 allow_changes = ""             # resume: settings allowed to differ from the checkpoint's, e.g. "max_iters"
 seed = 324709                  # model init and the training batches of every step
 batch_size = 64                # global sequences per optimizer step (x block_size tokens)
-gradient_accumulation_steps = 1  # micro-steps per optimizer step (same global batch)
+gradient_accumulation_steps = 1  # micro-steps per optimizer step (same global batch); set, it fixes micro_batch
+micro_batch = "auto"           # sequences per GPU per micro-step: 'auto' = the largest the memory plan fits (CPU: 1 step)
 max_iters = 53400              # one epoch of 7B tokens at 64 x 2048
 stop_iter = 0                  # > 0: stop (and checkpoint) there, schedule unchanged, as if interrupted
 stop_after_min = 0.0           # > 0: the same stop at the first log line after this many minutes (a job's time limit)
@@ -99,6 +104,9 @@ always_save_checkpoint = True  # False: only save when val loss improves
 wandb_log = False              # log to Weights & Biases (needs the wandb package)
 wandb_project = "cascadeformer"  # its project
 wandb_run_name = ""             # its run name ('' = wandb's)
+plan = False                   # True (or --plan): print the per-GPU memory plan and what fits, then exit (no GPU used)
+world_size = 0                 # --plan: GPUs to plan for (0 = torchrun's WORLD_SIZE, else 1)
+gpu_mem_gb = 0.0               # GiB per GPU for the plan and micro_batch='auto' (0 = the GPU's; --plan without one: 80)
 _DEFAULTS = {k: v for k, v in globals().items() if k not in _before and not k.startswith("_")}
 # settings a resume may change freely: where output goes, how often to log and evaluate, how the same
 # global batch is computed (accumulation), the device and compiler; everything else shapes the run
@@ -106,7 +114,8 @@ _FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "allow_changes", "device
                    "eval_iters", "eval_batch_size", "log_interval", "always_save_checkpoint", "stop_iter", "stop_after_min",
                    "gradient_accumulation_steps", "wandb_log", "wandb_project", "wandb_run_name",
                    "parallel", "activation_checkpointing", "fused_ce", "fused_ce_chunk",
-                   "equalize_reference", "equalize_pilot_iters"}   # a resume reuses the recorded clip factor
+                   "equalize_reference", "equalize_pilot_iters",   # a resume reuses the recorded clip factor
+                   "micro_batch", "plan", "world_size", "gpu_mem_gb"}
 
 
 def check_settings(cfg, world):
@@ -130,9 +139,149 @@ def check_settings(cfg, world):
                         "or equalize_clip_factor=1")
     if cfg["fused_ce_chunk"] < 1:
         raise UserError(f"fused_ce_chunk={cfg['fused_ce_chunk']}: must be >= 1 (tokens per chunk of the fused loss)")
+    check_memory_settings(cfg, world)
     check_optimizer_settings(cfg)
     use_compile(cfg["compile"], "cpu")   # checks the value
     return B // (world * accum)
+
+
+# ---- memory: the plan, the micro-batch that fits, one line for what does not (gfa/memory.py) ----------------
+def check_memory_settings(cfg, world):
+    mb = cfg["micro_batch"]
+    if mb != "auto" and not (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 1):
+        raise UserError(f"micro_batch={mb!r}: use 'auto' (the largest that fits the GPU) or a number of sequences >= 1")
+    per_rank = cfg["batch_size"] // world
+    if mb != "auto" and per_rank % mb:
+        raise UserError(f"micro_batch={mb} does not divide the {per_rank} sequences each of the {world} ranks computes "
+                        f"per step (batch_size={cfg['batch_size']}): use one of {memory.divisors(per_rank)}")
+    if cfg["world_size"] < 0 or cfg["gpu_mem_gb"] < 0:
+        raise UserError("world_size and gpu_mem_gb must be >= 0 (0 = torchrun's / the GPU's)")
+
+
+def plan_flag(argv):
+    """`--plan` alone means --plan=True (the one key that is a switch on the command line)."""
+    return ["--plan=True" if a == "--plan" else a for a in argv]
+
+
+def set_allocator(device):
+    """expandable_segments:True for the CUDA caching allocator, set before CUDA starts, unless the user
+    configured the allocator: a long run's varying block sizes otherwise fragment its memory (the paper's
+    8 x 2048 fp32 step: 5.4 GiB reserved but unusable by step 2, an OOM). Returns the log line."""
+    if pick_device(device) == "cpu":
+        return None
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        if var in os.environ:
+            return f"allocator: {var}={os.environ[var]} (yours)"
+    if torch.cuda.is_initialized():   # train.main called in a process that already uses the GPU (tests)
+        return "allocator: as this process started CUDA (PYTORCH_CUDA_ALLOC_CONF not set)"
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return ("allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (train.py's default against fragmentation; "
+            "set the variable to choose another)")
+
+
+def memory_setting(cfg, micro, accum, world, parallel, compiled):
+    return memory.Setting(micro, cfg["dtype"], parallel, world, accum, compiled, cfg["activation_checkpointing"],
+                          cfg["fused_ce"], cfg["fused_ce_chunk"], cfg["optimizer"], cfg["momentum"],
+                          cfg["eval_batch_size"])
+
+
+def gpu_budget(cfg, d):
+    """(the GPU's bytes for the plan, the bytes micro_batch='auto' may plan for): --gpu_mem_gb, else the
+    device's total and its free memory now (the smallest over the ranks, so they all pick alike)."""
+    if cfg["gpu_mem_gb"]:
+        total = int(cfg["gpu_mem_gb"] * memory.GIB)
+        return total, int(total * (1 - memory.HEADROOM))
+    if d.device_type != "cuda":
+        total = int(memory.DEFAULT_GPU_GIB * memory.GIB)
+        return total, total
+    free, total = torch.cuda.mem_get_info(d.device)
+    if d.ddp:
+        box = torch.tensor([free], device=d.device)
+        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MIN)
+        free = int(box.item())
+    # the context already spent is not in `free`, but the plan's need counts it
+    return total, int(free * (1 - memory.HEADROOM)) + int(memory.CONTEXT_GIB * memory.GIB)
+
+
+def fit_micro_batch(cfg, given, model_cfg, d, micro):
+    """micro_batch='auto' on a GPU, gradient_accumulation_steps not set: the largest per-GPU micro-batch
+    the memory plan fits in the free memory, and the accumulation that keeps the global batch (the data
+    of every step is the same: get_batch draws the global batch, the micro-steps split it). An explicit
+    micro_batch or gradient_accumulation_steps wins; on a CPU 'auto' keeps gradient_accumulation_steps.
+    Sets cfg's gradient_accumulation_steps (and fused_ce, see below); returns (micro, Setting, the GPU's
+    bytes, log lines)."""
+    per_rank, T, V = cfg["batch_size"] // d.world, model_cfg.block_size, model_cfg.vocab_size
+    parallel = "fsdp" if d.sharded else "ddp" if d.ddp else "none"
+    compiled = use_compile(cfg["compile"], d.device_type)
+    total, budget = gpu_budget(cfg, d)
+    setting = memory_setting(cfg, micro, per_rank // micro, d.world, parallel, compiled)
+    notes = []
+    if cfg["micro_batch"] != "auto":
+        if "gradient_accumulation_steps" in given and cfg["micro_batch"] != micro:
+            raise UserError(f"micro_batch={cfg['micro_batch']} and gradient_accumulation_steps="
+                            f"{cfg['gradient_accumulation_steps']} disagree ({per_rank} sequences per rank): set one")
+        micro = cfg["micro_batch"]
+    elif d.device_type == "cuda" and "gradient_accumulation_steps" not in given:
+        micro = memory.fit(model_cfg, setting, per_rank, budget) or 1
+        notes.append(f"micro_batch auto: {micro} sequences per micro-step, the largest whose plan fits in "
+                     + (f"--gpu_mem_gb" if cfg["gpu_mem_gb"] else "the GPU's free memory")
+                     + f" less {memory.HEADROOM:.0%} ({memory.gib(budget)})")
+    cfg["gradient_accumulation_steps"] = per_rank // micro
+    if compiled and not cfg["fused_ce"] and "fused_ce" not in given and micro * T * V >= memory.INT32_ELEMENTS:
+        cfg["fused_ce"] = True   # torch.compile fails on such logits (BackendCompilerFailed, DOCS_NOTES.md)
+        notes.append(f"fused_ce on: a micro-step's logits ({micro} x {T} x {V} = {micro * T * V:.3g} elements) "
+                     f"exceed 2^31, which torch.compile's loss fails on; the fused loss never holds them")
+    setting = memory_setting(cfg, micro, per_rank // micro, d.world, parallel, compiled)
+    p = memory.plan(model_cfg, setting)
+    lines = memory.describe(p, total, T) + notes
+    if not p.fits(total):
+        lines.append("  " + memory.advice(model_cfg, setting, per_rank, total))
+    return micro, setting, total, lines if d.device_type == "cuda" else []   # a GPU's plan: not in a CPU run's log
+
+
+def print_plan(cfg, given):
+    """--plan: the memory plan of this command for --world_size GPUs of --gpu_mem_gb, what micro_batch
+    'auto' picks, and what fits when it does not; needs no GPU and writes nothing."""
+    world = cfg["world_size"] or int(os.environ.get("WORLD_SIZE", 1))
+    if cfg["batch_size"] % world:
+        raise UserError(f"batch_size={cfg['batch_size']} does not split over world_size {world}")
+    _, model_cfg, _, _ = starting_point(cfg, given)
+    here = torch.cuda.get_device_properties(0).total_memory / memory.GIB if torch.cuda.is_available() else 0
+    # a GPU run as train.py would start it (compiled by default), on GPUs of gpu_mem_gb (this one's, or 80 GiB)
+    plan_cfg = dict(cfg, compile=True if cfg["compile"] is None else cfg["compile"],
+                    gpu_mem_gb=cfg["gpu_mem_gb"] or here or memory.DEFAULT_GPU_GIB)
+    d = Dist(world=world, device="cuda", ddp=world > 1 or cfg["parallel"] == "fsdp", sharded=cfg["parallel"] == "fsdp")
+    micro = check_settings(plan_cfg, world)
+    micro, setting, total, lines = fit_micro_batch(plan_cfg, given, model_cfg, d, micro)
+    params = memory.num_params(model_cfg)
+    print(f"model: {params:,} params; global batch {cfg['batch_size']} x "
+          f"{model_cfg.block_size} over {world} GPU{'s' if world > 1 else ''} of {memory.gib(total)}: "
+          f"{cfg['batch_size'] // world} sequences per GPU per step = {micro} per micro-step x "
+          f"{plan_cfg['gradient_accumulation_steps']} accumulation")
+    print("\n".join(lines))
+    print("(the plan only: nothing trained, nothing written)")
+
+
+def stop_line(e, where, cfg, model_cfg, setting, gpu):
+    """The one line for a step that did not fit (CUDA out of memory) or did not compile (torch.compile's
+    errors), naming the step, the plan's figure and what would fit; None for any other error."""
+    kept = rundir.kept(cfg["out_dir"])
+    if memory.is_oom(e):
+        p = memory.plan(model_cfg, setting)
+        evaluating = where.startswith("the evaluation")   # its batch is eval_batch_size, not the micro-batch
+        return (f"CUDA out of memory in {where}: the memory plan puts this run at {memory.gib(p.need)} per GPU of "
+                f"{memory.gib(gpu)}; " + (f"a smaller --eval_batch_size (now {setting.eval_batch}) fits, or "
+                                          if evaluating else "") + memory.advice(
+                    model_cfg, setting, setting.micro * setting.accum, gpu) + f"; stopped ({kept})")
+    if memory.is_compile_failure(e):
+        inner = getattr(e, "inner_exception", None) or e
+        n = setting.micro * model_cfg.block_size * model_cfg.vocab_size
+        big = n >= memory.INT32_ELEMENTS and not setting.fused_ce
+        return (f"torch.compile failed in {where} ({type(inner).__name__}: {memory.first_line(inner)}): run with "
+                f"--compile=False (eager: slower, same numbers)" + (
+                    f", or --fused_ce=True / a smaller --micro_batch (its logits, {n:.3g} elements, exceed 2^31)"
+                    if big else "") + f"; stopped ({kept})")
+    return None
 
 
 def check_given_model_keys(config, cfg, given, where):
@@ -242,16 +391,22 @@ def build(cfg, model_cfg, d, ckpt):
 def main(argv):
     t_start = time.time()
     given = set()   # the keys config files and overrides set
-    cfg = read_config(argv, GPTConfig.defaults() | _DEFAULTS, given=given,
+    argv = plan_flag(argv)
+    cfg = read_config(argv, GPTConfig.defaults() | _DEFAULTS | {"micro_batch": None}, given=given,   # 'auto' or int
                       help=(__doc__, [("train.py", _DEFAULTS, __file__),
                                       ("the model (model.py's GPTConfig)", GPTConfig.defaults(),
                                        inspect.getsourcefile(GPTConfig))]))
+    cfg["micro_batch"] = "auto" if cfg["micro_batch"] is None else cfg["micro_batch"]
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("out", config_name(argv))
-    train_cfg = {k: cfg[k] for k in _DEFAULTS}   # the model's keys live in model_config.json only
     sharding.check(cfg["parallel"])   # before it starts a process group
+    if cfg["plan"]:
+        return print_plan(cfg, given)
+    allocator = set_allocator(cfg["device"])   # before CUDA starts
     d = sharding.setup(cfg["parallel"], cfg["device"])
     micro = check_settings(cfg, d.world)
     ckpt, model_cfg, changes, source = starting_point(cfg, given)   # read and checked; nothing written yet
+    micro, mem_setting, gpu_bytes, mem_lines = fit_micro_batch(cfg, given, model_cfg, d, micro)
+    train_cfg = {k: cfg[k] for k in _DEFAULTS}   # the model's keys live in model_config.json only
     if d.local_rank == 0:   # the embedded Shakespeare is prepared on first use, so a fresh clone runs
         prepare_builtin(cfg["dataset"], cfg["data_dir"])
     if d.ddp:
@@ -288,6 +443,8 @@ def main(argv):
         + f"; global batch {B} x {T} tokens"
         f" = {micro} per micro-step x {cfg['gradient_accumulation_steps']} accumulation x {d.world} ranks"
         + (f"; resuming at step {iter_num}" if iter_num else ""))
+    for line in ([allocator] if allocator else []) + mem_lines:
+        log(line)
     if resuming:   # every resume is recorded, with what it was allowed to change
         log(f"resumed at step {iter_num}" + (": " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
                                              if changes else ", settings unchanged"))
@@ -295,12 +452,21 @@ def main(argv):
         log(f"weights from {source['path']} (step {source['iter_num']} of its run); a fresh optimizer and schedule, "
             f"{model_cfg.n_layer} layers")
     loop = Loop(cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro, t_start, source)
-    if cfg["equalize"]:
-        if iter_num and not ckpt_clip and not cfg["equalize_clip_factor"]:
-            raise UserError(f"{cfg['out_dir']}/ckpt.pt does not record its equalisation clip factor (an earlier "
-                            f"version): resume with the factor it was trained with, e.g. --equalize_clip_factor=1.0")
-        loop.set_equalize_clip(ckpt_clip or equalize_clip(cfg, loop, train_data))
-    history = loop.run(train_data, val_data, iter_num, best_val)
+    try:
+        if cfg["equalize"]:
+            if iter_num and not ckpt_clip and not cfg["equalize_clip_factor"]:
+                raise UserError(f"{cfg['out_dir']}/ckpt.pt does not record its equalisation clip factor (an earlier "
+                                f"version): resume with the factor it was trained with, e.g. --equalize_clip_factor=1.0")
+            loop.set_equalize_clip(ckpt_clip or equalize_clip(cfg, loop, train_data))
+        history = loop.run(train_data, val_data, iter_num, best_val)
+    except Exception as e:   # out of memory, or torch.compile failed: one line, the plan's figure, what fits
+        line = stop_line(e, loop.where, cfg, model_cfg, mem_setting, gpu_bytes)
+        if line is None:
+            raise
+        if log.file:   # the log records how the run ended; the terminal gets the line once, from cli()
+            log.file.write(f"error: {line}\n")
+            log.file.flush()
+        raise UserError(line) from None
     log.close()
     del loop, model, eval_model   # DDP's reducer must go before its process group (see teardown)
     teardown(d)
@@ -355,6 +521,7 @@ class Loop:
         self.initialised_from = initialised_from   # init_from=<checkpoint>: where the weights came from
         self.stop_iter = cfg["stop_iter"]   # stop_after_min moves it to the step where time ran out
         self.t_start = t_start   # main()'s start: stop_after_min counts from there
+        self.where = "setup"   # what runs now, for the out-of-memory / compile-failure line
         self.wandb = None
         if cfg["wandb_log"] and d.master:
             import wandb
@@ -371,6 +538,7 @@ class Loop:
         self.optimizer = optimizer_for(cfg, self.raw_model.parameters(), fused=self.d.device_type == "cuda")
         self.step = GradStep(self.raw_model.param_groups_by_layer(), self.optimizer, cfg["grad_clip"], equalize)
         self.dump = None
+        self.where = "the equalisation pilots (before step 0)"
         try:
             totals = torch.stack([self.train_step(train_data, it)[1] for it in range(steps)])
             self.guard.check("a pilot for the equalisation clip factor; nothing saved")
@@ -504,10 +672,13 @@ class Loop:
         while True:
             last = it >= cfg["max_iters"] or 0 < self.stop_iter <= it
             if it % cfg["eval_interval"] == 0 or last:
+                self.where = f"the evaluation at step {it}"
                 best_val = self.evaluate_and_save(val_data, it, start, best_val)
                 t_last, it_last = time.time(), it   # eval time is not training time
             if last:
                 break
+            first = it == start and use_compile(cfg["compile"], self.d.device_type)
+            self.where = f"training step {it}" + (" (the first compiled step)" if first else "")
             loss_sum, total = self.train_step(train_data, it)
             it += 1
             if (it - 1) % cfg["log_interval"] == 0 or it in (cfg["max_iters"], self.stop_iter):

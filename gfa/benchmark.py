@@ -6,6 +6,7 @@ statistics, and the per-kind kernel profile (bench.py --profile).
 """
 import gc
 import os
+import re
 import statistics
 import threading
 import time
@@ -309,3 +310,50 @@ def kernel_breakdown(events, n):
     parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
     return (f"per call: {len(ks) / n:.0f} kernels, busy {busy:.3f} ms ({parts}), span {span:.3f} ms, "
             f"idle between kernels {span - covered / 1e3 / n:.3f} ms")
+
+
+# ---- train.py itself, as a user runs it (bench.py --mode memory) ---------------------------------------
+_PLAN_PEAK = re.compile(r"peak ([\d.]+) GiB \(torch\.cuda\.max_memory_allocated\)")
+_MICRO = re.compile(r"= (\d+) per micro-step x (\d+) accumulation")
+_STEP = re.compile(r"^step (\d+) \| loss .*? \| ([\d.]+) ms/step \| ([\d,]+) tok/s \| MFU ([^ |]+)"
+                   r"(?: \| peak mem ([\d.]+) GiB)?")
+
+
+def random_tokens(folder, vocab_size, n=1 << 22, seed=0):
+    """folder/{train,val}.bin of random token ids: data for timing and memory, which the values do not change."""
+    import numpy as np
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        rng.integers(0, vocab_size, n, dtype=np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
+    return folder
+
+
+def read_train_log(text):
+    """What train.py's log says about memory and speed: the plan's peak (GiB), the micro-batch and
+    accumulation it ran, per step (ms, tok/s, MFU, peak GiB so far), and its error line if it stopped."""
+    plan = _PLAN_PEAK.search(text)
+    micro = _MICRO.search(text)
+    steps = {int(m[1]): {"ms": float(m[2]), "tok_s": float(m[3].replace(",", "")), "mfu": m[4],
+                         "peak_gib": float(m[5]) if m[5] else None}
+             for m in map(_STEP.match, text.splitlines()) if m}
+    error = next((l for l in text.splitlines() if l.startswith("error: ")), None)
+    return {"plan_gib": float(plan[1]) if plan else None, "micro": int(micro[1]) if micro else None,
+            "accum": int(micro[2]) if micro else None, "steps": steps, "error": error}
+
+
+def run_train(args, torchrun=False, timeout=600):
+    """train.py with args in a subprocess (torchrun with one rank: DDP), as a user runs it: (its log
+    read by read_train_log, wall seconds)."""
+    import subprocess
+    import sys
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun else [])
+    t0 = time.time()
+    try:
+        r = subprocess.run(cmd + [os.path.join(REPO, "train.py"), *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=timeout)
+        text = r.stdout + "\n" + r.stderr
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout or ""
+        text = (out.decode() if isinstance(out, bytes) else out) + f"\nerror: timed out after {timeout} s"
+    return read_train_log(text), time.time() - t0

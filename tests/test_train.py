@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train
+from gfa import memory as gfa_memory
 from gfa import rundir
 from gfa.data import DATA, get_batch, load_tokens
 from gfa.evaluation import evaluate
@@ -538,3 +539,105 @@ def test_ms_per_step_after_an_evaluation_times_the_work_not_its_launch(tmp_path)
                                                         open(os.path.join(out, "log.txt")).read())}
     steady = np.median([ms[s] for s in range(2, 12) if s != 6])
     assert 0.5 * steady < ms[6] < 2 * steady, (ms, steady)
+
+
+# ---- memory: --plan, micro_batch, one line for what does not fit or compile (gfa/memory.py) -------------------
+def test_plan_prints_what_fits_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "planned"
+    train.main([os.path.join(ROOT, "config/cascade_a2.py"), "--plan", "--world_size=8", "--gpu_mem_gb=80",
+                f"--out_dir={out}"])
+    text = capsys.readouterr().out
+    assert "8 sequences per GPU per step = 8 per micro-step x 1 accumulation" in text
+    assert "ddp x 8" in text and ": fits" in text and not out.exists()
+    train.main([os.path.join(ROOT, "config/cascade_a2.py"), "--plan", "--world_size=1", "--micro_batch=64",
+                "--gpu_mem_gb=80", f"--out_dir={out}"])
+    text = capsys.readouterr().out
+    assert "does NOT fit" in text and "fits: --micro_batch=" in text and not out.exists()
+    assert "micro_batch=3 does not divide" in one_line_error(train.main, [*TINY, "--micro_batch=3", "--plan"], capsys)
+
+
+def test_micro_batch_keeps_the_data_of_every_step(tmp_path):
+    """micro_batch=4 of batch 8 is two accumulation steps: the same losses and norms as
+    gradient_accumulation_steps=2, and as one micro-step to fp32 rounding; 'auto' on a CPU is one step."""
+    one, out_1 = run(tmp_path, "one", "--max_iters=3")
+    acc, out_a = run(tmp_path, "acc", "--max_iters=3", "--gradient_accumulation_steps=2")
+    mb, out_m = run(tmp_path, "mb", "--max_iters=3", "--micro_batch=4")
+    assert mb["loss"] == acc["loss"] and mb["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    np.testing.assert_array_equal(load_grad_dump(out_m)["norms"], load_grad_dump(out_a)["norms"])
+    assert "= 4 per micro-step x 2 accumulation" in open(os.path.join(out_m, "log.txt")).read()
+    assert "= 8 per micro-step x 1 accumulation" in open(os.path.join(out_1, "log.txt")).read()
+    from gfa.benchmark import read_train_log   # bench.py --mode memory reads train.py's log: its format, here
+    log = read_train_log(open(os.path.join(out_m, "log.txt")).read())
+    assert (log["micro"], log["accum"], sorted(log["steps"]), log["error"]) == (4, 2, [0, 1, 2], None)
+    assert log["steps"][2]["tok_s"] > 0 and log["steps"][2]["peak_gib"] is None   # CPU: no peak memory
+
+
+def test_auto_micro_batch_on_a_gpu_is_the_plans_and_an_explicit_setting_wins():
+    """fit_micro_batch as a GPU rank sees it (gpu_mem_gb given, so no device is asked): the plan's pick, the
+    same for the same inputs, the global batch kept; gradient_accumulation_steps or micro_batch set win."""
+    from gfa.training import Dist
+    model_cfg = GPTConfig(n_layer=16)
+    gpu = Dist(device="cuda:0")
+    base = {k: v for k, v in train._DEFAULTS.items()} | {"gpu_mem_gb": 80.0}
+    picks = []
+    for _ in range(2):
+        cfg = dict(base)
+        micro, setting, total, lines = train.fit_micro_batch(cfg, set(), model_cfg, gpu, 64)
+        picks.append((micro, cfg["gradient_accumulation_steps"]))
+    assert picks[0] == picks[1] and picks[0][0] * picks[0][1] == 64 and 1 < picks[0][0] < 64
+    assert picks[0][0] == gfa_memory.fit(model_cfg, setting, 64, int(80 * gfa_memory.GIB * (1 - gfa_memory.HEADROOM)))
+    assert any("micro_batch auto" in l for l in lines)
+    cfg = base | {"gradient_accumulation_steps": 2}
+    assert train.fit_micro_batch(cfg, {"gradient_accumulation_steps"}, model_cfg, gpu, 32)[0] == 32
+    cfg = base | {"micro_batch": 2}
+    assert train.fit_micro_batch(cfg, {"micro_batch"}, model_cfg, gpu, 64)[0] == 2
+    assert cfg["gradient_accumulation_steps"] == 32
+
+
+def snapshot(run_dir):
+    return {f: open(os.path.join(run_dir, f), "rb").read() for f in sorted(os.listdir(run_dir))}
+
+
+@pytest.mark.parametrize("failure", ["oom_step", "oom_eval", "compile"])
+def test_a_step_that_does_not_fit_or_compile_ends_in_one_line_and_keeps_the_run(tmp_path, capsys, monkeypatch,
+                                                                                failure):
+    """Simulated: a CUDA out-of-memory error in a training step or an evaluation, or a torch.compile failure
+    (BackendCompilerFailed) in the first step of a resume: one line naming the step, the plan's figure and
+    what fits (or the switch that avoids it); every file of the run as it was, the log only appended to."""
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--max_iters=6", "--eval_interval=2", "--stop_iter=2", f"--out_dir={out}"])
+    before = snapshot(out)
+
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def fail(*a, **k):
+        if failure == "compile":
+            raise BackendCompilerFailed("inductor", AttributeError("'int' object has no attribute 'meta'"), None)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB.")
+    if failure == "oom_eval":   # the resume evaluates at step 2, then (two good steps on) at step 4: that one fails
+        real, calls = train.evaluate, []
+        monkeypatch.setattr(train, "evaluate", lambda *a, **k: calls.append(1) or (fail() if len(calls) > 1 else
+                                                                                 real(*a, **k)))
+    else:
+        monkeypatch.setattr(train.Loop, "train_step", fail)
+    line = one_line_error(train.main, [*TINY, "--max_iters=6", "--eval_interval=2", "--init_from=resume",
+                                       f"--out_dir={out}", "--log_interval=100"], capsys)
+    if failure == "compile":
+        assert line.startswith("error: torch.compile failed in training step 2 (AttributeError: 'int' object has no "
+                               "attribute 'meta'): run with --compile=False")
+    else:
+        where = "the evaluation at step 4" if failure == "oom_eval" else "training step 2"
+        assert line.startswith(f"error: CUDA out of memory in {where}: the memory plan puts this run at ")
+        assert "fits: --micro_batch=" in line and ("--eval_batch_size" in line) == (failure == "oom_eval")
+    assert f"the last good checkpoint {out}/ckpt.pt is kept" in line
+    after = snapshot(out)
+    assert after.keys() == before.keys()
+    for f in after:
+        if f == "log.txt":   # the resume's lines, and the error, appended
+            assert after[f].startswith(before[f]) and after[f].decode().endswith(line + "\n")
+        elif f == rundir.PROVENANCE:   # the resume's invocation recorded after the others
+            old, new = (json.loads(x)["invocations"] for x in (before[f], after[f]))
+            assert new[:-1] == old and len(new) == len(old) + 1
+        else:
+            assert after[f] == before[f], f
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["iter_num"] == 2
