@@ -53,8 +53,9 @@ from gfa.cli import UserError, cli, config_name, read_config
 from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
 from gfa.device import DTYPES, autocast_for, peak_flops, percent, sync
 from gfa.evaluation import evaluate
-from gfa.training import (FiniteGuard, GradStep, check_optimizer_settings, check_resume, check_weights, copy_weights,
-                          cosine_lr, on_master, optimizer_for, restore_weights, set_lr, teardown, use_compile)
+from gfa.training import (FiniteGuard, GradStep, check_logger, check_optimizer_settings, check_resume, check_state,
+                          check_weights, copy_weights, cosine_lr, on_master, optimizer_for, restore_weights, set_lr,
+                          teardown, use_compile)
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -131,6 +132,7 @@ def check_settings(cfg, world):
     if cfg["fused_ce_chunk"] < 1:
         raise UserError(f"fused_ce_chunk={cfg['fused_ce_chunk']}: must be >= 1 (tokens per chunk of the fused loss)")
     check_optimizer_settings(cfg)
+    check_logger(cfg)
     use_compile(cfg["compile"], "cpu")   # checks the value
     return B // (world * accum)
 
@@ -174,6 +176,8 @@ def read_resume(cfg, model_cfg, given):
                         + ("the run stopped before its first checkpoint: start it again with --overwrite=True)"
                            if unfinished else "train with init_from='scratch' first)"))
     ckpt = rundir.read_checkpoint(run)
+    if "model" in ckpt:   # the weights guard (sharded weights: checked before their next save)
+        check_state(ckpt["model"], f"{run}/ckpt.pt", fix="it cannot be resumed; restore it from a good copy")
     if "optimizer" not in ckpt and "sharded" not in ckpt:
         raise UserError(f"{run}/ckpt.pt holds no optimizer state (a model written by prune.py --save_pruned?): "
                         f"it cannot be resumed; start a new run from its weights with --init_from={run}")
@@ -239,7 +243,21 @@ def build(cfg, model_cfg, d, ckpt):
     return model, optimizer, step, dump, iter_num, best_val
 
 
+def identity_of(cfg, train_cfg, model_cfg, source):
+    """The run's identity (gfa/rundir.py: run_identity); a resume refuses data whose content changed."""
+    data = rundir.run_data_id("gpt", train_cfg)
+    if cfg["init_from"] == "resume":
+        rundir.check_resume_data(cfg["out_dir"], data)
+    recipe = train_cfg | {"init_from": "checkpoint" if source else "scratch"}
+    return rundir.run_identity("gpt", asdict(model_cfg), recipe, data)
+
+
 def main(argv):
+    with rundir.RunStart() as start:   # one writer per run directory; a failed start leaves nothing behind
+        return _main(argv, start)
+
+
+def _main(argv, start):
     t_start = time.time()
     given = set()   # the keys config files and overrides set
     cfg = read_config(argv, GPTConfig.defaults() | _DEFAULTS, given=given,
@@ -250,6 +268,7 @@ def main(argv):
     train_cfg = {k: cfg[k] for k in _DEFAULTS}   # the model's keys live in model_config.json only
     sharding.check(cfg["parallel"])   # before it starts a process group
     d = sharding.setup(cfg["parallel"], cfg["device"])
+    on_master(d, lambda: start.claim(cfg["out_dir"]))
     micro = check_settings(cfg, d.world)
     ckpt, model_cfg, changes, source = starting_point(cfg, given)   # read and checked; nothing written yet
     if d.local_rank == 0:   # the embedded Shakespeare is prepared on first use, so a fresh clone runs
@@ -258,10 +277,12 @@ def main(argv):
         torch.distributed.barrier()
     train_data = load_split(cfg["dataset"], cfg["data_dir"], "train", model_cfg.vocab_size)
     val_data = load_split(cfg["dataset"], cfg["data_dir"], "val", model_cfg.vocab_size)
+    identity = identity_of(cfg, train_cfg, model_cfg, source)
     if cfg["init_from"] != "resume":   # a new run: never into a folder that holds another one (unless overwrite)
-        rundir.start_run(cfg["out_dir"], "gpt", asdict(model_cfg), cfg["overwrite"], write=d.master)
+        rundir.start_run(cfg["out_dir"], "gpt", asdict(model_cfg), cfg["overwrite"], write=d.master, identity=identity)
     elif d.master:   # the same architecture, checked: a run of an earlier version gets its model_config.json
         rundir.write_model_config(cfg["out_dir"], "gpt", asdict(model_cfg))
+        rundir.write_identity(cfg["out_dir"], identity)   # allowed changes (max_iters) are the recipe now
         rundir.record_invocation(cfg["out_dir"])
     raw_model, optimizer, step, dump, iter_num, best_val = build(cfg, model_cfg, d, ckpt)
     resuming = cfg["init_from"] == "resume"
@@ -300,6 +321,7 @@ def main(argv):
             raise UserError(f"{cfg['out_dir']}/ckpt.pt does not record its equalisation clip factor (an earlier "
                             f"version): resume with the factor it was trained with, e.g. --equalize_clip_factor=1.0")
         loop.set_equalize_clip(ckpt_clip or equalize_clip(cfg, loop, train_data))
+    start.started()
     history = loop.run(train_data, val_data, iter_num, best_val)
     log.close()
     del loop, model, eval_model   # DDP's reducer must go before its process group (see teardown)

@@ -26,6 +26,7 @@ vocabulary's: bytes or GPT-2).
 
 prune.py --tasks uses load_tasks() and evaluate_tasks() on the models it prunes.
 """
+import difflib
 import os
 import sys
 
@@ -35,7 +36,7 @@ import torch
 from gfa import rundir
 from gfa.cli import UserError
 from gfa.device import autocast_for, pick_device
-from gfa.evaluation import Tokenizer, continuation_logprobs
+from gfa.evaluation import Tokenizer, continuation_logprobs, warn_truncated
 from gfa.hf_llama import source_tokenizer
 
 try:
@@ -77,9 +78,17 @@ class GFALM(TemplateLM):
     def create_from_arg_string(cls, arg_string, additional_config=None):
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
+    MODEL_ARGS = ("ckpt", "device", "dtype", "max_tokens", "tokenizer")   # what --model_args may set
+
     @classmethod
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
-        """--model_args win over what lm-eval's command line adds for every model (its --device default)."""
+        """--model_args win over what lm-eval's command line adds for every model (its --device default);
+        a key the gfa model does not take is a one-line error (not silently dropped)."""
+        unknown = sorted(set(arg_dict) - set(cls.MODEL_ARGS))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], cls.MODEL_ARGS, n=1)
+            raise UserError(f"--model_args {unknown[0]}=...: the gfa model takes {', '.join(cls.MODEL_ARGS)}"
+                            + (f" (did you mean {close[0]}?)" if close else ""))
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
         return cls(**arg_dict, **extra)
 
@@ -98,7 +107,9 @@ class GFALM(TemplateLM):
         return self.tok.decode(tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
-        """requests: ((context, continuation), context ids, continuation ids), tokenised by TemplateLM."""
+        """requests: ((context, continuation), context ids, continuation ids), tokenised by TemplateLM.
+        Requests longer than the model's context lose the start of their context: counted in a warning."""
+        warn_truncated([(c, e) for _, c, e in requests], self.model.config.block_size, "lm-eval requests")
         lp, greedy = continuation_logprobs(self.model, [(c, e) for _, c, e in requests], self._device, self.ctx,
                                               self.max_tokens)
         out = [(float(a), bool(b)) for a, b in zip(lp, greedy)]
