@@ -205,6 +205,8 @@ def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=
     (with a note)."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction={val_fraction}: must be in (0, 1)")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"max_tokens={max_tokens}: a token budget must be >= 1 (or leave it out: everything)")
     if workers is not None and workers < 1:
         raise UserError(f"workers={workers}: must be >= 1 (or leave it out: all cores)")
     load_encoding(tokenizer)   # fail early, in this process, if the tokenizer is unavailable
