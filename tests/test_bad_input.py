@@ -273,6 +273,7 @@ def bad_weights_copy(run, tmp_path, name, value):
 
 
 def test_pooling_refuses_runs_that_are_not_seeds(tmp_path, capsys, monkeypatch, byte_data):
+    from gfa import rundir
     a, b = seed_run(tmp_path / "a", 0, data=byte_data), seed_run(tmp_path / "b", 1, data=byte_data)
     wide, lr = seed_run(tmp_path / "wide", 2, d_model=64, data=byte_data), seed_run(tmp_path / "lr", 3, 2e-3, data=byte_data)
     before = tree_digest(tmp_path)
@@ -290,18 +291,18 @@ def test_pooling_refuses_runs_that_are_not_seeds(tmp_path, capsys, monkeypatch, 
     assert "different data (train.bin" in err(fanin.main, a, c, "--seeds", "--no_importance")
     assert tree_digest(tmp_path / "a", tmp_path / "b", tmp_path / "wide", tmp_path / "lr") == \
         {k: v for k, v in before.items() if "/regen" not in k and "/c/" not in k and "/bytes/" not in k}
-    summary = fanin.main([a, b, "--seeds", "--no_importance", "--fig_dir", str(tmp_path / "figs")])   # seeds: fine
-    assert summary["seeds"]["mixed"] is None
+    assert rundir.check_poolable([a, b]) is None   # seeds of one experiment (fanin --seeds on them: tests/test_fanin.py)
+    for fig in ("fig3", "fig_drift", "fig3_seeds"):   # the figures are tests/test_fanin.py's
+        monkeypatch.setattr(fanin, fig, lambda *a: None)
     mixed = fanin.main([a, lr, "--seeds", "--no_importance", "--allow_mixed", "--fig_dir", str(tmp_path / "f2")])
     assert "learning_rate" in mixed["seeds"]["mixed"] and "MIXED POOL" in capsys.readouterr().out
 
 
 def test_combine_refuses_the_same_results_twice_and_other_experiments(tmp_path, capsys, byte_data):
-    a, b = seed_run(tmp_path / "a", 0, data=byte_data), seed_run(tmp_path / "b", 1, data=byte_data)
-    wide = seed_run(tmp_path / "wide", 2, d_model=64, data=byte_data)
+    a, wide = seed_run(tmp_path / "a", 0, data=byte_data), seed_run(tmp_path / "wide", 2, d_model=64, data=byte_data)
     fixed = ["--device", "cpu", "--hellaswag", "none", "--k", "1", "--methods", "magnitude", "--eval_batches", "1",
              "--batch_size", "2"]
-    for run in (a, b, wide):
+    for run in (a, wide):   # (seeds combined: tests/test_prune.py)
         prune.main([*fixed, "--runs", run, "--out", os.path.join(run, "prune")])
     res = lambda run: os.path.join(run, "prune", "results.json")
     assert json.load(open(res(a)))["runs"][0]["identity"]["architecture"]["d_model"] == 32   # each run's identity
@@ -314,7 +315,6 @@ def test_combine_refuses_the_same_results_twice_and_other_experiments(tmp_path, 
     assert "different architectures (d_attn0 32 vs 64)" in err("--combine", res(a), res(wide), "--out", tmp_path / "t")
     assert "one run given twice (identical results)" in err("--combine", tmp_path / "old.json", tmp_path / "old.json")
     assert tree_digest(tmp_path) == before
-    prune.main(["--combine", res(a), res(b), "--out", str(tmp_path / "ok")])   # two seeds: one table
     prune.main(["--combine", res(a), res(wide), "--allow_mixed", "--out", str(tmp_path / "mixed")])
     assert (tmp_path / "mixed" / "table1.md").read_text().startswith("MIXED POOL")
     assert "d_attn0" in json.load(open(tmp_path / "mixed" / "results.json"))["settings"]["mixed"]
@@ -500,3 +500,13 @@ def test_a_failed_start_leaves_nothing_behind(run, tmp_path, capsys):
                                              f"--equalize_reference={tmp_path / 'nowhere'}", "--allow_changes=max_iters,equalize"],
                          capsys)
     assert tree_digest(target) == before, msg
+
+
+def test_a_missing_embedded_text(tmp_path, capsys, monkeypatch):
+    shakespeare = _script(os.path.join(DATA, "shakespeare", "prepare.py"))
+    monkeypatch.setattr(shakespeare, "CORPUS", str(tmp_path / "input.txt.xz"))
+    msg = one_line_error(lambda argv: shakespeare.prepare(str(tmp_path)), [], capsys)
+    assert "cannot be read (FileNotFoundError): restore it with `git checkout" in msg
+    (tmp_path / "input.txt.xz").write_bytes(b"\xfd7zXZ\x00 truncated")
+    assert "cannot be read (LZMAError)" in one_line_error(lambda argv: shakespeare.prepare(str(tmp_path)), [], capsys)
+    assert sorted(os.listdir(tmp_path)) == ["input.txt.xz"]
