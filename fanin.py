@@ -8,6 +8,7 @@ paper's Figures 3-8.
     python fanin.py out/small_vanilla_16l out/small_layerskip         # several runs, one Figure 3
     python fanin.py out/small_equalize --baseline out/small_vanilla_16l   # Figure 5 (intervention)
     python fanin.py out/v16_s1 out/v16_s2 out/v16_s3 --seeds          # seeds of one config: mean +- std
+                                                  # (checked: rundir.check_poolable; --allow_mixed)
 
 Theory: gfa/theory.py (Appendix B.1; the virtual-depth repeats are [1,1,1,1,2,3,3,5], see
 docs/paper_notes.md). Measurement, per run directory (train.py's, or resnet.py's):

@@ -11,6 +11,10 @@ with optional healing and the speed of the physically pruned models.
     python prune.py --runs out/a out/b out/c --k 2,4,8 --methods cfp,similarity,taylor,magnitude,block_influence,sleb \
         --tasks piqa,winogrande,hellaswag,arc_easy,arc_challenge --heal_tokens 2e7 --speed   # the whole study
 
+Several --runs, and --combine, pool seeds of one experiment only (gfa/rundir.py's check_poolable: the same
+architecture, recipe and data, other seeds, no run twice); --allow_mixed pools others, and the table and
+results.json say so. results.json carries each run's identity for a later --combine.
+
 Methods (their scores: gfa/pruning.py); each prints its full ranking, then prunes by passthrough (the
 removed layers are skipped as identity, model.set_passthrough). The paper's four (Appendix A.4) are the
 default:

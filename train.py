@@ -15,7 +15,10 @@ sequences per optimizer step; it is split over world_size x gradient_accumulatio
 out_dir defaults to out/<the config files' names joined by _>, e.g. out/small_cascade_a2.
 
 Writes the run directory out_dir (gfa/rundir.py documents it): model_config.json, ckpt.pt
-(atomic, at every eval), grad_norms.npz (rewritten at every log interval), log.txt.
+(atomic, at every eval), grad_norms.npz (rewritten at every log interval), log.txt, identity.json (what
+the run is: architecture, recipe, seed, the data's content id; a resume refuses data that changed). One
+process writes a run directory at a time (a second gets a one-line error naming the first), and a start
+that fails leaves the folder as it was (gfa/rundir.py: RunStart).
 init_from='resume' continues a run exactly where its checkpoint left it. init_from=<ckpt.pt or
 its run directory> starts a new run from any checkpoint's weights (nanoGPT style: a pruned
 model to heal, a passthrough one, another run's): the architecture is the checkpoint's (a model

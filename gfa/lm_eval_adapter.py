@@ -133,11 +133,14 @@ class GFALM(TemplateLM):
         return [float(t) for t in totals]
 
     def generate_until(self, requests, disable_tqdm=False):
-        out = []
+        out, self._cut = [], 0
         for req in requests:
             context, gen_kwargs = req.args
             out.append(self.greedy_until(context, dict(gen_kwargs or {})))
             self.cache_hook.add_partial("generate_until", req.args, out[-1])
+        if self._cut:
+            print(f"warning: {self._cut} of {len(requests)} lm-eval generation contexts are longer than the model's "
+                  f"context leaves room for (block_size {self.max_length}): they lost their start (left-truncated)")
         return out
 
     @torch.no_grad()
@@ -150,7 +153,9 @@ class GFALM(TemplateLM):
         until = [until] if isinstance(until, str) else list(until)
         T = self.max_length
         new = max(1, min(int(gen_kwargs.get("max_gen_toks", 256)), T - 1))
-        ids = self.tok_encode(context)[-(T - new):] or [self.tok.eot]
+        ids = self.tok_encode(context)
+        self._cut = getattr(self, "_cut", 0) + (len(ids) > T - new)   # counted for generate_until's warning
+        ids = ids[-(T - new):] or [self.tok.eot]
         model, dev = self.model, self._device   # no dropout: train or eval mode computes the same
         cache = model.new_kv_cache(1, len(ids) + new)
         with self.ctx:

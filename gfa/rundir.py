@@ -806,6 +806,7 @@ class RunLock:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process"
+                    holder = holder if len(holder) <= 160 else holder[:157] + "..."
                     os.close(fd)
                     raise UserError(f"{self.run} is being written by another process ({holder}): one writer per run "
                                     f"directory; wait for it to end, or pick another folder") from None
