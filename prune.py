@@ -651,7 +651,7 @@ def save_pruned(path, model, ckpt, layers, run, by):
           f" to {path}")
 
 
-def check_runs(runs, save_pruned, out, same_architecture=True):
+def check_runs(runs, save_pruned, out):
     """Before any work: every run has a checkpoint that fits its config and sane weights, and
     --save_pruned writes a new run, not over one. (That the runs are seeds of one experiment is
     rundir.check_poolable's, in main.)"""
@@ -787,7 +787,7 @@ def main(argv):
     if args.exits and args.save_pruned:
         raise UserError("--exits evaluates the exits of whole models: leave out --save_pruned")
     args.out = args.out or os.path.join(args.runs[0], "prune")
-    config = check_runs(args.runs, args.save_pruned, args.out, same_architecture=not args.exits)
+    config = check_runs(args.runs, args.save_pruned, args.out)
     mixed = None if args.exits else rundir.check_poolable(args.runs, args.allow_mixed)   # seeds of one experiment?
     tasks = None
     if args.tasks:   # lm-eval's tasks and their data, loaded before any model work
