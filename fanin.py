@@ -8,6 +8,7 @@ paper's Figures 3-8.
     python fanin.py out/small_vanilla_16l out/small_layerskip         # several runs, one Figure 3
     python fanin.py out/small_equalize --baseline out/small_vanilla_16l   # Figure 5 (intervention)
     python fanin.py out/v16_s1 out/v16_s2 out/v16_s3 --seeds          # seeds of one config: mean +- std
+                                                  # (checked: rundir.check_poolable; --allow_mixed)
 
 Theory: gfa/theory.py (Appendix B.1; the virtual-depth repeats are [1,1,1,1,2,3,3,5], see
 docs/paper_notes.md). Measurement, per run directory (train.py's, or resnet.py's):
@@ -428,7 +429,7 @@ def fig_drift(runs, path):
 
 
 # ---- seeds ------------------------------------------------------------------------------------------
-def seed_summary(runs):
+def seed_summary(runs, mixed=None):
     """Runs that are seeds of one config: every statistic and the per-layer share and importance as
     mean +- sample std over them, printed and returned."""
     if len({(r["n_layer"], r["kind"], tuple(r["theory"])) for r in runs}) > 1:
@@ -447,6 +448,8 @@ def seed_summary(runs):
         imp = np.array([r["importance"] for r in runs], dtype=np.float64)
         out["importance"] = [mean_std(imp[:, l]) for l in range(imp.shape[1])]
     print(f"\n== {len(runs)} seeds ({', '.join(out['runs'])}): mean ± sample std")
+    if mixed:
+        print(f"MIXED POOL (--allow_mixed; not seeds of one experiment): {mixed}")
     for k, (m, sd, v) in out["stats"].items():
         print(f"{k:>15}: {m:.4g} ± {sd:.2g}   (" + ", ".join(f"{x:.3g}" for x in v) + ")")
     tot = sum(runs[0]["theory"])
@@ -472,7 +475,8 @@ def fig3_seeds(runs, summary, path):
             label=f"theory, {runs[0]['kind']} (Spearman ρ = {rho[0]:.2f} ± {rho[1]:.2f})")
     ax.set_xlabel("layer")
     ax.set_ylabel(SHARE_LABEL + "  /  fan-in / sum")
-    ax.set_title("Measured gradient share vs theoretical fan-in (Fig. 3), seeds")
+    ax.set_title("Measured gradient share vs theoretical fan-in (Fig. 3), seeds"
+                 + (" (MIXED POOL)" if summary.get("mixed") else ""))
     ax.set_xticks(x)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
@@ -500,6 +504,8 @@ def main(argv):
     ap.add_argument("--no_importance", action="store_true", help="share vs theory only (no evaluation)")
     ap.add_argument("--seeds", action="store_true", help="the runs are seeds of one config: also print every "
                     "statistic as mean ± std over them, and plot the share's mean ± std (fig3_seeds.png)")
+    ap.add_argument("--allow_mixed", action="store_true", help="--seeds: pool runs that are not seeds of one "
+                    "experiment (another architecture, recipe or data; gfa/rundir.py: check_poolable), labelled mixed")
     args, extra = ap.parse_known_args(argv)
 
     if args.theory:
@@ -526,6 +532,8 @@ def main(argv):
     if args.fig_dir and os.path.exists(args.fig_dir) and not os.path.isdir(args.fig_dir):
         raise UserError(f"--fig_dir {args.fig_dir} is a file: give a folder")
 
+    # seeds of one experiment? (before any work; --allow_mixed pools others, labelled so)
+    mixed = rundir.check_poolable(args.paths, args.allow_mixed, option="--seeds") if args.seeds else None
     base = analyse(args.baseline, args) if args.baseline else None   # first: a bad baseline fails before any work
     if base and "importance" not in base:
         raise UserError(f"baseline {args.baseline} has no importance: give a run with ckpt.pt or importance.json")
@@ -551,7 +559,7 @@ def main(argv):
                 fig5(r, base, dest(r, f"fig5_vs_{base['name']}.png"))
     summary = {"runs": runs, "baseline": base}
     if args.seeds:
-        summary["seeds"] = seed_summary(runs)
+        summary["seeds"] = seed_summary(runs, mixed) | {"mixed": mixed}
         fig3_seeds(runs, summary["seeds"], os.path.join(args.fig_dir or runs[0]["run"], "fig3_seeds.png"))
     path = os.path.join(args.fig_dir or runs[0]["run"], "fanin_summary.json")
     rundir.atomic_write_json(summary, path, indent=1, default=float)

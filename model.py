@@ -177,6 +177,8 @@ class GPTConfig:
         for i in self.passthrough:
             need(isinstance(i, int) and 0 <= i < N, f"passthrough index {i}: must be in [0, {N - 1}]")
         need(not self.ds_alpha or self.deep_supervision, "ds_alpha is set but deep_supervision=False")
+        need(all(isinstance(a, (int, float)) and a >= 0 for a in self.ds_alpha),
+             f"ds_alpha={list(self.ds_alpha)}: the loss weights must be >= 0")
         need(self.ds_scale in DS_SCALES, f"ds_scale={self.ds_scale!r}: use one of {', '.join(DS_SCALES)}")
         need(not self.ds_alpha or self.ds_scale == "paper", "ds_alpha weights the 'paper' loss only: drop it, or "
              "set ds_scale='paper'")

@@ -11,6 +11,10 @@ with optional healing and the speed of the physically pruned models.
     python prune.py --runs out/a out/b out/c --k 2,4,8 --methods cfp,similarity,taylor,magnitude,block_influence,sleb \
         --tasks piqa,winogrande,hellaswag,arc_easy,arc_challenge --heal_tokens 2e7 --speed   # the whole study
 
+Several --runs, and --combine, pool seeds of one experiment only (gfa/rundir.py's check_poolable: the same
+architecture, recipe and data, other seeds, no run twice); --allow_mixed pools others, and the table and
+results.json say so. results.json carries each run's identity for a later --combine.
+
 Methods (their scores: gfa/pruning.py); each prints its full ranking, then prunes by passthrough (the
 removed layers are skipped as identity, model.set_passthrough). The paper's four (Appendix A.4) are the
 default:
@@ -647,10 +651,10 @@ def save_pruned(path, model, ckpt, layers, run, by):
           f" to {path}")
 
 
-def check_runs(runs, save_pruned, out, same_architecture=True):
-    """Before any work: every run has a checkpoint that fits its config, all share one architecture
-    (seeds of one config: their numbers are averaged; not for --exits, which compares models), and
-    --save_pruned writes a new run, not over one."""
+def check_runs(runs, save_pruned, out):
+    """Before any work: every run has a checkpoint that fits its config and sane weights, and
+    --save_pruned writes a new run, not over one. (That the runs are seeds of one experiment is
+    rundir.check_poolable's, in main.)"""
     configs = []
     for run in runs:
         if not os.path.isfile(rundir.file(run, rundir.CKPT)):
@@ -659,14 +663,8 @@ def check_runs(runs, save_pruned, out, same_architecture=True):
         kind, _ = rundir.read_model_config(run)
         if kind != "gpt":
             raise UserError(f"{run} holds a {kind} model: prune.py prunes language models")
-        _, _, mc = rundir.read_gpt(run)   # weights checked against the config, memory-mapped: none read
+        _, _, mc = rundir.read_gpt(run)   # weights checked against the config and by the weights guard
         configs.append({k: v for k, v in mc.items() if k != "passthrough"})   # pruning scores every layer
-    for run, mc in zip(runs[1:], configs[1:] if same_architecture else []):
-        diff = sorted(k for k in mc.keys() | configs[0].keys() if mc.get(k) != configs[0].get(k))
-        if diff:
-            what = ", ".join(f"{k} {configs[0].get(k)} vs {mc.get(k)}" for k in diff)
-            raise UserError(f"{runs[0]} and {run} have different architectures ({what}): --runs takes seeds of one "
-                            f"config")
     if save_pruned:
         if os.path.realpath(save_pruned) in {os.path.realpath(r) for r in runs}:
             raise UserError(f"--save_pruned {save_pruned} is the run being pruned: give a new folder")
@@ -729,6 +727,9 @@ def parse(argv):
     p.add_argument("--combine", nargs="+", default=None, help="results.json files of earlier prune.py calls "
                    "(e.g. one per seed, run on different machines): one table over all their runs, no model loaded; "
                    "or exits.json files of --exits calls: one early-exit table and plot over their runs")
+    p.add_argument("--allow_mixed", action="store_true", help="--runs / --combine: pool runs that are not seeds of "
+                   "one experiment (another architecture, recipe or data; gfa/rundir.py: check_poolable); the table "
+                   "and results.json say the pool is mixed")
     p.add_argument("--device", default="", help="default cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", help="float32 (the paper), tf32 or bfloat16")
     p.add_argument("--out", default=None, help="folder for table1.md, table1_ppl.png, results.json "
@@ -780,13 +781,14 @@ def main(argv):
         files = [(path, read_results(path)) for path in args.combine]   # each read once
         if is_exits(files[0][1]):
             return write_exits(*combine_exits(files), args.out or "exits_combined")
-        return write_table(*combine(files), args.out or "prune_combined")
+        return write_table(*combine(files, args.allow_mixed), args.out or "prune_combined")
     ks, methods = parse_ks(args.k), parse_methods(args.methods)
     check_args(args, ks, methods)
     if args.exits and args.save_pruned:
         raise UserError("--exits evaluates the exits of whole models: leave out --save_pruned")
     args.out = args.out or os.path.join(args.runs[0], "prune")
-    config = check_runs(args.runs, args.save_pruned, args.out, same_architecture=not args.exits)
+    config = check_runs(args.runs, args.save_pruned, args.out)
+    mixed = None if args.exits else rundir.check_poolable(args.runs, args.allow_mixed)   # seeds of one experiment?
     tasks = None
     if args.tasks:   # lm-eval's tasks and their data, loaded before any model work
         from gfa.lm_eval_adapter import load_tasks
@@ -801,10 +803,13 @@ def main(argv):
     for i, run in enumerate(args.runs):
         tag = f"r{i}_{os.path.basename(os.path.normpath(run))}"
         res, model, ckpt, choice = prune_run(run, tag, args, ks, methods, mc_items, tasks, args.device, ctx, to_time)
-        results.append(res)
+        results.append(res | {"identity": pooled_identity(run)})   # what --combine checks
         if args.save_pruned:
             m, k = methods[0], ks[0]
-            save_pruned(args.save_pruned, model, ckpt, choice[(m, k)], run, [f"{m}/{k}"])
+            with rundir.RunStart() as start:   # one writer; a failed write leaves no half run
+                start.claim(args.save_pruned)
+                save_pruned(args.save_pruned, model, ckpt, choice[(m, k)], run, [f"{m}/{k}"])
+                start.started()
         del model
     if to_time:
         speed = time_models(to_time, config["block_size"], args)
@@ -818,8 +823,23 @@ def main(argv):
                 "heal": f"lr {args.heal_lr or 'run / 10'}, batch {args.heal_batch_size or 'run'}"
                         + (f", {args.heal_args}" if args.heal_args else ""),
                 "block_size": config["block_size"], "speed": args.speed, "bench_args": args.bench_args,
-                "cfp_steps": args.cfp_steps}
+                "cfp_steps": args.cfp_steps, "mixed": mixed}
     return write_table(results, ks, methods, settings, args.out)
+
+
+def pooled_identity(run):
+    """A run's identity for results.json (rundir.pool_member, less the machine's own path)."""
+    return {k: v for k, v in rundir.pool_member(run).items() if k != "path"}
+
+
+def combine_members(files):
+    """[(label, identity)] of every run of read results.json files, for rundir.check_poolable: the identity
+    results.json carries, or (results of earlier versions) what they say: the layer count, and the run's
+    whole entry (the same file twice is the same runs twice)."""
+    return [(f"{path} ({run.get('run')})", run.get("identity") or {
+        "architecture": {"n_layer": run.get("n_layer")}, "fingerprint": json.dumps(run, sort_keys=True)})
+        for path, r in files if isinstance(r, dict) and isinstance(r.get("runs"), list)
+        for run in r["runs"] if isinstance(run, dict)]
 
 
 def read_results(path):
@@ -854,15 +874,16 @@ def combine_exits(files):
     return runs, " + ".join(sorted(mc))
 
 
-def combine(files):
+def combine(files, allow_mixed=False):
     """The runs of several read results.json files [(path, contents)], checked to be one table: (results,
     ks, methods, settings). Speed is per architecture, not per seed: it comes from the first file that
-    timed its models, and later files' timings (perhaps made another way) are left out, with a note."""
+    timed its models, and later files' timings (perhaps made another way) are left out, with a note.
+    The runs must be seeds of one experiment (rundir.check_poolable), or allow_mixed: labelled mixed."""
     runs, first, timed, timed_path = [], None, {}, None
     for path, r in files:
         try:
             settings = dict(r.get("settings", {}), mc_file=r.get("mc_file", r.get("settings", {}).get("mc_file", "none")))
-            key = (r["ks"], r["methods"], {k: v for k, v in settings.items() if k not in ("speed", "bench_args")})
+            key = (r["ks"], r["methods"], {k: v for k, v in settings.items() if k not in ("speed", "bench_args", "mixed")})
             if settings.get("speed") and timed_path:
                 print(f"note: {path}'s speed is left out: the table's comes from {timed_path}, the first file "
                       f"that timed its models (put the one to show first)")
@@ -877,9 +898,11 @@ def combine(files):
                             f"settings than {first[0]}: only runs pruned the same way make one table")
         first = first or (path, key)
     ks, methods, settings = first[1]
+    mixed = rundir.check_poolable(combine_members(files), allow_mixed, option="--combine")
+    mixed = "; ".join(m for m in [mixed] + [(r.get("settings") or {}).get("mixed") for _, r in files] if m) or None
     if len({r["n_layer"] for r in runs}) > 1:
         raise UserError("--combine: the runs have different numbers of layers: --combine takes seeds of one config")
-    return runs, ks, methods, settings | timed
+    return runs, ks, methods, settings | timed | {"mixed": mixed}
 
 
 def without_speed(run):
@@ -892,6 +915,8 @@ def without_speed(run):
 def write_table(results, ks, methods, settings, out):
     stab = stability(results, methods)
     text = table1(results, ks, methods, stab, settings)
+    if settings.get("mixed"):   # --allow_mixed: the mean ± std is not over seeds of one experiment
+        text = f"MIXED POOL (--allow_mixed; not seeds of one experiment): {settings['mixed']}\n\n" + text
     print()
     print(text)
     rundir.atomic_write_text(text, os.path.join(out, "table1.md"))

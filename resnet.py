@@ -70,7 +70,7 @@ from gfa.data import dataset_dir
 from gfa.device import autocast_for
 from gfa.theory import spearman
 from gfa.training import (FiniteGuard, GradStep, adamw, check_init_from, check_optimizer_settings, check_resume,
-                          check_weights, cosine_lr, on_master, set_lr, setup_distributed, teardown, use_compile)
+                          check_state, check_weights, cosine_lr, on_master, set_lr, setup_distributed, teardown, use_compile)
 
 # ---- defaults (override with --key=value or a config file) -----------------------------------
 out_dir = "out/resnet"           # the run directory
@@ -208,6 +208,9 @@ def loader_workers(requested):
     return min(requested, max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
+MIN_STD = 1 / 255   # the smallest per-channel std images are normalised by: one grey level
+
+
 def channel_stats(x):
     """Per-channel mean and (population) std of uint8 images [N, C, H, W], as fractions of 255."""
     s, s2 = torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64)
@@ -216,7 +219,11 @@ def channel_stats(x):
         s, s2 = s + c.sum((0, 2, 3)), s2 + (c * c).sum((0, 2, 3))
     n = x.numel() // x.shape[1]
     mean = s / n
-    return (mean / 255).tolist(), ((s2 / n - mean ** 2).clamp(min=0).sqrt() / 255).tolist()
+    std = (s2 / n - mean ** 2).clamp(min=0).sqrt() / 255
+    if (std < MIN_STD).any():   # a constant channel (a grey-scale set stored as RGB, a blank channel)
+        print(f"note: channel(s) {(std < MIN_STD).nonzero().flatten().tolist()} of the training images are (nearly) "
+              f"constant: their std is taken as {MIN_STD:.3g} (one grey level), not divided by zero")
+    return (mean / 255).tolist(), std.clamp(min=MIN_STD).tolist()
 
 
 def normalised(x, mean, std):
@@ -285,6 +292,22 @@ def download_cifar(name, root):
                         f"yourself and leave out --download)") from None
 
 
+def cifar_problem(cls, root):
+    """What is wrong with a CIFAR folder torchvision refused: the files missing, else those whose MD5
+    differs from the official one (a modified or re-pickled copy)."""
+    import hashlib
+    folder = os.path.join(root, cls.base_folder)
+    listed = cls.train_list + cls.test_list + [[cls.meta["filename"], cls.meta["md5"]]]
+    missing = [f for f, _ in listed if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        return (f"{folder} is missing or incomplete (no {', '.join(missing)}): unpack {cls.filename} into {root}, "
+                f"or pass --download=True")
+    differ = [f for f, md5 in listed if hashlib.md5(open(os.path.join(folder, f), "rb").read()).hexdigest() != md5]
+    return (f"{folder}: {', '.join(differ) or 'the files'} differ from the official CIFAR files (MD5 checksum "
+            f"mismatch: modified, re-pickled or damaged copies): unpack the official {cls.filename} there again, "
+            f"or pass --download=True")
+
+
 def load_cifar(name, root):
     """CIFAR-10/100 from torchvision's files (<root>/cifar-10-batches-py or <root>/cifar-100-python,
     the python version's pickled batches), normalised with the training set's channel statistics."""
@@ -293,9 +316,7 @@ def load_cifar(name, root):
     try:
         train, val = cls(root, train=True), cls(root, train=False)
     except RuntimeError:   # torchvision: "Dataset not found or corrupted" (a missing file or another checksum)
-        files = ", ".join([f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]])
-        raise UserError(f"{os.path.join(root, cls.base_folder)} is missing or incomplete (it needs {files}, with "
-                        f"torchvision's checksums): unpack {cls.filename} into {root}, or pass --download=True") from None
+        raise UserError(cifar_problem(cls, root)) from None
     tensors = lambda ds: (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
     (xtr, ytr), (xva, yva) = tensors(train), tensors(val)
     return image_tensors(xtr, ytr, xva, yva, len(train.classes), *channel_stats(xtr))
@@ -311,6 +332,16 @@ class EvalResize:
 
     def __call__(self, img):
         return img if img.size == (self.size, self.size) else self.resize(img)
+
+
+def load_image(path):
+    """ImageFolder's loader (RGB, as its default): a corrupt or unreadable image names itself in one line."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f, Image.open(f) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path} is not a readable image ({type(e).__name__}: {e}): remove or replace it") from None
 
 
 def decode_images(folder, workers):
@@ -344,7 +375,7 @@ def open_image_folder(root, cfg):
     from PIL import Image
     from torchvision import datasets, transforms as T      # pure-Python parts of torchvision only
     try:
-        train, val = datasets.ImageFolder(os.path.join(root, "train")), datasets.ImageFolder(os.path.join(root, held_out))
+        train, val = (datasets.ImageFolder(os.path.join(root, s), loader=load_image) for s in ("train", held_out))
     except FileNotFoundError as e:   # no class folders, or a class folder without images
         raise UserError(f"{root}: {e}") from None
     if train.classes != val.classes:
@@ -352,8 +383,12 @@ def open_image_folder(root, cfg):
     workers = loader_workers(cfg["num_workers"])
     recipe = cfg["augment"]
     if recipe == "auto":
-        with Image.open(train.samples[0][0]) as im:     # reads the header only
-            recipe = "small" if max(im.size) <= SMALL_IMAGE else "imagenet"
+        try:
+            with Image.open(train.samples[0][0]) as im:     # reads the header only
+                recipe = "small" if max(im.size) <= SMALL_IMAGE else "imagenet"
+        except OSError as e:
+            raise UserError(f"{train.samples[0][0]} is not a readable image ({type(e).__name__}): remove or replace "
+                            f"it") from None
     if recipe == "small":
         (xtr, ytr), (xva, yva) = decode_images(train, workers), decode_images(val, workers)
         if xva.shape[1:] != xtr.shape[1:]:
@@ -569,6 +604,7 @@ def build_model(cfg, data, ckpt, dev):
         _, have = rundir.read_model_config(cfg["out_dir"])
         if have != model.config:
             raise UserError(f"checkpoint model {have} differs from the requested {model.config}")
+        check_state(ckpt["model"], rundir.file(cfg["out_dir"], rundir.CKPT), fix="restore it from a good copy")
         model.load_state_dict(ckpt["model"])
     model.to(dev)
     if dev.type == "cuda":
@@ -678,8 +714,14 @@ def train(cfg, model, data, ckpt, d, ctx, log, compiled, sched):
 
 
 def main(argv):
+    with rundir.RunStart() as start:   # one writer per run directory; a failed start leaves nothing behind
+        return _main(argv, start)
+
+
+def _main(argv, start):
     cfg = read_config(argv, defaults, help=(__doc__, [("resnet.py", defaults, __file__)]))
     d = setup_distributed(cfg["device"])
+    on_master(d, lambda: start.claim(cfg["out_dir"]))
     dev = torch.device(d.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True     # fixed shapes: let cuDNN pick the fastest conv kernels
@@ -705,7 +747,8 @@ def main(argv):
     model = build_model(cfg, data, ckpt, dev)
     out = cfg["out_dir"]
     if ckpt is None:   # a new run: never into a folder that holds another one (unless overwrite)
-        rundir.start_run(out, "resnet", model.config, cfg["overwrite"], write=d.master)
+        rundir.start_run(out, "resnet", model.config, cfg["overwrite"], write=d.master,
+                         identity=rundir.run_identity("resnet", model.config, cfg, rundir.run_data_id("resnet", cfg)))
     elif d.master and not cfg["analyse"]:   # checked in build_model: a run of an earlier version gets the file
         rundir.write_model_config(out, "resnet", model.config)
     log = rundir.Log(out, d.master)
@@ -716,6 +759,7 @@ def main(argv):
     if data.get("workers", cfg["num_workers"]) < cfg["num_workers"]:
         log(f"DataLoader workers: {data['workers']} per rank (num_workers={cfg['num_workers']} is more than this "
             f"rank's share of the CPU cores)")
+    start.started()
     it = None if cfg["analyse"] else train(cfg, model, data, ckpt, d, ctx, log, compiled, sched)
     if it is not None and it < sched[1]:
         log(f"stopped at step {it} of {sched[1]}: continue with --init_from=resume; python fanin.py {out} analyses "

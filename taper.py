@@ -232,6 +232,8 @@ def main(argv):
     seq = args.seq_len or base.block_size
     measure = coster(args.budget, seq)
     if args.target is not None:
+        if not args.target > 0:
+            raise UserError(f"--target {args.target}: a budget must be > 0 (FLOPs per token, or parameters)")
         target, against = args.target, "given"
     else:
         k = args.target_layers or base.n_layer

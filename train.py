@@ -18,7 +18,10 @@ memory and the accumulation that keeps the global batch; every run's log opens w
 out_dir defaults to out/<the config files' names joined by _>, e.g. out/small_cascade_a2.
 
 Writes the run directory out_dir (gfa/rundir.py documents it): model_config.json, ckpt.pt
-(atomic, at every eval), grad_norms.npz (rewritten at every log interval), log.txt.
+(atomic, at every eval), grad_norms.npz (rewritten at every log interval), log.txt, identity.json (what
+the run is: architecture, recipe, seed, the data's content id; a resume refuses data that changed). One
+process writes a run directory at a time (a second gets a one-line error naming the first), and a start
+that fails leaves the folder as it was (gfa/rundir.py: RunStart).
 init_from='resume' continues a run exactly where its checkpoint left it. init_from=<ckpt.pt or
 its run directory> starts a new run from any checkpoint's weights (nanoGPT style: a pruned
 model to heal, a passthrough one, another run's): the architecture is the checkpoint's (a model
@@ -56,9 +59,9 @@ from gfa.cli import UserError, cli, config_name, read_config
 from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
 from gfa.device import DTYPES, autocast_for, peak_flops, percent, pick_device, sync
 from gfa.evaluation import evaluate
-from gfa.training import (FiniteGuard, GradStep, check_optimizer_settings, check_resume, check_weights, copy_weights,
-                          cosine_lr, on_master, optimizer_for, restore_weights, set_lr, teardown, use_compile)
-from gfa.training import Dist
+from gfa.training import (Dist, FiniteGuard, GradStep, check_logger, check_optimizer_settings, check_resume,
+                          check_state, check_weights, copy_weights, cosine_lr, on_master, optimizer_for,
+                          restore_weights, set_lr, teardown, use_compile)
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -141,6 +144,7 @@ def check_settings(cfg, world):
         raise UserError(f"fused_ce_chunk={cfg['fused_ce_chunk']}: must be >= 1 (tokens per chunk of the fused loss)")
     check_memory_settings(cfg, world)
     check_optimizer_settings(cfg)
+    check_logger(cfg)
     use_compile(cfg["compile"], "cpu")   # checks the value
     return B // (world * accum)
 
@@ -323,6 +327,8 @@ def read_resume(cfg, model_cfg, given):
                         + ("the run stopped before its first checkpoint: start it again with --overwrite=True)"
                            if unfinished else "train with init_from='scratch' first)"))
     ckpt = rundir.read_checkpoint(run)
+    if "model" in ckpt:   # the weights guard (sharded weights: checked before their next save)
+        check_state(ckpt["model"], f"{run}/ckpt.pt", fix="it cannot be resumed; restore it from a good copy")
     if "optimizer" not in ckpt and "sharded" not in ckpt:
         raise UserError(f"{run}/ckpt.pt holds no optimizer state (a model written by prune.py --save_pruned?): "
                         f"it cannot be resumed; start a new run from its weights with --init_from={run}")
@@ -388,7 +394,21 @@ def build(cfg, model_cfg, d, ckpt):
     return model, optimizer, step, dump, iter_num, best_val
 
 
+def identity_of(cfg, train_cfg, model_cfg, source):
+    """The run's identity (gfa/rundir.py: run_identity); a resume refuses data whose content changed."""
+    data = rundir.run_data_id("gpt", train_cfg)
+    if cfg["init_from"] == "resume":
+        rundir.check_resume_data(cfg["out_dir"], data)
+    recipe = train_cfg | {"init_from": "checkpoint" if source else "scratch"}
+    return rundir.run_identity("gpt", asdict(model_cfg), recipe, data)
+
+
 def main(argv):
+    with rundir.RunStart() as start:   # one writer per run directory; a failed start leaves nothing behind
+        return _main(argv, start)
+
+
+def _main(argv, start):
     t_start = time.time()
     given = set()   # the keys config files and overrides set
     argv = plan_flag(argv)
@@ -403,6 +423,7 @@ def main(argv):
         return print_plan(cfg, given)
     allocator = set_allocator(cfg["device"])   # before CUDA starts
     d = sharding.setup(cfg["parallel"], cfg["device"])
+    on_master(d, lambda: start.claim(cfg["out_dir"]))
     micro = check_settings(cfg, d.world)
     ckpt, model_cfg, changes, source = starting_point(cfg, given)   # read and checked; nothing written yet
     micro, mem_setting, gpu_bytes, mem_lines = fit_micro_batch(cfg, given, model_cfg, d, micro)
@@ -413,10 +434,12 @@ def main(argv):
         torch.distributed.barrier()
     train_data = load_split(cfg["dataset"], cfg["data_dir"], "train", model_cfg.vocab_size)
     val_data = load_split(cfg["dataset"], cfg["data_dir"], "val", model_cfg.vocab_size)
+    identity = identity_of(cfg, train_cfg, model_cfg, source)
     if cfg["init_from"] != "resume":   # a new run: never into a folder that holds another one (unless overwrite)
-        rundir.start_run(cfg["out_dir"], "gpt", asdict(model_cfg), cfg["overwrite"], write=d.master)
+        rundir.start_run(cfg["out_dir"], "gpt", asdict(model_cfg), cfg["overwrite"], write=d.master, identity=identity)
     elif d.master:   # the same architecture, checked: a run of an earlier version gets its model_config.json
         rundir.write_model_config(cfg["out_dir"], "gpt", asdict(model_cfg))
+        rundir.write_identity(cfg["out_dir"], identity)   # allowed changes (max_iters) are the recipe now
         rundir.record_invocation(cfg["out_dir"])
     raw_model, optimizer, step, dump, iter_num, best_val = build(cfg, model_cfg, d, ckpt)
     resuming = cfg["init_from"] == "resume"
@@ -458,6 +481,7 @@ def main(argv):
                 raise UserError(f"{cfg['out_dir']}/ckpt.pt does not record its equalisation clip factor (an earlier "
                                 f"version): resume with the factor it was trained with, e.g. --equalize_clip_factor=1.0")
             loop.set_equalize_clip(ckpt_clip or equalize_clip(cfg, loop, train_data))
+        start.started()
         history = loop.run(train_data, val_data, iter_num, best_val)
     except Exception as e:   # out of memory, or torch.compile failed: one line, the plan's figure, what fits
         line = stop_line(e, loop.where, cfg, model_cfg, mem_setting, gpu_bytes)

@@ -53,7 +53,7 @@ def load_config(item):
 def item_params(item):
     """Parameters of a CLI item's model, counted on the meta device (nothing allocated)."""
     _, _, run = resolve(item)
-    cfg = GPTConfig(**rundir.read_model_config(run)[1]) if run else load_config(item)
+    cfg = GPTConfig(**rundir.read_model_config(run, kind="gpt")[1]) if run else load_config(item)
     with torch.device("meta"):
         return GPT(cfg).num_params()
 

@@ -55,11 +55,21 @@ def cli(main):
     try:
         return main(sys.argv[1:])
     except (UserError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:   # Python's documented recipe: no traceback, no second error at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+def one_line(error):
+    """A UserError's message; one raised in a DataLoader worker comes back wrapped in the worker's traceback
+    ('Caught UserError in DataLoader worker process 0. Original Traceback ...'): its own last line."""
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(f"{type(error).__name__}: ", 1)[-1]
+    return text
 
 
 def int_list(text, option, example, minimum=1):

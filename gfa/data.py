@@ -3,8 +3,11 @@ Token data: nanoGPT-style uint16 files, the training batch of (seed, step), the 
 
 A dataset is a folder holding train.bin and val.bin (uint16 token ids, EOT between documents):
 `dataset=NAME` is this repository's data/NAME/, `data_dir=PATH` any folder. The recipes that
-make them are under data/ (docs/data.md).
+make them are under data/ (docs/data.md). A dataset's content id (content_id: each file's size and a
+hash of evenly spaced blocks, milliseconds for any size) is what a run's identity records of its
+data (gfa/rundir.py); gfa/prepare.py also writes it into the folder's data_id.json when it makes one.
 """
+import hashlib
 import importlib.util
 import os
 
@@ -45,19 +48,58 @@ def prepare_builtin(dataset, data_dir=""):
     prep.prepare(folder)
 
 
+FULL_CHECK_TOKENS = 1 << 28   # token files up to this size have every id checked; larger ones evenly spaced blocks
+ID_FILE = "data_id.json"   # gfa/prepare.py's record of the content id of the files it wrote
+
+
 def load_tokens(path, vocab_size=None):
-    """A uint16 token file as a read-only memmap, checked against the vocabulary."""
+    """A uint16 token file as a read-only memmap, checked where it enters: a whole number of uint16
+    ids (an odd byte count is an interrupted copy), every id below the vocabulary (files above
+    FULL_CHECK_TOKENS: 64 evenly spaced blocks of 1M ids, so a start stays seconds)."""
     if not os.path.isfile(path):
         raise UserError(f"data file {path} does not exist (run the dataset's prepare.py first, see docs/data.md)")
-    if os.path.getsize(path) < 4:
+    size = os.path.getsize(path)
+    if size < 4:
         raise UserError(f"data file {path} is empty")
+    if size % np.dtype(np.uint16).itemsize:
+        raise UserError(f"data file {path} has {size:,} bytes, not a whole number of uint16 token ids (an "
+                        f"interrupted copy or write?): copy it again, or run the dataset's prepare.py again")
     data = np.memmap(path, dtype=np.uint16, mode="r")
     if vocab_size is not None:
-        top = int(data.max())
+        if len(data) <= FULL_CHECK_TOKENS:
+            top = int(data.max())
+        else:
+            block = 1 << 20
+            top = max(int(data[o:o + block].max()) for o in np.linspace(0, len(data) - block, 64).astype(np.int64))
         if top >= vocab_size:
             raise UserError(f"{path} holds token id {top} but the model's vocab_size is {vocab_size}: "
                             f"raise vocab_size or use the matching dataset")
     return data
+
+
+def content_id(path, blocks=16, block=1 << 16):
+    """'<bytes>:<hash>' of a file: its size and a blake2b hash of `blocks` evenly spaced blocks (the
+    whole file when it is small). Cheap for any size; a regenerated or truncated file gets another id."""
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        if size <= blocks * block:
+            h.update(f.read())
+        else:
+            for offset in np.linspace(0, size - block, blocks).astype(np.int64):
+                f.seek(int(offset))
+                h.update(f.read(block))
+    return f"{size}:{h.hexdigest()}"
+
+
+def data_id(folder):
+    """{'train.bin': content_id, 'val.bin': content_id} of a dataset folder (the files it has), or
+    None when it has neither (a folder that is gone: the run's data is unknown)."""
+    if not folder:
+        return None
+    out = {f"{s}.bin": content_id(os.path.join(folder, f"{s}.bin")) for s in ("train", "val")
+           if os.path.isfile(os.path.join(folder, f"{s}.bin"))}
+    return out or None
 
 
 def load_split(dataset, data_dir, split, vocab_size=None):

@@ -13,8 +13,18 @@ def pick_device(name=""):
     """'' or 'auto': cuda when a GPU is visible, else cpu; otherwise the name as given, checked."""
     if name in ("", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(name).type == "cuda" and not torch.cuda.is_available():
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device={name!r} is not a device this codebase runs on: use cpu, cuda or cuda:<index> "
+                        f"(or leave it out: cuda when a GPU is visible, else cpu)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} but no CUDA GPU is visible: use device=cpu (or leave it out)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible: use cuda:0.."
+                        f"cuda:{torch.cuda.device_count() - 1}")
     return name
 
 

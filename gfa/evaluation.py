@@ -213,14 +213,16 @@ def load_multiple_choice(path, limit=0):
         if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) < 2 \
                 or not all(isinstance(e, str) and e.strip() for e in endings):
             raise UserError(f"{path}:{n} ctx must be a string and endings a list of 2 or more non-empty strings")
-        try:
-            label = int(label)
-        except (TypeError, ValueError):
-            label = -1
+        # an integer, or its digits as a string (1.7 or true are not a label, whatever int() makes of them)
+        label = label if isinstance(label, int) and not isinstance(label, bool) else \
+            int(label) if isinstance(label, str) and label.strip().isdigit() else -1
         if not 0 <= label < len(endings):
-            raise UserError(f"{path}:{n} label must be 0..{len(endings) - 1} (one per ending), got {row['label']!r}")
+            raise UserError(f"{path}:{n} label must be 0..{len(endings) - 1} (an integer, one per ending), "
+                            f"got {row['label']!r}")
         if is_hellaswag_row(row):
             ctx, endings = hellaswag_item(row)
+        if not ctx.strip():
+            raise UserError(f"{path}:{n} has an empty context (ctx): every item needs the text its endings continue")
         items.append((ctx, list(endings), label))
         if limit and len(items) >= limit:
             break
@@ -243,15 +245,24 @@ def ending_logprobs(model, encoded, device, ctx, max_tokens=16384, exits=False):
     lp, _ = continuation_logprobs(model, [p for pairs in encoded for p in pairs], device, ctx, max_tokens, exits)
     lp = lp if exits else lp[None]
     out = np.full((len(lp), len(encoded), max(len(pairs) for pairs in encoded)), -np.inf)
-    i, truncated, T = 0, 0, model.config.block_size
+    i = 0
     for row, pairs in enumerate(encoded):
         out[:, row, :len(pairs)] = lp[:, i:i + len(pairs)]
-        truncated += any(len(c) + len(e) > T + 1 for c, e in pairs)
         i += len(pairs)
-    if truncated:
-        print(f"warning: {truncated} of {len(encoded)} multiple-choice items are longer than the model's context "
-              f"(block_size {T}): their contexts lost their start (left-truncated)")
+    warn_truncated(encoded, model.config.block_size, "multiple-choice items")
     return out if exits else out[0]
+
+
+def warn_truncated(items, T, what):
+    """Warn with a count when items (each a (context ids, continuation ids) pair, or a list of them)
+    are longer than the model's context T (+1: the last token is not fed): continuation_logprobs
+    keeps their end, so their contexts lose their start. Returns the count."""
+    long = lambda p: len(p[0]) + len(p[1]) > T + 1
+    n = sum(any(long(p) for p in item) if isinstance(item, list) else long(item) for item in items)
+    if n:
+        print(f"warning: {n} of {len(items)} {what} are longer than the model's context (block_size {T}): their "
+              f"contexts lost their start (left-truncated)")
+    return n
 
 
 def choice_accuracy(logprobs, items):

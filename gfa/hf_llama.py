@@ -35,6 +35,7 @@ import torch
 
 from gfa import rundir
 from gfa.cli import UserError
+from gfa.training import EXPLODED, check_state
 from model import GPT, GPTConfig, ROPE_SCALING, drop_layers, rope_tables
 
 WEIGHTS, INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
@@ -254,6 +255,7 @@ def read_hf(folder, block_size=None):
     except KeyError as e:
         raise UserError(f"{os.path.join(folder, CONFIG)} lacks {e.args[0]}: not a Llama config") from None
     sd = state_from_hf(read_weights(folder), cfg, folder)
+    check_state(sd, folder, fix="these weights are unusable (a damaged or diverged checkpoint): nothing imported")
     with torch.device("meta"):   # no random init of weights about to be replaced
         model = GPT(cfg)
     model.to_empty(device="cpu")
@@ -268,8 +270,11 @@ def import_run(folder, run, block_size=None, overwrite=False):
     """An HF Llama folder as a run directory (model_config.json, ckpt.pt with iter_num 0 and no
     optimizer: train.py starts a new run from it). Returns the model."""
     model, hf = read_hf(folder, block_size)
-    rundir.start_run(run, "gpt", asdict(model.config), overwrite)
-    rundir.save_gpt(run, model, {}, 0, imported_from={"path": os.path.abspath(folder), "hf_config": hf})
+    with rundir.RunStart() as start:   # one writer; a failed import leaves nothing behind
+        start.claim(run)
+        rundir.start_run(run, "gpt", asdict(model.config), overwrite)
+        rundir.save_gpt(run, model, {}, 0, imported_from={"path": os.path.abspath(folder), "hf_config": hf})
+        start.started()
     return model
 
 
@@ -287,6 +292,9 @@ def write_hf(model, folder, dtype="float32", source=None):
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
         raise UserError(f"{folder} already exists and is not empty: give a new folder")
     model = exportable(model)
+    limit = min(EXPLODED, torch.finfo(DTYPES[dtype]).max)   # float16: 65504; a larger weight would be written as inf
+    check_state(model.state_dict(), f"exporting as {dtype}", limit, fix="nothing written" + (
+        "; export as bfloat16 or float32, which hold it" if dtype == "float16" else ""))
     src_cfg = (source or {}).get("hf_config")
     config = hf_config(model, src_cfg) | {"torch_dtype": dtype}
     tensors = state_to_hf(model, DTYPES[dtype])

@@ -26,6 +26,7 @@ vocabulary's: bytes or GPT-2).
 
 prune.py --tasks uses load_tasks() and evaluate_tasks() on the models it prunes.
 """
+import difflib
 import os
 import sys
 
@@ -35,7 +36,7 @@ import torch
 from gfa import rundir
 from gfa.cli import UserError
 from gfa.device import autocast_for, pick_device
-from gfa.evaluation import Tokenizer, continuation_logprobs
+from gfa.evaluation import Tokenizer, continuation_logprobs, warn_truncated
 from gfa.hf_llama import source_tokenizer
 
 try:
@@ -77,9 +78,17 @@ class GFALM(TemplateLM):
     def create_from_arg_string(cls, arg_string, additional_config=None):
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
+    MODEL_ARGS = ("ckpt", "device", "dtype", "max_tokens", "tokenizer")   # what --model_args may set
+
     @classmethod
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
-        """--model_args win over what lm-eval's command line adds for every model (its --device default)."""
+        """--model_args win over what lm-eval's command line adds for every model (its --device default);
+        a key the gfa model does not take is a one-line error (not silently dropped)."""
+        unknown = sorted(set(arg_dict) - set(cls.MODEL_ARGS))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], cls.MODEL_ARGS, n=1)
+            raise UserError(f"--model_args {unknown[0]}=...: the gfa model takes {', '.join(cls.MODEL_ARGS)}"
+                            + (f" (did you mean {close[0]}?)" if close else ""))
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
         return cls(**arg_dict, **extra)
 
@@ -98,7 +107,9 @@ class GFALM(TemplateLM):
         return self.tok.decode(tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
-        """requests: ((context, continuation), context ids, continuation ids), tokenised by TemplateLM."""
+        """requests: ((context, continuation), context ids, continuation ids), tokenised by TemplateLM.
+        Requests longer than the model's context lose the start of their context: counted in a warning."""
+        warn_truncated([(c, e) for _, c, e in requests], self.model.config.block_size, "lm-eval requests")
         lp, greedy = continuation_logprobs(self.model, [(c, e) for _, c, e in requests], self._device, self.ctx,
                                               self.max_tokens)
         out = [(float(a), bool(b)) for a, b in zip(lp, greedy)]
@@ -122,11 +133,14 @@ class GFALM(TemplateLM):
         return [float(t) for t in totals]
 
     def generate_until(self, requests, disable_tqdm=False):
-        out = []
+        out, self._cut = [], 0
         for req in requests:
             context, gen_kwargs = req.args
             out.append(self.greedy_until(context, dict(gen_kwargs or {})))
             self.cache_hook.add_partial("generate_until", req.args, out[-1])
+        if self._cut:
+            print(f"warning: {self._cut} of {len(requests)} lm-eval generation contexts are longer than the model's "
+                  f"context leaves room for (block_size {self.max_length}): they lost their start (left-truncated)")
         return out
 
     @torch.no_grad()
@@ -139,7 +153,9 @@ class GFALM(TemplateLM):
         until = [until] if isinstance(until, str) else list(until)
         T = self.max_length
         new = max(1, min(int(gen_kwargs.get("max_gen_toks", 256)), T - 1))
-        ids = self.tok_encode(context)[-(T - new):] or [self.tok.eot]
+        ids = self.tok_encode(context)
+        self._cut = getattr(self, "_cut", 0) + (len(ids) > T - new)   # counted for generate_until's warning
+        ids = ids[-(T - new):] or [self.tok.eot]
         model, dev = self.model, self._device   # no dropout: train or eval mode computes the same
         cache = model.new_kv_cache(1, len(ids) + new)
         with self.ctx:

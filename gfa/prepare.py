@@ -19,7 +19,8 @@ from multiprocessing import Pool
 import numpy as np
 
 from gfa.cli import UserError
-from gfa.rundir import remove_stale_temporaries
+from gfa.data import ID_FILE, data_id
+from gfa.rundir import atomic_write_json, remove_stale_temporaries
 
 TOKENIZERS = ("gpt2", "bytes")   # or the folder of an HF model (its tokenizer.json)
 _enc, _eot = None, None   # per-process encoding and end-of-text id
@@ -27,9 +28,14 @@ _enc, _eot = None, None   # per-process encoding and end-of-text id
 
 def jsonl_rows(path):
     """(line number, object) for each non-blank line of a jsonl file (gzipped when it ends in .gz);
-    a line that is not a JSON object is a one-line UserError naming file and line."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    a line that is not UTF-8 or not a JSON object is a one-line UserError naming file and line."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{n} is not UTF-8 text (byte {e.start + 1} of the line): save the file "
+                                f"as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -199,6 +205,8 @@ def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=
     (with a note)."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction={val_fraction}: must be in (0, 1)")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"max_tokens={max_tokens}: a token budget must be >= 1 (or leave it out: everything)")
     if workers is not None and workers < 1:
         raise UserError(f"workers={workers}: must be >= 1 (or leave it out: all cores)")
     load_encoding(tokenizer)   # fail early, in this process, if the tokenizer is unavailable
@@ -219,6 +227,7 @@ def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=
                 raise UserError(f"the {s} split came out empty ({n_doc} documents): give more text")
         for s in ("train", "val"):
             os.replace(tmp[s], paths[s])
+        atomic_write_json(data_id(out_dir) | {"tokenizer": tokenizer}, os.path.join(out_dir, ID_FILE), indent=1)
         ok = True
     except OSError as e:
         raise UserError(f"cannot write {out_dir}: {e.strerror or e} (a full disk, or a read-only folder?)") from None

@@ -24,6 +24,14 @@ The run directory: one folder per run, read and written only through this module
                               the settings and the checkpoint's save_id it was measured with) or
                               resnet.py (top1_drop, with that save_id too)
     <run>/log.txt             the training log
+    <run>/identity.json       what makes two runs "the same experiment" (run_identity): kind, architecture,
+                              recipe (every training setting but the seed and BOOKKEEPING), seed, and the
+                              data's content id (gfa.data.data_id); written at start and at every resume.
+                              Runs without one (earlier versions) get theirs derived from what they have
+                              (read_identity); check_poolable() refuses to pool runs that differ in anything
+                              but the seed, or the same run twice
+    <run>/.lock               while a script writes the run (RunStart): the pid, host and command line of
+                              the one writer, under an exclusive flock; removed when it ends
     <run>/provenance.json     {"invocations": [...]}: every script call that started or resumed the
                               run, with the code's git commit (and whether the tree was dirty), the
                               full command line, the time and the host (record_invocation)
@@ -36,12 +44,15 @@ The run directory: one folder per run, read and written only through this module
 
 Every write of these files is atomic (a temporary file, then a rename; log.txt is appended line
 by line): a kill mid-write leaves the previous file intact, a failed write leaves no temporary
-file, and an OSError (a full disk) is a one-line error. A new run never starts in a folder that holds another run's checkpoint or dump
+file, and an OSError (a full disk) is a one-line error. Every checkpoint read (read_gpt) or written
+(save_checkpoint) passes the weights guard (gfa.training.check_state: no NaN, inf or exploded weight).
+One process writes a run at a time (RunStart's lock), and a start that fails leaves the folder as it was. A new run never starts in a folder that holds another run's checkpoint or dump
 (start_run), so the files of a run always belong together. The Eq. 2 share is never stored:
 read_grad_dump() derives it from the stored norms, over the step range it reports (for a
 checkpointed run, the steps its weights have seen). Runs of earlier versions (the architecture
 inside ckpt.pt, a bare model_config.json, resnet.py's resnet_ckpt.pt) are still read.
 """
+import fcntl
 import glob
 import hashlib
 import json
@@ -60,12 +71,14 @@ import numpy as np
 import torch
 
 from gfa.cli import UserError
+from gfa.data import data_id, run_dataset_dir
 from gfa.theory import accumulated_share, layer_of
+from gfa.training import check_state
 from model import GPT, GPTConfig
 
-CKPT, MODEL_CONFIG, GRAD_DUMP, IMPORTANCE, LOG, HEALED, PROVENANCE = (
+CKPT, MODEL_CONFIG, GRAD_DUMP, IMPORTANCE, LOG, HEALED, PROVENANCE, IDENTITY, LOCK = (
     "ckpt.pt", "model_config.json", "grad_norms.npz", "importance.json", "log.txt", "healed.json",
-    "provenance.json")
+    "provenance.json", "identity.json", ".lock")
 KINDS = ("gpt", "resnet")
 OLD_RESNET_CKPT = "resnet_ckpt.pt"   # resnet.py's checkpoint before checkpoints carried their kind
 
@@ -143,16 +156,17 @@ def atomic_write_text(text, path):
 # ---- model config and checkpoint ------------------------------------------------------------------
 # what a run's scripts write into its folder: --overwrite removes all of it, so nothing of the
 # replaced run stays beside the new one
-_RUN_OUTPUTS = (CKPT, GRAD_DUMP, OLD_RESNET_CKPT, IMPORTANCE, LOG, HEALED, PROVENANCE, "fanin_summary.json", "fig*.png",
+_RUN_OUTPUTS = (CKPT, GRAD_DUMP, OLD_RESNET_CKPT, IMPORTANCE, LOG, HEALED, PROVENANCE, IDENTITY, "fanin_summary.json",
+                "fig*.png",
                 "*_fig*.png")
 SHARDED = "ckpt_sharded"   # the folder of sharded checkpoints (parallel='fsdp')
 
 
-def start_run(run, kind, config, overwrite=False, write=True):
+def start_run(run, kind, config, overwrite=False, write=True, identity=None):
     """Begin a new run in `run`: refuse a folder that holds another run (its checkpoint or gradient
     dump) unless overwrite, which first removes everything that run's scripts wrote there
     (_RUN_OUTPUTS, prune.py's prune/ and sharded checkpoints); then write model_config.json.
-    write=False (DDP ranks other than 0) only checks."""
+    write=False (DDP ranks other than 0) only checks. identity (run_identity()) goes into identity.json."""
     existing = [f for f in (CKPT, GRAD_DUMP, OLD_RESNET_CKPT) if os.path.isfile(file(run, f))]
     if existing and not overwrite:
         resume = ("continue it with --init_from=resume, " if has_checkpoint(run)
@@ -171,6 +185,8 @@ def start_run(run, kind, config, overwrite=False, write=True):
     except OSError as e:
         raise UserError(f"cannot replace the run in {run}: {e.strerror or e}") from None
     write_model_config(run, kind, config)
+    if identity is not None:
+        write_identity(run, identity)
     record_invocation(run)
 
 
@@ -237,10 +253,20 @@ def _with_defaults(kind, config):
     return GPTConfig.defaults() | config if kind == "gpt" else config
 
 
-def read_model_config(run):
+def read_model_config(run, kind=None):
     """(kind, config dict) of a run: model_config.json, else (runs of earlier versions) the
     architecture inside its checkpoint, or a ResNet run known by its importance metric. A GPT
-    config has every current GPTConfig key (those newer than the run at their defaults)."""
+    config has every current GPTConfig key (those newer than the run at their defaults).
+    kind: the kind the caller can use ('gpt', 'resnet'; None: any): another is a one-line error."""
+    have, config = _read_model_config(run)
+    if kind is not None and have != kind:
+        raise UserError(f"{run} holds a {have} model, not a {kind} one: " + (
+            "this script reads language-model runs (train.py, hf.py import)" if kind == "gpt" else
+            "this script reads resnet.py's runs") + "; pass a run of the right kind")
+    return have, config
+
+
+def _read_model_config(run):
     path = file(run, MODEL_CONFIG)
     if os.path.isfile(path):
         try:
@@ -271,6 +297,8 @@ def save_checkpoint(run, kind, model_state, train_config, iter_num, **extra):
     ckpt.pt commits it, and the older folders go."""
     assert kind in KINDS, kind
     assert (model_state is None) == ("sharded" in extra)
+    if model_state is not None:   # the weights guard at the door out (sharded ones: train.py's check_weights)
+        check_state(model_state, f"not writing {file(run, CKPT)}", fix=f"nothing written ({kept(run)})")
     weights = {"model": model_state} if model_state is not None else {}
     # save_id: a new id for every checkpoint written, what results computed from it are keyed on
     atomic_save({"kind": kind, **weights, "train_config": dict(train_config), "iter_num": int(iter_num),
@@ -390,9 +418,11 @@ def read_gpt(run):
     otherwise), the GPTConfig dict of model_config.json) of a GPT run directory, checked to belong
     together: weights that do not fit the config are a one-line error."""
     ckpt = read_checkpoint(run, kind="gpt")
-    _, config = read_model_config(run)
+    _, config = read_model_config(run, kind="gpt")
     weights = model_state(run, ckpt)
     check_weights_match(run, weights, config)
+    check_state(weights, file(run, CKPT), fix="the checkpoint's weights are unusable: restore it from a good copy, "
+                                              "or train the run again")
     return ckpt, weights, config
 
 
@@ -605,3 +635,295 @@ class Log:
     def close(self):
         if self.file is not None:
             self.file.close()
+
+
+# ---- the run's identity, and pooling runs as seeds -------------------------------------------------
+UNKNOWN = "unknown"
+# training settings that do not change what is trained: where output goes, how often to log, evaluate and
+# save, how the same global batch is computed, the device, compiler and logger, and the dataset's location
+# (its content is the identity's "data"). Every other setting, but the seed, is the recipe. train.py's and
+# resnet.py's FREE_ON_RESUME keys are here too.
+BOOKKEEPING = frozenset({
+    "out_dir", "overwrite", "allow_changes", "device", "compile", "eval_interval", "eval_iters", "eval_batch_size",
+    "log_interval", "always_save_checkpoint", "stop_iter", "stop_after_min", "gradient_accumulation_steps",
+    "wandb_log", "wandb_project", "wandb_run_name", "parallel", "activation_checkpointing", "fused_ce",
+    "fused_ce_chunk", "equalize_reference", "dataset", "data_dir", "num_workers", "download", "ckpt_interval",
+    "importance", "analyse", "micro_batch", "plan", "world_size", "gpu_mem_gb"})
+_SECTIONS = (("kind", "kinds"), ("architecture", "architectures"), ("recipe", "recipes"), ("data", "data"))
+
+
+def run_identity(kind, model_config, train_config, data=None):
+    """What makes two runs the same experiment, as a JSON-able dict: kind, architecture (the model
+    config), recipe (every training setting but the seed and BOOKKEEPING; init_from is 'scratch' or
+    'checkpoint'), seed, data (gfa.data.data_id of a GPT run's dataset; a ResNet run's dataset name).
+    A part that is not known (None) is 'unknown': pooling compares what is known."""
+    tc = dict(train_config or {})
+    recipe = {k: v for k, v in sorted(tc.items()) if k not in BOOKKEEPING and k != "seed"
+              and not (kind == "gpt" and k in GPTConfig.defaults())}   # earlier versions kept model keys there
+    if "init_from" in recipe:
+        recipe["init_from"] = "scratch" if recipe["init_from"] in ("scratch", "resume") else "checkpoint"
+    ident = {"version": 1, "kind": kind, "architecture": dict(model_config) if model_config else UNKNOWN,
+             "recipe": recipe if tc else UNKNOWN, "seed": tc.get("seed", UNKNOWN), "data": data or UNKNOWN}
+    return json.loads(json.dumps(ident))   # tuples as lists: as read back from identity.json
+
+
+def run_data_id(kind, train_config, folder=None):
+    """The identity's data part of a run's training config: the content id of its dataset folder (or of
+    `folder`), a ResNet run's dataset name; None when unknown."""
+    tc = train_config or {}
+    if kind == "resnet":
+        return {"dataset": tc["dataset"]} if tc.get("dataset") else None
+    folder = folder or run_dataset_dir(tc)
+    return data_id(folder) if folder and os.path.isdir(folder) else None
+
+
+def write_identity(run, identity):
+    atomic_write_json(identity, file(run, IDENTITY), indent=1)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}): move it aside") from None
+
+
+def _logged_data_folder(run):
+    """The dataset folder the first lines of a train.py log name ('...; data <folder>: N train tokens')."""
+    try:
+        with open(file(run, LOG)) as f:
+            head = [next(f, "") for _ in range(5)]
+    except OSError:
+        return None
+    found = [m.group(1) for line in head if (m := re.search(r"; data (.+): [\d,]+ train tokens", line))]
+    return found[0] if found else None
+
+
+def read_identity(run):
+    """A run's identity: its identity.json, else (a run of an earlier version, an imported or pruned model)
+    derived from what it has: model_config.json, the checkpoint's train_config, the data folder these or
+    log.txt's first lines name (its content now). What cannot be known is 'unknown'; 'derived' says how."""
+    if os.path.isfile(file(run, IDENTITY)):
+        return _read_json(file(run, IDENTITY))
+    kind, config = read_model_config(run)
+    ckpt = read_checkpoint(run, kind=None) if has_checkpoint(run) else {}
+    tc = ckpt.get("train_config") or None
+    if tc and ckpt.get("initialised_from"):
+        tc = tc | {"init_from": "checkpoint"}
+    folder = None if kind == "resnet" else run_dataset_dir(tc) or _logged_data_folder(run)
+    ident = run_identity(kind, config, tc, run_data_id(kind, tc, folder))
+    ident["derived"] = "model_config.json" + (", ckpt.pt's train_config" if tc else "") + (
+        f", the content of {folder} now" if ident["data"] != UNKNOWN and kind == "gpt" else "")
+    return ident
+
+
+def check_resume_data(run, now):
+    """A resume refuses data whose content changed since the run recorded it (identity.json)."""
+    if not os.path.isfile(file(run, IDENTITY)) or not now:
+        return
+    was = _read_json(file(run, IDENTITY)).get("data")
+    changed = [k for k in (was if isinstance(was, dict) else {}) if k in now and was[k] != now[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"{run} was trained on other data: its {k} had content id {was[k]}, the one now given has "
+                        f"{now[k]} (regenerated, truncated or replaced since?): resume with the data the run was "
+                        f"trained on, or start a new run")
+
+
+def pool_member(run):
+    """A run directory's identity plus what tells the same run twice apart from two seeds: its folder
+    and its checkpoint's save_id (a copy keeps it)."""
+    ident = read_identity(run)
+    ckpt = read_checkpoint(run, kind=None) if has_checkpoint(run) else {}
+    return ident | {"checkpoint": ckpt.get("save_id"), "path": os.path.realpath(run)}
+
+
+def _first_difference(a, b):
+    """(what differs, key, a's value, b's value) of the first known difference of two identities outside
+    the seed, else None. Unknown parts, and keys only one of them has (a setting newer than a run), are
+    not compared."""
+    for section, words in _SECTIONS:
+        va, vb = a.get(section, UNKNOWN), b.get(section, UNKNOWN)
+        if UNKNOWN in (va, vb):
+            continue
+        if isinstance(va, dict) and isinstance(vb, dict):
+            for k in sorted(va.keys() & vb.keys()):
+                if va[k] != vb[k]:
+                    return words, k, va[k], vb[k]
+        elif va != vb:
+            return words, section, va, vb
+    return None
+
+
+def _same_run(a, b):
+    """Why two pool members are one run counted twice, or None."""
+    for key, why in (("path", "the same folder"), ("checkpoint", "the same checkpoint"),
+                     ("fingerprint", "identical results")):
+        if a.get(key) and a.get(key) == b.get(key):
+            return why
+    if a.get("seed", UNKNOWN) != UNKNOWN and a.get("seed") == b.get("seed") and _first_difference(a, b) is None:
+        return f"the same seed {a['seed']} and the same settings"
+    return None
+
+
+def check_poolable(runs, allow_mixed=False, option="--runs"):
+    """Refuse to pool (average as seeds) runs that are not seeds of one experiment: the same run twice
+    (always), or runs whose identities differ in anything but the seed (unless allow_mixed). runs: run
+    directories, or (label, identity) pairs (e.g. from results files; an identity may carry 'checkpoint',
+    'path' or 'fingerprint' to tell duplicates). Returns None for a pure pool, else a line saying how the
+    pool is mixed, for the caller to label its output with."""
+    members = [(r, pool_member(r)) if isinstance(r, (str, os.PathLike)) else r for r in runs]
+    for i, (a, ia) in enumerate(members):
+        for b, ib in members[i + 1:]:
+            why = _same_run(ia, ib)
+            if why:
+                raise UserError(f"{option}: {a} and {b} are one run given twice ({why}): each run counts once in a "
+                                f"mean ± std; drop one")
+    (first, i0), mixed = members[0], []
+    for b, ib in members[1:]:
+        diff = _first_difference(i0, ib)
+        if diff:
+            words, key, va, vb = diff
+            mixed.append(f"{first} and {b} have different {words} ({key} {va} vs {vb})")
+    if not mixed:
+        return None
+    if not allow_mixed:
+        raise UserError(f"{option}: {mixed[0]}: {option} takes seeds of one config (only the seed may differ); give "
+                        f"seeds of one experiment, or pass --allow_mixed to pool them anyway (the output is labelled "
+                        f"mixed)")
+    note = "; ".join(mixed)
+    print(f"warning: a mixed pool (--allow_mixed): {note}")
+    return note
+
+
+# ---- one writer per run directory, and a start that fails leaves nothing behind ---------------------
+SNAPSHOT_BYTES = 1 << 20   # files of a run up to this size are kept whole while a start may fail
+
+
+class RunLock:
+    """An exclusive flock on <run>/.lock naming its holder (pid, host, time, command line). A second
+    writer gets a one-line error naming the holder; a lock file left by a process that died (the
+    kernel released its flock) is taken over, and `taken_over` says whose it was."""
+
+    def __init__(self, run):
+        self.run, self.path, self.fd, self.taken_over = run, file(run, LOCK), None, None
+
+    def acquire(self):
+        try:
+            os.makedirs(self.run, exist_ok=True)
+            while self.fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process"
+                    holder = holder if len(holder) <= 160 else holder[:157] + "..."
+                    os.close(fd)
+                    raise UserError(f"{self.run} is being written by another process ({holder}): one writer per run "
+                                    f"directory; wait for it to end, or pick another folder") from None
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:   # its holder removed the file between our open and flock: take the new one
+                    os.close(fd)
+                    continue
+                self.fd = fd
+            self.taken_over = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or None
+            me = (f"pid {os.getpid()} on host {platform.node()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: "
+                  + " ".join(sys.argv))[:4000]
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, me.encode(), 0)
+        except OSError as e:
+            raise cannot_write(self.path, e) from None
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            try:
+                os.remove(self.path)   # while still holding it: a waiter that opened it retries (acquire)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def _snapshot(run):
+    """What a run folder holds before a start: None when it does not exist; else {name: bytes (files up to
+    SNAPSHOT_BYTES), int (the size of larger files, which a start only appends to), or 'dir'}."""
+    if not os.path.isdir(run):
+        return None
+    snap = {}
+    for name in os.listdir(run):
+        path = file(run, name)
+        if os.path.isdir(path):
+            snap[name] = "dir"
+        elif os.path.isfile(path):
+            size = os.path.getsize(path)
+            snap[name] = size if size > SNAPSHOT_BYTES else open(path, "rb").read()
+    return snap
+
+
+def _roll_back(run, snap):
+    """Put a run folder back as _snapshot found it: what the failed start created goes, what it changed
+    is restored (small files whole, larger ones cut back to their size); a folder it created goes."""
+    if snap is None:
+        shutil.rmtree(run, ignore_errors=True)
+        return
+    for name in os.listdir(run) if os.path.isdir(run) else []:
+        path, was = file(run, name), snap.get(name)
+        if name == LOCK:
+            continue
+        if was is None:
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        elif isinstance(was, bytes) and open(path, "rb").read() != was:
+            atomic_write_with(path, lambda f: f.write(was))
+        elif isinstance(was, int) and os.path.getsize(path) > was:
+            os.truncate(path, was)
+
+
+class RunStart:
+    """A script's writes into run directories, from before its checks to the point where the work is
+    under way:
+
+        with rundir.RunStart() as start:
+            start.claim(run)          # the exclusive lock (RunLock); the folder as it is now
+            ... checks, start_run, the first writes ...
+            start.started()           # from here, a failure is the run's own (its log says it)
+            ... the work ...
+
+    A failure before started() rolls every claimed folder back (_roll_back): nothing the failed start
+    created stays, nothing that was there is lost. The locks go when the block ends."""
+
+    def __init__(self):
+        self.claims, self.done = [], False
+
+    def __enter__(self):
+        return self
+
+    def claim(self, run, master=True):
+        """Lock run (on DDP rank 0 only: master) and remember what it holds; a lock left by a dead process
+        is taken over, with a line in the run's log."""
+        if not master:
+            return
+        snap = _snapshot(run)
+        lock = RunLock(run).acquire()
+        self.claims.append((run, lock, snap))
+        if lock.taken_over:
+            line = f"note: took over the lock of {run} from a process that is gone ({lock.taken_over})"
+            print(line, flush=True)
+            with open(file(run, LOG), "a") as f:
+                f.write(line + "\n")
+
+    def started(self):
+        self.done = True
+
+    def __exit__(self, exc_type, exc, tb):
+        for run, lock, snap in reversed(self.claims):
+            try:
+                if exc_type is not None and not self.done:
+                    _roll_back(run, snap)
+            finally:
+                lock.release()
+        return False

@@ -35,8 +35,19 @@ def check_optimizer_settings(cfg):
     for key in ("beta1", "beta2", "momentum"):
         if key in cfg and not 0 <= cfg[key] < 1:
             raise UserError(f"{key}={cfg[key]}: must be in [0, 1)")
+    if cfg["min_lr"] > cfg["learning_rate"]:   # the cosine would rise to its "end"
+        raise UserError(f"min_lr={cfg['min_lr']} is above learning_rate={cfg['learning_rate']} (the peak): give "
+                        f"min_lr <= learning_rate")
     if cfg.get("optimizer", "adamw") not in OPTIMIZERS:
         raise UserError(f"optimizer={cfg['optimizer']!r}: use 'adamw' (the paper) or 'sgd' (with momentum)")
+
+
+def check_logger(cfg):
+    """wandb_log=True needs the wandb package: said before anything starts, not at the first log line."""
+    import importlib.util
+    if cfg.get("wandb_log") and importlib.util.find_spec("wandb") is None:
+        raise UserError("wandb_log=True but the wandb package is not installed: pip install wandb, or leave "
+                        "wandb_log out")
 
 
 def check_resume(saved, requested, free, allow_changes):
@@ -326,13 +337,11 @@ class FiniteGuard:
 EXPLODED = 1e10   # no weight of a healthy model comes near this (they are O(0.02)-O(10))
 
 
-def check_weights(model, step, kept):
-    """UserError when a weight or buffer is non-finite or has exploded (|w| > EXPLODED): a finite loss
-    does not prove sane weights, since the update after it can blow them up. One fused max-|w|
-    reduction and one host sync (plus one all-reduce when sharded): call it before saving, not every step."""
-    named = [(n, t) for n, t in model.state_dict().items() if t.is_floating_point() and t.numel()]
+def _largest(named):
+    """max |w| of each (name, tensor), as a CPU tensor: one fused reduction and one host sync (plus one
+    all-reduce of the maxima when the tensors are FSDP shards). NaN stays NaN (inf when sharded)."""
     local = [local_shard(t) for _, t in named]
-    top = torch.zeros(len(named), device=local[0].device)
+    top = torch.zeros(len(named), device=local[0].device if local else "cpu")
     have = [i for i, t in enumerate(local) if t.numel()]   # a rank's shard may be empty
     if have:
         top[have] = torch.stack(torch._foreach_norm([local[i] for i in have], ord=float("inf"))).float()
@@ -340,9 +349,40 @@ def check_weights(model, step, kept):
     if group is not None:   # FSDP: the largest over every rank's shards (NaN as inf: MAX may drop a NaN)
         top = torch.where(torch.isnan(top), float("inf"), top)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    top = top.cpu()
-    bad = ~torch.isfinite(top) | (top > EXPLODED)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise UserError(f"a weight is non-finite or has exploded after step {step} (max |w| {top[i].item():.3g} in "
-                        f"{named[i][0]}): stopped ({kept}); try a lower learning_rate or dtype=float32")
+    return top.cpu()
+
+
+def bad_weight(state, limit=EXPLODED):
+    """(name, max |w|) of the first floating-point tensor of a state dict (or [(name, tensor)]) that is
+    non-finite or larger than limit in magnitude, else None: the one weights guard every load and write
+    of weights goes through (check_weights, check_state)."""
+    items = state.items() if isinstance(state, dict) else state
+    named = [(n, t) for n, t in items if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    top = _largest(named)
+    bad = ~torch.isfinite(top) | (top > limit)
+    if not bad.any():
+        return None
+    i = int(bad.nonzero()[0])
+    return named[i][0], top[i].item()
+
+
+def check_weights(model, step, kept):
+    """UserError when a weight or buffer is non-finite or has exploded (|w| > EXPLODED): a finite loss
+    does not prove sane weights, since the update after it can blow them up. One fused max-|w|
+    reduction and one host sync (plus one all-reduce when sharded): call it before saving, not every step."""
+    bad = bad_weight(model.state_dict())
+    if bad:
+        raise UserError(f"a weight is non-finite or has exploded after step {step} (max |w| {bad[1]:.3g} in "
+                        f"{bad[0]}): stopped ({kept}); try a lower learning_rate or dtype=float32")
+
+
+def check_state(state, where, limit=EXPLODED, fix="restore the weights from a good copy, or train again"):
+    """The weights guard at a door (a checkpoint read or written, an import, an export): a UserError
+    naming the tensor when a weight is non-finite or |w| > limit (default EXPLODED; an export's dtype
+    passes its largest finite value)."""
+    bad = bad_weight(state, limit)
+    if bad:
+        what = "non-finite" if not math.isfinite(bad[1]) else f"too large (max |w| {bad[1]:.3g} > {limit:.3g})"
+        raise UserError(f"{where}: weight {bad[0]} is {what}: {fix}")

@@ -6,6 +6,7 @@ import os
 import socket
 import time
 import traceback
+import zlib
 
 import numpy as np
 import pytest
@@ -53,7 +54,9 @@ def write_run(path, model, data_dir=None, rows=None, iter_num=5, dump=True, trai
         rows = 1.0 + np.random.default_rng(0).random((5, len(names)))
     for step, row in enumerate(rows):
         d.record(step, torch.tensor(row, dtype=torch.float32))
-    tc = {"dataset": "", "data_dir": str(data_dir or ""), "batch_size": 4, "seed": 0} | (train_config or {})
+    # each run its own seed (from its folder's name), as seeds of one config have: pooling refuses a seed twice
+    seed = zlib.crc32(os.path.basename(os.path.normpath(str(path))).encode())
+    tc = {"dataset": "", "data_dir": str(data_dir or ""), "batch_size": 4, "seed": seed} | (train_config or {})
     rundir.save_gpt(str(path), model, tc, iter_num, grad_dump=d.state_dict() if dump else None)
     if dump:
         d.flush()

@@ -219,7 +219,8 @@ def test_run_directory(tmp_path):
     """The files train.py leaves (gfa/rundir.py's contract): the architecture once, in model_config.json;
     the training settings without model keys; the default out_dir from the config files' names."""
     _, out = run(tmp_path, "a", "--max_iters=2")
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "grad_norms.npz", "log.txt", "model_config.json", "provenance.json"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "grad_norms.npz", "identity.json", "log.txt", "model_config.json",
+                                       "provenance.json"]
     kind, mc = rundir.read_model_config(out)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert kind == ckpt["kind"] == "gpt" and mc["n_layer"] == 3 and "model_config" not in ckpt
@@ -253,7 +254,8 @@ def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
         os.makedirs(os.path.dirname(os.path.join(out, f)), exist_ok=True)
         open(os.path.join(out, f), "w").close()
     train.main(TINY + [f"--out_dir={out}", "--max_iters=2", "--overwrite=True"])
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "grad_norms.npz", "log.txt", "model_config.json", "provenance.json"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "grad_norms.npz", "identity.json", "log.txt", "model_config.json",
+                                       "provenance.json"]
 
 
 def test_resuming_a_run_of_an_earlier_version_brings_it_up_to_date(tmp_path):
@@ -641,3 +643,14 @@ def test_a_step_that_does_not_fit_or_compile_ends_in_one_line_and_keeps_the_run(
         else:
             assert after[f] == before[f], f
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["iter_num"] == 2
+
+
+def test_identity_leaves_out_what_a_resume_may_change(tmp_path):
+    """The run identity's bookkeeping (gfa/rundir.py: BOOKKEEPING) holds every setting a resume may change
+    freely, but the two that shape the equalisation factor a resume reuses; identity.json is written at the
+    start and says the recipe, seed and data of the run."""
+    assert train._FREE_ON_RESUME - {"init_from", "equalize_pilot_iters"} <= rundir.BOOKKEEPING
+    _, out = run(tmp_path, "a", "--max_iters=2")
+    ident = json.load(open(os.path.join(out, "identity.json")))
+    assert ident["seed"] == 324709 and ident["recipe"]["max_iters"] == 2 and "out_dir" not in ident["recipe"]
+    assert ident["data"]["val.bin"].startswith(f"{os.path.getsize(os.path.join(ROOT, 'data/shakespeare/val.bin'))}:")

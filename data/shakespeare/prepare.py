@@ -20,7 +20,7 @@ import tarfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))   # the repo root
-from gfa.cli import ArgumentParser, cli  # noqa: E402
+from gfa.cli import ArgumentParser, UserError, cli  # noqa: E402
 from gfa.rundir import atomic_write_with  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,8 +52,12 @@ def build(sdist):
 
 def prepare(out_dir=HERE):
     """Write out_dir/train.bin and val.bin (uint16 bytes) from input.txt.xz; deterministic."""
-    with lzma.open(CORPUS, "rb") as f:
-        data = np.frombuffer(f.read(), dtype=np.uint8).astype(np.uint16)
+    try:
+        with lzma.open(CORPUS, "rb") as f:
+            data = np.frombuffer(f.read(), dtype=np.uint8).astype(np.uint16)
+    except (OSError, EOFError, lzma.LZMAError) as e:   # the embedded file missing, truncated or damaged
+        raise UserError(f"the embedded text {CORPUS} cannot be read ({type(e).__name__}): restore it with "
+                        f"`git checkout -- data/shakespeare/input.txt.xz` (or rebuild it: --build, see its docstring)") from None
     n = int(0.9 * len(data))
     for name, part in (("train", data[:n]), ("val", data[n:])):
         # atomic: a concurrent reader never sees a half-written file, a full disk leaves nothing behind

@@ -184,3 +184,60 @@ def test_provenance_reads_git_without_the_override(monkeypatch):
     monkeypatch.delenv("GFA_COMMIT", raising=False)
     v = rundir.code_version()
     assert v["commit"] == "unknown" or (len(v["commit"]) == 40 and v["dirty"] in (True, False))
+
+
+def test_identity_of_a_run_of_an_earlier_version_is_derived_from_what_it_has(tmp_path, byte_data):
+    """No identity.json (earlier versions): the architecture from model_config.json, the recipe and seed from
+    the checkpoint's train_config (bookkeeping keys and model keys left out), the data from the content of
+    the folder it names; without a checkpoint, the data folder log.txt's first lines name, the rest unknown."""
+    run = write_run(tmp_path / "old", tiny_model(), byte_data, train_config={
+        "seed": 7, "learning_rate": 1e-3, "log_interval": 5, "device": "cuda", "init_from": "resume", "n_layer": 4})
+    ident = rundir.read_identity(run)
+    assert ident["architecture"] == asdict(tiny_model().config) and ident["seed"] == 7
+    assert ident["recipe"] == {"batch_size": 4, "learning_rate": 1e-3, "init_from": "scratch"}
+    size = os.path.getsize(byte_data / "train.bin")
+    assert ident["data"]["train.bin"].startswith(f"{size}:") and "derived" in ident
+    bare = tmp_path / "bare"   # a run stopped before its first checkpoint: model config and log only
+    rundir.write_model_config(str(bare), "gpt", asdict(tiny_model().config))
+    (bare / "log.txt").write_text(f"model: 1 params; data {byte_data}: 6,000 train tokens\n")
+    ident2 = rundir.read_identity(str(bare))
+    assert ident2["recipe"] == ident2["seed"] == "unknown" and ident2["data"] == ident["data"]
+    # pooling compares what is known: the architecture and data agree, the unknown recipe is not compared
+    assert rundir.check_poolable([run, str(bare)]) is None
+    # and the first known difference is named, whichever part it is in
+    other = dict(ident, recipe=dict(ident["recipe"], batch_size=8), seed=8)
+    with pytest.raises(UserError, match=r"x and y have different recipes \(batch_size 4 vs 8\)"):
+        rundir.check_poolable([("x", ident), ("y", other)])
+    assert "batch_size 4 vs 8" in rundir.check_poolable([("x", ident), ("y", other)], allow_mixed=True)
+    with pytest.raises(UserError, match="one run given twice \\(the same seed 7 and the same settings\\)"):
+        rundir.check_poolable([("x", ident), ("y", dict(ident))])
+
+
+def test_a_failed_start_is_rolled_back_and_a_good_one_kept(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.txt").write_text("old line\n")
+    (run / "provenance.json").write_text("{}")
+    with pytest.raises(UserError):
+        with rundir.RunStart() as start:
+            start.claim(str(run))
+            assert "pid " in (run / ".lock").read_text()
+            (run / "log.txt").open("a").write("new line\n")
+            (run / "provenance.json").write_text('{"changed": 1}')
+            (run / "new.json").write_text("x")
+            (run / "sub").mkdir()
+            raise UserError("a check failed")
+    assert sorted(os.listdir(run)) == ["log.txt", "provenance.json"]
+    assert (run / "log.txt").read_text() == "old line\n" and (run / "provenance.json").read_text() == "{}"
+    with pytest.raises(UserError):
+        with rundir.RunStart() as start:
+            start.claim(str(tmp_path / "fresh"))
+            raise UserError("x")
+    assert not (tmp_path / "fresh").exists()   # the folder this start created goes with it
+    with pytest.raises(RuntimeError):
+        with rundir.RunStart() as start:
+            start.claim(str(run))
+            start.started()
+            (run / "ckpt.pt").write_text("written by the run")
+            raise RuntimeError("a failure of the run itself, after its start")
+    assert (run / "ckpt.pt").exists() and not (run / ".lock").exists()
