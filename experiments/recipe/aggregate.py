@@ -43,7 +43,10 @@ def find_runs(recipe_runs, study_runs):
                 arms.setdefault(arm, []).append((int(seed), os.path.join(folder, name)))
     if PAPER_ARM not in arms:
         raise UserError(f"no run of the {PAPER_ARM} arm under {recipe_runs}: train it with experiments/recipe/run.sh")
-    return {arm: [run for _, run in sorted(runs)] for arm, runs in arms.items()}
+    arms = {arm: [run for _, run in sorted(runs)] for arm, runs in arms.items()}
+    for arm, runs in arms.items():   # an arm's runs are seeds of one experiment (gfa/rundir.py: identity)
+        rundir.check_poolable(runs, option=f"the arm {arm}")
+    return arms
 
 
 def read_log(run):

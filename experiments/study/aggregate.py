@@ -75,7 +75,10 @@ def table2_ppl():
     ppl = {}
     for config in ("vanilla_16l", "vanilla_15l", "cascade_a2", "vanilla_8l", "vanilla_16l_mixln", "vanilla_16l_lns",
                    "vanilla_16l_scaledinit"):
-        ppl[config] = [imp["baseline"] for imp in map(rundir.read_importance, seed_runs(config)) if imp]
+        runs = [run for run in seed_runs(config) if rundir.read_importance(run)]
+        if len(runs) > 1:   # seeds of one experiment (gfa/rundir.py: identity), each once
+            rundir.check_poolable(runs, option=config)
+        ppl[config] = [rundir.read_importance(run)["baseline"] for run in runs]
     return ppl
 
 

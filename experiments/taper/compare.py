@@ -117,6 +117,9 @@ def main(argv=None):
         with torch.device("meta"):
             model = GPT(GPTConfig(**rundir.read_model_config(run)[1]))
         size[m] = (model.num_params(), model.flops_per_token())
+    for name, runs in members.items():   # a config's runs are seeds of one experiment (gfa/rundir.py: identity)
+        if len(runs) > 1:
+            rundir.check_poolable(runs, option=name)
     scale = "/".join(sorted(scales))
     rows = json.load(open(args.bench))["rows"] if args.bench else []
     latency = {os.path.basename(r["config"]): r for r in rows if r.get("impl") == "ours" and "median_ms" in r}
