@@ -11,34 +11,9 @@ with optional healing and the speed of the physically pruned models.
     python prune.py --runs out/a out/b out/c --k 2,4,8 --methods cfp,similarity,taylor,magnitude,block_influence,sleb \
         --tasks piqa,winogrande,hellaswag,arc_easy,arc_challenge --heal_tokens 2e7 --speed   # the whole study
 
-Methods (their scores: gfa/pruning.py); each prints its full ranking, then prunes by passthrough (the
-removed layers are skipped as identity, model.set_passthrough). The paper's four (Appendix A.4) are the
-default:
-  cfp         the k layers with the lowest accumulated training-gradient share (Eq. 2, from
-              <run>/grad_norms.npz, over the steps the checkpoint's weights have seen), at any positions.
-  magnitude   A.4: "for projection matrices, values are first reduced along the input dimension
-              to obtain per-output scores, then aggregated within the block". Read with an L1
-              reduction that sentence changes nothing (sum |W| either way), so the default
-              (--magnitude=row_l2) reduces each output row by its L2 norm: block score = sum over
-              the block's matrices of ||W[o, :]||_2 over outputs o, plus sum |g| of its RMSNorm gains
-              (already one value per output). --magnitude=sum is sum |W| over all its weights.
-              Summed rather than averaged, so a narrower (tapered) layer counts as the smaller mass
-              it is. Embeddings, LM head and final norm are excluded. The k lowest blocks go.
-  taylor      on --calib_batches batches of TRAINING data (fixed windows): block score = sum
-              over batches and over the block's weights of |W * dL/dW| (elementwise |.| per
-              batch, one backward per batch, L = the final LM loss). k lowest go.
-  similarity  Gromov et al.: angular distance arccos(cos(h_l, h_{l+k})) / pi between the input
-              of layer l and the input of layer l+k (h_N = the last block's output), of the LAST
-              token of each calibration sequence, as the authors define it (--similarity_tokens=all
-              averages over every position instead: less noisy on a small calibration set). The
-              contiguous block [l, l+k) with the smallest distance goes. Its per-layer ranking (for
-              the cross-seed stability) is the k=1 distance.
-Two more, by name:
-  block_influence  ShortGPT (Men et al. 2024): BI = 1 - cos(input, output) of each block, averaged
-              over every token of the calibration batches; the k lowest go.
-  sleb        SLEB (Song et al. 2024): remove one block at a time, each round the one whose removal
-              gives the lowest calibration perplexity (the calibration batches); k = the first k
-              removed. Its per-layer ranking is the first round's (each block removed alone).
+Methods: the registry in gfa/pruning.py (`python prune.py --help` lists each with what it needs); each
+prints its full ranking, then prunes by passthrough (the removed layers are skipped as identity,
+model.set_passthrough). The paper's four (Appendix A.4: cfp, similarity, taylor, magnitude) are the default.
 
 Evaluation (gfa/evaluation.py): held-out perplexity over a fixed token set (same numbers every
 call) and zero-shot multiple choice with the in-house scorer on a HellaSwag-layout file (acc:
@@ -62,6 +37,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict
 from itertools import combinations
@@ -75,16 +51,11 @@ from gfa.data import DATA, get_batch, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, pick_device
 from gfa.evaluation import Tokenizer, choice_accuracy, encode_items, ending_logprobs, evaluate, load_multiple_choice
 from gfa.hf_llama import source_tokenizer
-from gfa.pruning import (MAGNITUDE_READINGS, angular_distances, block_influence, cfp_share, lowest, magnitude_scores,
-                         similarity_block, sleb_order, taylor_scores)
+from gfa.pruning import MAGNITUDE_READINGS, METHODS as REGISTRY, PruneInput
 from gfa.theory import mean_std, spearman
 from model import drop_layers
 
-METHODS = ("cfp", "similarity", "taylor", "magnitude", "block_influence", "sleb")
-PAPER_METHODS = METHODS[:4]   # the default, in the paper's column order
-LABELS = {"cfp": "CFP (ours)", "similarity": "Similarity", "taylor": "Taylor", "magnitude": "Magnitude",
-          "block_influence": "Block Influence", "sleb": "SLEB"}
-CALIBRATED = ("taylor", "similarity", "block_influence", "sleb")   # the methods that read calibration batches
+PAPER_METHODS = tuple(m for m in REGISTRY if REGISTRY[m].default)   # the default, in the paper's column order
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))   # train.py and bench.py, run for healing and timing
 
 
@@ -104,48 +75,37 @@ def parse_ks(text):
 
 def parse_methods(text):
     ms = [m.strip().lower() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in ms if m not in METHODS]
+    bad = [m for m in ms if m not in REGISTRY]
     if bad or not ms:
-        raise UserError(f"--methods {text!r}: choose from {','.join(METHODS)}")
-    return [m for m in METHODS if m in ms]
+        raise UserError(f"--methods {text!r}: choose from {','.join(REGISTRY)}")
+    return [m for m in REGISTRY if m in ms]   # the registry's (the table's) column order
 
 
-def rank_layers(model, methods, ks, share, calib, device, ctx, args):
-    """Each method's per-layer scores (higher = more important; printed as a ranking) and its
-    choice of layers to remove for every k: (scores {method: [N]}, choice {(method, k): layers})."""
-    scores, choice = {}, {}
+def rank_layers(model, methods, ks, inp):
+    """Each method's Ranking (gfa/pruning.py's registry), its full ranking printed: {method: Ranking}."""
+    rankings = {}
     for m in methods:
-        if m == "similarity":
-            D = angular_distances(model, calib, device, ctx, args.similarity_tokens)
-            scores[m] = np.array([D[l, l + 1] for l in range(model.config.n_layer)])
-            print_ranking("similarity", scores[m], f"angular distance d(h_l, h_l+1), {args.similarity_tokens} token(s)")
-            for k in ks:
-                l, cand = similarity_block(D, k)
-                choice[(m, k)] = list(range(l, l + k))
-                print(f"  similarity k={k}: blocks [l, l+{k}) by distance: "
-                      + "  ".join(f"{i}:{cand[i]:.4f}" for i in np.argsort(cand, kind="stable")))
-            continue
-        if m == "sleb":
-            order, after, scores[m] = sleb_order(model, calib, device, ctx, max(ks))
-            print_ranking("sleb", scores[m], f"calibration loss with the block removed alone, {len(calib)} batches")
-            print("  sleb removal order: " + " -> ".join(f"L{l} (ppl {math.exp(a):.4g})" for l, a in zip(order, after)))
-            for k in ks:
-                choice[(m, k)] = sorted(order[:k])
-            continue
-        if m == "cfp":
-            scores[m], what = share, "accumulated gradient share"
-        elif m == "magnitude":
-            scores[m] = magnitude_scores(model, args.magnitude)
-            what = "sum of |W|" if args.magnitude == "sum" else "sum of per-output-row L2 norms"
-        elif m == "block_influence":
-            scores[m] = block_influence(model, calib, device, ctx)
-            what = f"1 - cos(block input, output), every token of {len(calib)} calibration batches"
-        else:
-            scores[m], what = taylor_scores(model, calib, device, ctx), f"sum |W*dL/dW| over {len(calib)} calibration batches"
-        print_ranking(m, scores[m], what)
-        for k in ks:
-            choice[(m, k)] = lowest(scores[m], k)
-    return scores, choice
+        r = rankings[m] = REGISTRY[m].rank(model, ks, inp)
+        print_ranking(m, r.scores, r.what)
+        for line in r.notes:
+            print(line)
+    return rankings
+
+
+def method_label(m):
+    """A method's column in the table (a results.json may name one this version no longer registers)."""
+    return REGISTRY[m].label if m in REGISTRY else m
+
+
+def methods_help():
+    """--help's list of the methods: the registry's descriptions and needs."""
+    lines = ["methods (--methods; gfa/pruning.py's registry; * = the default set):"]
+    for m in REGISTRY.values():
+        needs = [w for w, f in (("calibration batches", m.calibration), ("gradients", m.gradients),
+                                ("the run's gradient dump", m.training_dump)) if f]
+        text = f"{m.name}{' *' if m.default else ''}: {m.description}" + (f" Needs {', '.join(needs)}." if needs else "")
+        lines.append(textwrap.fill(text, 110, initial_indent="  ", subsequent_indent="      "))
+    return "\n".join(lines)
 
 
 def measurer(val, T, mc, tasks, tok, args, device, ctx):
@@ -204,16 +164,16 @@ def prune_run(run, tag, args, ks, methods, mc_items, tasks, device, ctx, to_time
     N, T = cfg.n_layer, cfg.block_size
     print(f"== run {run}: {N} layers, {model.num_params() / 1e6:.1f}M params, held-out {ddir}/val.bin")
 
-    share = cfp_share(run, N, ckpt, args.cfp_steps) if "cfp" in methods else None   # fail early, before any compute
     calib = None
-    if any(m in CALIBRATED for m in methods):
+    if any(REGISTRY[m].calibration for m in methods):
         train = load_tokens(os.path.join(ddir, "train.bin"), cfg.vocab_size)
         # fixed windows of the training data (seeded): the calibration set is the same every call; on the
         # device once, so the methods that run it many times (SLEB) copy nothing and never wait on the host
         calib = [tuple(t.to(device) for t in get_batch(train, args.batch_size, T, step, args.calib_seed))
                  for step in range(args.calib_batches)]
 
-    scores, choice = rank_layers(model, methods, ks, share, calib, device, ctx, args)
+    rankings = rank_layers(model, methods, ks, PruneInput(calib, device, ctx, run, ckpt, args))
+    choice = {(m, k): r.choice[k] for m, r in rankings.items() for k in ks}
     tok = run_tokenizer(cfg, ckpt, args)
     mc = None if mc_items is None else (mc_items, encode_items(mc_items, tok))
     measure = measurer(val, T, mc, tasks, tok, args, device, ctx)
@@ -227,8 +187,8 @@ def prune_run(run, tag, args, ks, methods, mc_items, tasks, device, ctx, to_time
             model.set_passthrough([])
         return cache[key]
 
-    res = {"run": run, "n_layer": N, "baseline": score([]), "cells": {}, "scores": {m: list(map(float, s))
-           for m, s in scores.items()}}
+    res = {"run": run, "n_layer": N, "baseline": score([]), "cells": {}, "scores": {m: list(map(float, r.scores))
+           for m, r in rankings.items()}}
     print(f"  baseline: {_fmt_metrics(res['baseline'])}")
     for m in methods:
         for k in ks:
@@ -455,7 +415,7 @@ def table_sections(results):
 
 def table1(results, ks, methods, stab, settings):
     n = len(results)
-    head = ["k", "metric"] + [LABELS[m] for m in methods]
+    head = ["k", "metric"] + [method_label(m) for m in methods]
     lines = [f"Table 1: layer pruning of {results[0]['n_layer']}-layer model(s), {n} run(s)"
              + (" (mean ± sample std over runs)" if n > 1 else ""), "", *legend(results, settings)]
     for title, rows in table_sections(results):
@@ -469,7 +429,7 @@ def table1(results, ks, methods, stab, settings):
             for label, path, d in rows:
                 lines.append(f"| {k} | {label} | " + " | ".join(
                     _cell([_get(r["cells"][f"{m}/{k}"], path) for r in results], d, spread) for m in methods) + " |")
-    lines += ["", "Removed layers (per run):", "", "| k | " + " | ".join(LABELS[m] for m in methods) + " |",
+    lines += ["", "Removed layers (per run):", "", "| k | " + " | ".join(method_label(m) for m in methods) + " |",
               "|" + "---|" * (len(methods) + 1)]
     for k in ks:
         lines.append(f"| {k} | " + " | ".join(" / ".join(str(r["cells"][f"{m}/{k}"]["layers"]) for r in results)
@@ -480,7 +440,7 @@ def table1(results, ks, methods, stab, settings):
         lines += ["", "Ranking stability across runs: mean pairwise Spearman rho of each method's per-layer scores"
                   + (f" ({which})" if which else ""), "", "| method | mean rho | pairs |", "|---|---|---|"]
         for m in methods:
-            lines.append(f"| {LABELS[m]} | {stab[m][0]:.3f} | {', '.join(f'{r:.3f}' for r in stab[m][1])} |")
+            lines.append(f"| {method_label(m)} | {stab[m][0]:.3f} | {', '.join(f'{r:.3f}' for r in stab[m][1])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -525,7 +485,7 @@ def plot(results, ks, methods, path):
                     continue
                 ms = [mean_std(v) for v in vals]
                 ax.errorbar(ks, [a for a, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, ls=style,
-                            color=f"C{i}", label=LABELS[m] + (" healed" if pre else ""))
+                            color=f"C{i}", label=method_label(m) + (" healed" if pre else ""))
         base = [v for r in results if (v := _get(r["baseline"], key)) is not None]
         if base:
             ax.axhline(mean_std(base)[0], color="gray", ls=":", label="baseline (k=0)")
@@ -686,10 +646,10 @@ def check_runs(runs, save_pruned, out, same_architecture=True):
 
 
 def parse(argv):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=methods_help())
     p.add_argument("--runs", nargs="+", default=["out/vanilla_16l"], help="run directories; several = seeds")
     p.add_argument("--k", default="1,2,4,6,8", help="layers to remove, one or several: 4 or 1,2,4,6,8")
-    p.add_argument("--methods", default=",".join(PAPER_METHODS), help="subset of " + ",".join(METHODS))
+    p.add_argument("--methods", default=",".join(PAPER_METHODS), help="subset of " + ",".join(REGISTRY))
     p.add_argument("--hellaswag", default=None, help="multiple-choice jsonl in HellaSwag layout (ctx, endings, label; "
                    "any number of endings) for the in-house scorer (default data/hellaswag/hellaswag_val.jsonl if "
                    "present; 'none' skips)")
@@ -706,8 +666,8 @@ def parse(argv):
     p.add_argument("--batch_size", type=int, default=8, help="sequences per batch (perplexity, calibration)")
     p.add_argument("--cfp_steps", type=int, default=0, help="any-time CFP: the share over the first N training "
                    "steps only (0 = every step the checkpoint saw)")
-    p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for Taylor, Similarity, "
-                   "Block Influence and SLEB")
+    p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for the methods that "
+                   "read calibration batches (listed below)")
     p.add_argument("--calib_seed", type=int, default=1234, help="seed of the calibration windows")
     p.add_argument("--similarity_tokens", default="last", choices=("last", "all"),
                    help="similarity over the last token of each sequence (Gromov et al.) or over all tokens")

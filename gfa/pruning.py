@@ -11,6 +11,7 @@ one per round); prune.py ranks, prunes and evaluates with them (its docstring de
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -185,3 +186,121 @@ def similarity_block(D, k):
     N = D.shape[0] - 1
     cand = np.array([D[l, l + k] for l in range(N - k + 1)])
     return int(np.argmin(cand)), cand
+
+
+# ---- the registry: every method prune.py knows, one record each ---------------------------------------
+# A method is one function rank(model, ks, inp) -> Ranking, registered with @method(...): prune.py reads
+# its name, label, needs and description from here, so a new method is a function (and its test).
+@dataclass
+class PruneInput:
+    """What a method may read besides the model: calibration batches (on the device, or None when no
+    chosen method needs them), the device and autocast context, the run and its checkpoint (CFP's
+    dump), and prune.py's options (args: magnitude, similarity_tokens, cfp_steps, ...)."""
+    calib: list
+    device: str
+    amp: object
+    run: str = ""
+    ckpt: dict = field(default_factory=dict)
+    options: object = None
+
+
+@dataclass
+class Ranking:
+    """A method's answer: per-layer scores (higher = more important; printed as a ranking and compared
+    across seeds), the layers it removes for each k, what the scores are (one line), lines to print
+    after the ranking, and for methods that also change weights, {k: {parameter name: new tensor}}."""
+    scores: np.ndarray
+    choice: dict
+    what: str
+    notes: list = field(default_factory=list)
+    edits: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str                    # the table's column
+    rank: callable
+    description: str              # prune.py --help
+    calibration: bool = False     # reads calibration batches of training data
+    gradients: bool = False       # runs backward passes
+    training_dump: bool = False   # needs the run's gradient dump (its training history)
+    default: bool = False         # among prune.py's default --methods (the paper's four)
+
+
+METHODS = {}   # name -> Method, in the table's column order
+
+
+def method(name, label, description, **needs):
+    def register(rank):
+        if name in METHODS:
+            raise ValueError(f"pruning method {name!r} registered twice")
+        METHODS[name] = Method(name, label, rank, " ".join(description.split()), **needs)
+        return rank
+    return register
+
+
+def by_lowest(scores, ks, what, notes=()):
+    """The Ranking of a method that removes the k lowest-scored layers."""
+    return Ranking(np.asarray(scores, dtype=np.float64), {k: lowest(scores, k) for k in ks}, what, list(notes))
+
+
+@method("cfp", "CFP (ours)", """the k layers with the lowest accumulated training-gradient share (Eq. 2, from
+        <run>/grad_norms.npz, over the steps the checkpoint's weights have seen; --cfp_steps N: over the first N
+        only, any-time CFP), at any positions.""", training_dump=True, default=True)
+def _cfp(model, ks, inp):
+    share = cfp_share(inp.run, model.config.n_layer, inp.ckpt, inp.options.cfp_steps)
+    return by_lowest(share, ks, "accumulated gradient share")
+
+
+@method("similarity", "Similarity", """Gromov et al.: angular distance arccos(cos(h_l, h_{l+k})) / pi between the
+        input of layer l and the input of layer l+k (h_N = the last block's output), of the LAST token of each
+        calibration sequence (--similarity_tokens=all: every position). The contiguous block [l, l+k) with the
+        smallest distance goes; its per-layer ranking (cross-seed stability) is the k=1 distance.""",
+        calibration=True, default=True)
+def _similarity(model, ks, inp):
+    tokens = inp.options.similarity_tokens
+    D = angular_distances(model, inp.calib, inp.device, inp.amp, tokens)
+    scores = np.array([D[l, l + 1] for l in range(model.config.n_layer)])
+    choice, notes = {}, []
+    for k in ks:
+        l, cand = similarity_block(D, k)
+        choice[k] = list(range(l, l + k))
+        notes.append(f"  similarity k={k}: blocks [l, l+{k}) by distance: "
+                     + "  ".join(f"{i}:{cand[i]:.4f}" for i in np.argsort(cand, kind="stable")))
+    return Ranking(scores, choice, f"angular distance d(h_l, h_l+1), {tokens} token(s)", notes)
+
+
+@method("taylor", "Taylor", """on the calibration batches of TRAINING data: block score = sum over batches and
+        over the block's weights of |W * dL/dW| (one backward per batch, L = the final LM loss). k lowest go.""",
+        calibration=True, gradients=True, default=True)
+def _taylor(model, ks, inp):
+    return by_lowest(taylor_scores(model, inp.calib, inp.device, inp.amp), ks,
+                     f"sum |W*dL/dW| over {len(inp.calib)} calibration batches")
+
+
+@method("magnitude", "Magnitude", """A.4: per-output scores of each matrix, aggregated within the block:
+        --magnitude=row_l2 (default) = sum over the block's matrices of ||W[o, :]||_2 over outputs o, plus sum |g|
+        of its norm gains; --magnitude=sum = sum |W|. Summed, so a narrower (tapered) layer counts as the smaller
+        mass it is. k lowest go.""", default=True)
+def _magnitude(model, ks, inp):
+    reading = inp.options.magnitude
+    return by_lowest(magnitude_scores(model, reading), ks,
+                     "sum of |W|" if reading == "sum" else "sum of per-output-row L2 norms")
+
+
+@method("block_influence", "Block Influence", """ShortGPT (Men et al. 2024): BI = 1 - cos(input, output) of each
+        block, averaged over every token of the calibration batches; the k lowest go.""", calibration=True)
+def _block_influence(model, ks, inp):
+    return by_lowest(block_influence(model, inp.calib, inp.device, inp.amp), ks,
+                     f"1 - cos(block input, output), every token of {len(inp.calib)} calibration batches")
+
+
+@method("sleb", "SLEB", """SLEB (Song et al. 2024): remove one block at a time, each round the one whose removal
+        gives the lowest calibration perplexity; k = the first k removed. Its per-layer ranking is the first
+        round's (each block removed alone).""", calibration=True)
+def _sleb(model, ks, inp):
+    order, after, first = sleb_order(model, inp.calib, inp.device, inp.amp, max(ks))
+    note = "  sleb removal order: " + " -> ".join(f"L{l} (ppl {math.exp(a):.4g})" for l, a in zip(order, after))
+    return Ranking(first, {k: sorted(order[:k]) for k in ks},
+                   f"calibration loss with the block removed alone, {len(inp.calib)} batches", [note])

@@ -276,3 +276,24 @@ def test_tasks_without_lm_eval_is_a_one_line_error(tmp_path, byte_data, capsys, 
     line = one_line_error(prune.main, ["--runs", run, "--k", "1", "--tasks", "piqa", "--device", "cpu"], capsys)
     assert "lm-eval is not installed" in line and "leave out --tasks" in line
     assert not os.path.exists(tmp_path / "run" / "prune")
+
+
+def test_a_registered_method_is_all_prune_py_needs(tmp_path, byte_data, monkeypatch, capsys):
+    """A method added to gfa/pruning.py's registry (one function) is chosen by --methods, ranked, evaluated,
+    labelled in the table and listed in --help, with no edit to prune.py."""
+    from gfa import pruning
+
+    def keep_first_layers(model, ks, inp):   # drops the last k layers
+        N = model.config.n_layer
+        return pruning.by_lowest(-np.arange(N, dtype=float), ks, "minus depth")
+    monkeypatch.setattr(pruning, "METHODS", dict(pruning.METHODS))   # registered for this test only
+    monkeypatch.setattr(prune, "REGISTRY", pruning.METHODS)
+    pruning.method("last_out", "Last out", "the last k layers go")(keep_first_layers)
+    run = make_run(tmp_path / "run", tiny_model(0), byte_data)
+    res = prune.main(["--runs", run, "--k", "1,2", "--methods", "last_out,magnitude", "--hellaswag", "none",
+                      "--eval_batches", "1", "--batch_size", "2", "--out", str(tmp_path / "t")])
+    assert res[0]["cells"]["last_out/2"]["layers"] == [2, 3]
+    assert "| k | metric | Magnitude | Last out |" in (tmp_path / "t" / "table1.md").read_text()   # registry order
+    with pytest.raises(SystemExit):
+        prune.main(["--help"])
+    assert "last_out: the last k layers go" in capsys.readouterr().out
