@@ -101,10 +101,11 @@ def layer_inputs(model):
 
 
 @torch.no_grad()
-def angular_distances(model, batches, device, ctx, tokens="last"):
+def angular_distances(model, batches, device, ctx, tokens="last", reading="angular"):
     """D[l, m] (l < m, m <= N): mean of arccos(cos(h_l, h_m)) / pi over the last token of every
     sequence (tokens='last', Gromov et al.) or over all tokens ('all'), where h_l is the input of
-    block l (its first application if repeated) and h_N the input of the final norm."""
+    block l (its first application if repeated) and h_N the input of the final norm; reading='cosine':
+    the mean of 1 - cos(h_l, h_m) instead (ReplaceMe's cosine distance)."""
     N = model.config.n_layer
     D, count = torch.zeros(N + 1, N + 1, device=device, dtype=torch.float64), 0
     with layer_inputs(model) as run:
@@ -116,7 +117,7 @@ def angular_distances(model, batches, device, ctx, tokens="last"):
             h = (h[:, -1] if tokens == "last" else h.flatten(0, 1)).double()
             h.div_(h.norm(dim=-1, keepdim=True).clamp_min(1e-12))   # in place: h is the big tensor here
             cos = torch.bmm(h, h.transpose(1, 2)).clamp(-1.0, 1.0)   # all pairs (l, m) of every token at once
-            D += torch.arccos(cos).sum(0) / math.pi
+            D += (torch.arccos(cos) / math.pi if reading == "angular" else 1 - cos).sum(0)
             count += h.size(0)
     return (D.triu(1) / count).cpu().numpy()   # l < m only, as before; the diagonal is 0
 
@@ -304,3 +305,167 @@ def _sleb(model, ks, inp):
     note = "  sleb removal order: " + " -> ".join(f"L{l} (ppl {math.exp(a):.4g})" for l, a in zip(order, after))
     return Ranking(first, {k: sorted(order[:k]) for k in ks},
                    f"calibration loss with the block removed alone, {len(inp.calib)} batches", [note])
+
+
+# ---- 2025-2026 baselines: reverse order, ReplaceMe, early-gradient importance ----------------------------
+@method("reverse", "Reverse order", """"Reassessing Layer Pruning in LLMs" (ICLR 2026): the last k layers go
+        (layers 0..N-k-1 kept), no scores; pair it with --heal_mode=partial (the LM head and the last
+        --heal_last_layers remaining layers trained), the paper's recipe.""")
+def _reverse(model, ks, inp):
+    N = model.config.n_layer
+    return by_lowest(np.arange(N, 0, -1.0), ks, "N - l (earlier = kept)")
+
+
+def gradient_share(model, batches, device, ctx, lr=0.0, steps=0):
+    """Eq. 2 on calibration data: per block, the sum over batches of the L2 norm of dL/d(block's weights),
+    normalised over the blocks (L = the final LM loss, eval mode). lr = 0: every gradient at the model's
+    own weights (CFP's gradient-share score on a calibration set instead of a training history). lr > 0:
+    early fine-tuning (GradPruner-like): `steps` AdamW steps (default one per batch, cycling through
+    them) on every weight, each gradient taken before its step; the weights (kept on the host) and
+    requires_grad flags are restored afterwards. Accumulated on the device, one host copy at the end."""
+    steps = steps or len(batches)
+    was_training, flags = model.training, {p: p.requires_grad for p in model.parameters()}
+    saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()} if lr > 0 else None
+    params = [list(b.parameters()) for b in model.blocks]
+    acc = torch.zeros(len(params), device=device, dtype=torch.float64)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0) if lr > 0 else None
+    try:
+        model.eval()   # no deep-supervision aux losses
+        for p in model.parameters():
+            p.requires_grad_(lr > 0)   # lr = 0: gradients of the blocks only
+        for p in (q for ps in params for q in ps):
+            p.requires_grad_(True)
+        for step in range(steps):
+            x, y = batches[step % len(batches)]
+            with ctx:
+                _, loss = model(x.to(device), y.to(device))
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            for b, ps in enumerate(params):
+                acc[b] += torch.sqrt(sum(p.grad.double().pow(2).sum() for p in ps if p.grad is not None))
+            if opt is not None:
+                opt.step()
+    finally:   # the model comes back as it was: weights, flags, mode, no gradients
+        model.zero_grad(set_to_none=True)
+        if saved is not None:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(saved[n])
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+    share = acc.cpu().numpy()
+    return share / share.sum() if share.sum() > 0 else share
+
+
+def early_lr(inp):
+    """The early fine-tuning's learning rate: --early_lr, else the run's training rate / 10 (healing's)."""
+    return inp.options.early_lr or (inp.ckpt.get("train_config") or {}).get("learning_rate", 2e-4) / 10
+
+
+@method("cfp_calib", "CFP (calibration)", """CFP's gradient share computed on calibration data instead of a
+        training history: per layer, the sum over the calibration batches of ||dL/dW_layer||_2 at the checkpoint's
+        weights, normalised (Eq. 2's form); the k lowest go. For a model whose training was not recorded
+        (an imported open-weight checkpoint).""", calibration=True, gradients=True)
+def _cfp_calib(model, ks, inp):
+    share = gradient_share(model, inp.calib, inp.device, inp.amp)
+    T = sum(y.numel() for _, y in inp.calib)
+    return by_lowest(share, ks, f"gradient share over {len(inp.calib)} calibration batches ({T:,} tokens)")
+
+
+@method("early_grad", "Early gradient", """GradPruner-like early-gradient importance (ICLR 2026): the gradient
+        share (Eq. 2) accumulated over the first steps of fine-tuning on the calibration data (AdamW,
+        --early_lr, --early_steps steps, each gradient before its step; the weights are restored after): the
+        k lowest go. Any-time CFP (--cfp_steps) reads the same share from the first steps of the model's own
+        training.""", calibration=True, gradients=True)
+def _early_grad(model, ks, inp):
+    lr, steps = early_lr(inp), inp.options.early_steps or len(inp.calib)
+    share = gradient_share(model, inp.calib, inp.device, inp.amp, lr=lr, steps=steps)
+    return by_lowest(share, ks, f"gradient share over {steps} fine-tuning steps at lr {lr:.3g}")
+
+
+def least_squares_map(chunks, bias=False, ridge=0.0):
+    """T (and b) minimising ||A T (+ b) - B||_F over the rows of the (A, B) chunks ([n, d] and [n, d'] each,
+    e.g. one per calibration batch), from the normal equations accumulated in float64 (the activations are
+    never all in memory). Returns (T [d, d'], b [d'] or None); ridge adds ridge x the mean diagonal to A^T A."""
+    AtA = AtB = None
+    for a, b in chunks:
+        a, b = a.reshape(-1, a.shape[-1]).double(), b.reshape(-1, b.shape[-1]).double()
+        if bias:
+            a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)], dim=1)
+        AtA, AtB = (a.T @ a, a.T @ b) if AtA is None else (AtA + a.T @ a, AtB + a.T @ b)
+    if ridge:
+        AtA = AtA + ridge * AtA.diagonal().mean() * torch.eye(len(AtA), dtype=AtA.dtype, device=AtA.device)
+    X = torch.linalg.lstsq(AtA.cpu(), AtB.cpu()).solution   # lstsq: a rank-deficient A^T A still solves
+    return (X[:-1], X[-1]) if bias else (X, None)
+
+
+@torch.no_grad()
+def replaceme_activations(model, batches, device, ctx, start, k):
+    """Per calibration batch, ReplaceMe's regression of the run [start, start+k): (M, R) where M is the
+    MLP contribution of block start-1 to the residual stream (residual_scale x its output) and R = (output
+    of block start+k-1) - (the rest of block start-1's output), both [tokens, d_model]."""
+    block, grab = model.blocks[start - 1], {}
+    s = model.config.residual_scale
+    hook = block.ffn.register_forward_hook(lambda mod, args, out: grab.__setitem__("mlp", out.detach()))
+    try:
+        with layer_inputs(model) as run:
+            for x, _ in batches:
+                with ctx:
+                    h = run(x.to(device))   # [B, T, N+1, C]
+                M = (grab["mlp"] * s).flatten(0, 1).double()
+                yield M, (h[:, :, start + k] - h[:, :, start]).flatten(0, 1).double() + M
+    finally:
+        hook.remove()
+
+
+def replaceme_starts(model, k):
+    """Where a run of k layers may start for ReplaceMe: after a Pre-LN block applied once (the map folds
+    into its MLP's down projection)."""
+    cfg = model.config
+    return [l for l in range(1, cfg.n_layer - k + 1)
+            if not cfg.layer_post_ln()[l - 1] and cfg.layer_repeats()[l - 1] == 1]
+
+
+@method("replaceme", "ReplaceMe", """ReplaceMe (Shopkhoev et al. 2025), training-free: the contiguous run
+        [l, l+k) whose input and output are closest in cosine distance (mean 1 - cos over every calibration token;
+        l >= 1) is removed and replaced by one d_model x d_model linear map T, fitted by least squares on the
+        calibration activations: (output of the last removed block) ~ Y + M T, where M is the MLP output of block
+        l-1 and Y the rest of its output (their sum is the run's input). T folds exactly into block l-1's MLP
+        down projection (W_down <- T^T W_down), so the pruned model keeps the Llama architecture (hf.py export,
+        bench.py). Its per-layer ranking is the k=1 cosine distance.""", calibration=True)
+def _replaceme(model, ks, inp):
+    D = angular_distances(model, inp.calib, inp.device, inp.amp, tokens="all", reading="cosine")
+    N = model.config.n_layer
+    choice, edits, notes = {}, {}, []
+    for k in ks:
+        starts = replaceme_starts(model, k)
+        if not starts:
+            raise UserError(f"replaceme k={k}: no run of {k} layers follows a Pre-LN block applied once; leave "
+                            f"replaceme out of --methods")
+        l = min(starts, key=lambda i: D[i, i + k])
+        T, _ = least_squares_map(replaceme_activations(model, inp.calib, inp.device, inp.amp, l, k))
+        down = model.blocks[l - 1].ffn.down.weight
+        choice[k] = list(range(l, l + k))
+        edits[k] = {f"blocks.{l - 1}.ffn.down.weight": (T.T.to(down.device) @ down.detach().double()).to(down.dtype)}
+        notes.append(f"  replaceme k={k}: run [l, l+{k}) by cosine distance: "
+                     + "  ".join(f"{i}:{D[i, i + k]:.4f}" for i in sorted(starts, key=lambda i: D[i, i + k]))
+                     + f"; T folded into layer {l - 1}'s down projection")
+    return Ranking(np.array([D[l, l + 1] for l in range(N)]), choice, "cosine distance 1 - cos(h_l, h_l+1), "
+                   "every token", notes, edits)
+
+
+@contextmanager
+def edited(model, edits):
+    """The model with some parameters replaced ({name: tensor}, a Ranking's edits for one k), restored on exit."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in edits}
+    try:
+        with torch.no_grad():
+            for n, t in edits.items():
+                params[n].copy_(t)
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t)
