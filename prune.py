@@ -786,8 +786,8 @@ def parse(argv):
     p.add_argument("--k", default="1,2,4,6,8", help="layers to remove, one or several: 4 or 1,2,4,6,8")
     p.add_argument("--methods", default=",".join(PAPER_METHODS), help="subset of " + ",".join(REGISTRY))
     p.add_argument("--hellaswag", default=None, help="multiple-choice jsonl in HellaSwag layout (ctx, endings, label; "
-                   "any number of endings) for the in-house scorer (default data/hellaswag/hellaswag_val.jsonl if "
-                   "present; 'none' skips)")
+                   "any number of endings), or partial-scoring rows (WinoGrande's own, or contexts, continuation, label) for the "
+                   "in-house scorer (default data/hellaswag/hellaswag_val.jsonl if present; 'none' skips)")
     p.add_argument("--hs_items", type=int, default=0, help="score only the first N items (0 = all)")
     p.add_argument("--hs_tokens", type=int, default=16384, help="padded tokens per log-likelihood batch")
     p.add_argument("--tokenizer", default=None, help="HellaSwag: the HF model folder whose tokenizer.json encodes "
