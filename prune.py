@@ -481,8 +481,21 @@ def table1(results, ks, methods, stab, settings):
                   + (f" ({which})" if which else ""), "", "| method | mean rho | pairs |", "|---|---|---|"]
         for m in methods:
             lines.append(f"| {method_label(m)} | {stab[m][0]:.3f} | {', '.join(f'{r:.3f}' for r in stab[m][1])} |")
-    lines += kept_table(results, ks, methods, settings)
+    lines += agreement_with_cfp(results, methods) + kept_table(results, ks, methods, settings)
     return "\n".join(lines) + "\n"
+
+
+def agreement_with_cfp(results, methods):
+    """How each method's per-layer ranking agrees with CFP's (the training-history share) in the same run:
+    Spearman rho per run, for the calibration-gradient and early-gradient shares above all."""
+    if "cfp" not in methods or len(methods) < 2:
+        return []
+    lines = ["", "Agreement with CFP's ranking (Spearman rho of the per-layer scores with CFP's, per run):", "",
+             "| method | rho per run | mean |", "|---|---|---|"]
+    for m in (m for m in methods if m != "cfp"):
+        rhos = [spearman(r["scores"][m], r["scores"]["cfp"])[0] for r in results]
+        lines.append(f"| {method_label(m)} | {', '.join(f'{x:.3f}' for x in rhos)} | {np.mean(rhos):.3f} |")
+    return lines
 
 
 # ---- the field's form: % of the dense model kept --------------------------------------------------------------

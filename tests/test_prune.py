@@ -343,3 +343,6 @@ def test_calibration_gradient_methods_over_seeds_combine_to_the_same_table(tmp_p
     joint, combined = ((tmp_path / d / "table1.md").read_text() for d in ("joint", "c"))
     assert combined == joint and "| Early gradient | pruned (no training) |" in joint
     assert "CFP (calibration)" in joint
+    rows = json.loads((tmp_path / "joint" / "results.json").read_text())["runs"]
+    rhos = [spearman(r["scores"]["early_grad"], r["scores"]["cfp"])[0] for r in rows]
+    assert f"| Early gradient | {rhos[0]:.3f}, {rhos[1]:.3f} | {np.mean(rhos):.3f} |" in joint
