@@ -296,9 +296,9 @@ def main(argv):
     log(f"device {d.device} x {d.world}, {'fsdp' if d.sharded else 'ddp' if d.ddp else 'one process'}, dtype "
         f"{cfg['dtype']}, compile {compiled}" + (", activation checkpointing" if cfg["activation_checkpointing"] else "")
         + (f", fused LM head + CE ({cfg['fused_ce_chunk']} tokens a chunk)" if cfg["fused_ce"] else "")
-        + f"; global batch {B} x {T} tokens; {raw_model.tuning}"
+        + f"; global batch {B} x {T} tokens"
         f" = {micro} per micro-step x {cfg['gradient_accumulation_steps']} accumulation x {d.world} ranks"
-        + (f"; resuming at step {iter_num}" if iter_num else ""))
+        + (f"; resuming at step {iter_num}" if iter_num else "") + f"; {raw_model.tuning}")
     if resuming:   # every resume is recorded, with what it was allowed to change
         log(f"resumed at step {iter_num}" + (": " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
                                              if changes else ", settings unchanged"))
