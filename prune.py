@@ -10,6 +10,8 @@ with optional healing and the speed of the physically pruned models.
     python prune.py --combine out/a/exits/exits.json out/b/exits/exits.json --out ee   # curves measured apart
     python prune.py --runs out/a out/b out/c --k 2,4,8 --methods cfp,similarity,taylor,magnitude,block_influence,sleb \
         --tasks piqa,winogrande,hellaswag,arc_easy,arc_challenge --heal_tokens 2e7 --speed   # the whole study
+    python prune.py --runs out/a --k 4,8 --methods reverse,replaceme,early_grad,cfp_calib,cfp \
+        --heal_tokens 2e6 --heal_mode full,partial,lora   # the 2025-2026 baselines, three healings
 
 Methods: the registry in gfa/pruning.py (`python prune.py --help` lists each with what it needs); each
 prints its full ranking, then prunes by passthrough (the removed layers are skipped as identity,
@@ -20,10 +22,13 @@ call) and zero-shot multiple choice with the in-house scorer on a HellaSwag-layo
 summed log-prob of the ending; acc_norm: log-prob per character); --tasks adds lm-eval's tasks
 through gfa/lm_eval_adapter.py (lm-eval installed; built-in tasks or local YAMLs via --include_path).
 --heal_tokens N continues training every pruned model for N tokens (train.py --init_from, a fresh
-optimizer: its settings below) and measures it again; --speed times the physically pruned models
-with bench.py (forward latency and throughput, decode ms/token). Both run the scripts as a user
-would (the commands are printed); their models go under --out, and only their logs stay unless
---keep_models. Outputs under --out: table1.md, table1_ppl.png, results.json.
+optimizer: its settings below) and measures it again, once per --heal_mode: full (every weight), partial
+(the LM head and the last --heal_last_layers layers; train.py --tune=partial) or lora (adapters merged
+back; --tune=lora); --speed times the physically pruned models with bench.py (forward latency and
+throughput, decode ms/token). Both run the scripts as a user would (the commands are printed); their
+models go under --out, and only their logs stay unless --keep_models. Outputs under --out: table1.md
+(ending with Table 1 in the field's form: % of the dense model's accuracy and perplexity kept at 25 % and
+50 % of the layers removed), table1_ppl.png, table1_kept.png, results.json.
 
 Early exit (--exits): the same two scores for the final norm and head after every layer E, each
 batch scored at all exits from one forward pass (the curve LayerSkip reports for deep-supervision
@@ -285,7 +290,8 @@ def heal_cells(res, choice, mode, model, ckpt, run, tag, ddir, measure, args, de
     healed.json) is not healed again, so a call stopped half-way goes on where it stopped."""
     healed_of = {}
     for name, cell in res["cells"].items():
-        p = choice[tuple(name.split("/"))[0], int(name.split("/")[1])]
+        m, k = name.split("/")
+        p = choice[(m, int(k))]
         if p.key not in healed_of:
             by = [n for n, q in choice.items() if q.key == p.key]
             healed_of[p.key] = heal_one(p, [f"{m}/{k}" for m, k in by], mode, model, ckpt, run, tag, ddir, measure,

@@ -346,3 +346,13 @@ def test_calibration_gradient_methods_over_seeds_combine_to_the_same_table(tmp_p
     rows = json.loads((tmp_path / "joint" / "results.json").read_text())["runs"]
     rhos = [spearman(r["scores"]["early_grad"], r["scores"]["cfp"])[0] for r in rows]
     assert f"| Early gradient | {rhos[0]:.3f}, {rhos[1]:.3f} | {np.mean(rhos):.3f} |" in joint
+
+
+def test_bad_heal_and_method_options(tmp_path, byte_data, capsys):
+    run = make_run(tmp_path / "run", tiny_model(), byte_data)
+    err = lambda *argv: one_line_error(prune.main, ["--runs", run, "--hellaswag", "none", "--device", "cpu", *argv],
+                                       capsys)
+    assert "--heal_mode 'fast'" in err("--heal_tokens", "100", "--heal_mode", "fast")
+    assert "--heal_last_layers and --heal_lora_rank must be >= 1" in err("--heal_last_layers", "0")
+    assert "choose from" in err("--methods", "replace_me")
+    assert "prune.py sets init_from" in err("--heal_args=--tune=lora")   # the mode is --heal_mode's
