@@ -6,6 +6,7 @@ A dataset is a folder holding train.bin and val.bin (uint16 token ids, EOT betwe
 make them are under data/ (README: Data).
 """
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -45,13 +46,33 @@ def prepare_builtin(dataset, data_dir=""):
     prep.prepare(folder)
 
 
+TOKEN_FORMAT = "tokens.json"   # beside train.bin / val.bin when their ids are uint32 (a vocabulary over 65,536)
+
+
+def token_dtype(folder):
+    """The dtype of a dataset folder's token files: uint16 (nanoGPT's), or what its tokens.json names (uint32:
+    the data of a model whose vocabulary does not fit 16 bits, e.g. Llama-3's 128,256 ids)."""
+    path = os.path.join(folder, TOKEN_FORMAT)
+    if not os.path.isfile(path):
+        return np.uint16
+    try:
+        with open(path) as f:
+            name = json.load(f)["dtype"]
+        assert name in ("uint16", "uint32")
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{path} must be a JSON object with dtype 'uint16' or 'uint32' (data/prepare_local.py "
+                        f"writes it)") from None
+    return np.dtype(name).type
+
+
 def load_tokens(path, vocab_size=None):
-    """A uint16 token file as a read-only memmap, checked against the vocabulary."""
+    """A token file (uint16, or the dtype its folder's tokens.json names) as a read-only memmap, checked
+    against the vocabulary."""
     if not os.path.isfile(path):
         raise UserError(f"data file {path} does not exist (run the dataset's prepare.py first, see README: Data)")
     if os.path.getsize(path) < 4:
         raise UserError(f"data file {path} is empty")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
+    data = np.memmap(path, dtype=token_dtype(os.path.dirname(os.path.abspath(path))), mode="r")
     if vocab_size is not None:
         top = int(data.max())
         if top >= vocab_size:
