@@ -10,49 +10,29 @@ with optional healing and the speed of the physically pruned models.
     python prune.py --combine out/a/exits/exits.json out/b/exits/exits.json --out ee   # curves measured apart
     python prune.py --runs out/a out/b out/c --k 2,4,8 --methods cfp,similarity,taylor,magnitude,block_influence,sleb \
         --tasks piqa,winogrande,hellaswag,arc_easy,arc_challenge --heal_tokens 2e7 --speed   # the whole study
+    python prune.py --runs out/a --k 4,8 --methods reverse,replaceme,early_grad,cfp_calib,cfp \
+        --heal_tokens 2e6 --heal_mode full,partial,lora   # the 2025-2026 baselines, three healings
 
 Several --runs, and --combine, pool seeds of one experiment only (gfa/rundir.py's check_poolable: the same
 architecture, recipe and data, other seeds, no run twice); --allow_mixed pools others, and the table and
 results.json say so. results.json carries each run's identity for a later --combine.
 
-Methods (their scores: gfa/pruning.py); each prints its full ranking, then prunes by passthrough (the
-removed layers are skipped as identity, model.set_passthrough). The paper's four (Appendix A.4) are the
-default:
-  cfp         the k layers with the lowest accumulated training-gradient share (Eq. 2, from
-              <run>/grad_norms.npz, over the steps the checkpoint's weights have seen), at any positions.
-  magnitude   A.4: "for projection matrices, values are first reduced along the input dimension
-              to obtain per-output scores, then aggregated within the block". Read with an L1
-              reduction that sentence changes nothing (sum |W| either way), so the default
-              (--magnitude=row_l2) reduces each output row by its L2 norm: block score = sum over
-              the block's matrices of ||W[o, :]||_2 over outputs o, plus sum |g| of its RMSNorm gains
-              (already one value per output). --magnitude=sum is sum |W| over all its weights.
-              Summed rather than averaged, so a narrower (tapered) layer counts as the smaller mass
-              it is. Embeddings, LM head and final norm are excluded. The k lowest blocks go.
-  taylor      on --calib_batches batches of TRAINING data (fixed windows): block score = sum
-              over batches and over the block's weights of |W * dL/dW| (elementwise |.| per
-              batch, one backward per batch, L = the final LM loss). k lowest go.
-  similarity  Gromov et al.: angular distance arccos(cos(h_l, h_{l+k})) / pi between the input
-              of layer l and the input of layer l+k (h_N = the last block's output), of the LAST
-              token of each calibration sequence, as the authors define it (--similarity_tokens=all
-              averages over every position instead: less noisy on a small calibration set). The
-              contiguous block [l, l+k) with the smallest distance goes. Its per-layer ranking (for
-              the cross-seed stability) is the k=1 distance.
-Two more, by name:
-  block_influence  ShortGPT (Men et al. 2024): BI = 1 - cos(input, output) of each block, averaged
-              over every token of the calibration batches; the k lowest go.
-  sleb        SLEB (Song et al. 2024): remove one block at a time, each round the one whose removal
-              gives the lowest calibration perplexity (the calibration batches); k = the first k
-              removed. Its per-layer ranking is the first round's (each block removed alone).
+Methods: the registry in gfa/pruning.py (`python prune.py --help` lists each with what it needs); each
+prints its full ranking, then prunes by passthrough (the removed layers are skipped as identity,
+model.set_passthrough). The paper's four (Appendix A.4: cfp, similarity, taylor, magnitude) are the default.
 
 Evaluation (gfa/evaluation.py): held-out perplexity over a fixed token set (same numbers every
 call) and zero-shot multiple choice with the in-house scorer on a HellaSwag-layout file (acc:
 summed log-prob of the ending; acc_norm: log-prob per character); --tasks adds lm-eval's tasks
 through gfa/lm_eval_adapter.py (lm-eval installed; built-in tasks or local YAMLs via --include_path).
 --heal_tokens N continues training every pruned model for N tokens (train.py --init_from, a fresh
-optimizer: its settings below) and measures it again; --speed times the physically pruned models
-with bench.py (forward latency and throughput, decode ms/token). Both run the scripts as a user
-would (the commands are printed); their models go under --out, and only their logs stay unless
---keep_models. Outputs under --out: table1.md, table1_ppl.png, results.json.
+optimizer: its settings below) and measures it again, once per --heal_mode: full (every weight), partial
+(the LM head and the last --heal_last_layers layers; train.py --tune=partial) or lora (adapters merged
+back; --tune=lora); --speed times the physically pruned models with bench.py (forward latency and
+throughput, decode ms/token). Both run the scripts as a user would (the commands are printed); their
+models go under --out, and only their logs stay unless --keep_models. Outputs under --out: table1.md
+(ending with Table 1 in the field's form: % of the dense model's accuracy and perplexity kept at 25 % and
+50 % of the layers removed), table1_ppl.png, table1_kept.png, results.json.
 
 Early exit (--exits): the same two scores for the final norm and head after every layer E, each
 batch scored at all exits from one forward pass (the curve LayerSkip reports for deep-supervision
@@ -66,6 +46,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict
 from itertools import combinations
@@ -79,16 +60,11 @@ from gfa.data import DATA, get_batch, load_tokens, run_dataset_dir
 from gfa.device import autocast_for, pick_device
 from gfa.evaluation import Tokenizer, choice_accuracy, encode_items, ending_logprobs, evaluate, load_multiple_choice
 from gfa.hf_llama import source_tokenizer
-from gfa.pruning import (MAGNITUDE_READINGS, angular_distances, block_influence, cfp_share, lowest, magnitude_scores,
-                         similarity_block, sleb_order, taylor_scores)
+from gfa.pruning import MAGNITUDE_READINGS, METHODS as REGISTRY, PruneInput, edited
 from gfa.theory import mean_std, spearman
 from model import drop_layers
 
-METHODS = ("cfp", "similarity", "taylor", "magnitude", "block_influence", "sleb")
-PAPER_METHODS = METHODS[:4]   # the default, in the paper's column order
-LABELS = {"cfp": "CFP (ours)", "similarity": "Similarity", "taylor": "Taylor", "magnitude": "Magnitude",
-          "block_influence": "Block Influence", "sleb": "SLEB"}
-CALIBRATED = ("taylor", "similarity", "block_influence", "sleb")   # the methods that read calibration batches
+PAPER_METHODS = tuple(m for m in REGISTRY if REGISTRY[m].default)   # the default, in the paper's column order
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))   # train.py and bench.py, run for healing and timing
 
 
@@ -108,48 +84,37 @@ def parse_ks(text):
 
 def parse_methods(text):
     ms = [m.strip().lower() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in ms if m not in METHODS]
+    bad = [m for m in ms if m not in REGISTRY]
     if bad or not ms:
-        raise UserError(f"--methods {text!r}: choose from {','.join(METHODS)}")
-    return [m for m in METHODS if m in ms]
+        raise UserError(f"--methods {text!r}: choose from {','.join(REGISTRY)}")
+    return [m for m in REGISTRY if m in ms]   # the registry's (the table's) column order
 
 
-def rank_layers(model, methods, ks, share, calib, device, ctx, args):
-    """Each method's per-layer scores (higher = more important; printed as a ranking) and its
-    choice of layers to remove for every k: (scores {method: [N]}, choice {(method, k): layers})."""
-    scores, choice = {}, {}
+def rank_layers(model, methods, ks, inp):
+    """Each method's Ranking (gfa/pruning.py's registry), its full ranking printed: {method: Ranking}."""
+    rankings = {}
     for m in methods:
-        if m == "similarity":
-            D = angular_distances(model, calib, device, ctx, args.similarity_tokens)
-            scores[m] = np.array([D[l, l + 1] for l in range(model.config.n_layer)])
-            print_ranking("similarity", scores[m], f"angular distance d(h_l, h_l+1), {args.similarity_tokens} token(s)")
-            for k in ks:
-                l, cand = similarity_block(D, k)
-                choice[(m, k)] = list(range(l, l + k))
-                print(f"  similarity k={k}: blocks [l, l+{k}) by distance: "
-                      + "  ".join(f"{i}:{cand[i]:.4f}" for i in np.argsort(cand, kind="stable")))
-            continue
-        if m == "sleb":
-            order, after, scores[m] = sleb_order(model, calib, device, ctx, max(ks))
-            print_ranking("sleb", scores[m], f"calibration loss with the block removed alone, {len(calib)} batches")
-            print("  sleb removal order: " + " -> ".join(f"L{l} (ppl {math.exp(a):.4g})" for l, a in zip(order, after)))
-            for k in ks:
-                choice[(m, k)] = sorted(order[:k])
-            continue
-        if m == "cfp":
-            scores[m], what = share, "accumulated gradient share"
-        elif m == "magnitude":
-            scores[m] = magnitude_scores(model, args.magnitude)
-            what = "sum of |W|" if args.magnitude == "sum" else "sum of per-output-row L2 norms"
-        elif m == "block_influence":
-            scores[m] = block_influence(model, calib, device, ctx)
-            what = f"1 - cos(block input, output), every token of {len(calib)} calibration batches"
-        else:
-            scores[m], what = taylor_scores(model, calib, device, ctx), f"sum |W*dL/dW| over {len(calib)} calibration batches"
-        print_ranking(m, scores[m], what)
-        for k in ks:
-            choice[(m, k)] = lowest(scores[m], k)
-    return scores, choice
+        r = rankings[m] = REGISTRY[m].rank(model, ks, inp)
+        print_ranking(m, r.scores, r.what)
+        for line in r.notes:
+            print(line)
+    return rankings
+
+
+def method_label(m):
+    """A method's column in the table (a results.json may name one this version no longer registers)."""
+    return REGISTRY[m].label if m in REGISTRY else m
+
+
+def methods_help():
+    """--help's list of the methods: the registry's descriptions and needs."""
+    lines = ["methods (--methods; gfa/pruning.py's registry; * = the default set):"]
+    for m in REGISTRY.values():
+        needs = [w for w, f in (("calibration batches", m.calibration), ("gradients", m.gradients),
+                                ("the run's gradient dump", m.training_dump)) if f]
+        text = f"{m.name}{' *' if m.default else ''}: {m.description}" + (f" Needs {', '.join(needs)}." if needs else "")
+        lines.append(textwrap.fill(text, 110, initial_indent="  ", subsequent_indent="      "))
+    return "\n".join(lines)
 
 
 def measurer(val, T, mc, tasks, tok, args, device, ctx):
@@ -208,43 +173,54 @@ def prune_run(run, tag, args, ks, methods, mc_items, tasks, device, ctx, to_time
     N, T = cfg.n_layer, cfg.block_size
     print(f"== run {run}: {N} layers, {model.num_params() / 1e6:.1f}M params, held-out {ddir}/val.bin")
 
-    share = cfp_share(run, N, ckpt, args.cfp_steps) if "cfp" in methods else None   # fail early, before any compute
     calib = None
-    if any(m in CALIBRATED for m in methods):
+    if any(REGISTRY[m].calibration for m in methods):
         train = load_tokens(os.path.join(ddir, "train.bin"), cfg.vocab_size)
         # fixed windows of the training data (seeded): the calibration set is the same every call; on the
         # device once, so the methods that run it many times (SLEB) copy nothing and never wait on the host
         calib = [tuple(t.to(device) for t in get_batch(train, args.batch_size, T, step, args.calib_seed))
                  for step in range(args.calib_batches)]
 
-    scores, choice = rank_layers(model, methods, ks, share, calib, device, ctx, args)
+    rankings = rank_layers(model, methods, ks, PruneInput(calib, device, ctx, run, ckpt, args))
+    choice = {(m, k): Pruned(r.choice[k], r.edits.get(k, {}), m) for m, r in rankings.items() for k in ks}
     tok = run_tokenizer(cfg, ckpt, args)
     mc = None if mc_items is None else (mc_items, encode_items(mc_items, tok))
     measure = measurer(val, T, mc, tasks, tok, args, device, ctx)
-    cache = {}   # frozenset(layers) -> metrics: methods that agree share one evaluation
+    cache = {}   # Pruned.key -> metrics: methods that agree share one evaluation
 
-    def score(layers):
-        key = frozenset(layers)
-        if key not in cache:
-            model.set_passthrough(layers)
-            cache[key] = measure(model)
-            model.set_passthrough([])
-        return cache[key]
+    def score(pruned):
+        if pruned.key not in cache:
+            with edited(model, pruned.edits):
+                model.set_passthrough(pruned.layers)
+                cache[pruned.key] = measure(model)
+                model.set_passthrough([])
+        return cache[pruned.key]
 
-    res = {"run": run, "n_layer": N, "baseline": score([]), "cells": {}, "scores": {m: list(map(float, s))
-           for m, s in scores.items()}}
+    res = {"run": run, "n_layer": N, "baseline": score(Pruned([])), "cells": {},
+           "scores": {m: list(map(float, r.scores)) for m, r in rankings.items()}}
     print(f"  baseline: {_fmt_metrics(res['baseline'])}")
     for m in methods:
         for k in ks:
-            r = dict(score(choice[(m, k)]), layers=choice[(m, k)])
+            p = choice[(m, k)]
+            r = dict(score(p), layers=p.layers) | ({"edited": sorted(p.edits)} if p.edits else {})
             res["cells"][f"{m}/{k}"] = r
-            print(f"  {m:<10} k={k}: remove {r['layers']}  {_fmt_metrics(r)}")
-    if args.heal_tokens:
-        heal_cells(res, model, ckpt, run, tag, ddir, measure, args, device)
+            print(f"  {m:<10} k={k}: remove {r['layers']}{' (weights edited)' if p.edits else ''}  {_fmt_metrics(r)}")
+    for mode in heal_modes(args):
+        heal_cells(res, choice, mode, model, ckpt, run, tag, ddir, measure, args, device)
     if args.speed:
         save_for_timing(res, model, ckpt, run, tag, args, to_time)
     print(f"  ({time.time() - t0:.1f}s)")
     return res, model, ckpt, choice
+
+
+class Pruned:
+    """A pruned model: the layers removed and, for a method that also changes weights (ReplaceMe), its
+    edits ({parameter name: tensor}); key: what makes two of them the same model."""
+
+    def __init__(self, layers, edits=None, method=""):
+        self.layers, self.edits = sorted(int(i) for i in layers), edits or {}
+        self.key = (frozenset(self.layers), method if self.edits else "")
+        self.tag = set_tag(self.layers) + (f"_{method}" if self.edits else "")
 
 
 def _fmt_metrics(r):
@@ -272,13 +248,18 @@ def set_tag(layers):
     return "drop_" + ("-".join(map(str, sorted(layers))) or "none")
 
 
-HEAL_OWNED = ("init_from", "out_dir", "max_iters", "batch_size", "learning_rate")   # train.py keys healing sets
+HEAL_OWNED = ("init_from", "out_dir", "max_iters", "batch_size", "learning_rate", "tune", "tune_last",
+              "lora_rank")   # train.py keys healing sets
+HEAL_MODES = {"full": "every weight trained (continued training)",
+              "partial": "the LM head, final norm and last --heal_last_layers remaining layers trained, the rest frozen",
+              "lora": "LoRA adapters (rank --heal_lora_rank) on every linear map of the remaining layers, merged back"}
 HEAL_KEPT = ("seed", "dtype", "grad_clip", "weight_decay", "beta1", "beta2", "eval_iters", "eval_batch_size")
 
 
-def heal_argv(train_config, pruned, healed, ddir, T, args):
+def heal_argv(train_config, pruned, healed, ddir, T, args, mode="full", n_left=0):
     """train.py's arguments that heal a pruned model: its run's optimizer settings, dtype and seed, a fresh
-    schedule over heal_tokens tokens (5 % warm-up, cosine to lr / 10), evaluated at the start and the end."""
+    schedule over heal_tokens tokens (5 % warm-up, cosine to lr / 10), evaluated at the start and the end;
+    `mode` (HEAL_MODES) picks the weights trained (train.py's tune; partial: of the n_left layers left)."""
     tc = train_config
     B = args.heal_batch_size or tc.get("batch_size", 8)
     steps = max(1, math.ceil(args.heal_tokens / (B * T)))
@@ -287,39 +268,55 @@ def heal_argv(train_config, pruned, healed, ddir, T, args):
             + [f"--init_from={pruned}", f"--out_dir={healed}", f"--data_dir={ddir}", f"--batch_size={B}",
                f"--max_iters={steps}", f"--warmup_iters={steps // 20}", f"--learning_rate={lr!r}",
                f"--min_lr={lr / 10!r}", f"--eval_interval={steps}", f"--log_interval={max(1, steps // 10)}",
-               "--equalize=False", "--overwrite=True", f"--device={args.device}"] + shlex.split(args.heal_args))
+               "--equalize=False", "--overwrite=True", f"--device={args.device}"]
+            + {"full": [], "partial": ["--tune=partial", f"--tune_last={min(args.heal_last_layers, n_left)}"],
+               "lora": ["--tune=lora", f"--lora_rank={args.heal_lora_rank}"]}[mode] + shlex.split(args.heal_args))
 
 
 MEASURE_KEYS = ("eval_batches", "batch_size", "hellaswag", "hs_items", "hs_tokens", "tasks", "task_limit",
                 "include_path", "dtype")   # what measurer()'s numbers depend on, besides the model
 
 
-def heal_cells(res, model, ckpt, run, tag, ddir, measure, args, device):
-    """Every distinct pruned model of a run, saved with its layers removed, healed by train.py and measured
-    again: cell['healed']. Only the healed runs' logs, dumps and healed.json stay unless --keep_models.
-    A model healed and measured the same way by an earlier call (its healed.json) is not healed again,
-    so a call stopped half-way goes on where it stopped."""
+def heal_modes(args):
+    """The healing modes asked for ([] without --heal_tokens)."""
+    return [m.strip() for m in args.heal_mode.split(",") if m.strip()] if args.heal_tokens else []
+
+
+def healed_key(mode):
+    """The cell key of a healing mode's metrics ('healed' for full training, as before the modes)."""
+    return "healed" if mode == "full" else f"healed_{mode}"
+
+
+def heal_cells(res, choice, mode, model, ckpt, run, tag, ddir, measure, args, device):
+    """Every distinct pruned model of a run, saved with its layers removed, healed by train.py (`mode`: full,
+    partial or lora) and measured again: cell[healed_key(mode)]. Only the healed runs' logs, dumps and
+    healed.json stay unless --keep_models. A model healed and measured the same way by an earlier call (its
+    healed.json) is not healed again, so a call stopped half-way goes on where it stopped."""
     healed_of = {}
     for name, cell in res["cells"].items():
-        key = frozenset(cell["layers"])
-        if key not in healed_of:
-            by = [n for n, c in res["cells"].items() if frozenset(c["layers"]) == key]
-            healed_of[key] = heal_one(sorted(key), by, model, ckpt, run, tag, ddir, measure, args, device)
-        cell["healed"] = healed_of[key]
-        print(f"  {name:<12} healed ({args.heal_tokens:,.0f} tokens): {_fmt_metrics(cell['healed'])}")
+        m, k = name.split("/")
+        p = choice[(m, int(k))]
+        if p.key not in healed_of:
+            by = [n for n, q in choice.items() if q.key == p.key]
+            healed_of[p.key] = heal_one(p, [f"{m}/{k}" for m, k in by], mode, model, ckpt, run, tag, ddir, measure,
+                                        args, device)
+        cell[healed_key(mode)] = healed_of[p.key]
+        print(f"  {name:<12} healed ({mode}, {args.heal_tokens:,.0f} tokens): {_fmt_metrics(cell[healed_key(mode)])}")
 
 
-def heal_one(layers, by, model, ckpt, run, tag, ddir, measure, args, device):
-    pruned = os.path.join(args.out, "models", f"{tag}_{set_tag(layers)}")
-    healed = os.path.join(args.out, "healed", f"{tag}_{set_tag(layers)}")
-    argv = heal_argv(ckpt.get("train_config") or {}, pruned, healed, ddir, model.config.block_size, args)
-    stamp = {"source": run, "checkpoint": rundir.checkpoint_id(ckpt), "removed_layers": layers, "train_argv": argv,
-             "measure": {k: getattr(args, k) for k in MEASURE_KEYS}}
+def heal_one(p, by, mode, model, ckpt, run, tag, ddir, measure, args, device):
+    suffix = "" if mode == "full" else f"_{mode}"
+    pruned = os.path.join(args.out, "models", f"{tag}_{p.tag}")
+    healed = os.path.join(args.out, "healed", f"{tag}_{p.tag}{suffix}")
+    argv = heal_argv(ckpt.get("train_config") or {}, pruned, healed, ddir, model.config.block_size, args, mode,
+                     model.config.n_layer - len(p.layers))
+    stamp = {"source": run, "checkpoint": rundir.checkpoint_id(ckpt), "removed_layers": p.layers, "train_argv": argv,
+             "measure": {k: getattr(args, k) for k in MEASURE_KEYS}} | ({"edited_by": p.key[1]} if p.edits else {})
     done = rundir.read_healed(healed, stamp)
     if done is not None:
-        print(f"  {set_tag(layers)}: healed and measured by an earlier call ({healed}/{rundir.HEALED}): reused")
+        print(f"  {p.tag} ({mode}): healed and measured by an earlier call ({healed}/{rundir.HEALED}): reused")
         return done
-    save_pruned(pruned, model, ckpt, layers, run, by)
+    save_pruned(pruned, model, ckpt, p.layers, run, by, p.edits)
     run_script("train.py", argv)
     healed_model, _ = rundir.load_gpt(healed, device)
     metrics = dict(measure(healed_model), run_dir=healed)
@@ -434,6 +431,15 @@ def forward_how(results):
     return f"; forward compiled with mode={mode}" + (" (CUDA graphs)" if mode == "reduce-overhead" else "")
 
 
+def heal_name(mode):
+    return "" if mode == "full" else f", {mode}"   # full training: the table's 'Healed' of before the modes
+
+
+def healed_modes(cell):
+    """The healing modes a cell was measured after, in HEAL_MODES' order."""
+    return [m for m in HEAL_MODES if healed_key(m) in cell]
+
+
 def table_sections(results):
     """[(title, [(label, path into a cell, digits)])]: the sections of the table and the rows of each k,
     for what the runs measured."""
@@ -447,9 +453,9 @@ def table_sections(results):
     if "tasks" in cell:
         rows.append(("zero-shot mean ↑", ("zero_shot_mean",), 4))
     sections = [("Pruned (layers passed through)", rows)]
-    if "healed" in cell:
-        sections.append(("Healed (the pruned model trained further, then measured again)",
-                         [(label, ("healed", *path), d) for label, path, d in rows]))
+    for mode in healed_modes(cell):
+        sections.append((f"Healed{heal_name(mode)} (the pruned model trained further, then measured again)",
+                         [(label, (healed_key(mode), *path), d) for label, path, d in rows]))
     if timed_cell(results):
         sections.append(("Speed of the physically pruned model", [
             ("forward ms ↓", ("speed", "forward_ms"), 2), ("tok/s ↑", ("speed", "tok_s"), 0),
@@ -459,7 +465,7 @@ def table_sections(results):
 
 def table1(results, ks, methods, stab, settings):
     n = len(results)
-    head = ["k", "metric"] + [LABELS[m] for m in methods]
+    head = ["k", "metric"] + [method_label(m) for m in methods]
     lines = [f"Table 1: layer pruning of {results[0]['n_layer']}-layer model(s), {n} run(s)"
              + (" (mean ± sample std over runs)" if n > 1 else ""), "", *legend(results, settings)]
     for title, rows in table_sections(results):
@@ -473,7 +479,7 @@ def table1(results, ks, methods, stab, settings):
             for label, path, d in rows:
                 lines.append(f"| {k} | {label} | " + " | ".join(
                     _cell([_get(r["cells"][f"{m}/{k}"], path) for r in results], d, spread) for m in methods) + " |")
-    lines += ["", "Removed layers (per run):", "", "| k | " + " | ".join(LABELS[m] for m in methods) + " |",
+    lines += ["", "Removed layers (per run):", "", "| k | " + " | ".join(method_label(m) for m in methods) + " |",
               "|" + "---|" * (len(methods) + 1)]
     for k in ks:
         lines.append(f"| {k} | " + " | ".join(" / ".join(str(r["cells"][f"{m}/{k}"]["layers"]) for r in results)
@@ -484,8 +490,112 @@ def table1(results, ks, methods, stab, settings):
         lines += ["", "Ranking stability across runs: mean pairwise Spearman rho of each method's per-layer scores"
                   + (f" ({which})" if which else ""), "", "| method | mean rho | pairs |", "|---|---|---|"]
         for m in methods:
-            lines.append(f"| {LABELS[m]} | {stab[m][0]:.3f} | {', '.join(f'{r:.3f}' for r in stab[m][1])} |")
+            lines.append(f"| {method_label(m)} | {stab[m][0]:.3f} | {', '.join(f'{r:.3f}' for r in stab[m][1])} |")
+    lines += agreement_with_cfp(results, methods) + kept_table(results, ks, methods, settings)
     return "\n".join(lines) + "\n"
+
+
+def agreement_with_cfp(results, methods):
+    """How each method's per-layer ranking agrees with CFP's (the training-history share) in the same run:
+    Spearman rho per run, for the calibration-gradient and early-gradient shares above all."""
+    if "cfp" not in methods or len(methods) < 2:
+        return []
+    lines = ["", "Agreement with CFP's ranking (Spearman rho of the per-layer scores with CFP's, per run):", "",
+             "| method | rho per run | mean |", "|---|---|---|"]
+    for m in (m for m in methods if m != "cfp"):
+        rhos = [spearman(r["scores"][m], r["scores"]["cfp"])[0] for r in results]
+        lines.append(f"| {method_label(m)} | {', '.join(f'{x:.3f}' for x in rhos)} | {np.mean(rhos):.3f} |")
+    return lines
+
+
+# ---- the field's form: % of the dense model kept --------------------------------------------------------------
+def average_accuracy(m):
+    """The accuracy a cell's "% kept" is of: the mean of the lm-eval tasks' numbers when measured (zero-shot
+    mean), else the in-house multiple choice's acc_norm; None if neither."""
+    return m.get("zero_shot_mean", m.get("acc_norm"))
+
+
+def kept_percent(cell, base):
+    """(% of the dense average accuracy kept, % of its perplexity kept) of one run's cell (or one healed
+    stage of it): 100 x acc / acc_dense and 100 x ppl_dense / ppl (so lower perplexity is more kept)."""
+    acc, acc0 = average_accuracy(cell), average_accuracy(base)
+    return (100 * acc / acc0 if acc is not None and acc0 else None), 100 * base["ppl"] / cell["ppl"]
+
+
+def kept_ks(ks, n_layer):
+    """The table's columns: k at 25 % and 50 % of the layers removed, where asked for, else every k."""
+    field = [k for k in ks if k in (round(n_layer / 4), round(n_layer / 2))]
+    return field or list(ks)
+
+
+def kept_stages(results, settings):
+    """[(label, path prefix into a cell)]: pruned, then each healing mode measured, with its token budget."""
+    cell = next(iter(results[0]["cells"].values()))
+    return [("pruned (no training)", ())] + [(f"healed {m}, {settings.get('heal_tokens', 0):.3g} tokens",
+                                              (healed_key(m),)) for m in healed_modes(cell)]
+
+
+def kept_table(results, ks, methods, settings):
+    """Table 1 in the field's form: % of the dense model's average accuracy and perplexity kept, mean ± std
+    over runs, per method and stage, at 25 % and 50 % of the layers removed."""
+    N, cols = results[0]["n_layer"], kept_ks(ks, results[0]["n_layer"])
+    has_acc = average_accuracy(results[0]["baseline"]) is not None
+    what = ["acc kept %", "PPL kept %"] if has_acc else ["PPL kept %"]
+    head = ["method", "stage"] + [f"k={k} ({100 * k / N:.0f} % removed) {w}" for k in cols for w in what]
+    lines = ["", "Table 1, the field's form: % of the dense model kept (mean ± std over runs). acc kept = 100 x "
+             "(average accuracy of the pruned model) / (that of the dense model), the average being "
+             + ("the mean over the lm-eval tasks (zero-shot mean)" if "zero_shot_mean" in results[0]["baseline"] else
+                "the multiple-choice acc_norm") + "; PPL kept = 100 x dense PPL / pruned PPL.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        for label, pre in kept_stages(results, settings):
+            vals = []
+            for k in cols:
+                per_run = [kept_percent(_get(r["cells"][f"{m}/{k}"], pre), r["baseline"]) for r in results]
+                vals += [_cell([p[i] for p in per_run], 1) for i in range(len(what))] if has_acc else \
+                    [_cell([p[1] for p in per_run], 1)]
+            lines.append(f"| {method_label(m)} | {label} | " + " | ".join(vals) + " |")
+    timed = timed_cell(results)
+    if timed:
+        run = next(r for r in results if "speed" in r["baseline"])
+        base = run["baseline"]["speed"]
+        lines += ["", "Speed-up of the physically pruned model (dense time / pruned time; bench.py, see above): "
+                  + "; ".join(f"k={k}: forward {_ratio(base, run['cells'][f'{methods[0]}/{k}']['speed'], 'forward_ms')}"
+                              f", decode {_ratio(base, run['cells'][f'{methods[0]}/{k}']['speed'], 'decode_ms_per_token')}"
+                              for k in cols)]
+    return lines
+
+
+def _ratio(base, speed, key):
+    return f"{base[key] / speed[key]:.2f}x" if base.get(key) and speed.get(key) else "—"
+
+
+def plot_kept(results, ks, methods, settings, path):
+    """Quality against layers removed: % of the dense accuracy (or perplexity) kept vs % of layers removed,
+    one colour per method, one line style per stage (pruned, each healing mode), mean ± std over runs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    N = results[0]["n_layer"]
+    panels = ([0] if average_accuracy(results[0]["baseline"]) is not None else []) + [1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    x = [100 * k / N for k in ks]
+    for ax, i in zip(axes[0], panels):
+        for c, m in enumerate(methods):
+            for (label, pre), ls in zip(kept_stages(results, settings), ("-", "--", "-.", ":")):
+                ys = [[kept_percent(_get(r["cells"][f"{m}/{k}"], pre), r["baseline"])[i] for r in results] for k in ks]
+                if any(v is None for y in ys for v in y):
+                    continue
+                ms = [mean_std(y) for y in ys]
+                ax.errorbar(x, [a for a, _ in ms], yerr=[b for _, b in ms], color=f"C{c}", ls=ls, marker="o",
+                            capsize=3, label=f"{method_label(m)}, {label.split(',')[0]}")
+        ax.axhline(100, color="gray", ls=":")
+        ax.set_xlabel("% of layers removed")
+        ax.set_ylabel(["% of dense average accuracy kept", "% of dense perplexity kept (dense / pruned)"][i])
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def legend(results, settings):
@@ -499,9 +609,11 @@ def legend(results, settings):
     if "tasks" in cell:
         out.append(f"lm-eval tasks, zero-shot ({settings.get('task_limit') or 'all'} items each): acc_norm where the "
                    f"task has it, else acc; zero-shot mean = their mean.")
-    if "healed" in cell:
-        out.append(f"Healed: the pruned model (layers removed) trained {settings['heal_tokens']:,.0f} more tokens "
-                   f"(train.py --init_from; {settings.get('heal', '')}), then measured again.")
+    for mode in healed_modes(cell):
+        what = HEAL_MODES[mode].replace("--heal_last_layers", str(settings.get("heal_last_layers", ""))).replace(
+            "--heal_lora_rank", str(settings.get("heal_lora_rank", "")))
+        out.append(f"Healed{heal_name(mode)}: the pruned model (layers removed) trained {settings['heal_tokens']:,.0f} more "
+                   f"tokens, {what} (train.py --init_from; {settings.get('heal', '')}), then measured again.")
     if timed_cell(results):
         sp = timed_cell(results)["speed"]
         how = sp.get("dtype") + (f", {settings['bench_args']}" if settings.get("bench_args") else "")
@@ -523,13 +635,13 @@ def plot(results, ks, methods, path):
     fig, axes = plt.subplots(1, len(panels) + timed, figsize=(5.5 * (len(panels) + timed), 4), squeeze=False)
     for ax, (key, name) in zip(axes[0], panels):
         for i, m in enumerate(methods):
-            for pre, style in (((), "-"), (("healed",), "--")):
+            for pre, style in [((), "-")] + [((healed_key(h),), ls) for h, ls in zip(healed_modes(cell), ("--", "-.", ":"))]:
                 vals = [[v for r in results if (v := _get(r["cells"][f"{m}/{k}"], pre + key)) is not None] for k in ks]
                 if not all(vals):   # not measured (healed: not asked for)
                     continue
                 ms = [mean_std(v) for v in vals]
                 ax.errorbar(ks, [a for a, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, ls=style,
-                            color=f"C{i}", label=LABELS[m] + (" healed" if pre else ""))
+                            color=f"C{i}", label=method_label(m) + (f" {pre[0].replace('_', ' ')}" if pre else ""))
         base = [v for r in results if (v := _get(r["baseline"], key)) is not None]
         if base:
             ax.axhline(mean_std(base)[0], color="gray", ls=":", label="baseline (k=0)")
@@ -628,14 +740,16 @@ def plot_exits(results, path):
     plt.close(fig)
 
 
-def save_pruned(path, model, ckpt, layers, run, by):
-    """The model with `layers` physically removed, as a run directory (gfa.rundir) that every
-    script loads: model_config.json, ckpt.pt (with pruned_from: the run, the layers, the methods
-    that chose them) and grad_norms.npz (the dump's kept layers, renamed, over the steps the
-    source checkpoint saw)."""
-    small = drop_layers(model, layers)
+def save_pruned(path, model, ckpt, layers, run, by, edits=None):
+    """The model with `layers` physically removed (and a method's weight edits applied: ReplaceMe), as a run
+    directory (gfa.rundir) that every script loads: model_config.json, ckpt.pt (with pruned_from: the run,
+    the layers, the methods that chose them, the parameters edited) and grad_norms.npz (the dump's kept
+    layers, renamed, over the steps the source checkpoint saw)."""
+    with edited(model, edits or {}):
+        small = drop_layers(model, layers)
     keep = model.config.kept_layers(layers)
-    extra = {"pruned_from": {"run": run, "removed_layers": list(layers), "by": list(by)}}
+    extra = {"pruned_from": {"run": run, "removed_layers": list(layers), "by": list(by)}
+             | ({"edited": sorted(edits)} if edits else {})}
     dump = None
     if os.path.isfile(rundir.file(run, rundir.GRAD_DUMP)) or ckpt.get("grad_dump"):
         d = rundir.read_grad_dump(run, before_step=ckpt["iter_num"], ckpt=ckpt)
@@ -684,13 +798,13 @@ def check_runs(runs, save_pruned, out):
 
 
 def parse(argv):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=methods_help())
     p.add_argument("--runs", nargs="+", default=["out/vanilla_16l"], help="run directories; several = seeds")
     p.add_argument("--k", default="1,2,4,6,8", help="layers to remove, one or several: 4 or 1,2,4,6,8")
-    p.add_argument("--methods", default=",".join(PAPER_METHODS), help="subset of " + ",".join(METHODS))
+    p.add_argument("--methods", default=",".join(PAPER_METHODS), help="subset of " + ",".join(REGISTRY))
     p.add_argument("--hellaswag", default=None, help="multiple-choice jsonl in HellaSwag layout (ctx, endings, label; "
-                   "any number of endings) for the in-house scorer (default data/hellaswag/hellaswag_val.jsonl if "
-                   "present; 'none' skips)")
+                   "any number of endings), or partial-scoring rows (WinoGrande's own, or contexts, continuation, label) for the "
+                   "in-house scorer (default data/hellaswag/hellaswag_val.jsonl if present; 'none' skips)")
     p.add_argument("--hs_items", type=int, default=0, help="score only the first N items (0 = all)")
     p.add_argument("--hs_tokens", type=int, default=16384, help="padded tokens per log-likelihood batch")
     p.add_argument("--tokenizer", default=None, help="HellaSwag: the HF model folder whose tokenizer.json encodes "
@@ -704,8 +818,8 @@ def parse(argv):
     p.add_argument("--batch_size", type=int, default=8, help="sequences per batch (perplexity, calibration)")
     p.add_argument("--cfp_steps", type=int, default=0, help="any-time CFP: the share over the first N training "
                    "steps only (0 = every step the checkpoint saw)")
-    p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for Taylor, Similarity, "
-                   "Block Influence and SLEB")
+    p.add_argument("--calib_batches", type=int, default=8, help="training-data batches for the methods that "
+                   "read calibration batches (listed below)")
     p.add_argument("--calib_seed", type=int, default=1234, help="seed of the calibration windows")
     p.add_argument("--similarity_tokens", default="last", choices=("last", "all"),
                    help="similarity over the last token of each sequence (Gromov et al.) or over all tokens")
@@ -717,6 +831,15 @@ def parse(argv):
                    "tokens (train.py --init_from), e.g. 2e7; 0 = no healing")
     p.add_argument("--heal_lr", type=float, default=0, help="heal: peak learning rate (default: the run's / 10)")
     p.add_argument("--heal_batch_size", type=int, default=0, help="heal: sequences per step (default: the run's)")
+    p.add_argument("--heal_mode", default="full", help="heal: which weights train, one or several (each healed apart "
+                   "from the pruned model, the same --heal_tokens): " + "; ".join(f"{k} = {v}" for k, v in HEAL_MODES.items()))
+    p.add_argument("--heal_last_layers", type=int, default=3, help="--heal_mode=partial: the last remaining layers "
+                   "trained with the LM head")
+    p.add_argument("--heal_lora_rank", type=int, default=8, help="--heal_mode=lora: the adapters' rank")
+    p.add_argument("--early_lr", type=float, default=0, help="early_grad: the fine-tuning learning rate (default: the "
+                   "run's / 10, as healing)")
+    p.add_argument("--early_steps", type=int, default=0, help="early_grad: fine-tuning steps on the calibration "
+                   "batches (0 = one per batch)")
     p.add_argument("--heal_args", default="", help="heal: more train.py overrides, one string in the = form: "
                    "--heal_args='--compile=False --eval_iters=5'")
     p.add_argument("--speed", action="store_true", help="time every physically pruned model with bench.py")
@@ -748,6 +871,11 @@ def check_args(args, ks, methods):
         raise UserError("--calib_seed and --hs_items must be >= 0")
     if min(args.task_limit, args.heal_tokens, args.heal_lr, args.heal_batch_size) < 0:
         raise UserError("--task_limit, --heal_tokens, --heal_lr and --heal_batch_size must be >= 0")
+    bad = [m for m in heal_modes(args) if m not in HEAL_MODES]
+    if bad or (args.heal_tokens and not heal_modes(args)):
+        raise UserError(f"--heal_mode {args.heal_mode!r}: choose one or several of {','.join(HEAL_MODES)}")
+    if min(args.heal_last_layers, args.heal_lora_rank) < 1 or min(args.early_lr, args.early_steps) < 0:
+        raise UserError("--heal_last_layers and --heal_lora_rank must be >= 1, --early_lr and --early_steps >= 0")
     if args.cfp_steps < 0:
         raise UserError(f"--cfp_steps {args.cfp_steps}: must be >= 0 (0 = every step the checkpoint saw)")
     if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):
@@ -808,7 +936,8 @@ def main(argv):
             m, k = methods[0], ks[0]
             with rundir.RunStart() as start:   # one writer; a failed write leaves no half run
                 start.claim(args.save_pruned)
-                save_pruned(args.save_pruned, model, ckpt, choice[(m, k)], run, [f"{m}/{k}"])
+                save_pruned(args.save_pruned, model, ckpt, choice[(m, k)].layers, run, [f"{m}/{k}"],
+                            choice[(m, k)].edits)
                 start.started()
         del model
     if to_time:
@@ -820,6 +949,8 @@ def main(argv):
     settings = {"magnitude": args.magnitude, "similarity_tokens": args.similarity_tokens,
                 "calib_batches": args.calib_batches, "batch_size": args.batch_size, "dtype": args.dtype,
                 "mc_file": mc_path, "tasks": args.tasks, "task_limit": args.task_limit, "heal_tokens": args.heal_tokens,
+                "heal_mode": args.heal_mode, "heal_last_layers": args.heal_last_layers,
+                "heal_lora_rank": args.heal_lora_rank, "early_lr": args.early_lr, "early_steps": args.early_steps,
                 "heal": f"lr {args.heal_lr or 'run / 10'}, batch {args.heal_batch_size or 'run'}"
                         + (f", {args.heal_args}" if args.heal_args else ""),
                 "block_size": config["block_size"], "speed": args.speed, "bench_args": args.bench_args,
@@ -923,7 +1054,8 @@ def write_table(results, ks, methods, settings, out):
     rundir.atomic_write_json({"ks": ks, "methods": methods, "mc_file": settings["mc_file"], "settings": settings,
                               "runs": results, "stability": stab}, os.path.join(out, "results.json"), indent=1)
     plot(results, ks, methods, os.path.join(out, "table1_ppl.png"))
-    print(f"wrote {out}/table1.md, table1_ppl.png, results.json")
+    plot_kept(results, ks, methods, settings, os.path.join(out, "table1_kept.png"))
+    print(f"wrote {out}/table1.md, table1_ppl.png, table1_kept.png, results.json")
     return results
 
 

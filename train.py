@@ -62,6 +62,7 @@ from gfa.evaluation import evaluate
 from gfa.training import (Dist, FiniteGuard, GradStep, check_logger, check_optimizer_settings, check_resume,
                           check_state, check_weights, copy_weights, cosine_lr, on_master, optimizer_for,
                           restore_weights, set_lr, teardown, use_compile)
+from gfa.tuning import apply_tuning, plain_state_dict
 from model import GPT, GPTConfig
 
 _before = set(globals())
@@ -104,6 +105,10 @@ eval_iters = 20                # batches of the fixed held-out set
 eval_batch_size = 8            # fixed, so val losses compare across batch sizes and world sizes
 log_interval = 10              # steps between log lines (the only host syncs)
 always_save_checkpoint = True  # False: only save when val loss improves
+tune = "all"                   # which weights train (gfa/tuning.py): 'all', 'partial' (LM head + last tune_last layers), 'lora'
+tune_last = 2                  # tune='partial': the last layers trained with the LM head
+lora_rank = 8                  # tune='lora': the adapters' rank
+lora_alpha = 16.0              # tune='lora': their scale is lora_alpha / lora_rank
 wandb_log = False              # log to Weights & Biases (needs the wandb package)
 wandb_project = "cascadeformer"  # its project
 wandb_run_name = ""             # its run name ('' = wandb's)
@@ -145,6 +150,11 @@ def check_settings(cfg, world):
     check_memory_settings(cfg, world)
     check_optimizer_settings(cfg)
     check_logger(cfg)
+    if cfg["tune"] != "all" and (cfg["parallel"] == "fsdp" or cfg["equalize"]):
+        raise UserError(f"tune={cfg['tune']!r} trains some weights only: not with parallel='fsdp' or equalize=True")
+    if cfg["tune"] == "lora" and cfg["init_from"] == "resume":
+        raise UserError("tune='lora' cannot resume: its checkpoints hold the merged weights, not the adapters; "
+                        "start a new run from them (--init_from=<the run>)")
     use_compile(cfg["compile"], "cpu")   # checks the value
     return B // (world * accum)
 
@@ -369,6 +379,7 @@ def build(cfg, model_cfg, d, ckpt):
     if ckpt is not None and "model" in ckpt:
         model.load_state_dict(ckpt["model"])
     model.set_fused_ce(cfg["fused_ce_chunk"] if cfg["fused_ce"] else 0)
+    model.tuning = apply_tuning(model, cfg["tune"], cfg["tune_last"], cfg["lora_rank"], cfg["lora_alpha"])
     if cfg["activation_checkpointing"]:
         sharding.checkpoint_blocks(model)
     if d.sharded:
@@ -465,7 +476,7 @@ def _main(argv, start):
         + (f", fused LM head + CE ({cfg['fused_ce_chunk']} tokens a chunk)" if cfg["fused_ce"] else "")
         + f"; global batch {B} x {T} tokens"
         f" = {micro} per micro-step x {cfg['gradient_accumulation_steps']} accumulation x {d.world} ranks"
-        + (f"; resuming at step {iter_num}" if iter_num else ""))
+        + (f"; resuming at step {iter_num}" if iter_num else "") + f"; {raw_model.tuning}")
     for line in ([allocator] if allocator else []) + mem_lines:
         log(line)
     if resuming:   # every resume is recorded, with what it was allowed to change
@@ -630,7 +641,7 @@ class Loop:
             sharding.save(self.cfg["out_dir"], self.d, self.raw_model, self.optimizer, self.train_cfg, it,
                           best_val_loss=best_val, **extra)
         else:
-            rundir.save_checkpoint(self.cfg["out_dir"], "gpt", self.raw_model.state_dict(), self.train_cfg, it,
+            rundir.save_checkpoint(self.cfg["out_dir"], "gpt", plain_state_dict(self.raw_model), self.train_cfg, it,
                                    optimizer=self.optimizer.state_dict(), best_val_loss=best_val, **extra)
 
     def train_step(self, train_data, it):

@@ -9,6 +9,7 @@ data (gfa/rundir.py); gfa/prepare.py also writes it into the folder's data_id.js
 """
 import hashlib
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -50,21 +51,39 @@ def prepare_builtin(dataset, data_dir=""):
 
 FULL_CHECK_TOKENS = 1 << 28   # token files up to this size have every id checked; larger ones evenly spaced blocks
 ID_FILE = "data_id.json"   # gfa/prepare.py's record of the content id of the files it wrote
+TOKEN_FORMAT = "tokens.json"   # beside train.bin / val.bin when their ids are uint32 (a vocabulary over 65,536)
+
+
+def token_dtype(folder):
+    """The dtype of a dataset folder's token files: uint16 (nanoGPT's), or what its tokens.json names (uint32:
+    the data of a model whose vocabulary does not fit 16 bits, e.g. Llama-3's 128,256 ids)."""
+    path = os.path.join(folder, TOKEN_FORMAT)
+    if not os.path.isfile(path):
+        return np.uint16
+    try:
+        with open(path) as f:
+            name = json.load(f)["dtype"]
+        assert name in ("uint16", "uint32")
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{path} must be a JSON object with dtype 'uint16' or 'uint32' (data/prepare_local.py "
+                        f"writes it)") from None
+    return np.dtype(name).type
 
 
 def load_tokens(path, vocab_size=None):
-    """A uint16 token file as a read-only memmap, checked where it enters: a whole number of uint16
-    ids (an odd byte count is an interrupted copy), every id below the vocabulary (files above
-    FULL_CHECK_TOKENS: 64 evenly spaced blocks of 1M ids, so a start stays seconds)."""
+    """A token file (uint16, or the dtype its folder's tokens.json names) as a read-only memmap, checked where
+    it enters: a whole number of ids (a byte count that is not is an interrupted copy), every id below the
+    vocabulary (files above FULL_CHECK_TOKENS: 64 evenly spaced blocks of 1M ids, so a start stays seconds)."""
     if not os.path.isfile(path):
         raise UserError(f"data file {path} does not exist (run the dataset's prepare.py first, see docs/data.md)")
     size = os.path.getsize(path)
     if size < 4:
         raise UserError(f"data file {path} is empty")
-    if size % np.dtype(np.uint16).itemsize:
-        raise UserError(f"data file {path} has {size:,} bytes, not a whole number of uint16 token ids (an "
-                        f"interrupted copy or write?): copy it again, or run the dataset's prepare.py again")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
+    dtype = token_dtype(os.path.dirname(os.path.abspath(path)))
+    if size % np.dtype(dtype).itemsize:
+        raise UserError(f"data file {path} has {size:,} bytes, not a whole number of {np.dtype(dtype).name} token "
+                        f"ids (an interrupted copy or write?): copy it again, or run the dataset's prepare.py again")
+    data = np.memmap(path, dtype=dtype, mode="r")
     if vocab_size is not None:
         if len(data) <= FULL_CHECK_TOKENS:
             top = int(data.max())

@@ -22,6 +22,12 @@ lm-eval's hellaswag task does: the query is preprocess("activity_label: ctx_a Ct
 " " + preprocess(ending). Every other file is scored verbatim: ctx, then each ending as written (so
 an ending carries its own joining space). Truncated items are counted in a warning.
 
+Partial scoring (WinoGrande, as lm-eval scores it): one context per option and one continuation shared by
+all, scored under each context; acc = argmax of its log-prob (acc_norm equals acc: the continuation is the
+same). Rows of WinoGrande itself (sentence with "_", option1, option2, answer "1"/"2") are built as
+lm-eval's winogrande task builds them: context i = the sentence up to "_" with option i, continuation =
+" " + the rest of the sentence, stripped; any other row gives contexts (a list), continuation and label.
+
 Tokenizer from the model's vocabulary: 256 -> UTF-8 bytes (EOT byte 0), >= 50257 -> tiktoken's
 GPT-2 BPE (EOT 50256; offline: set TIKTOKEN_CACHE_DIR), as gfa/prepare.py tokenises the data; a
 model imported from HF (hf.py) uses its own tokenizer.json (gfa.hf_llama.source_tokenizer).
@@ -198,17 +204,59 @@ def hellaswag_item(row):
     return query, [" " + hellaswag_preprocess(e) for e in row["endings"]]
 
 
+def is_winogrande_row(row):
+    return all(isinstance(row.get(k), str) for k in ("sentence", "option1", "option2")) and "_" in row["sentence"] \
+        and str(row.get("answer")) in ("1", "2")
+
+
+def winogrande_item(row):
+    """(contexts, [continuation] x 2, label) of an official WinoGrande row, as lm-eval's winogrande task
+    (preprocess_winogrande.py) builds it: partial scoring."""
+    idx = row["sentence"].index("_")
+    contexts = [row["sentence"][:idx] + opt for opt in (row["option1"], row["option2"])]
+    cont = " " + row["sentence"][idx + 1:].strip()
+    return contexts, [cont, cont], int(row["answer"]) - 1
+
+
+def partial_item(row, where):
+    """(contexts, [continuation] x n, label) of a partial-scoring row: contexts (2 or more), continuation, label."""
+    contexts, cont = row["contexts"], row["continuation"]
+    if not isinstance(contexts, list) or len(contexts) < 2 or not all(isinstance(c, str) for c in contexts) \
+            or not isinstance(cont, str) or not cont.strip():
+        raise UserError(f"{where} contexts must be a list of 2 or more strings and continuation a non-empty string")
+    return contexts, [cont] * len(contexts), _label(row["label"], len(contexts), where)
+
+
+def _label(value, n, where):
+    try:
+        label = int(value)
+    except (TypeError, ValueError):
+        label = -1
+    if not 0 <= label < n:
+        raise UserError(f"{where} label must be 0..{n - 1} (one per option), got {value!r}")
+    return label
+
+
 def load_multiple_choice(path, limit=0):
     """[(context, [continuations], label)] from a jsonl with ctx, endings (2 or more) and label per
     row. HellaSwag's own rows are cleaned as lm-eval does; any other row is used verbatim (its
-    endings carry their joining space). Malformed rows -> UserError."""
+    endings carry their joining space). Partial scoring: a WinoGrande row, or one with contexts,
+    continuation and label, gives ([contexts], [the continuation per context], label). Malformed rows
+    -> UserError."""
     if not os.path.isfile(path):
         raise UserError(f"multiple-choice file {path} does not exist (run data/hellaswag/prepare.py, or pass "
                         f"any jsonl with ctx, endings and label per row with --hellaswag)")
     items = []
     for n, row in jsonl_rows(path):
+        if is_winogrande_row(row) or {"contexts", "continuation", "label"} <= set(row):
+            items.append(winogrande_item(row) if is_winogrande_row(row) else partial_item(row, f"{path}:{n}"))
+            if limit and len(items) >= limit:
+                break
+            continue
         if not {"ctx", "endings", "label"} <= set(row):
-            raise UserError(f"{path}:{n} needs the fields ctx, endings and label")
+            raise UserError(f"{path}:{n} needs the fields ctx, endings and label (multiple choice), contexts, "
+                            f"continuation and label (partial scoring), or WinoGrande's sentence, option1, option2, "
+                            f"answer")
         ctx, endings, label = row["ctx"], row["endings"], row["label"]
         if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) < 2 \
                 or not all(isinstance(e, str) and e.strip() for e in endings):
@@ -233,8 +281,9 @@ def load_multiple_choice(path, limit=0):
 
 def encode_items(items, tok):
     """Per item, its (context ids, ending ids) pairs (encode_pair): tokenised once, scored for every
-    model."""
-    return [[encode_pair(tok, c, e) for e in ends] for c, ends, _ in items]
+    model. A partial-scoring item pairs each of its contexts with its ending."""
+    return [[encode_pair(tok, c, e) for c, e in zip([ctx] * len(ends) if isinstance(ctx, str) else ctx, ends)]
+            for ctx, ends, _ in items]
 
 
 def ending_logprobs(model, encoded, device, ctx, max_tokens=16384, exits=False):

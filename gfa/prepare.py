@@ -19,7 +19,7 @@ from multiprocessing import Pool
 import numpy as np
 
 from gfa.cli import UserError
-from gfa.data import ID_FILE, data_id
+from gfa.data import ID_FILE, TOKEN_FORMAT, data_id
 from gfa.rundir import atomic_write_json, remove_stale_temporaries
 
 TOKENIZERS = ("gpt2", "bytes")   # or the folder of an HF model (its tokenizer.json)
@@ -62,9 +62,6 @@ class HFTokenizer:
         if not os.path.isfile(path):
             raise UserError(f"{folder} holds no tokenizer.json: give an HF model's folder, or gpt2 or bytes")
         self.tok = Tokenizer.from_file(path)
-        if self.tok.get_vocab_size() > 1 << 16:
-            raise UserError(f"{path} has {self.tok.get_vocab_size():,} tokens: more than the uint16 token files hold "
-                            f"(65,536)")
         self.eot = self._eos(folder)
 
     def _eos(self, folder):
@@ -117,14 +114,21 @@ def eot_token(tokenizer):
     return 50256 if tokenizer == "gpt2" else 0
 
 
+def token_dtype_for(tokenizer):
+    """uint16 (nanoGPT's token files), or uint32 for an HF tokenizer with more than 65,536 ids (Llama-3)."""
+    enc = load_encoding(tokenizer)
+    return np.uint32 if isinstance(enc, HFTokenizer) and enc.tok.get_vocab_size() > 1 << 16 else np.uint16
+
+
 def _init_worker(tokenizer):
-    global _enc, _eot
+    global _enc, _eot, _dtype
     _enc = load_encoding(tokenizer)
     _eot = _enc.eot if isinstance(_enc, HFTokenizer) else eot_token(tokenizer)
+    _dtype = token_dtype_for(tokenizer)
 
 
 def _encode(args):
-    """[(text, end_of_document)] -> [uint16 array]: one worker's share of the stream."""
+    """[(text, end_of_document)] -> [uint16 (or uint32) array]: one worker's share of the stream."""
     tokenizer, docs = args
     out = []
     for text, end in docs:
@@ -134,7 +138,7 @@ def _encode(args):
             ids = _enc.encode_ordinary(text)   # text that spells <|endoftext|> stays ordinary text
         if end:
             ids.append(_eot)
-        out.append(np.asarray(ids, dtype=np.uint16))
+        out.append(np.asarray(ids, dtype=_dtype))
     return out
 
 
@@ -199,7 +203,8 @@ def _val_from_the_end(tmp, counts, last, n_doc, val_fraction):
 def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=None, workers=None,
                batch_docs=256, log_every=10_000_000):
     """Tokenise an iterable of (text, end_of_document) in parallel, in order, and write
-    out_dir/train.bin and val.bin (uint16). Stops after max_tokens tokens (a budget, None = all).
+    out_dir/train.bin and val.bin (uint16; uint32 with a tokens.json beside them for an HF tokenizer of
+    more than 65,536 ids). Stops after max_tokens tokens (a budget, None = all).
     Deterministic: the output depends only on the documents and the arguments. An input too small
     for val_fraction to pick a document gives val its last document, or the end of its only one
     (with a note)."""
@@ -225,6 +230,12 @@ def write_bins(docs, out_dir, tokenizer="gpt2", val_fraction=0.0005, max_tokens=
         for s in ("train", "val"):
             if counts[s] == 0:
                 raise UserError(f"the {s} split came out empty ({n_doc} documents): give more text")
+        fmt = os.path.join(out_dir, TOKEN_FORMAT)
+        if token_dtype_for(tokenizer) == np.uint32:   # written first: bins are never read with the wrong dtype
+            with open(fmt, "w") as f:
+                json.dump({"dtype": "uint32"}, f)
+        elif os.path.isfile(fmt):
+            os.remove(fmt)
         for s in ("train", "val"):
             os.replace(tmp[s], paths[s])
         atomic_write_json(data_id(out_dir) | {"tokenizer": tokenizer}, os.path.join(out_dir, ID_FILE), indent=1)

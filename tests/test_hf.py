@@ -131,3 +131,72 @@ def test_open_weights_continued_training_then_cfp(tmp_path, byte_data):
                       "--eval_batches", "1", "--batch_size", "2", "--calib_batches", "1", "--device", "cpu",
                       "--out", str(tmp_path / "prune")])
     assert res[0]["cells"]["cfp/1"]["layers"] == [int(np.argmin(layer_share))]
+
+
+def test_cfp_on_an_open_weight_model_end_to_end(tmp_path, byte_data, monkeypatch):
+    """A Llama-format checkpoint (a random transformers LlamaForCausalLM, grouped-query, with a tokenizer) is
+    imported, CFP scores its layers from gradients over a calibration set (cfp_calib), the layer is removed,
+    the model healed (partial), exported, loaded by transformers with the same logits, and scored by lm-eval's
+    through the gfa adapter on a local task with transformers' own log-likelihoods. ReplaceMe's
+    model (its map folded into the down projection) exports as a plain Llama too."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("lm_eval")
+    import train
+    from lm_eval.api.registry import get_model
+    from lm_eval.evaluator import evaluate
+
+    from gfa import lm_eval_adapter
+    from helpers import write_jsonl, write_local_task, write_word_level_tokenizer
+    torch.manual_seed(0)
+    src = tmp_path / "llama"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(src)
+    write_word_level_tokenizer(str(src))
+    run = str(tmp_path / "imported")
+    hf.main(["import", str(src), run])
+    monkeypatch.setattr(prune, "run_script", lambda script, argv, check=True: train.main(argv + ["--compile=False"]))
+    common = ["--runs", run, "--data", str(byte_data), "--k", "1", "--hellaswag", "none", "--eval_batches", "1",
+              "--batch_size", "2", "--calib_batches", "2", "--device", "cpu"]
+    res = prune.main(common + ["--methods", "cfp_calib", "--heal_tokens", "1024", "--heal_mode", "partial",
+                               "--heal_last_layers", "1", "--keep_models", "--out", str(tmp_path / "p")])[0]
+    share = res["scores"]["cfp_calib"]
+    assert res["cells"]["cfp_calib/1"]["layers"] == [int(np.argmin(share))] and sum(share) == pytest.approx(1)
+    healed = res["cells"]["cfp_calib/1"]["healed_partial"]["run_dir"]
+    out = str(tmp_path / "export")
+    hf.main(["export", healed, out, "--tokenizer", str(src)])
+    ours, _ = rundir.load_gpt(healed)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours.eval()(x)[0], rtol=1e-4, atol=1e-5)
+    assert theirs.config.num_hidden_layers == 3
+    rows = [{"ctx": "to be", "endings": [" or not", " be to"], "label": 0},
+            {"ctx": "not to", "endings": [" be", " or be or"], "label": 0}]
+    tasks = lm_eval_adapter.load_tasks(["tiny_mc"], write_local_task(tmp_path / "tasks", write_jsonl(
+        tmp_path / "mc.jsonl", rows)))
+    # lm-eval through the gfa adapter on the export read back (lm-eval's own HF model needs accelerate, not a
+    # dependency here), against transformers' log-likelihoods of the same tokens computed here by hand
+    back = str(tmp_path / "back")
+    hf.main(["import", out, back])
+    lm = get_model("gfa").create_from_arg_string(f"ckpt={back}/ckpt.pt,device=cpu")
+    r = evaluate(lm, tasks, log_samples=True, bootstrap_iters=0)
+    scored = [x[0] for s in sorted(r["samples"]["tiny_mc"], key=lambda s: s["doc_id"]) for x in s["filtered_resps"]]
+    ids = {"to": 2, "be": 3, "or": 4, "not": 5}
+    by_hand = []
+    for row in rows:
+        for e in row["endings"]:
+            c, t = [ids[w] for w in row["ctx"].split()], [ids[w] for w in e.split()]
+            with torch.no_grad():
+                lp = torch.log_softmax(theirs(torch.tensor([c + t])).logits[0, :-1].double(), -1)
+            by_hand.append(float(sum(lp[len(c) - 1 + i, tok] for i, tok in enumerate(t))))
+    np.testing.assert_allclose(scored, by_hand, atol=1e-4)
+    assert r["results"]["tiny_mc"]["acc,none"] in (0.0, 0.5, 1.0)
+    # ReplaceMe: no new module, so the saved model exports and loads as a plain Llama
+    prune.main(common + ["--methods", "replaceme", "--save_pruned", str(tmp_path / "rm"), "--out", str(tmp_path / "q")])
+    hf.main(["export", str(tmp_path / "rm"), str(tmp_path / "rm_hf")])
+    rm, _ = rundir.load_gpt(str(tmp_path / "rm"))
+    with torch.no_grad():
+        torch.testing.assert_close(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "rm_hf").eval()(x).logits,
+                                   rm.eval()(x)[0], rtol=1e-4, atol=1e-5)

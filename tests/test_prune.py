@@ -276,3 +276,83 @@ def test_tasks_without_lm_eval_is_a_one_line_error(tmp_path, byte_data, capsys, 
     line = one_line_error(prune.main, ["--runs", run, "--k", "1", "--tasks", "piqa", "--device", "cpu"], capsys)
     assert "lm-eval is not installed" in line and "leave out --tasks" in line
     assert not os.path.exists(tmp_path / "run" / "prune")
+
+
+def test_a_registered_method_is_all_prune_py_needs(tmp_path, byte_data, monkeypatch, capsys):
+    """A method added to gfa/pruning.py's registry (one function) is chosen by --methods, ranked, evaluated,
+    labelled in the table and listed in --help, with no edit to prune.py."""
+    from gfa import pruning
+
+    def keep_first_layers(model, ks, inp):   # drops the last k layers
+        N = model.config.n_layer
+        return pruning.by_lowest(-np.arange(N, dtype=float), ks, "minus depth")
+    monkeypatch.setattr(pruning, "METHODS", dict(pruning.METHODS))   # registered for this test only
+    monkeypatch.setattr(prune, "REGISTRY", pruning.METHODS)
+    pruning.method("last_out", "Last out", "the last k layers go")(keep_first_layers)
+    run = make_run(tmp_path / "run", tiny_model(0), byte_data)
+    res = prune.main(["--runs", run, "--k", "1,2", "--methods", "last_out,magnitude", "--hellaswag", "none",
+                      "--eval_batches", "1", "--batch_size", "2", "--out", str(tmp_path / "t")])
+    assert res[0]["cells"]["last_out/2"]["layers"] == [2, 3]
+    assert "| k | metric | Magnitude | Last out |" in (tmp_path / "t" / "table1.md").read_text()   # registry order
+    with pytest.raises(SystemExit):
+        prune.main(["--help"])
+    assert "last_out: the last k layers go" in capsys.readouterr().out
+
+
+def test_new_baselines_heal_modes_and_the_kept_table(tmp_path, byte_data, monkeypatch):
+    """reverse and replaceme pruned, healed in the three modes (train.py in process, its tune keys), and Table 1
+    in the field's form: % of the dense accuracy and perplexity kept, checked against the cells by hand."""
+    calls = []
+
+    def in_process(script, argv, check=True):
+        calls.append(argv)
+        train.main(argv + ["--compile=False"])
+        return 0
+    monkeypatch.setattr(prune, "run_script", in_process)
+    run = make_run(tmp_path / "run", tiny_model(5), byte_data)
+    mc = write_jsonl(tmp_path / "mc.jsonl", HS_ROWS)
+    out = tmp_path / "t"
+    res = prune.main(["--runs", run, "--k", "1,2", "--methods", "reverse,replaceme", "--hellaswag", mc,
+                      "--eval_batches", "1", "--batch_size", "2", "--calib_batches", "2", "--device", "cpu",
+                      "--heal_tokens", "64", "--heal_mode", "full,partial,lora", "--heal_last_layers", "1",
+                      "--heal_args", "--eval_iters=1 --eval_batch_size=2", "--out", str(out)])[0]
+    assert res["cells"]["reverse/2"]["layers"] == [2, 3] and "edited" in res["cells"]["replaceme/1"]
+    for cell in res["cells"].values():
+        assert {"healed", "healed_partial", "healed_lora"} <= cell.keys()
+    assert len(calls) == 3 * 4   # 4 distinct pruned models (ReplaceMe's edited ones are its own), 3 modes each
+    assert sum("--tune=partial" in a and "--tune_last=1" in a for a in calls) == 4
+    assert sum("--tune=lora" in a and "--lora_rank=8" in a for a in calls) == 4
+    text = (out / "table1.md").read_text()
+    assert "Healed, lora (the pruned model" in text and (out / "table1_kept.png").is_file()
+    row = next(line for line in text.splitlines() if line.startswith("| ReplaceMe | healed partial"))
+    c, base = res["cells"]["replaceme/2"]["healed_partial"], res["baseline"]
+    acc_kept, ppl_kept = 100 * c["acc_norm"] / base["acc_norm"], 100 * base["ppl"] / c["ppl"]
+    assert row.split(" | ")[-2:] == [f"{acc_kept:.1f} ± 0.0", f"{ppl_kept:.1f} ± 0.0 |"]   # k=2 (50 %)
+    assert "k=1 (25 % removed) acc kept %" in text
+
+
+def test_calibration_gradient_methods_over_seeds_combine_to_the_same_table(tmp_path, byte_data):
+    runs = [make_run(tmp_path / f"s{s}", tiny_model(s), byte_data) for s in (0, 1)]
+    common = ["--k", "1,2", "--methods", "cfp,cfp_calib,early_grad", "--hellaswag", write_jsonl(tmp_path / "m.jsonl",
+              HS_ROWS), "--eval_batches", "1", "--batch_size", "2", "--calib_batches", "2", "--device", "cpu"]
+    prune.main(["--runs", *runs, *common, "--out", str(tmp_path / "joint")])
+    joint = json.loads((tmp_path / "joint" / "results.json").read_text())
+    for i, r in enumerate(joint["runs"]):   # as if each seed had been pruned on its own machine
+        (tmp_path / f"p{i}.json").write_text(json.dumps(dict(joint, runs=[r])))
+    prune.main(["--combine", str(tmp_path / "p0.json"), str(tmp_path / "p1.json"), "--out", str(tmp_path / "c")])
+    joint, combined = ((tmp_path / d / "table1.md").read_text() for d in ("joint", "c"))
+    assert combined == joint and "| Early gradient | pruned (no training) |" in joint
+    assert "CFP (calibration)" in joint
+    rows = json.loads((tmp_path / "joint" / "results.json").read_text())["runs"]
+    rhos = [spearman(r["scores"]["early_grad"], r["scores"]["cfp"])[0] for r in rows]
+    assert f"| Early gradient | {rhos[0]:.3f}, {rhos[1]:.3f} | {np.mean(rhos):.3f} |" in joint
+
+
+def test_bad_heal_and_method_options(tmp_path, byte_data, capsys):
+    run = make_run(tmp_path / "run", tiny_model(), byte_data)
+    err = lambda *argv: one_line_error(prune.main, ["--runs", run, "--hellaswag", "none", "--device", "cpu", *argv],
+                                       capsys)
+    assert "--heal_mode 'fast'" in err("--heal_tokens", "100", "--heal_mode", "fast")
+    assert "--heal_last_layers and --heal_lora_rank must be >= 1" in err("--heal_last_layers", "0")
+    assert "choose from" in err("--methods", "replace_me")
+    assert "prune.py sets init_from" in err("--heal_args=--tune=lora")   # the mode is --heal_mode's

@@ -113,3 +113,30 @@ def test_hf_tokenizer_folder(tmp_path):
         prepare_local.main(["--out_dir", str(tmp_path / "o2"), "--tokenizer", str(model), str(src)])
     with pytest.raises(UserError, match="holds no tokenizer.json"):
         prepare_local.main(["--out_dir", str(tmp_path / "o3"), "--tokenizer", str(tmp_path), str(src)])
+
+
+def test_a_vocabulary_over_16_bits_writes_uint32_token_files(tmp_path):
+    """An HF tokenizer of more than 65,536 ids (Llama-3 has 128,256): train.bin / val.bin in uint32 with a
+    tokens.json saying so, read back by load_tokens with the ids intact; 16-bit data written into the folder
+    again drops the marker."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from gfa.data import TOKEN_FORMAT, load_tokens
+    vocab = {"[UNK]": 0, "</s>": 1} | {f"w{i}": i + 2 for i in range(70_000)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    model = tmp_path / "big"
+    model.mkdir()
+    tok.save(str(model / "tokenizer.json"))
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["w69999 w3", "w65534 w65535", "w0"]))
+    out = tmp_path / "out"
+    prepare_local.main(["--out_dir", str(out), "--tokenizer", str(model), "--val_fraction", "0.34", "--workers", "1",
+                        str(src)])
+    assert json.loads((out / TOKEN_FORMAT).read_text()) == {"dtype": "uint32"}
+    assert load_tokens(str(out / "train.bin"), 70_002).tolist() == [70_001, 5, 1, 65_536, 65_537, 1]
+    assert load_tokens(str(out / "val.bin")).tolist() == [2, 1]
+    with pytest.raises(UserError, match="vocab_size is 65536"):
+        load_tokens(str(out / "train.bin"), 65_536)
+    prepare_local.main(["--out_dir", str(out), "--tokenizer", "bytes", "--workers", "1", str(src)])
+    assert not (out / TOKEN_FORMAT).exists() and load_tokens(str(out / "train.bin")).dtype == np.uint16

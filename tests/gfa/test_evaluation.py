@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gfa.cli import UserError
 from gfa.data import eval_batches, load_tokens
 from gfa.evaluation import (Tokenizer, choice_accuracy, continuation_logprobs, encode_items, encode_pair,
                             ending_logprobs, evaluate, load_multiple_choice)
@@ -147,3 +148,19 @@ def test_perplexity_is_exp_mean_ce(byte_data):
     assert math.exp(a) == pytest.approx(math.exp(torch.cat(nll).mean().item()), rel=1e-5)
 
 
+
+
+def test_partial_scoring_rows_and_their_errors(tmp_path):
+    """A row with contexts + continuation scores the continuation under each context (encode_items pairs
+    them); WinoGrande's own rows become that; malformed rows are one-line errors."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"contexts": ["a b", "c"], "continuation": " d", "label": 1}\n'
+                    '{"sentence": "x _ y", "option1": "p", "option2": "q", "answer": "2"}\n')
+    items = load_multiple_choice(str(path))
+    assert items == [(["a b", "c"], [" d", " d"], 1), (["x p", "x q"], [" y", " y"], 1)]
+    assert encode_items(items[:1], Tokenizer(256)) == [[(list(b"a b"), list(b" d")), (list(b"c"), list(b" d"))]]
+    for bad, says in (('{"contexts": ["a"], "continuation": " d", "label": 0}', "2 or more"),
+                      ('{"contexts": ["a", "b"], "continuation": " d", "label": 2}', "label must be 0..1")):
+        path.write_text(bad + "\n")
+        with pytest.raises(UserError, match=says):
+            load_multiple_choice(str(path))

@@ -185,3 +185,49 @@ def test_an_imported_run_is_read_through_its_own_tokenizer(tmp_path):
     assert (lm.tok_encode("not to be"), lm.eot_token_id) == ([5, 2, 3], 1)
     assert adapter.GFALM(ckpt=plain, device="cpu", tokenizer=str(folder)).tok_encode("to be") == [2, 3]
     assert adapter.GFALM(ckpt=plain, device="cpu").tok_encode("to") == [116, 111]
+
+
+WINO_ROWS = [{"sentence": "the cat sat on the mat because _ was tired.", "option1": "the cat", "option2": "the mat",
+              "answer": "1"},
+             {"sentence": "a dog ran to _ and sat.", "option1": "the cat", "option2": "a mat", "answer": "2"},
+             {"sentence": "_ sat on the dog.", "option1": "the cat", "option2": "a mat", "answer": "1"}]
+WINO_TASK = """task: tiny_wino
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {path}
+  cache_dir: {cache}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: !function preprocess_winogrande.doc_to_text
+doc_to_target: !function preprocess_winogrande.doc_to_target
+doc_to_choice: !function preprocess_winogrande.doc_to_choice
+metric_list:
+  - metric: acc
+"""
+
+
+def test_partial_scoring_equals_lm_evals_winogrande(tmp_path, byte_data):
+    """WinoGrande rows: the in-house scorer's partial scoring (a context per option, the shared continuation
+    scored under each) gives lm-eval's requests, log-likelihoods and acc, with lm-eval's own winogrande
+    preprocessing."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    src = os.path.join(os.path.dirname(lm_eval.tasks.__file__), "winogrande", "preprocess_winogrande.py")
+    (tasks / "preprocess_winogrande.py").write_text(open(src).read())   # lm-eval's own, as its winogrande task uses
+    write_jsonl(tmp_path / "wino.jsonl", WINO_ROWS)
+    (tasks / "tiny_wino.yaml").write_text(WINO_TASK.format(path=tmp_path / "wino.jsonl", cache=tasks / "hf_cache"))
+    run = write_run(tmp_path / "run", tiny_model(seed=7), byte_data)
+    lm = get_model("gfa").create_from_arg_string(f"ckpt={run}/ckpt.pt,device=cpu")
+    res = evaluate(lm, adapter.load_tasks(["tiny_wino"], str(tasks)), log_samples=True, bootstrap_iters=0)
+    samples = sorted(res["samples"]["tiny_wino"], key=lambda s: s["doc_id"])
+    items = load_multiple_choice(str(tmp_path / "wino.jsonl"))
+    assert items[0] == (["the cat sat on the mat because the cat", "the cat sat on the mat because the mat"],
+                        [" was tired."] * 2, 0)
+    for s, (contexts, ends, _) in zip(samples, items):   # lm-eval's requests: these contexts, one continuation
+        assert [tuple(a) for a in s["arguments"]] == list(zip(contexts, ends))
+    ours = ending_logprobs(lm.model, encode_items(items, Tokenizer(256)), "cpu", None)
+    theirs = np.array([[r[0] for r in s["filtered_resps"]] for s in samples])
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    acc, acc_norm = choice_accuracy(ours, items)
+    assert res["results"]["tiny_wino"]["acc,none"] == pytest.approx(acc) and acc_norm == acc

@@ -214,3 +214,98 @@ def test_calibrated_methods_do_not_wait_on_the_host_per_layer(byte_data):
         torch.cuda.set_sync_debug_mode(0)
     syncs = lambda ws: sum("synchroniz" in str(w.message) for w in ws)
     assert syncs(caught[:n_bi]) <= 1 and syncs(caught[n_bi:]) <= 2   # 6 layers: not one per layer
+
+
+# ---- the 2025-2026 baselines ------------------------------------------------------------------------
+def opts(**kw):
+    from types import SimpleNamespace
+    return SimpleNamespace(**({"early_lr": 0.0, "early_steps": 0} | kw))
+
+
+def test_reverse_order_drops_the_last_layers():
+    r = pruning.METHODS["reverse"].rank(tiny_model(), [1, 3], pruning.PruneInput(None, "cpu", nullcontext()))
+    assert r.choice == {1: [3], 3: [1, 2, 3]}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_least_squares_map_equals_numpy_lstsq_on_planted_activations(bias):
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((300, 6))
+    T, b = rng.standard_normal((6, 5)), rng.standard_normal(5)
+    B = A @ T + (b if bias else 0) + 0.1 * rng.standard_normal((300, 5))   # planted map, plus noise
+    chunks = [(torch.tensor(A[i:i + 100]), torch.tensor(B[i:i + 100])) for i in range(0, 300, 100)]
+    ours, ours_b = pruning.least_squares_map(chunks, bias=bias)
+    design = np.hstack([A, np.ones((300, 1))]) if bias else A
+    theirs = np.linalg.lstsq(design, B, rcond=None)[0]
+    np.testing.assert_allclose(ours.numpy(), theirs[:6], rtol=1e-8, atol=1e-10)
+    if bias:
+        np.testing.assert_allclose(ours_b.numpy(), theirs[6], rtol=1e-8, atol=1e-10)
+    assert np.abs(ours.numpy() - T).max() < 0.05   # and it finds the planted map
+
+
+def test_replaceme_folds_its_least_squares_map_into_the_preceding_down_projection(byte_data):
+    m, calib = tiny_model(seed=2), batches(byte_data)
+    inp = pruning.PruneInput(calib, "cpu", nullcontext(), options=opts())
+    r = pruning.METHODS["replaceme"].rank(m, [2], inp)
+    D = pruning.angular_distances(m, calib, "cpu", nullcontext(), tokens="all", reading="cosine")
+    l = min(range(1, N - 1), key=lambda i: D[i, i + 2])   # the closest run [l, l+2), l >= 1
+    assert r.choice[2] == [l, l + 1] and list(r.edits[2]) == [f"blocks.{l - 1}.ffn.down.weight"]
+    # by hand: h_l = Y + M (M = block l-1's MLP output); T from numpy's lstsq of M T ~ h_{l+2} - Y
+    grab = {}
+    hook = m.blocks[l - 1].ffn.register_forward_hook(lambda mod, a, out: grab.__setitem__("M", out))
+    with pruning.layer_inputs(m) as run, torch.no_grad():
+        hs, Ms = [], []
+        for x, _ in calib:
+            hs.append(run(x).flatten(0, 1).double())
+            Ms.append(grab["M"].flatten(0, 1).double())
+    hook.remove()
+    h, M = torch.cat(hs), torch.cat(Ms)
+    Y, target = h[:, l] - M, h[:, l + 2]
+    T = np.linalg.lstsq(M.numpy(), (target - Y).numpy(), rcond=None)[0]
+    down = m.blocks[l - 1].ffn.down.weight.detach().double().numpy()
+    np.testing.assert_allclose(r.edits[2][f"blocks.{l - 1}.ffn.down.weight"].double().numpy(), T.T @ down,
+                               rtol=1e-4, atol=1e-6)
+    # the folded, pruned model hands block l+2 (here the final norm / next block) Y + M T, and fits the
+    # target at least as well as plain removal (T = I: Y + M = h_l)
+    after = m.blocks[l + 2] if l + 2 < N else m.norm_f
+    seen = []
+    hook = after.register_forward_pre_hook(lambda mod, a: seen.append(a[0].flatten(0, 1).double()))
+    with pruning.edited(m, r.edits[2]), torch.no_grad():
+        m.set_passthrough([l, l + 1])
+        for x, _ in calib:
+            m(x)
+        m.set_passthrough([])
+    hook.remove()
+    out = torch.cat(seen)
+    np.testing.assert_allclose(out.numpy(), (Y + M @ torch.tensor(T)).numpy(), rtol=1e-4, atol=1e-4)
+    assert ((out - target) ** 2).sum() <= ((h[:, l] - target) ** 2).sum()
+    assert torch.equal(m.blocks[l - 1].ffn.down.weight, torch.tensor(down, dtype=torch.float32))   # restored
+
+
+def block_grad_norms(model, x, y):
+    model.zero_grad()
+    model(x, y)[1].backward()
+    return np.array([math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in b.parameters())) for b in model.blocks])
+
+
+def test_gradient_share_by_hand_and_early_fine_tuning_restores_the_weights(byte_data):
+    m, calib = tiny_model(seed=4), batches(byte_data, n=3)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    # lr = 0: Eq. 2 over the calibration batches at the model's own weights
+    share = pruning.gradient_share(m, calib, "cpu", nullcontext())
+    ref = tiny_model(seed=4)
+    acc = sum(block_grad_norms(ref, x, y) for x, y in calib)
+    np.testing.assert_allclose(share, acc / acc.sum(), rtol=1e-6)
+    # lr > 0: each gradient before its AdamW step (here 4 steps over 3 batches: the first batch twice)
+    early = pruning.gradient_share(m, calib, "cpu", nullcontext(), lr=1e-2, steps=4)
+    ref = tiny_model(seed=4)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    acc = 0
+    for s in range(4):
+        acc = acc + block_grad_norms(ref, *calib[s % 3])
+        opt.step()
+    np.testing.assert_allclose(early, acc / acc.sum(), rtol=1e-5)
+    assert not np.allclose(early, share, rtol=1e-3)   # the steps moved the weights the gradients were taken at
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k   # restored bit for bit
+    assert all(p.requires_grad for p in m.parameters()) and all(p.grad is None for p in m.parameters())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Table 1 in the field's form (docs/pruning.md): the small study's Vanilla-16L seeds pruned by every
+# method of gfa/pruning.py's registry at 25 % and 50 % of the layers (k = 4, 8 of 16), each pruned model
+# healed three ways (full, partial, LoRA; 2M tokens each), the pruned models timed; one folder per seed,
+# combined afterwards:
+#
+#   bash experiments/study/table1_baselines.sh <data_dir> <mc.jsonl> <dest> <seed> [<seed> ...]
+#   python prune.py --combine <dest>/table1_baselines_s{1,2,3}/results.json --out <dest>/table1_baselines
+#
+# A seed's checkpoint is read from out/small_vanilla_16l_s<seed> (experiments/study/run.sh leaves it there); a seed
+# without one is trained first, exactly as the study trained it (3000 steps of 32 x 1024 tokens). A call
+# stopped part-way goes on where it stopped (prune.py reuses every healed.json). SCALE=<config file> and
+# TRAIN_ARGS / PRUNE_ARGS (extra --key=value words) change the setup, e.g. for a smoke test on the embedded
+# Shakespeare: SCALE=config/tiny.py TRAIN_ARGS="--max_iters=200" PRUNE_ARGS="--heal_tokens=1e5".
+set -euo pipefail
+data=$1 mc=$2 dest=$3
+shift 3
+scale=${SCALE:-config/small.py}
+methods=cfp,similarity,taylor,magnitude,block_influence,sleb,reverse,replaceme,early_grad,cfp_calib
+for seed in "$@"; do
+    run=out/$(basename "$scale" .py)_vanilla_16l_s$seed
+    if [ ! -f "$run/ckpt.pt" ]; then
+        python train.py "$scale" config/vanilla_16l.py --data_dir="$data" --seed="$seed" --out_dir="$run" \
+            --max_iters=3000 --warmup_iters=200 --eval_interval=1000 --log_interval=100 --overwrite=True ${TRAIN_ARGS:-}
+    fi
+    python prune.py --runs "$run" --k 4,8 --methods "$methods" --hellaswag "$mc" --calib_batches 32 \
+        --early_steps 8 --heal_tokens 2e6 --heal_mode full,partial,lora --heal_last_layers 3 --heal_lora_rank 8 \
+        --heal_args='--compile=False' --speed --out "$dest/table1_baselines_s$seed" ${PRUNE_ARGS:-}
+done
