@@ -364,25 +364,32 @@ def fig5(r, base, path):
 
 
 def fig678(r, path):
-    """Per-layer share (red, dashed) and importance (blue, solid) on one axis, twin y."""
+    """Per layer, one axis per quantity on a shared layer axis: above, the measured share (red) beside the
+    normalised theoretical fan-in (black, dashed), both fractions of 1 on one linear axis; below, the
+    importance (blue) on its own axis (log when it spans > 50x). Two y-axes on one panel made them look closer
+    than they are."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6.4), sharex=True, gridspec_kw={"hspace": 0.32})
     x = np.arange(r["n_layer"])
-    l1 = ax.plot(x, r["share"], "o--", color="tab:red", label="gradient share $\\bar g_i$")
-    ax.set_xlabel("layer (0 = first, as in the table and passthrough)")
-    ax.set_ylabel(SHARE_LABEL, color="tab:red")
-    ax.tick_params(axis="y", colors="tab:red")
-    ax2 = ax.twinx()
-    l2 = ax2.plot(x, r["importance"], "s-", color="tab:blue", label="importance")
-    ax2.set_ylabel(_imp_label(r) + (", log" if _wide(r["importance"]) else ""), color="tab:blue")
-    if _wide(r["importance"]):
-        ax2.set_yscale("log")
-    ax2.tick_params(axis="y", colors="tab:blue")
-    ax.set_xticks(x)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"{r['name']}: share and importance per layer (ρ = {r['rho']:.2f}, p = {fmt_p(r['p'])})")
-    ax.legend(l1 + l2, [h.get_label() for h in l1 + l2], fontsize=8, loc="upper center",
-              bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    phi = np.asarray(r["theory"], dtype=np.float64)
+    top.plot(x, r["share"], "o-", color="tab:red", label="measured gradient share $\\bar g_i$")
+    top.plot(x, phi / phi.sum(), "x--", color="black", label=f"theoretical fan-in / sum, {r['kind']}")
+    top.set_ylabel("share of the total\n(each line sums to 1)")
+    top.set_ylim(bottom=0)
+    top.set_title(f"share vs theoretical fan-in: Spearman ρ = {r['rho_theory']:.2f}, p = {fmt_p(r['p_theory'])}", fontsize=10)
+    top.legend(fontsize=8, frameon=False)
+    wide = _wide(r["importance"])
+    bottom.plot(x, r["importance"], "s-", color="tab:blue", label="importance")
+    if wide:
+        bottom.set_yscale("log")
+    bottom.set_ylabel(_imp_label(r).replace(" (", "\n(") + (", log" if wide else ""))
+    bottom.set_title(f"importance: Spearman ρ with the share = {r['rho']:.2f}, p = {fmt_p(r['p'])}",
+                     fontsize=10)
+    bottom.set_xlabel("layer (0 = first, as in the table and passthrough)")
+    bottom.set_xticks(x)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{r['name']}: gradient share and importance per layer", fontsize=11)
     _save(fig, path)
 
 

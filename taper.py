@@ -11,31 +11,25 @@ as a config file that train.py and bench.py take (and prune.py, through the run 
 
 The base config (files and --key=value, as everywhere) gives the layers and the widths a profile
 starts from; the budget is the base's own, the base with --target_layers uniform layers (that of
-Vanilla-15L: the paper's comparison at equal cost), or --target outright. Profiles:
+Vanilla-15L: the paper's comparison at equal cost), or --target outright.
 
-  gfa            widths proportional to the base's theoretical fan-in (gfa.theory: plain N - l + 1,
-                 quadratic under deep supervision, virtual depth's own): capacity where the gradient is
-  measured       widths proportional to a run's measured accumulated gradient share (--run): the
-                 attention from its attention sub-blocks' share and the FFN from its MLP's when its
-                 dump records them apart, else both from the layer share
-  increasing     OpenELM's layer-wise scaling (Mehta et al. 2024): widths rising linearly with depth,
-                 attention 0.5 -> 1 and FFN 0.5 -> 4 times the base in their ratios
-  narrow_middle  a "><"-shaped model: widths falling linearly to half at the middle layer, then rising
-  uniform        the base widths, and as many layers as fit (fewer layers: Vanilla-15L at 15 layers' budget)
-  linear         the paper's linear taper, w(l) = w0 (1 - g l): layer 0 at the base width, slope g solved
-  step           the paper's step taper (CascadeFormer-A), w(l) = w0 (1 - g floor(l / step_every)), g solved
-
-The proportional profiles (gfa, measured, increasing, narrow_middle) scale their shape s (divided by
-its mean) by one factor c for the budget: w(l) = c w0 (1 - strength + strength s(l)); strength 0 is
-uniform. --parts picks the widths that follow the profile (the others keep the base's; by default
-the attention for step and the FFN for linear, as in the paper, both for the rest). Widths are
-rounded to multiples of --head_multiple heads and --ffn_multiple FFN units; the schedule is the one
-closest to the budget from below (never over it).
+Profiles (`python taper.py --help` lists them): GFA's fan-in, a run's measured share, OpenELM's
+increasing widths, a narrow middle, fewer layers, the paper's linear and step tapers. Each is one
+function in the registry PROFILES below (name -> function and a one-line description, which --help and
+the error for an unknown name show): a new profile is one decorated function and nothing else.
+A proportional profile (@proportional: gfa, measured, increasing, narrow_middle) gives a shape s per
+width, which is divided by its mean and scaled by one factor c for the budget:
+w(l) = c w0 (1 - strength + strength s(l)); strength 0 is uniform. Any other (@profile) fits the budget
+itself. --parts picks the widths that follow the profile (the others keep the base's; by default the
+attention for step and the FFN for linear, as in the paper, both for the rest). Widths are rounded to
+multiples of --head_multiple heads and --ffn_multiple FFN units; the schedule is the one closest to the
+budget from below (never over it).
 """
 import os
 import re
 import shlex
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,16 +39,60 @@ from gfa.cli import ArgumentParser, UserError, cli, gpt_config
 from gfa.theory import theory_for
 from model import GPT, GPTConfig, describe
 
-PROFILES = ("gfa", "measured", "increasing", "narrow_middle", "uniform", "linear", "step")
-PROPORTIONAL = ("gfa", "measured", "increasing", "narrow_middle")
 OPENELM = {"attn": (0.5, 1.0), "ffn": (0.5, 4.0)}   # OpenELM's alpha (heads) and beta (FFN) ranges
-PAPER_PARTS = {"step": "attn", "linear": "ffn"}      # the paper's A (attention, steps) and F (FFN, linear) tapers
 PER_LAYER = ("repeats", "ds_alpha", "post_ln", "norm_scale")   # GPTConfig lists that belong to given layers
 
 
-# ---- profiles: the per-layer shape of each width ----------------------------------------------------
-def measured_shapes(run, n_layer):
-    """{'attn': [N], 'ffn': [N]}: a run's accumulated gradient share over the steps its weights saw."""
+# ---- the profile registry ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    fit: Callable    # fit(cfg, args, target, measure) -> the GPTConfig that spends the budget target
+    help: str        # one line: --help and the unknown-profile error show it
+    parts: str       # the widths that follow it unless --parts says: "both", "attn" or "ffn"
+    strength: bool   # whether --strength applies (the proportional profiles)
+    run: bool        # whether it reads a run (--run)
+
+
+PROFILES = {}   # name -> Profile, in --help's order
+
+
+def profile(name, help, parts="both", run=False):
+    """Registers fit(cfg, args, target, measure) -> GPTConfig as profile `name`."""
+    def register(fit):
+        PROFILES[name] = Profile(fit, help, parts, strength=False, run=run)
+        return fit
+    return register
+
+
+def proportional(name, help, run=False):
+    """Registers shape(cfg, args) -> {'attn': [N], 'ffn': [N]} (relative widths, any scale) as profile
+    `name`: widths in proportion to the shape (blended with uniform by --strength), scaled to the budget."""
+    def register(shape):
+        fit = lambda cfg, args, target, measure: fit_shape(shape(cfg, args), cfg, args, target, measure)
+        PROFILES[name] = Profile(fit, help, "both", strength=True, run=run)
+        return shape
+    return register
+
+
+def profile_list():
+    width = max(map(len, PROFILES))
+    return "\n".join(f"  {name:<{width}}  {p.help}" for name, p in PROFILES.items())
+
+
+# ---- the profiles ------------------------------------------------------------------------------------
+@proportional("gfa", "widths in proportion to the base's theoretical fan-in: capacity where the gradient is")
+def fan_in_shape(cfg, args):
+    """gfa.theory's fan-in of the base: plain N - l + 1, quadratic under deep supervision, virtual depth's own."""
+    phi = theory_for(asdict(cfg))[1]
+    return {"attn": phi, "ffn": phi}
+
+
+@proportional("measured", "widths in proportion to a run's (--run) measured gradient share", run=True)
+def measured_shapes(cfg, args):
+    """{'attn': [N], 'ffn': [N]}: a run's accumulated gradient share over the steps its weights saw, the
+    attention from its attention sub-blocks' share and the FFN from its MLP's when its dump records them
+    apart, else both from the layer share."""
+    run, n_layer = args.run, cfg.n_layer
     kind, _ = rundir.read_model_config(run)
     if kind != "gpt":
         raise UserError(f"--run {run} is a {kind} run: give a language-model run")
@@ -69,19 +107,40 @@ def measured_shapes(run, n_layer):
     return {"attn": sub["attn"] if sub else dump["share"], "ffn": sub["mlp"] if sub else dump["share"]}
 
 
-def shapes(profile, cfg, run):
-    """{'attn': [N], 'ffn': [N]}: the relative widths of a proportional profile."""
-    N = cfg.n_layer
-    if profile == "gfa":
-        phi = theory_for(asdict(cfg))[1]
-        return {"attn": phi, "ffn": phi}
-    if profile == "measured":
-        return measured_shapes(run, N)
-    depth = np.linspace(0, 1, N) if N > 1 else np.zeros(1)
-    if profile == "increasing":
-        return {part: lo + (hi - lo) * depth for part, (lo, hi) in OPENELM.items()}
-    v = 0.5 + 0.5 * np.abs(2 * depth - 1)   # narrow_middle: 1 at both ends, 1/2 in the middle
+def depth(n_layer):
+    """Each layer's relative depth, 0 (first) to 1 (last)."""
+    return np.linspace(0, 1, n_layer) if n_layer > 1 else np.zeros(1)
+
+
+@proportional("increasing", "OpenELM's layer-wise scaling: widths rising linearly with depth")
+def openelm_shape(cfg, args):
+    """OpenELM (Mehta et al. 2024): attention 0.5 -> 1 and FFN 0.5 -> 4 times the base in their ratios."""
+    return {part: lo + (hi - lo) * depth(cfg.n_layer) for part, (lo, hi) in OPENELM.items()}
+
+
+@proportional("narrow_middle", "a '><' shape: widths falling linearly to half at the middle layer, then rising")
+def narrow_middle_shape(cfg, args):
+    v = 0.5 + 0.5 * np.abs(2 * depth(cfg.n_layer) - 1)   # 1 at both ends, 1/2 in the middle
     return {"attn": v, "ffn": v}
+
+
+@profile("uniform", "fewer layers: the base widths in as many layers as fit (Vanilla-15L at 15 layers' budget)")
+def as_many_layers_as_fit(cfg, args, target, measure):
+    fitting = [n for n in range(1, 4 * cfg.n_layer + 1) if measure(uniform(cfg, n)) <= target]
+    if not fitting:
+        raise UserError(f"the budget {target:.4g} is too small for even one layer of the base widths")
+    return uniform(cfg, max(fitting))
+
+
+@profile("linear", "the paper's linear taper w(l) = w0 (1 - g l), slope g solved (default: the FFN)", parts="ffn")
+def linear_taper(cfg, args, target, measure):
+    return anchored_taper(np.arange(cfg.n_layer), cfg, args, target, measure)
+
+
+@profile("step", "the paper's step taper w(l) = w0 (1 - g floor(l / step_every)) (default: the attention)",
+         parts="attn")
+def step_taper(cfg, args, target, measure):
+    return anchored_taper(np.arange(cfg.n_layer) // args.step_every, cfg, args, target, measure)
 
 
 # ---- widths ---------------------------------------------------------------------------------------
@@ -142,29 +201,31 @@ def largest_within(make, lo, hi, measure, target, what):
     return make(lo)
 
 
-def fit(cfg, args, target, measure):
-    """The config of the profile that spends the budget."""
-    N, p = cfg.n_layer, args.profile
-    parts = args.parts or PAPER_PARTS.get(p, "both")
-    follow = lambda part, rel: rel if parts in ("both", part) else np.ones(N)
-    if p == "uniform":   # the base widths, as many layers as fit
-        fitting = [n for n in range(1, 4 * N + 1) if measure(uniform(cfg, n)) <= target]
-        if not fitting:
-            raise UserError(f"the budget {target:.4g} is too small for even one layer of the base widths")
-        return uniform(cfg, max(fitting))
-    if p in ("linear", "step"):   # anchored at the base width, narrowing by g per step; t = -g
-        x = np.arange(N) if p == "linear" else np.arange(N) // args.step_every
-        rel = lambda t: 1 + t * x
-        make = lambda t: with_widths(cfg, *schedule(cfg, follow("attn", rel(t)), follow("ffn", rel(t)), args))
-        return largest_within(make, -1 / max(1, x.max()), 0.0, measure, target, p)
-    s = shapes(p, cfg, args.run)
-    rel = {k: 1 - args.strength + args.strength * np.asarray(v, dtype=np.float64) / np.mean(v) for k, v in s.items()}
-    make = lambda c: with_widths(cfg, *schedule(cfg, follow("attn", c * rel["attn"]), follow("ffn", c * rel["ffn"]),
-                                                args))
+def tapered(cfg, args, attn_rel, ffn_rel):
+    """The base config with the relative widths of the parts that follow the profile (--parts, else the
+    profile's own), the other part at the base's."""
+    parts = args.parts or PROFILES[args.profile].parts
+    follow = lambda part, rel: rel if parts in ("both", part) else np.ones(cfg.n_layer)
+    return with_widths(cfg, *schedule(cfg, follow("attn", attn_rel), follow("ffn", ffn_rel), args))
+
+
+def fit_shape(shape, cfg, args, target, measure):
+    """A proportional profile's config: its shape (divided by its mean, blended by --strength) times the
+    largest factor c within the budget."""
+    rel = {k: 1 - args.strength + args.strength * np.asarray(v, dtype=np.float64) / np.mean(v)
+           for k, v in shape.items()}
+    make = lambda c: tapered(cfg, args, c * rel["attn"], c * rel["ffn"])
     hi = 1.0
     while measure(make(hi)) <= target and hi < 1024:
         hi *= 2
-    return largest_within(make, 0.0, hi, measure, target, p)
+    return largest_within(make, 0.0, hi, measure, target, args.profile)
+
+
+def anchored_taper(x, cfg, args, target, measure):
+    """Widths 1 + t x times the base's (layer 0's x is 0: at the base width), the slope t = -g in
+    [-1 / max x, 0] the least negative within the budget."""
+    make = lambda t: tapered(cfg, args, 1 + t * x, 1 + t * x)
+    return largest_within(make, -1 / max(1, x.max()), 0.0, measure, target, args.profile)
 
 
 # ---- the config file --------------------------------------------------------------------------------
@@ -192,9 +253,9 @@ def scale_file(configs):
 
 
 def main(argv):
-    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog="Profiles: " + ", ".join(PROFILES))
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog="profiles:\n" + profile_list())
     ap.add_argument("configs", nargs="*", help="the base config files and --key=value model overrides")
-    ap.add_argument("--profile", default="gfa", choices=PROFILES, help="the width profile")
+    ap.add_argument("--profile", default="gfa", help="the width profile: one of those listed below")
     ap.add_argument("--run", help="measured: the run directory whose gradient share shapes the widths")
     ap.add_argument("--budget", default="flops", choices=("flops", "params"),
                     help="what to match: forward FLOPs per token at --seq_len (training cost at equal tokens), or "
@@ -214,8 +275,12 @@ def main(argv):
     ap.add_argument("--out", help="the config file to write (default out/taper_<profile>.py)")
     args, extra = ap.parse_known_args(argv)
     base = gpt_config(args.configs + extra)
-    if (args.profile == "measured") != bool(args.run):
-        raise UserError("--run goes with --profile measured (and it needs one): the run whose share shapes the widths")
+    if args.profile not in PROFILES:
+        raise UserError(f"--profile {args.profile}: no such profile; give one of: "
+                        + "; ".join(f"{name} - {p.help}" for name, p in PROFILES.items()))
+    if PROFILES[args.profile].run != bool(args.run):
+        readers = " / ".join(f"--profile {name}" for name, p in PROFILES.items() if p.run)
+        raise UserError(f"--run goes with {readers} (and it needs one): the run whose share shapes the widths")
     if args.target is not None and args.target_layers is not None:
         raise UserError("give --target or --target_layers, not both")
     for name in ("seq_len", "target_layers", "step_every", "head_multiple", "ffn_multiple"):
@@ -239,12 +304,12 @@ def main(argv):
         k = args.target_layers or base.n_layer
         ref = uniform(base, k) if args.target_layers else base
         target, against = measure(ref), f"the base with {k} uniform layers" if args.target_layers else "the base's own"
-    cfg = fit(base, args, target, measure)
+    cfg = PROFILES[args.profile].fit(base, args, target, measure)
     got = measure(cfg)
     unit = f"FLOPs/token forward at {seq} tokens" if args.budget == "flops" else "parameters"
     summary = (f"profile {args.profile}" + (f" ({args.run})" if args.run else "")
-               + f", parts {args.parts or PAPER_PARTS.get(args.profile, 'both')}"
-               + (f", strength {args.strength:g}" if args.profile in PROPORTIONAL else ""))
+               + f", parts {args.parts or PROFILES[args.profile].parts}"
+               + (f", strength {args.strength:g}" if PROFILES[args.profile].strength else ""))
     budget = f"budget {target:,.0f} {unit} ({against}); this model {got:,.0f} ({100 * (got / target - 1):+.2f} %)"
     with torch.device("meta"):
         print(describe(GPT(cfg)))

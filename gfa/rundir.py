@@ -19,7 +19,11 @@ The run directory: one folder per run, read and written only through this module
                               "optimizer" (write_shards); ckpt.pt names the current folder, older ones
                               are removed once a newer ckpt.pt is written (so a kill mid-save keeps
                               the previous checkpoint), and model_state() reads the whole model from it
-    <run>/grad_norms.npz      the gradient-norm dump (GradNormDump below)
+    <run>/grad_norms.npz      the gradient-norm dump (GradNormDump below). Training writes float32
+                              norms; for committing a run, `python -m gfa.rundir compact FOLDER...`
+                              rewrites them as float16, compressed (compact_grad_dump: about 61 % smaller;
+                              a dump float16 cannot hold within 2^-10 stays float32). read_grad_dump
+                              reads both
     <run>/importance.json     per-layer functional importance: fanin.py (LMs: ppl_increase, with
                               the settings and the checkpoint's save_id it was measured with) or
                               resnet.py (top1_drop, with that save_id too)
@@ -55,6 +59,7 @@ inside ckpt.pt, a bare model_config.json, resnet.py's resnet_ckpt.pt) are still 
 import fcntl
 import glob
 import hashlib
+import io
 import json
 import os
 import platform
@@ -65,12 +70,13 @@ import sys
 import time
 import uuid
 import warnings
+import zipfile
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from gfa.cli import UserError
+from gfa.cli import ArgumentParser, UserError, cli
 from gfa.data import data_id, run_dataset_dir
 from gfa.theory import accumulated_share, layer_of
 from gfa.training import check_state
@@ -462,7 +468,8 @@ class GradNormDump:
                                     versions; ResNet: 'stem', 'layer.0'.., 'head'
       steps            [T] int64    optimizer step of each row
       norms            [T, G] f32   L2 norm of each group's global gradient (after the DDP
-                                    all-reduce, before clipping and before any equalisation)
+                                    all-reduce, before clipping and before any equalisation); f16 in a
+                                    compact dump (compact_grad_dump), which training never writes
       norms_equalized  [T, G] f32   only with norm equalisation: the norms after the rescaling
     A layer's norm, the one Eq. 2 sums, is sqrt(attn^2 + mlp^2) of its sub-blocks: read_grad_dump
     derives it.
@@ -557,6 +564,8 @@ def read_grad_dump(run, before_step=None, ckpt=None):
     for k in ("steps", "norms", "norms_equalized"):
         if k in d:
             d[k] = np.asarray(d[k])[keep]
+            if d[k].dtype == np.float16:   # a compact dump (compact_grad_dump): exact in float64, for the sums
+                d[k] = d[k].astype(np.float64)
     if len(d["steps"]) == 0:
         raise UserError(f"the gradient dump of {run} holds no steps" + (f" before step {before_step}"
                                                                         if before_step is not None else ""))
@@ -573,6 +582,120 @@ def read_grad_dump(run, before_step=None, ckpt=None):
     d["share"] = accumulated_share(d["norms"], d["names"])
     d["step_range"] = (int(d["steps"].min()), int(d["steps"].max()))
     return d
+
+
+# ---- compact dumps, for committing ------------------------------------------------------------------
+FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)   # 6.1e-05: below it float16 loses precision (subnormal, then 0)
+COMPACT_MAX_REL_ERROR = 2.0 ** -10   # the most a compact norm may be off, relative to itself (fp16_keeping_sums)
+
+
+def fp16_keeping_sums(norms):
+    """float16 of the norms [T, G], each rounded down or up to one of the two float16 values around it (so
+    within 2^-10 of itself) with the choice made down the steps so each column's rounding error is carried
+    to its next steps (error feedback): its running sums, which Eq. 2 and the share drift take, stay within
+    about one float16 step of the float32 ones, where plain rounding's bias adds up over thousands of steps
+    (on docs/runs it moved an early share-drift figure in the second decimal). Zeros, inf and nan are kept."""
+    a = np.asarray(norms, dtype=np.float64)
+    out = np.empty(a.shape, dtype=np.float16)
+    carry = np.zeros(a.shape[1:])
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(len(a)):
+            x = a[t]
+            near = x.astype(np.float16)
+            below = np.where(near > x, np.nextafter(near, np.float16(-np.inf)), near)
+            above = np.where(near < x, np.nextafter(near, np.float16(np.inf)), near)
+            live = np.isfinite(x) & (x != 0)
+            want = np.where(live, x + carry, x)
+            out[t] = np.where(live, np.clip(want.astype(np.float16), below, above), near)
+            carry = np.where(live & np.isfinite(out[t]), want - out[t].astype(np.float64), carry)
+    return out
+
+
+def fp16_fit(values, stored, max_rel_error=COMPACT_MAX_REL_ERROR):
+    """How the float16 `stored` holds the norms `values`: {'ok', 'below_min_normal' (nonzero finite norms
+    below FP16_MIN_NORMAL), 'smallest' (the smallest nonzero |norm|), 'overflow' (finite norms float16 made
+    inf), 'max_rel_error' (over the finite nonzero norms kept finite)}. ok when nothing overflows and no
+    norm moved by more than max_rel_error of itself."""
+    a, h = np.asarray(values, dtype=np.float64), np.asarray(stored, dtype=np.float64)
+    finite_nonzero = np.isfinite(a) & (a != 0)
+    overflow = int((finite_nonzero & ~np.isfinite(h)).sum())
+    kept = finite_nonzero & np.isfinite(h)
+    rel = np.abs(h[kept] - a[kept]) / np.abs(a[kept])
+    worst = float(rel.max()) if rel.size else 0.0
+    return {"ok": overflow == 0 and worst <= max_rel_error, "overflow": overflow, "max_rel_error": worst,
+            "below_min_normal": int((finite_nonzero & (np.abs(a) < FP16_MIN_NORMAL)).sum()),
+            "smallest": float(np.abs(a[finite_nonzero]).min()) if finite_nonzero.any() else 0.0}
+
+
+def compact_grad_dump(run, max_rel_error=COMPACT_MAX_REL_ERROR):
+    """Rewrites <run>/grad_norms.npz compactly, in place and atomically: the norms as float16 in
+    np.savez_compressed (same keys; np.load reads it, read_grad_dump upcasts to float64), or, when float16
+    would overflow a norm or move one by more than max_rel_error of itself (norms below FP16_MIN_NORMAL),
+    the norms unchanged (float32), compressed. The written bytes are read back and checked before they
+    replace the file. Returns {'path', 'before', 'after' (bytes), 'dtype' ('float16' | 'float32'), 'fit'
+    (fp16_fit of all its norms), 'skipped' (compact already: left as it is)}."""
+    path = file(run, GRAD_DUMP)
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"{path} cannot be read as a gradient dump ({type(e).__name__}: {e}): left as it is") from None
+    if not {"names", "steps", "norms"} <= arrays.keys():
+        raise UserError(f"{path} holds {sorted(arrays)}, not a gradient dump's names, steps and norms: left as it is")
+    norm_keys = [k for k in ("norms", "norms_equalized") if k in arrays]
+    before = os.path.getsize(path)
+    with zipfile.ZipFile(path) as z:
+        compressed = all(i.compress_type == zipfile.ZIP_DEFLATED for i in z.infolist())
+    halves = {k: arrays[k] if arrays[k].dtype == np.float16 else fp16_keeping_sums(arrays[k]) for k in norm_keys}
+    fits = [fp16_fit(arrays[k], halves[k], max_rel_error) for k in norm_keys]
+    fit = {"ok": all(f["ok"] for f in fits), "overflow": sum(f["overflow"] for f in fits),
+           "below_min_normal": sum(f["below_min_normal"] for f in fits),
+           "smallest": min(f["smallest"] for f in fits), "max_rel_error": max(f["max_rel_error"] for f in fits)}
+    out = dict(arrays, **halves) if fit["ok"] else arrays   # else its norms as they are (float32), compressed
+    dtype = out["norms"].dtype.name
+    if compressed and all(out[k] is arrays[k] for k in norm_keys):   # compact already: nothing to rewrite
+        return {"path": path, "before": before, "after": before, "dtype": dtype, "fit": fit, "skipped": True}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **out)
+    with np.load(io.BytesIO(buf.getvalue())) as z:   # what will be on disk, read back before it replaces the file
+        if sorted(z.files) != sorted(out) or not all(np.array_equal(z[k], out[k], equal_nan=z[k].dtype.kind == "f")
+                                                     for k in out):
+            raise UserError(f"{path}: the compact copy did not read back equal: left as it is")
+    _atomic(path, lambda f: f.write(buf.getvalue()))
+    return {"path": path, "before": before, "after": len(buf.getvalue()), "dtype": dtype, "fit": fit, "skipped": False}
+
+
+def compact_main(argv):
+    """python -m gfa.rundir compact FOLDER...: every grad_norms.npz under the folders, compact (see
+    compact_grad_dump), one line each and the total."""
+    ap = ArgumentParser(prog="python -m gfa.rundir", description="Rewrite every grad_norms.npz under the folders "
+                        "compactly (float16 norms, compressed), in place and atomically, for committing; a dump "
+                        "float16 cannot hold within --max_rel_error stays float32 (compressed).")
+    ap.add_argument("command", choices=["compact"], help="compact: the only command")
+    ap.add_argument("folders", nargs="+", help="run directories, or folders holding them (searched recursively)")
+    ap.add_argument("--max_rel_error", type=float, default=COMPACT_MAX_REL_ERROR,
+                    help="the most a norm may move, relative to itself (float16, rounded down or up to keep the "
+                    "running sums, holds every norm from 6.1e-05 to 65504 within 2^-10)")
+    args = ap.parse_args(argv)
+    paths = []
+    for folder in args.folders:
+        if not os.path.isdir(folder):
+            raise UserError(f"{folder} is not a folder: give run directories or folders holding them")
+        paths += sorted(glob.glob(os.path.join(glob.escape(folder), "**", GRAD_DUMP), recursive=True))
+    if not paths:
+        raise UserError(f"no {GRAD_DUMP} under {', '.join(args.folders)}")
+    before = after = 0
+    for p in paths:
+        r = compact_grad_dump(os.path.dirname(p), args.max_rel_error)
+        before, after = before + r["before"], after + r["after"]
+        f = r["fit"]
+        why = ("float16" if r["skipped"] and f["ok"] else f"float16, norms within {f['max_rel_error']:.2g} of themselves"
+               if f["ok"] else
+               f"kept float32: float16 would move norms by up to {f['max_rel_error']:.2g} of themselves (> "
+               f"{args.max_rel_error:.2g}); {f['below_min_normal']} norms below its min normal {FP16_MIN_NORMAL:.2g} "
+               f"(smallest {f['smallest']:.2g})" + (f", {f['overflow']} over its max 65504" if f["overflow"] else ""))
+        print(f"{p}: " + ("already compact, " if r["skipped"] else f"{r['before']:,} -> {r['after']:,} bytes, ") + why)
+    print(f"{len(paths)} dumps: {before:,} -> {after:,} bytes ({100 * (after / before - 1):+.1f} %)")
 
 
 # ---- importance -------------------------------------------------------------------------------------
@@ -927,3 +1050,7 @@ class RunStart:
             finally:
                 lock.release()
         return False
+
+
+if __name__ == "__main__":   # python -m gfa.rundir compact FOLDER...
+    cli(compact_main)

@@ -252,3 +252,25 @@ def test_importance_cache_belongs_to_the_weights(tmp_path, capsys):
     assert again["runs"][0]["importance"] != first["runs"][0]["importance"]
     assert again["runs"][0]["baseline"] == pytest.approx(hand_ppl(other, np.fromfile(data, np.uint16), None, nb=1),
                                                          rel=1e-5)
+
+
+def test_layerwise_figure_gives_each_quantity_its_own_axis(tmp_path, monkeypatch):
+    """fig678: two panels on one layer axis, no twin axis: the share beside the fan-in normalised to sum 1 (linear,
+    from 0) above, the importance alone below (log when it spans > 50x, linear otherwise)."""
+    figs = []
+    monkeypatch.setattr(fanin, "_save", lambda fig, path: figs.append(fig))
+    r = {"name": "toy", "n_layer": 4, "share": [0.4, 0.1, 0.2, 0.3], "theory": [4, 3, 2, 1], "kind": "linear",
+         "rho_theory": -0.2, "p_theory": 0.9, "importance": [100.0, 0.5, 1.0, 2.0], "rho": 1.0, "p": 0.08,
+         "metric": "ppl_increase"}
+    fanin.fig678(r, str(tmp_path / "f.png"))
+    fanin.fig678(dict(r, importance=[3.0, -0.1, 1.0, 2.0]), str(tmp_path / "g.png"))
+    for fig, scale in zip(figs, ("log", "linear")):
+        top, bottom = fig.axes   # two axes, no twin
+        assert top.get_shared_x_axes().joined(top, bottom) and top.get_ylim()[0] == 0
+        share, theory = (line.get_ydata() for line in top.get_lines())
+        np.testing.assert_allclose(share, r["share"])
+        np.testing.assert_allclose(theory, [0.4, 0.3, 0.2, 0.1])
+        assert len(bottom.get_lines()) == 1 and bottom.get_yscale() == scale
+    np.testing.assert_allclose(figs[0].axes[1].get_lines()[0].get_ydata(), r["importance"])
+    for fig in figs:
+        fanin._plt().close(fig)

@@ -97,7 +97,7 @@ def test_measured_profile_takes_attention_and_mlp_from_their_own_shares(tmp_path
     (["--strength", "2"], "--strength 2.0: must be in [0, 1]"),
     (["--target", "1e5"], "the budget is too small for the gfa profile"),
     (["--profile", "uniform", "--target", "1e5"], "too small for even one layer"),
-    (["--profile", "cone"], "invalid choice: 'cone'"),
+    (["--profile", "cone"], "--profile cone: no such profile; give one of: gfa - widths in proportion"),
     (["--step_every", "0"], "--step_every 0: must be >= 1"),
     (["--repeats=[1,1,1,2]", "--profile", "uniform", "--target_layers", "3"], "per-layer repeats"),
     (["--n_kv_head=4"], "give --head_multiple 4"),
@@ -106,3 +106,24 @@ def test_bad_input(tmp_path, capsys, args, words):
     out = tmp_path / "never.py"
     assert words in one_line_error(taper.main, [*BASE, *args, "--out", out], capsys)
     assert not out.exists()
+
+
+def test_a_profile_registered_elsewhere_works_through_main_with_no_other_edit(tmp_path, monkeypatch, capsys):
+    """A toy proportional profile with gfa's shape at another scale (10, 8, 6, 4) gives gfa's hand-computed widths
+    above; a toy fitting profile is used as it fits; --help and the unknown-profile error list both."""
+    monkeypatch.setattr(taper, "PROFILES", dict(taper.PROFILES))   # registered here, gone after the test
+    taper.proportional("toy_fan_in", "a toy: the fan-in 5, 4, 3, 2 doubled")(
+        lambda cfg, args: {"attn": [10, 8, 6, 4], "ffn": np.array([10.0, 8, 6, 4])})
+    taper.profile("toy_fixed", "a toy: 8 heads and 256 FFN in two layers", parts="ffn")(
+        lambda cfg, args, target, measure: taper.with_widths(cfg, [8, 8], [256, 256]))
+    cfg, out = make(tmp_path, "--profile", "toy_fan_in")
+    assert cfg.layer_heads() == [23, 18, 14, 9] and cfg.layer_ffn() == [704, 576, 448, 320]
+    assert "# Made by taper.py: profile toy_fan_in, parts both, strength 1\n" in open(out).read()
+    cfg, out = make(tmp_path, "--profile", "toy_fixed")
+    assert cfg.layer_heads() == [8, 8] and cfg.layer_ffn() == [256, 256] and gpt_config([out]) == cfg
+    assert "profile toy_fixed, parts ffn\n" in open(out).read()
+    with pytest.raises(SystemExit):
+        taper.main(["--help"])
+    assert "toy_fixed      a toy: 8 heads and 256 FFN in two layers" in capsys.readouterr().out
+    error = one_line_error(taper.main, [*BASE, "--profile", "cone", "--out", tmp_path / "never.py"], capsys)
+    assert "toy_fan_in - a toy: the fan-in 5, 4, 3, 2 doubled; toy_fixed - a toy" in error

@@ -241,3 +241,78 @@ def test_a_failed_start_is_rolled_back_and_a_good_one_kept(tmp_path):
             (run / "ckpt.pt").write_text("written by the run")
             raise RuntimeError("a failure of the run itself, after its start")
     assert (run / "ckpt.pt").exists() and not (run / ".lock").exists()
+
+
+def test_fp16_keeping_sums_keeps_every_norm_and_every_running_sum_close():
+    """Norms that plain float16 rounding biases one way (all just above 1, 0.01, 100): each stored norm is the
+    float16 value below or above it (within 2^-10 of itself), and each column's running sum stays within one
+    float16 step of its values (plain rounding drifts by thousands of steps times its bias); zeros, inf and nan
+    are kept as they are."""
+    rng = np.random.default_rng(0)
+    x = np.array([1.0, 0.01, 100.0]) * (1 + 2.0 ** -12 + 1e-5 * rng.random((3000, 3)))
+    h = rundir.fp16_keeping_sums(x).astype(np.float64)
+    assert np.all(np.abs(h - x) <= 2.0 ** -10 * x)
+    step = np.array([2.0 ** -10, 2.0 ** -17, 2.0 ** -4])   # float16's spacing just above 1, 0.01, 100
+    drift = np.abs(np.cumsum(h, 0) - np.cumsum(x, 0))
+    assert np.all(drift <= step)
+    plain = np.abs(np.cumsum(x.astype(np.float16).astype(np.float64), 0) - np.cumsum(x, 0))
+    assert np.all(plain[-1] > 100 * step)   # what the carried error avoids
+    odd = np.array([[0.0, np.inf, np.nan, 1.5], [0.0, 2.0, 3.0, -np.inf]])
+    np.testing.assert_array_equal(rundir.fp16_keeping_sums(odd), odd.astype(np.float16))
+
+
+def test_compact_grad_dump_in_float16_reads_back_with_the_same_shares(tmp_path):
+    names = ["embed"] + [f"layer.{i}.{p}" for i in range(3) for p in ("attn", "mlp")] + ["head"]
+    rows = np.exp(np.random.default_rng(1).normal(0, 2, (400, len(names))))   # 1e-3 .. 1e3: all float16-normal
+    d = rundir.GradNormDump(names, str(tmp_path / "r" / "grad_norms.npz"), equalized=True)
+    for s, r in enumerate(rows):
+        d.record(s, torch.tensor(r, dtype=torch.float32), torch.tensor(r / 2, dtype=torch.float32))
+    d.flush()
+    run = str(tmp_path / "r")
+    want = rundir.read_grad_dump(run)
+    r = rundir.compact_grad_dump(run)
+    assert r["dtype"] == "float16" and not r["skipped"] and r["after"] < r["before"] / 2
+    assert r["fit"]["below_min_normal"] == 0 and r["fit"]["max_rel_error"] <= 2.0 ** -10
+    with np.load(os.path.join(run, "grad_norms.npz")) as z:   # np.load reads it, the keys as before
+        assert sorted(z.files) == ["names", "norms", "norms_equalized", "steps"] and z["norms"].dtype == np.float16
+        np.testing.assert_allclose(z["norms"], rows, rtol=2.0 ** -10)
+    got = rundir.read_grad_dump(run)
+    assert got["sub_norms"].dtype == np.float64 and got["names"] == want["names"]
+    np.testing.assert_allclose(got["share"], want["share"], rtol=1e-4)
+    for part in ("attn", "mlp"):
+        np.testing.assert_allclose(got["sub_share"][part], want["sub_share"][part], rtol=1e-4)
+    np.testing.assert_allclose(got["norms_equalized"], want["norms_equalized"], rtol=2.0 ** -10)
+    before = open(os.path.join(run, "grad_norms.npz"), "rb").read()
+    assert rundir.compact_grad_dump(run)["skipped"] and open(os.path.join(run, "grad_norms.npz"), "rb").read() == before
+
+
+@pytest.mark.parametrize("value, count", [(1e-6, "below_min_normal"), (7e4, "overflow")])
+def test_compact_grad_dump_keeps_float32_when_float16_would_lose_a_norm(tmp_path, value, count):
+    rows = np.ones((20, 6), dtype=np.float32)
+    rows[7, 2] = value
+    run = write_run(tmp_path / "r", tiny_model(), rows=rows)
+    r = rundir.compact_grad_dump(run)
+    assert r["dtype"] == "float32" and not r["fit"]["ok"] and r["fit"][count] == 1
+    with np.load(os.path.join(run, "grad_norms.npz")) as z:
+        np.testing.assert_array_equal(z["norms"], rows)   # exactly as trained
+    assert rundir.compact_grad_dump(run, max_rel_error=1.0)["dtype"] == ("float16" if count == "below_min_normal"
+                                                                           else "float32")   # overflow: never
+
+
+def test_compact_cli_converts_every_dump_under_the_folders_atomically(tmp_path, capsys, monkeypatch):
+    a = write_run(tmp_path / "runs" / "a", tiny_model(), rows=np.full((30, 6), 0.5))
+    b = write_run(tmp_path / "runs" / "deeper" / "b", tiny_model(), rows=np.full((30, 6), 2.0))
+    rundir.compact_main(["compact", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert out.count("float16, norms within 0 of themselves") == 2 and "2 dumps: " in out
+    for run, v in ((a, 0.5), (b, 2.0)):
+        assert sorted(os.listdir(run)) == ["ckpt.pt", "grad_norms.npz", "model_config.json"]   # no temporary left
+        assert (rundir.read_grad_dump(run)["norms"] == v).all()
+    c = write_run(tmp_path / "runs" / "c", tiny_model(), rows=np.full((30, 6), 3.0))
+    before = open(os.path.join(c, "grad_norms.npz"), "rb").read()
+    monkeypatch.setattr(rundir.os, "replace", lambda *x: (_ for _ in ()).throw(OSError(errno.ENOSPC, "disk full")))
+    with pytest.raises(UserError, match="cannot write .*grad_norms.npz: disk full"):
+        rundir.compact_main(["compact", str(tmp_path / "runs" / "c")])
+    assert open(os.path.join(c, "grad_norms.npz"), "rb").read() == before and len(os.listdir(c)) == 3
+    with pytest.raises(UserError, match="is not a folder"):
+        rundir.compact_main(["compact", str(tmp_path / "nothing")])
