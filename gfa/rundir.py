@@ -21,7 +21,7 @@ The run directory: one folder per run, read and written only through this module
                               the previous checkpoint), and model_state() reads the whole model from it
     <run>/grad_norms.npz      the gradient-norm dump (GradNormDump below). Training writes float32
                               norms; for committing a run, `python -m gfa.rundir compact FOLDER...`
-                              rewrites them as float16, compressed (compact_grad_dump: about 61 % smaller;
+                              rewrites them as float16, LZMA-compressed (compact_grad_dump: about 70 % smaller;
                               a dump float16 cannot hold within 2^-10 stays float32). read_grad_dump
                               reads both
     <run>/importance.json     per-layer functional importance: fanin.py (LMs: ppl_increase, with
@@ -629,7 +629,8 @@ def fp16_fit(values, stored, max_rel_error=COMPACT_MAX_REL_ERROR):
 
 def compact_grad_dump(run, max_rel_error=COMPACT_MAX_REL_ERROR):
     """Rewrites <run>/grad_norms.npz compactly, in place and atomically: the norms as float16 in
-    np.savez_compressed (same keys; np.load reads it, read_grad_dump upcasts to float64), or, when float16
+    an LZMA-compressed npz, each norm column stored contiguously (same keys; np.load reads it,
+    read_grad_dump upcasts to float64), or, when float16
     would overflow a norm or move one by more than max_rel_error of itself (norms below FP16_MIN_NORMAL),
     the norms unchanged (float32), compressed. The written bytes are read back and checked before they
     replace the file. Returns {'path', 'before', 'after' (bytes), 'dtype' ('float16' | 'float32'), 'fit'
@@ -645,7 +646,7 @@ def compact_grad_dump(run, max_rel_error=COMPACT_MAX_REL_ERROR):
     norm_keys = [k for k in ("norms", "norms_equalized") if k in arrays]
     before = os.path.getsize(path)
     with zipfile.ZipFile(path) as z:
-        compressed = all(i.compress_type == zipfile.ZIP_DEFLATED for i in z.infolist())
+        compressed = all(i.compress_type == zipfile.ZIP_LZMA for i in z.infolist())
     halves = {k: arrays[k] if arrays[k].dtype == np.float16 else fp16_keeping_sums(arrays[k]) for k in norm_keys}
     fits = [fp16_fit(arrays[k], halves[k], max_rel_error) for k in norm_keys]
     fit = {"ok": all(f["ok"] for f in fits), "overflow": sum(f["overflow"] for f in fits),
@@ -656,7 +657,7 @@ def compact_grad_dump(run, max_rel_error=COMPACT_MAX_REL_ERROR):
     if compressed and all(out[k] is arrays[k] for k in norm_keys):   # compact already: nothing to rewrite
         return {"path": path, "before": before, "after": before, "dtype": dtype, "fit": fit, "skipped": True}
     buf = io.BytesIO()
-    np.savez_compressed(buf, **out)
+    _write_lzma_npz(buf, out)
     with np.load(io.BytesIO(buf.getvalue())) as z:   # what will be on disk, read back before it replaces the file
         if sorted(z.files) != sorted(out) or not all(np.array_equal(z[k], out[k], equal_nan=z[k].dtype.kind == "f")
                                                      for k in out):
@@ -665,11 +666,21 @@ def compact_grad_dump(run, max_rel_error=COMPACT_MAX_REL_ERROR):
     return {"path": path, "before": before, "after": len(buf.getvalue()), "dtype": dtype, "fit": fit, "skipped": False}
 
 
+def _write_lzma_npz(f, arrays):
+    """An npz (np.load reads it as any other) whose members are LZMA-compressed, 2-D arrays in column order:
+    a norm column's steps sit together, so their like high bytes compress ~25 % better than savez_compressed."""
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_LZMA) as z:
+        for key, value in arrays.items():
+            with z.open(f"{key}.npy", "w") as member:
+                np.lib.format.write_array(member, np.asfortranarray(value) if value.ndim == 2 else value,
+                                          allow_pickle=False)
+
+
 def compact_main(argv):
     """python -m gfa.rundir compact FOLDER...: every grad_norms.npz under the folders, compact (see
     compact_grad_dump), one line each and the total."""
     ap = ArgumentParser(prog="python -m gfa.rundir", description="Rewrite every grad_norms.npz under the folders "
-                        "compactly (float16 norms, compressed), in place and atomically, for committing; a dump "
+                        "compactly (float16 norms, LZMA-compressed), in place and atomically, for committing; a dump "
                         "float16 cannot hold within --max_rel_error stays float32 (compressed).")
     ap.add_argument("command", choices=["compact"], help="compact: the only command")
     ap.add_argument("folders", nargs="+", help="run directories, or folders holding them (searched recursively)")
