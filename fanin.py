@@ -43,7 +43,7 @@ from gfa.cli import ArgumentParser, UserError, cli, gpt_config
 from gfa.data import REPO, dataset_dir, load_tokens
 from gfa.device import DTYPES, autocast_for, pick_device
 from gfa.evaluation import evaluate
-from gfa.theory import (SETTLED_RHO, VIRTUAL_NOTE, fanin_deep_supervision, fanin_plain, fit_decay, mean_std,
+from gfa.theory import (SETTLED_RHO, VIRTUAL_NOTE, fanin_deep_supervision, fanin_plain, fit_decay, mean_std, p_text,
                         share_drift, spearman, theory_for)
 from model import GPT, GPTConfig, describe
 
@@ -197,10 +197,6 @@ def analyse(run, args):
     return out
 
 
-def fmt_p(p):
-    return "nan" if not np.isfinite(p) else f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
-
-
 def print_report(r):
     metric = {"ppl_increase": "dPPL", "top1_drop": "dTop1"}.get(r.get("metric"), "dM")
     sub = r.get("sub_share")
@@ -219,12 +215,12 @@ def print_report(r):
     if "importance" in r:
         base = "baseline ppl" if r["metric"] == "ppl_increase" else "baseline"
         print(f"{base} {r['baseline']:.4f}")
-        print(f"Spearman share vs importance: rho = {r['rho']:.3f}, p = {fmt_p(r['p'])} (two-sided permutation)")
+        print(f"Spearman share vs importance: rho = {r['rho']:.3f}, {p_text(r['p'])} (two-sided permutation)")
         for k, (rho, p) in r.get("rho_sub", {}).items():
-            print(f"Spearman {k} share vs importance: rho = {rho:.3f}, p = {fmt_p(p)}")
+            print(f"Spearman {k} share vs importance: rho = {rho:.3f}, {p_text(p)}")
     if sub:
-        print(f"Spearman attn share vs mlp share: rho = {r['rho_attn_mlp'][0]:.3f}, p = {fmt_p(r['rho_attn_mlp'][1])}")
-    print(f"Spearman share vs theoretical fan-in: rho = {r['rho_theory']:.3f}, p = {fmt_p(r['p_theory'])}")
+        print(f"Spearman attn share vs mlp share: rho = {r['rho_attn_mlp'][0]:.3f}, {p_text(r['rho_attn_mlp'][1])}")
+    print(f"Spearman share vs theoretical fan-in: rho = {r['rho_theory']:.3f}, {p_text(r['p_theory'])}")
     d = r["drift"]
     print("share drift: the layer ranking " + (f"settles at step {d['settled']} of {r['step_range'][1]}"
                                                if d["settled"] is not None else "does not settle")
@@ -318,7 +314,7 @@ def fig4(r, path):
         ax.set_yscale("log")
     ax.set_xlabel("accumulated gradient share $\\bar g_i$")
     ax.set_ylabel(_imp_label(r) + (", log" if _wide(r["importance"]) else ""))
-    ax.set_title(f"{r['name']}: Spearman ρ = {r['rho']:.2f}, p = {fmt_p(r['p'])}")
+    ax.set_title(f"{r['name']}: Spearman ρ = {r['rho']:.2f}, {p_text(r['p'])}")
     ax.grid(alpha=0.3)
     _save(fig, path)
 
@@ -376,14 +372,14 @@ def fig678(r, path):
     top.plot(x, phi / phi.sum(), "x--", color="black", label=f"theoretical fan-in / sum, {r['kind']}")
     top.set_ylabel("share of the total\n(each line sums to 1)")
     top.set_ylim(bottom=0)
-    top.set_title(f"share vs theoretical fan-in: Spearman ρ = {r['rho_theory']:.2f}, p = {fmt_p(r['p_theory'])}", fontsize=10)
+    top.set_title(f"share vs theoretical fan-in: Spearman ρ = {r['rho_theory']:.2f}, {p_text(r['p_theory'])}", fontsize=10)
     top.legend(fontsize=8, frameon=False)
     wide = _wide(r["importance"])
     bottom.plot(x, r["importance"], "s-", color="tab:blue", label="importance")
     if wide:
         bottom.set_yscale("log")
     bottom.set_ylabel(_imp_label(r).replace(" (", "\n(") + (", log" if wide else ""))
-    bottom.set_title(f"importance: Spearman ρ with the share = {r['rho']:.2f}, p = {fmt_p(r['p'])}",
+    bottom.set_title(f"importance: Spearman ρ with the share = {r['rho']:.2f}, {p_text(r['p'])}",
                      fontsize=10)
     bottom.set_xlabel("layer (0 = first, as in the table and passthrough)")
     bottom.set_xticks(x)

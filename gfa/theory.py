@@ -150,6 +150,16 @@ def spearman(x, y, exact_max_n=10, n_perm=200_000, seed=0):
     return rho, (hits + 1) / (n_perm + 1)
 
 
+def p_text(p):
+    """'p = 0.014', 'p = 5.0e-05', or 'p < 1e-5' below the Monte-Carlo test's resolution (its floor,
+    1 / (n_perm + 1) ~ 5e-6 at 200,000 permutations, is a bound, not a value)."""
+    if not np.isfinite(p):
+        return "p = nan"
+    if p < 1e-5:
+        return "p < 1e-5"
+    return f"p = {p:.2g}" if p >= 1e-3 else f"p = {p:.1e}"
+
+
 # ---- fits of the share's shape -----------------------------------------------------------
 def fit_decay(share, N, theory=None):
     """Which decay explains the share better: linear phi_l or quadratic phi'_l?

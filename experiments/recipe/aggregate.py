@@ -123,8 +123,8 @@ def tables(results):
         ms = lambda key: theory.mean_std([r[key] for r in runs])  # noqa: E731
         out.append(f"| {arm} | {len(runs)} | {fmt(ms('rho'))} | {arm_verdict(runs)} | {100 * ms('late')[0]:.0f} ± "
                    f"{100 * ms('late')[1]:.0f} % | {fmt(ms('rho_imp'))} | {fmt(ms('ppl'))} |")
-    out += ["", "Per run (p: permutation p of rho with the fan-in, 200,000 permutations, so its floor is ~5e-6: "
-            "read 5.0e-06 as p < 1e-5; PPL: fanin.py's float32 evaluation / train.py's last bf16 one):", "",
+    out += ["", "Per run (p: permutation p of rho, 200,000 permutations; PPL: fanin.py's float32 evaluation / "
+            "train.py's last bf16 one):", "",
             "| run | rho(share, fan-in) | p | layer 0 share | last layer share | 8-15 of ΔPPL | last layer ΔPPL | "
             f"rho(share, ΔPPL) (p) | PPL | first step the last {WINDOW} steps' share has rho < 0 |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -132,8 +132,8 @@ def tables(results):
         for r in runs:
             share = rundir.read_grad_dump(r["run"])["share"]
             last = rundir.read_importance(r["run"])["importance"][-1]
-            out.append(f"| {os.path.basename(r['run'])} | {r['rho']:+.2f} | {r['p']:.1e} | {100 * share[0]:.1f} % | "
-                       f"{100 * share[-1]:.1f} % | {100 * r['late']:.0f} % | {last:+.1f} | {r['rho_imp']:+.2f} ({r['p_imp']:.1e}) | "
+            out.append(f"| {os.path.basename(r['run'])} | {r['rho']:+.2f} | {theory.p_text(r['p'])} | {100 * share[0]:.1f} % | "
+                       f"{100 * share[-1]:.1f} % | {100 * r['late']:.0f} % | {last:+.1f} | {r['rho_imp']:+.2f} ({theory.p_text(r['p_imp'])}) | "
                        f"{r['ppl']:.2f} / {r['log_ppl']:.2f} | {first_below_zero(r)} |")
     out += ["", "Provenance (the command that started each run):", ""]
     out += [f"* {os.path.basename(r['run'])}: {rundir.provenance_summary(r['run'])}" for runs in results.values() for r in runs]

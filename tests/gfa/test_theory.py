@@ -171,3 +171,10 @@ def test_seeds_for_power_gives_the_textbook_sample_sizes():
     assert theory.seeds_for_power(2.0, 1.0) == theory.seeds_for_power(1.0, 0.5)   # only the ratio matters
     with pytest.raises(ValueError):
         theory.seeds_for_power(0.0, 1.0)
+
+
+def test_p_text_reports_the_monte_carlo_floor_as_a_bound():
+    floor = 1 / (200_000 + 1)   # spearman's p with no permutation as extreme: a bound, not a value
+    assert theory.p_text(floor) == "p < 1e-5"
+    assert theory.p_text(2 / math.factorial(8)) == "p = 5.0e-05"   # an exact p (8 layers) is printed as it is
+    assert theory.p_text(0.0139) == "p = 0.014" and theory.p_text(float("nan")) == "p = nan"
