@@ -228,13 +228,7 @@ def record_invocation(run, argv=None):
 def read_provenance(run):
     """<run>/provenance.json as a dict, or None for a run of an earlier version (or none yet)."""
     path = file(run, PROVENANCE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}): move it aside") from None
+    return _read_json(path) if os.path.isfile(path) else None
 
 
 def provenance_summary(run):
