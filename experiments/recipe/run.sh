@@ -18,7 +18,7 @@ config=$here/configs/$arm.py
 [ -f "$config" ] || { echo "error: no arm $arm: pick one of $(ls "$here/configs" | sed 's/\.py$//' | xargs)" >&2; exit 2; }
 mkdir -p "$dest/logs"
 for seed in "$@"; do
-    TAG=$arm EXITS=0 bash "$here/../../experiments/study/run.sh" vanilla_16l "$seed" "$data" - "$dest" "$config" \
+    TAG=$arm EXITS=0 bash "$here/../study/run.sh" vanilla_16l "$seed" "$data" - "$dest" "$config" \
         > "$dest/logs/${arm}_s$seed.txt" 2>&1 &
     sleep 20   # staggered, so the compiles do not all start at once
 done
