@@ -486,6 +486,19 @@ def _main(argv, start):
         log(f"weights from {source['path']} (step {source['iter_num']} of its run); a fresh optimizer and schedule, "
             f"{model_cfg.n_layer} layers")
     loop = Loop(cfg, train_cfg, d, raw_model, model, eval_model, optimizer, step, dump, log, micro, t_start, source)
+    history = train_to_the_end(loop, start, (train_data, val_data), (iter_num, best_val, ckpt_clip),
+                               (model_cfg, mem_setting, gpu_bytes))
+    log.close()
+    del loop, model, eval_model   # DDP's reducer must go before its process group (see teardown)
+    teardown(d)
+    return history
+
+
+def train_to_the_end(loop, start, data, at, plan):
+    """The equalisation's clip factor (when asked), then the loop; an out-of-memory or torch.compile failure
+    ends in one line with the plan's figure and what fits (the last good checkpoint untouched)."""
+    (train_data, val_data), (iter_num, best_val, ckpt_clip), (model_cfg, mem_setting, gpu_bytes) = data, at, plan
+    cfg, log = loop.cfg, loop.log
     try:
         if cfg["equalize"]:
             if iter_num and not ckpt_clip and not cfg["equalize_clip_factor"]:
@@ -493,7 +506,7 @@ def _main(argv, start):
                                 f"version): resume with the factor it was trained with, e.g. --equalize_clip_factor=1.0")
             loop.set_equalize_clip(ckpt_clip or equalize_clip(cfg, loop, train_data))
         start.started()
-        history = loop.run(train_data, val_data, iter_num, best_val)
+        return loop.run(train_data, val_data, iter_num, best_val)
     except Exception as e:   # out of memory, or torch.compile failed: one line, the plan's figure, what fits
         line = stop_line(e, loop.where, cfg, model_cfg, mem_setting, gpu_bytes)
         if line is None:
@@ -502,10 +515,6 @@ def _main(argv, start):
             log.file.write(f"error: {line}\n")
             log.file.flush()
         raise UserError(line) from None
-    log.close()
-    del loop, model, eval_model   # DDP's reducer must go before its process group (see teardown)
-    teardown(d)
-    return history
 
 
 def reference_max_norm(run, steps, model_cfg):
