@@ -692,7 +692,8 @@ def memory_main(args, argv):
 
 
 # ---- main -----------------------------------------------------------------------------------
-def parse(argv):
+def parser():
+    """bench.py's options (--help lists them with their defaults)."""
     p = ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("configs", nargs="*", help="config names/paths or checkpoints (default: Table 2's 11 configs; "
                    "train: vanilla_16l)")
@@ -742,7 +743,12 @@ def parse(argv):
     p.add_argument("--seed", type=int, default=0, help="random weights and token ids")
     p.add_argument("--specs", default="", help="memory: a comma list of item:dtype:variant:micro runs of train.py "
                    "(default: bench.py's MEMORY_SET; variant plain, ddp, ckpt or fsdp; micro auto, half or a number)")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse(argv):
+    """The options, checked and completed with each mode's defaults."""
+    a = parser().parse_args(argv)
     a.device = pick_device(a.device)
     a.compile = "none" if a.compile == "eager" else a.compile
     if a.compile is None:
