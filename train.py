@@ -242,7 +242,7 @@ def fit_micro_batch(cfg, given, model_cfg, d, micro):
                      + f" less {memory.HEADROOM:.0%} ({memory.gib(budget)})")
     cfg["gradient_accumulation_steps"] = per_rank // micro
     if compiled and not cfg["fused_ce"] and "fused_ce" not in given and micro * T * V >= memory.INT32_ELEMENTS:
-        cfg["fused_ce"] = True   # torch.compile fails on such logits (BackendCompilerFailed, DOCS_NOTES.md)
+        cfg["fused_ce"] = True   # torch.compile fails on such logits (BackendCompilerFailed: docs/training.md, Memory)
         notes.append(f"fused_ce on: a micro-step's logits ({micro} x {T} x {V} = {micro * T * V:.3g} elements) "
                      f"exceed 2^31, which torch.compile's loss fails on; the fused loss never holds them")
     setting = memory_setting(cfg, micro, per_rank // micro, d.world, parallel, compiled)

@@ -46,17 +46,10 @@ def magnitude_scores(model, reading="row_l2"):
 def taylor_scores(model, batches, device, ctx):
     """Per block: sum over batches and weights of |W * dL/dW|. Gradients only for the blocks;
     the scores accumulate on the device in float64, one host copy at the end."""
-    was_training = model.training
-    flags = {p: p.requires_grad for p in model.parameters()}
     params = [list(b.parameters()) for b in model.blocks]
     flat = [p for ps in params for p in ps]
     acc = torch.zeros(len(params), device=device, dtype=torch.float64)
-    try:
-        model.eval()   # no deep-supervision aux losses: L is the final LM loss
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in flat:
-            p.requires_grad_(True)
+    with gradients_of(model):
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             with ctx:
@@ -64,11 +57,26 @@ def taylor_scores(model, batches, device, ctx):
             grads = iter(torch.autograd.grad(loss, flat))
             for b, ps in enumerate(params):
                 acc[b] += _abs_sum(p.detach() * next(grads) for p in ps)
-    finally:   # an error mid-way must not leave the model frozen or in eval mode
+    return acc.cpu().numpy()
+
+
+@contextmanager
+def gradients_of(model, every_weight=False):
+    """Eval mode (no deep-supervision aux losses: L is the final LM loss) with gradients for the blocks'
+    weights only (every_weight: for all of them); the flags and the mode come back on exit, also after an
+    error mid-way."""
+    was_training, flags = model.training, {p: p.requires_grad for p in model.parameters()}
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(every_weight)
+        for p in model.blocks.parameters():
+            p.requires_grad_(True)
+        yield
+    finally:
         for p, f in flags.items():
             p.requires_grad_(f)
         model.train(was_training)
-    return acc.cpu().numpy()
 
 
 @contextmanager
@@ -324,36 +332,28 @@ def gradient_share(model, batches, device, ctx, lr=0.0, steps=0):
     them) on every weight, each gradient taken before its step; the weights (kept on the host) and
     requires_grad flags are restored afterwards. Accumulated on the device, one host copy at the end."""
     steps = steps or len(batches)
-    was_training, flags = model.training, {p: p.requires_grad for p in model.parameters()}
     saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()} if lr > 0 else None
     params = [list(b.parameters()) for b in model.blocks]
     acc = torch.zeros(len(params), device=device, dtype=torch.float64)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0) if lr > 0 else None
     try:
-        model.eval()   # no deep-supervision aux losses
-        for p in model.parameters():
-            p.requires_grad_(lr > 0)   # lr = 0: gradients of the blocks only
-        for p in (q for ps in params for q in ps):
-            p.requires_grad_(True)
-        for step in range(steps):
-            x, y = batches[step % len(batches)]
-            with ctx:
-                _, loss = model(x.to(device), y.to(device))
-            model.zero_grad(set_to_none=True)
-            loss.backward()
-            for b, ps in enumerate(params):
-                acc[b] += torch.sqrt(sum(p.grad.double().pow(2).sum() for p in ps if p.grad is not None))
-            if opt is not None:
-                opt.step()
-    finally:   # the model comes back as it was: weights, flags, mode, no gradients
+        with gradients_of(model, every_weight=lr > 0):   # lr = 0: gradients of the blocks only
+            for step in range(steps):
+                x, y = batches[step % len(batches)]
+                with ctx:
+                    _, loss = model(x.to(device), y.to(device))
+                model.zero_grad(set_to_none=True)
+                loss.backward()
+                for b, ps in enumerate(params):
+                    acc[b] += torch.sqrt(sum(p.grad.double().pow(2).sum() for p in ps if p.grad is not None))
+                if opt is not None:
+                    opt.step()
+    finally:   # the model comes back as it was: weights and no gradients (flags and mode: gradients_of)
         model.zero_grad(set_to_none=True)
         if saved is not None:
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     p.copy_(saved[n])
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
     share = acc.cpu().numpy()
     return share / share.sum() if share.sum() > 0 else share
 
