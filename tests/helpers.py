@@ -71,9 +71,8 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-# an lm-eval multiple-choice task over a local jsonl in the in-house layout: the endings carry their joining
-# space (the in-house verbatim reading), the task trims them and joins them with " ", so both score the same text
-LOCAL_TASK = """task: {name}
+# an lm-eval multiple-choice task over a local jsonl: the head every local task shares, then its fields
+TASK_HEAD = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -81,7 +80,10 @@ dataset_kwargs:
   cache_dir: {cache}
 validation_split: validation
 output_type: multiple_choice
-doc_to_text: "{{{{ctx}}}}"
+"""
+# the in-house layout: the endings carry their joining space (the in-house verbatim reading), the task trims
+# them and joins them with " ", so both score the same text
+LOCAL_TASK = TASK_HEAD + """doc_to_text: "{{{{ctx}}}}"
 doc_to_choice: "{{{{endings | map('trim') | list}}}}"
 doc_to_target: label
 target_delimiter: " "
@@ -91,11 +93,11 @@ metric_list:
 """
 
 
-def write_local_task(folder, data_path, name="tiny_mc"):
-    """folder/<name>.yaml, an lm-eval task over data_path (a jsonl of ctx, endings, label): --include_path folder.
-    The datasets cache goes beside it, not into the home folder."""
+def write_local_task(folder, data_path, name="tiny_mc", template=LOCAL_TASK):
+    """folder/<name>.yaml, an lm-eval task over data_path (a jsonl of ctx, endings, label, or the rows the
+    template reads): --include_path folder. The datasets cache goes beside it, not into the home folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.yaml").write_text(LOCAL_TASK.format(name=name, path=data_path, cache=folder / "hf_cache"))
+    (folder / f"{name}.yaml").write_text(template.format(name=name, path=data_path, cache=folder / "hf_cache"))
     return str(folder)
 
 

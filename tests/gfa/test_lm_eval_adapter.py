@@ -21,7 +21,7 @@ from lm_eval.evaluator import evaluate   # noqa: E402
 from gfa import lm_eval_adapter as adapter   # noqa: E402
 from gfa.cli import UserError   # noqa: E402
 from gfa.evaluation import Tokenizer, choice_accuracy, encode_items, ending_logprobs, load_multiple_choice  # noqa: E402
-from helpers import tiny_model, write_jsonl, write_local_task, write_run, write_word_level_tokenizer   # noqa: E402
+from helpers import TASK_HEAD, tiny_model, write_jsonl, write_local_task, write_run, write_word_level_tokenizer   # noqa: E402
 from model import drop_layers   # noqa: E402
 
 # endings with their joining space (the in-house verbatim reading): helpers.LOCAL_TASK trims them again
@@ -191,15 +191,7 @@ WINO_ROWS = [{"sentence": "the cat sat on the mat because _ was tired.", "option
               "answer": "1"},
              {"sentence": "a dog ran to _ and sat.", "option1": "the cat", "option2": "a mat", "answer": "2"},
              {"sentence": "_ sat on the dog.", "option1": "the cat", "option2": "a mat", "answer": "1"}]
-WINO_TASK = """task: tiny_wino
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {path}
-  cache_dir: {cache}
-validation_split: validation
-output_type: multiple_choice
-doc_to_text: !function preprocess_winogrande.doc_to_text
+WINO_TASK = TASK_HEAD + """doc_to_text: !function preprocess_winogrande.doc_to_text
 doc_to_target: !function preprocess_winogrande.doc_to_target
 doc_to_choice: !function preprocess_winogrande.doc_to_choice
 metric_list:
@@ -216,7 +208,7 @@ def test_partial_scoring_equals_lm_evals_winogrande(tmp_path, byte_data):
     src = os.path.join(os.path.dirname(lm_eval.tasks.__file__), "winogrande", "preprocess_winogrande.py")
     (tasks / "preprocess_winogrande.py").write_text(open(src).read())   # lm-eval's own, as its winogrande task uses
     write_jsonl(tmp_path / "wino.jsonl", WINO_ROWS)
-    (tasks / "tiny_wino.yaml").write_text(WINO_TASK.format(path=tmp_path / "wino.jsonl", cache=tasks / "hf_cache"))
+    write_local_task(tasks, tmp_path / "wino.jsonl", "tiny_wino", WINO_TASK)
     run = write_run(tmp_path / "run", tiny_model(seed=7), byte_data)
     lm = get_model("gfa").create_from_arg_string(f"ckpt={run}/ckpt.pt,device=cpu")
     res = evaluate(lm, adapter.load_tasks(["tiny_wino"], str(tasks)), log_samples=True, bootstrap_iters=0)
