@@ -33,6 +33,10 @@ cuBLAS/NCCL workspaces: CONTEXT_GIB (+ NCCL_GIB with a process group of more tha
 """
 from dataclasses import dataclass, replace
 
+import torch
+
+from model import GPT
+
 GIB = 2 ** 30
 CONTEXT_GIB = 0.75   # CUDA context + library handles, outside the caching allocator (H100, CUDA 12: ~0.5-0.7)
 NCCL_GIB = 0.5       # NCCL's own buffers with more than one rank
@@ -59,13 +63,13 @@ class Setting:
 
 
 def param_counts(cfg):
-    """{'embedding', 'blocks': [per block], 'head' (final norm + untied LM head)}: GPT's parameters
-    counted from its config (equal to GPT(cfg).num_params(): tests/gfa/test_memory.py)."""
-    d, hd = cfg.d_model, cfg.head_dim
-    blocks = [2 * d + d * (h + 2 * kv) * hd + h * hd * d + 3 * d * f
-              for h, kv, f in zip(cfg.layer_heads(), cfg.layer_kv_heads(), cfg.layer_ffn())]
-    return {"embedding": cfg.vocab_size * d, "blocks": blocks,
-            "head": d + (0 if cfg.tie_embeddings else cfg.vocab_size * d)}
+    """{'embedding', 'blocks': [per block], 'head' (final norm + untied LM head)}: GPT's own parameters,
+    counted on a meta-device model (no memory, milliseconds even at 1.2B)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+    embedding = model.tok_emb.weight.numel()
+    return {"embedding": embedding, "blocks": blocks, "head": model.num_params() - embedding - sum(blocks)}
 
 
 def num_params(cfg):
