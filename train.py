@@ -43,6 +43,9 @@ the same steps from that run's gradient dump instead of a pilot (a vanilla run o
 config and seed). The pilots' weights are discarded; the factor, both maxima and where they came
 from are logged and stored in ckpt.pt (equalize_clip), and the log's last line says on what share
 of steps the clip fired.
+equalize_via='lr' applies the same per-layer factors to the layers' learning rates instead: AdamW
+normalises a rescaled gradient away, so only this changes its updates. The gradients and the clip
+are left alone (no clip factor is derived), and the factors cost one host sync per step.
 """
 import inspect
 import math
@@ -93,6 +96,7 @@ equalize = False               # norm equalisation (Appendix A.2.2)
 equalize_clip_factor = 0.0     # clip norm multiplier while equalising; 0 = derive it (see above)
 equalize_pilot_iters = 0       # steps of each pilot that derives the factor (0 = warmup_iters)
 equalize_reference = ""        # a standard run to take the standard maximum from ('' = a standard pilot)
+equalize_via = "grad"          # 'grad' (the paper: rescale gradients) or 'lr' (scale each layer's lr; see above)
 dtype = "float32"              # 'float32' (paper), 'tf32', 'bfloat16' (autocast)
 device = ""                    # '' = cuda if available, else cpu
 compile = None                 # None = on for cuda, off for cpu
@@ -142,7 +146,14 @@ def check_settings(cfg, world):
             raise UserError(f"{k}={cfg[k]}: must be >= 0")
     if cfg["equalize_clip_factor"] < 0 or cfg["equalize_pilot_iters"] < 0:
         raise UserError("equalize_clip_factor and equalize_pilot_iters must be >= 0 (0 = derive / warmup_iters)")
-    if cfg["equalize"] and not cfg["equalize_clip_factor"] and not cfg["grad_clip"]:
+    if cfg["equalize_via"] not in ("grad", "lr"):
+        raise UserError(f"equalize_via={cfg['equalize_via']!r}: use 'grad' (rescale each layer's gradient, the paper) "
+                        f"or 'lr' (scale each layer's learning rate)")
+    grad_eq = cfg["equalize"] and cfg["equalize_via"] == "grad"
+    if cfg["equalize"] and cfg["equalize_via"] == "lr" and cfg["equalize_clip_factor"]:
+        raise UserError("equalize_clip_factor acts on equalised gradients; equalize_via='lr' leaves them (and the "
+                        "clip) alone: leave equalize_clip_factor out")
+    if grad_eq and not cfg["equalize_clip_factor"] and not cfg["grad_clip"]:
         raise UserError("equalize=True derives a clip factor, but grad_clip=0 (no clipping): give grad_clip > 0, "
                         "or equalize_clip_factor=1")
     if cfg["fused_ce_chunk"] < 1:
@@ -386,13 +397,15 @@ def build(cfg, model_cfg, d, ckpt):
         sharding.shard(model, d, cfg["dtype"], use_compile(cfg["compile"], d.device_type))
     else:
         model.to(d.device)
-    optimizer = optimizer_for(cfg, model.parameters(), fused=d.device_type == "cuda")
-    clip = cfg["grad_clip"] * ((cfg["equalize_clip_factor"] or 1.0) if cfg["equalize"] else 1.0)   # 0: derived later
+    grad_eq, lr_eq = (cfg["equalize"] and cfg["equalize_via"] == v for v in ("grad", "lr"))
+    optimizer = optimizer_for(cfg, model.parameters(), fused=d.device_type == "cuda",
+                              by_layer=model.param_groups_by_layer() if lr_eq else None)
+    clip = cfg["grad_clip"] * ((cfg["equalize_clip_factor"] or 1.0) if grad_eq else 1.0)   # 0: derived later
     # the dump records attention and MLP apart; a run begun before they were recorded goes on without them
     resuming = ckpt is not None and cfg["init_from"] == "resume"   # else a fresh optimizer, step 0, a new dump
     sublayers = not resuming or rundir.records_sublayers(ckpt["grad_dump"]["names"])
-    step = GradStep(model.param_groups_by_layer(sublayers), optimizer, clip, cfg["equalize"])
-    dump = rundir.GradNormDump(step.norms.names, rundir.file(cfg["out_dir"], rundir.GRAD_DUMP), cfg["equalize"])
+    step = GradStep(model.param_groups_by_layer(sublayers), optimizer, clip, cfg["equalize"], cfg["equalize_via"])
+    dump = rundir.GradNormDump(step.norms.names, rundir.file(cfg["out_dir"], rundir.GRAD_DUMP), grad_eq)
     iter_num, best_val = 0, float("inf")
     if resuming:
         if d.sharded:
@@ -500,7 +513,7 @@ def train_to_the_end(loop, start, data, at, plan):
     (train_data, val_data), (iter_num, best_val, ckpt_clip), (model_cfg, mem_setting, gpu_bytes) = data, at, plan
     cfg, log = loop.cfg, loop.log
     try:
-        if cfg["equalize"]:
+        if cfg["equalize"] and cfg["equalize_via"] == "grad":   # 'lr' leaves the clip alone
             if iter_num and not ckpt_clip and not cfg["equalize_clip_factor"]:
                 raise UserError(f"{cfg['out_dir']}/ckpt.pt does not record its equalisation clip factor (an earlier "
                                 f"version): resume with the factor it was trained with, e.g. --equalize_clip_factor=1.0")

@@ -89,25 +89,32 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
-def _decay_groups(params, weight_decay):
-    """Weight decay on matrices and convolutions only (dim >= 2; no norms or biases)."""
-    params = [p for p in params if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def _decay_groups(params, weight_decay, by_layer=None):
+    """Weight decay on matrices and convolutions only (dim >= 2; no norms or biases). by_layer
+    ({group name: params}, model.param_groups_by_layer()): a decayed and an undecayed group per
+    name, each tagged 'layer_group': name, so that each layer can get its own learning rate."""
+    def pair(ps, **tag):
+        ps = [p for p in ps if p.requires_grad]
+        return [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": weight_decay, **tag},
+                {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, **tag}]
+    if by_layer is None:
+        return pair(params)
+    return [g for name, ps in by_layer.items() for g in pair(ps, layer_group=name) if g["params"]]
 
 
-def adamw(params, lr, betas, weight_decay, fused):
+def adamw(params, lr, betas, weight_decay, fused, by_layer=None):
     """AdamW with weight decay on matrices and convolutions only."""
-    return torch.optim.AdamW(_decay_groups(params, weight_decay), lr=lr, betas=betas, fused=fused)
+    return torch.optim.AdamW(_decay_groups(params, weight_decay, by_layer), lr=lr, betas=betas, fused=fused)
 
 
-def optimizer_for(cfg, params, fused):
+def optimizer_for(cfg, params, fused, by_layer=None):
     """train.py's optimizer from its settings: AdamW (beta1, beta2; the paper) or SGD with momentum
-    (`momentum`; its weight_decay is torch's coupled L2 term), both decaying matrices only."""
+    (`momentum`; its weight_decay is torch's coupled L2 term), both decaying matrices only. by_layer:
+    one pair of parameter groups per layer (_decay_groups), for per-layer learning rates."""
+    groups = _decay_groups(params, cfg["weight_decay"], by_layer)
     if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(_decay_groups(params, cfg["weight_decay"]), lr=cfg["learning_rate"],
-                               momentum=cfg["momentum"], fused=fused)
-    return adamw(params, cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), cfg["weight_decay"], fused)
+        return torch.optim.SGD(groups, lr=cfg["learning_rate"], momentum=cfg["momentum"], fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -260,13 +267,22 @@ class GradStep:
     rescaled to the largest layer norm, target / n_i (1 where n_i = 0); the other groups
     (embedding, head, a ResNet's stem) are left alone, the same groups Eq. 2's share is over. The
     clip then acts on the equalised total. Returns (norms, equalised norms or None, total norm),
-    per group, on the device."""
+    per group, on the device.
 
-    def __init__(self, groups, optimizer, grad_clip=0.0, equalize=False):
+    equalize_via='lr' applies the same factors to each layer's learning rate instead of its
+    gradient: Adam's update hardly changes when a gradient is rescaled (its second moment rescales
+    with it), so only this acts on the updates. The gradients, the clip and the returned norms stay
+    as they were (no equalised norms: the factors follow from the norms); the optimizer needs one
+    group pair per layer (optimizer_for(..., by_layer=...)), and the factors cost one host sync a step."""
+
+    def __init__(self, groups, optimizer, grad_clip=0.0, equalize=False, equalize_via="grad"):
         self.norms = LayerGradNorms(groups)
         self.groups = [list(g) for g in groups.values()]   # LayerGradNorms' order
         self.params = [p for g in self.groups for p in g]
-        self.optimizer, self.grad_clip, self.equalize = optimizer, grad_clip, equalize
+        if equalize_via not in ("grad", "lr"):
+            raise UserError(f"equalize_via={equalize_via!r}: use 'grad' (rescale each layer's gradient, the paper) "
+                            f"or 'lr' (scale each layer's learning rate)")
+        self.optimizer, self.grad_clip, self.equalize, self.via = optimizer, grad_clip, equalize, equalize_via
         layer = [layer_of(n) for n in self.norms.names]
         layers = list(dict.fromkeys(n for n in layer if n))
         dev = self.params[0].device
@@ -274,21 +290,40 @@ class GradStep:
         self.is_layer = torch.tensor([n is not None for n in layer], device=dev)
         self.layer_index = torch.tensor([layers.index(n) if n else 0 for n in layer], device=dev)   # group -> layer
         self.n_layers = len(layers)
+        if equalize and equalize_via == "lr":   # optimizer group -> layer index (None: embedding, head)
+            tags = [layer_of(g.get("layer_group") or "") for g in optimizer.param_groups]
+            if not any(tags):
+                raise ValueError("equalize_via='lr' needs an optimizer with a group per layer (optimizer_for by_layer)")
+            self.lr_layer = [layers.index(t) if t else None for t in tags]
 
-    def _equalize(self, norms):
+    def _layer_scale(self, norms):
+        """Each layer's equalisation factor: the largest layer norm over its own (1 where it is 0)."""
         sq = torch.where(self.is_layer, norms.square(), torch.zeros_like(norms))
         layer_norms = torch.zeros(self.n_layers, device=norms.device).index_add_(0, self.layer_index, sq).sqrt()
-        layer_scale = torch.where(layer_norms > 0, layer_norms.max() / layer_norms, torch.ones_like(layer_norms))
-        scale = torch.where(self.is_layer, layer_scale[self.layer_index], torch.ones_like(norms))
+        return torch.where(layer_norms > 0, layer_norms.max() / layer_norms, torch.ones_like(layer_norms))
+
+    def _equalize(self, norms):
+        scale = torch.where(self.is_layer, self._layer_scale(norms)[self.layer_index], torch.ones_like(norms))
         for g in self.layer_groups:   # the other groups keep scale 1: nothing to do
             grads = [local_shard(p.grad) for p in self.groups[g] if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, scale[g])   # 0-dim device tensor: no host sync
         return norms * scale   # each group's norm scaled with it: no second norm pass (nor FSDP all-reduce)
 
+    def _scale_lrs(self, norms):
+        """Multiply each layer's learning rate (set for this step by set_lr) by its factor."""
+        scale = self._layer_scale(norms).tolist()
+        for group, layer in zip(self.optimizer.param_groups, self.lr_layer):
+            if layer is not None:
+                group["lr"] = group["lr"] * scale[layer]
+
     def __call__(self):
         norms = self.norms()
-        norms_eq = self._equalize(norms) if self.equalize else None
+        norms_eq = None
+        if self.equalize and self.via == "grad":
+            norms_eq = self._equalize(norms)
+        elif self.equalize:
+            self._scale_lrs(norms)
         total = (norms if norms_eq is None else norms_eq).square().sum().sqrt()
         if self.grad_clip > 0:
             scaled_step(self.optimizer, [local_shard(p.grad) for p in self.params if p.grad is not None],

@@ -158,3 +158,48 @@ def test_finite_guard_names_the_first_bad_step():
     with torch.no_grad():
         m.blocks[1].ffn.down.weight[0, 0] = 9e9   # large, but below the line
     check_weights(m, 7, "kept")
+
+
+@pytest.mark.parametrize("sublayers", [False, True])
+def test_equalisation_via_lr_is_adamw_per_layer_at_scaled_lrs(sublayers):
+    """equalize_via='lr': two steps equal, per layer, a single-tensor AdamW whose lr is the schedule's
+    times that step's factor (the largest layer norm over the layer's own, computed here by hand);
+    the embedding and head keep the schedule's lr, the gradients and the clip are not equalised, and
+    set_lr starts each step from the schedule again (the factors do not compound)."""
+    from gfa.training import set_lr
+    a, b = tiny_model(5).train(), tiny_model(5).train()
+    cfg = {"optimizer": "adamw", "learning_rate": 1e-2, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95}
+    opt = optimizer_for(cfg, a.parameters(), fused=False, by_layer=a.param_groups_by_layer())
+    step = GradStep(a.param_groups_by_layer(sublayers), opt, 0.0, equalize=True, equalize_via="lr")
+    hand = {n: adamw(g, 1.0, (0.9, 0.95), 0.1, fused=False) for n, g in b.param_groups_by_layer().items()}
+    factors = []
+    for it, lr in enumerate((1e-2, 4e-3)):
+        x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(it))
+        for m in (a, b):
+            m(x, x)[1].backward()
+        layer_norm = {n: torch.cat([p.grad.flatten() for p in g]).norm().item()
+                      for n, g in b.param_groups_by_layer().items()}
+        top = max(v for n, v in layer_norm.items() if n.startswith("layer."))
+        factor = {n: top / v if n.startswith("layer.") else 1.0 for n, v in layer_norm.items()}
+        factors.append(factor)
+        set_lr(opt, lr)
+        norms, norms_eq, total = step()
+        assert norms_eq is None
+        torch.testing.assert_close(total.item(), math.sqrt(sum(v * v for v in layer_norm.values())), rtol=1e-5, atol=0)
+        for n, o in hand.items():
+            set_lr(o, lr * factor[n])
+            o.step()
+            o.zero_grad(set_to_none=True)
+    assert max(factors[0].values()) > 1.2   # the layers' norms differed: the factors did something
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_equalisation_via_lr_needs_per_layer_groups():
+    m = tiny_model(0)
+    with pytest.raises(ValueError, match="group per layer"):
+        GradStep(m.param_groups_by_layer(), adamw(m.parameters(), 1e-3, (0.9, 0.95), 0.1, fused=False),
+                 equalize=True, equalize_via="lr")
+    with pytest.raises(UserError, match="equalize_via='sgd'"):
+        GradStep(m.param_groups_by_layer(), adamw(m.parameters(), 1e-3, (0.9, 0.95), 0.1, fused=False),
+                 equalize=True, equalize_via="sgd")
