@@ -15,8 +15,9 @@
 # <dest>/small_<variant>[_<tag>]_s<seed>.
 # A run longer than one sitting (LayerSkip: ~17 min on an H200) in parts: STOP_AT=<step> trains to that step,
 # STOP_AFTER=<minutes> until that much time has passed (train.py --stop_after_min), checkpoints and stops
-# (nothing else runs until the last step is trained); a later call with RESUME=1, the run's checkpoint still
-# in out/, resumes it (init_from=resume instead of a fresh start) and goes on to the analysis once it is done.
+# (no analysis until the last step is trained; what it has so far is copied to <dest>); a later call with
+# RESUME=1, the run's checkpoint still in out/, resumes it (init_from=resume instead of a fresh start) and
+# goes on to the analysis once it is done.
 # The checkpoint stays in out/<run> (prune.py's extended table, early exit and bench.py read it there).
 set -euo pipefail
 variant=$1 seed=$2 data=$3 mc=$4
@@ -31,8 +32,9 @@ start=--overwrite=True
 python train.py config/small.py "$file" --data_dir="$data" --seed="$seed" --out_dir="$run" \
     --max_iters=3000 --warmup_iters=200 --eval_interval=1000 --log_interval=100 $start \
     ${STOP_AT:+--stop_iter=$STOP_AT} ${STOP_AFTER:+--stop_after_min=$STOP_AFTER} "$@"
+copy_out() { mkdir -p "$dest/$name" && (cd "$run" && find . -type f ! -name ckpt.pt -print0 | xargs -0 cp --parents -t "$dest/$name"); }
 python -c "import sys; from gfa import rundir; c = rundir.read_checkpoint(sys.argv[1])
-sys.exit(c['iter_num'] < c['train_config']['max_iters'])" "$run" || { echo "stopped early: resume with RESUME=1"; exit 0; }
+sys.exit(c['iter_num'] < c['train_config']['max_iters'])" "$run" || { copy_out; echo "stopped early: resume with RESUME=1"; exit 0; }
 python fanin.py "$run" ${FANIN_BASELINE:+--baseline "$FANIN_BASELINE"}
 if [ "$variant" = vanilla_16l ] && [ -z "${TAG:-}" ]; then
     python prune.py --runs "$run" --k 1,2,4,6,8 --hellaswag "$mc" --calib_batches 32 --out "$run/prune"
@@ -40,5 +42,4 @@ fi
 if { [ "$variant" = vanilla_16l ] || [ "$variant" = layerskip ]; } && [ "${EXITS:-1}" != 0 ]; then   # docs/pruning.md: early exit
     python prune.py --runs "$run" --exits --hellaswag "$mc" --out "$run/exits"
 fi
-mkdir -p "$dest/$name"
-(cd "$run" && find . -type f ! -name ckpt.pt -print0 | xargs -0 cp --parents -t "$dest/$name")
+copy_out
