@@ -12,8 +12,12 @@ held-out PPL (train.py's evaluations, log-PPL interpolated linearly in the step 
 lr2e-4 arm's mean final PPL. Figures: recipe_drift.png (rho with the fan-in of the accumulated and of the
 windowed share against the step, the lr schedule under it) and recipe_matched.png (rho of the accumulated
 share against held-out PPL at each evaluation).
+The equalisation at 2e-4 (rule 7): each equalised arm against its baseline (EQUALISED), late-layer importance
+per seed, the verdict, PPL, and the mean equalisation factor of layers 8-15 (from the dumped norms). The SGD
+sweep (rule 6): held-out PPL of each peak lr under runs/sgd_sweep/ and the one picked.
 """
 import argparse
+import math
 import os
 import re
 import sys
@@ -28,6 +32,8 @@ from gfa.cli import UserError, cli  # noqa: E402
 
 STUDY_ARM = "lr1e-3 (study)"
 PAPER_ARM = "lr2e-4"
+EQUALISED = {"eq_lr2e-4": "lr2e-4", "lns_eq_lr2e-4": "lns_lr2e-4", "sgd_eq": "sgd", "lns_sgd_eq": "lns_sgd"}
+SWEEP_STEP = 500   # rule 6: the SGD sweep compares held-out loss at this step
 WINDOW = 100   # steps: the windowed ("instantaneous") share is Eq. 2 over the last WINDOW steps
 LOG_LINE = re.compile(r"^step (\d+) \| (?:val loss [\d.]+ \| val ppl ([\d.]+)|loss [\d.]+ \| lr ([\d.e+-]+))")
 
@@ -109,13 +115,73 @@ def first_below_zero(r):
     return int(r["steps"][below[0]]) if len(below) else "never"
 
 
+def restore_verdict(equalised, baseline):
+    """Rule 7 of the page, on late-layer importance (layers 8-15's part of 1-15's ΔPPL), one value per seed."""
+    if all(x > max(baseline) for x in equalised):
+        return "restores"
+    if all(x < min(baseline) for x in equalised):
+        return "lowers"
+    return "does not restore" if all(x <= np.mean(baseline) for x in equalised) else "inconclusive"
+
+
+def late_factor(run):
+    """Mean over steps of the equalisation factor (largest layer norm / the layer's own) of the late half of the layers."""
+    dump = rundir.read_grad_dump(run)
+    cols = [i for i, n in enumerate(dump["names"]) if n.startswith("layer.")]
+    norms = np.asarray(dump["norms"], dtype=np.float64)[:, cols]
+    factor = norms.max(axis=1, keepdims=True) / np.where(norms > 0, norms, np.inf)
+    return float(factor[:, len(cols) // 2:].mean())
+
+
+def equalisation_table(results):
+    """Rule 7's rows: each equalised arm with runs, against its baseline."""
+    rows = [(eq, base) for eq, base in EQUALISED.items() if eq in results and base in results]
+    if not rows:
+        return []
+    out = ["", "Equalisation at 2e-4 (rule 7): late-layer importance = layers 8-15's part of layers 1-15's ΔPPL, per seed; "
+           "the factor: mean over steps of the largest layer gradient norm over the layer's own, layers 8-15", "",
+           "| equalised arm | baseline | late importance, equalised | baseline | rule 7 | PPL equalised | PPL baseline | "
+           "ΔPPL | late factor (equalised / baseline) |", "|---|---|---|---|---|---|---|---|---|"]
+    for eq, base in rows:
+        e, b = [r["late"] for r in results[eq]], [r["late"] for r in results[base]]
+        pe, pb = (float(np.mean([r["ppl"] for r in results[a]])) for a in (eq, base))
+        flag = " (destabilised: > 5 %)" if pe > 1.05 * pb else ""
+        fe, fb = (np.mean([late_factor(r["run"]) for r in results[a]]) for a in (eq, base))
+        out.append(f"| {eq} | {base} | {' / '.join(f'{100 * x:.0f}' for x in e)} % | "
+                   f"{' / '.join(f'{100 * x:.0f}' for x in b)} % | {restore_verdict(e, b)} | {pe:.2f} | {pb:.2f} | "
+                   f"{100 * (pe / pb - 1):+.1f} %{flag} | {fe:.2f} / {fb:.2f} |")
+    return out
+
+
+def sweep_table(folder):
+    """Rule 6's rows: held-out PPL of each SGD peak lr at its evaluations, and the pick (lowest at SWEEP_STEP)."""
+    runs = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        m = re.fullmatch(r"small_vanilla_16l_sgd_lr([\d.e+-]+)_s\d+", name)
+        if m:
+            ev, ppl, _, _ = read_log(os.path.join(folder, name))
+            runs[float(m.group(1))] = dict(zip(ev.tolist(), ppl.tolist()))
+    if not runs:
+        return []
+    at = {lr: v.get(SWEEP_STEP, math.inf) for lr, v in runs.items()}
+    best = min(at, key=at.get)
+    steps = sorted({s for v in runs.values() for s in v if s > 0})
+    out = ["", f"SGD sweep (rule 6; Vanilla-16L seed 1, momentum 0.9, the first {SWEEP_STEP} steps of the 3000-step "
+           f"schedule): held-out PPL", "", "| peak lr | weight decay | " + " | ".join(f"step {s}" for s in steps) + " | |",
+           "|---|---|" + "---|" * len(steps) + "---|"]
+    for lr in sorted(runs):
+        cells = " | ".join(f"{runs[lr][s]:.2f}" if s in runs[lr] else "-" for s in steps)
+        out.append(f"| {lr:g} | {2e-5 / lr:g} | {cells} | {'picked' if lr == best and math.isfinite(at[lr]) else ''} |")
+    return out
+
+
 def fmt(mean_sd, digits=2):
     m, s = mean_sd
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def tables(results):
-    """numbers.md's text: per-arm summary, per-run rows, the matched-loss rows."""
+def tables(results, sweep=()):
+    """numbers.md's text: per-arm summary, per-run rows, the matched-loss rows, the equalisation, the SGD sweep."""
     out = ["Recipe study (experiments/recipe/README.md)", "",
            "| arm | seeds | rho(share, fan-in) | rule 1 | layers 8-15 of 1-15's ΔPPL | rho(share, ΔPPL) | held-out PPL |",
            "|---|---|---|---|---|---|---|"]
@@ -142,20 +208,28 @@ def tables(results):
             f"mean of its seeds). Where the other arms' runs reach that PPL:", "",
             f"| run | evaluations every | step at PPL {target:.2f} | rho(accumulated share, fan-in) there | "
             f"rho(share of the last {WINDOW} steps, fan-in) there |", "|---|---|---|---|---|"]
-    for arm, runs in results.items():
+    for arm, runs in lr_arms(results).items():
         for r in runs if arm != PAPER_ARM else []:
             s = step_at_ppl(r, target)
             i = None if s is None else int(np.abs(r["steps"] - s).argmin())
             gap = int(np.diff(r["eval_steps"]).max())
             out.append(f"| {os.path.basename(r['run'])} | {gap} steps | {s if s is not None else 'never'} | "
                        + (f"{r['rho_acc'][i]:+.2f} | {r['rho_win'][i]:+.2f} |" if i is not None else "- | - |"))
+    out += equalisation_table(results) + list(sweep)
     return "\n".join(out) + "\n"
+
+
+def lr_arms(results):
+    """The arms of the recipe question (the learning rate and warm-up): not the equalisation's own."""
+    eq = (set(EQUALISED) | set(EQUALISED.values())) - {PAPER_ARM}
+    return {arm: runs for arm, runs in results.items() if arm not in eq}
 
 
 def figures(results, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    results = lr_arms(results)
     colors = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     for arm, runs in results.items():
@@ -199,7 +273,7 @@ def main(argv):
     p.add_argument("--no_fig", action="store_true", help="the tables only")
     args = p.parse_args(argv)
     results = {arm: [analyse(r) for r in runs] for arm, runs in find_runs(args.runs, args.study).items()}
-    print(tables(results), end="")
+    print(tables(results, sweep_table(os.path.join(args.runs, "sgd_sweep"))), end="")
     if not args.no_fig:
         os.makedirs(args.out, exist_ok=True)
         figures(results, args.out)
