@@ -1,0 +1,56 @@
+"""experiments/recipe/aggregate.py's decision rules, on hand-made values: rule 1 (keeps / overturns / mixed),
+rule 3's interpolation of the step at a held-out PPL, rule 7 (restores / lowers / does not restore), the
+equalisation factor from dumped norms, and rule 6's sweep pick from train.py-style logs."""
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experiments.recipe import aggregate as recipe
+from gfa import rundir
+from helpers import tiny_model, write_run
+
+
+def test_rule_1_keeps_overturns_mixed():
+    keep = [{"rho": 0.9, "p": 1e-4}, {"rho": 0.5, "p": 0.01}]
+    assert recipe.arm_verdict(keep) == "keeps"
+    assert recipe.arm_verdict(keep + [{"rho": 0.3, "p": 0.2}]) == "mixed"   # positive but not significant
+    assert recipe.arm_verdict([{"rho": -0.2, "p": 0.4}, {"rho": -0.6, "p": 0.01}]) == "overturns"
+
+
+def test_rule_3_step_at_ppl_interpolates_log_ppl():
+    r = {"eval_steps": np.array([0, 250, 500]), "eval_ppl": np.array([1000.0, 100.0, 10.0])}
+    assert recipe.step_at_ppl(r, 100.0) == 250
+    assert recipe.step_at_ppl(r, 10 ** 1.5) == 375   # halfway in log-PPL between 100 and 10
+    assert recipe.step_at_ppl(r, 5.0) is None
+
+
+@pytest.mark.parametrize("equalised, verdict", [([0.50, 0.45], "restores"), ([0.10, 0.12], "lowers"),
+                                                ([0.25, 0.27], "does not restore"), ([0.25, 0.40], "inconclusive")])
+def test_rule_7(equalised, verdict):
+    assert recipe.restore_verdict(equalised, [0.20, 0.27, 0.34]) == verdict   # baseline mean 0.27, range 0.20-0.34
+
+
+def test_late_factor_from_the_dump(tmp_path):
+    """Layers 2-3 (the late half of 4) at norms 1 and 4 against the largest 4: factors 4 and 1, mean 2.5."""
+    model = tiny_model()
+    names = list(model.param_groups_by_layer(False))
+    layer = {"layer.0": 4.0, "layer.1": 2.0, "layer.2": 1.0, "layer.3": 4.0}
+    run = write_run(str(tmp_path / "r"), model, rows=[[layer.get(n, 9.0) for n in names]] * 3)
+    assert recipe.late_factor(run) == pytest.approx(2.5)
+
+
+def test_rule_6_sweep_picks_the_lowest_ppl_at_step_500(tmp_path):
+    def log(lr, ppls):
+        d = tmp_path / f"small_vanilla_16l_sgd_lr{lr}_s1"
+        d.mkdir()
+        lines = [f"step {s} | val loss {math.log(p):.4f} | val ppl {p:.2f}" for s, p in zip((0, 250, 500), ppls)]
+        (d / rundir.LOG).write_text("\n".join(lines + ["step 10 | loss 5.0 | lr 1.00e-01 | grad norm 1.0"]) + "\n")
+    log("0.01", [1000, 300, 200])
+    log("0.1", [1000, 250, 120])
+    log("1", [1000, 400])   # stopped (non-finite) before step 500: out
+    rows = recipe.sweep_table(str(tmp_path))
+    picked = [r for r in rows if r.endswith("| picked |")]
+    assert len(picked) == 1 and picked[0].startswith("| 0.1 | 0.0002 | 250.00 | 120.00")
+    assert any(r.startswith("| 1 | 2e-05 | 400.00 | - |") for r in rows)
