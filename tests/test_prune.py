@@ -25,6 +25,19 @@ from helpers import one_line_error, tiny_model, write_jsonl, write_local_task, w
 N = 4
 
 
+FIGURE_TESTS = {"test_cli_table_two_seeds_and_save_pruned", "test_exits_curve_equals_the_models_cut_above_each_exit",
+                "test_new_baselines_heal_modes_and_the_kept_table"}
+
+
+@pytest.fixture(autouse=True)
+def figures_only_where_checked(request, monkeypatch):
+    """prune.py draws its figures (~0.3 s each on 2 cores) only in the tests that check them: the rest of
+    its output is what the other tests are about."""
+    if request.node.originalname not in FIGURE_TESTS:
+        for name in ("plot", "plot_kept", "plot_exits"):
+            monkeypatch.setattr(prune, name, lambda *args: None)
+
+
 def make_run(path, model, data_dir, share_min=None, dump=True, iter_num=5):
     """A run directory whose layer share_min gets the smallest gradient norms."""
     names = list(model.param_groups_by_layer())
