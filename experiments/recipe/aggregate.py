@@ -175,9 +175,24 @@ def sweep_table(folder):
     return out
 
 
-def fmt(mean_sd, digits=2):
+def back_above_zero(r):
+    """After the windowed share's rho first turns negative: the first step from which it stays >= 0 to the
+    end, with the lr there ('-' if it never turns negative, 'never' if it does not come back)."""
+    first = first_below_zero(r)
+    if first == "never":
+        return "-"
+    neg = np.flatnonzero(np.nan_to_num(r["rho_win"], nan=1.0) < 0)
+    if neg[-1] == len(r["steps"]) - 1:
+        return "never"
+    step = int(r["steps"][neg[-1] + 1])
+    lr = r["lr"][int(np.abs(r["lr_steps"] - step).argmin())]
+    return f"{step} (lr {lr:.1e})"
+
+
+def fmt(mean_sd, digits=2, n=2):
+    """mean ± sample sd; one seed has no spread: its value alone."""
     m, s = mean_sd
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
 
 
 def tables(results, sweep=()):
@@ -187,20 +202,22 @@ def tables(results, sweep=()):
            "|---|---|---|---|---|---|---|"]
     for arm, runs in results.items():
         ms = lambda key: theory.mean_std([r[key] for r in runs])  # noqa: E731
-        out.append(f"| {arm} | {len(runs)} | {fmt(ms('rho'))} | {arm_verdict(runs)} | {100 * ms('late')[0]:.0f} ± "
-                   f"{100 * ms('late')[1]:.0f} % | {fmt(ms('rho_imp'))} | {fmt(ms('ppl'))} |")
+        late = (100 * ms("late")[0], 100 * ms("late")[1])
+        out.append(f"| {arm} | {len(runs)} | {fmt(ms('rho'), n=len(runs))} | {arm_verdict(runs)} | "
+                   f"{fmt(late, 0, len(runs))} % | {fmt(ms('rho_imp'), n=len(runs))} | {fmt(ms('ppl'), n=len(runs))} |")
     out += ["", "Per run (p: permutation p of rho, 200,000 permutations; PPL: fanin.py's float32 evaluation / "
             "train.py's last bf16 one):", "",
             "| run | rho(share, fan-in) | p | layer 0 share | last layer share | 8-15 of ΔPPL | last layer ΔPPL | "
-            f"rho(share, ΔPPL) (p) | PPL | first step the last {WINDOW} steps' share has rho < 0 |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            f"rho(share, ΔPPL) (p) | PPL | first step the last {WINDOW} steps' share has rho < 0 | back >= 0 for good "
+            f"from | its rho at the end |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for runs in results.values():
         for r in runs:
             share = rundir.read_grad_dump(r["run"])["share"]
             last = rundir.read_importance(r["run"])["importance"][-1]
             out.append(f"| {os.path.basename(r['run'])} | {r['rho']:+.2f} | {theory.p_text(r['p'])} | {100 * share[0]:.1f} % | "
                        f"{100 * share[-1]:.1f} % | {100 * r['late']:.0f} % | {last:+.1f} | {r['rho_imp']:+.2f} ({theory.p_text(r['p_imp'])}) | "
-                       f"{r['ppl']:.2f} / {r['log_ppl']:.2f} | {first_below_zero(r)} |")
+                       f"{r['ppl']:.2f} / {r['log_ppl']:.2f} | {first_below_zero(r)} | {back_above_zero(r)} | "
+                       f"{r['rho_win'][-1]:+.2f} |")
     out += ["", "Provenance (the command that started each run):", ""]
     out += [f"* {os.path.basename(r['run'])}: {rundir.provenance_summary(r['run'])}" for runs in results.values() for r in runs]
     target = float(np.mean([r["log_ppl"] for r in results[PAPER_ARM]]))
