@@ -2,7 +2,7 @@
 # Table 1 in the field's form (docs/pruning.md): the small study's Vanilla-16L seeds pruned by every
 # method of gfa/pruning.py's registry at 25 % and 50 % of the layers (k = 4, 8 of 16), each pruned model
 # healed three ways (full, partial, LoRA; 2M tokens each), the pruned models timed; one folder per seed,
-# combined afterwards:
+# the seeds side by side, combined afterwards:
 #
 #   bash experiments/study/table1_baselines.sh <data_dir> <mc.jsonl> <dest> <seed> [<seed> ...]
 #   python prune.py --combine <dest>/table1_baselines_s{1,2,3}/results.json --out <dest>/table1_baselines
@@ -17,13 +17,35 @@ data=$1 mc=$2 dest=$3
 shift 3
 scale=${SCALE:-config/small.py}
 methods=cfp,similarity,taylor,magnitude,block_influence,sleb,reverse,replaceme,early_grad,cfp_calib
-for seed in "$@"; do
+prune_seed() {   # prune.py on one seed's run; extra words (--speed) after the table's settings
+    local seed=$1
+    shift
+    python prune.py --runs "out/$(basename "$scale" .py)_vanilla_16l_s$seed" --k 4,8 --methods "$methods" \
+        --hellaswag "$mc" --calib_batches 32 --early_steps 8 --heal_tokens 2e6 --heal_mode full,partial,lora \
+        --heal_last_layers 3 --heal_lora_rank 8 --heal_args='--compile=False' --out "$dest/table1_baselines_s$seed" \
+        "$@" ${PRUNE_ARGS:-}
+}
+one_seed() {
+    local seed=$1 run
     run=out/$(basename "$scale" .py)_vanilla_16l_s$seed
     if [ ! -f "$run/ckpt.pt" ]; then
         python train.py "$scale" config/vanilla_16l.py --data_dir="$data" --seed="$seed" --out_dir="$run" \
             --max_iters=3000 --warmup_iters=200 --eval_interval=1000 --log_interval=100 --overwrite=True ${TRAIN_ARGS:-}
     fi
-    python prune.py --runs "$run" --k 4,8 --methods "$methods" --hellaswag "$mc" --calib_batches 32 \
-        --early_steps 8 --heal_tokens 2e6 --heal_mode full,partial,lora --heal_last_layers 3 --heal_lora_rank 8 \
-        --heal_args='--compile=False' --speed --out "$dest/table1_baselines_s$seed" ${PRUNE_ARGS:-}
+    prune_seed "$seed"
+}
+# the seeds side by side (one GPU holds three small runs), each one's console output in <dest>/logs/; then,
+# one seed at a time so that nothing else shares the GPU, the pruned models' speed (the heals are reused)
+mkdir -p "$dest/logs"
+pids=()
+for seed in "$@"; do
+    one_seed "$seed" > "$dest/logs/table1_baselines_s$seed.txt" 2>&1 &
+    pids+=($!)
+    sleep 20
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+[ $status = 0 ] || { echo "a seed failed: see $dest/logs/" >&2; exit 1; }
+for seed in "$@"; do
+    prune_seed "$seed" --speed >> "$dest/logs/table1_baselines_s$seed.txt" 2>&1
 done
