@@ -62,9 +62,9 @@ from gfa.cli import UserError, cli, config_name, read_config
 from gfa.data import dataset_dir, get_batch, load_split, prepare_builtin
 from gfa.device import DTYPES, autocast_for, peak_flops, percent, pick_device, sync
 from gfa.evaluation import evaluate
-from gfa.training import (Dist, FiniteGuard, GradStep, check_logger, check_optimizer_settings, check_resume,
-                          check_state, check_weights, copy_weights, cosine_lr, on_master, optimizer_for,
-                          restore_weights, set_lr, teardown, use_compile)
+from gfa.training import (Dist, FiniteGuard, GradStep, check_equalize_via, check_logger, check_optimizer_settings,
+                          check_resume, check_state, check_weights, copy_weights, cosine_lr, on_master,
+                          optimizer_for, restore_weights, set_lr, teardown, use_compile)
 from gfa.tuning import apply_tuning, plain_state_dict
 from model import GPT, GPTConfig
 
@@ -146,9 +146,7 @@ def check_settings(cfg, world):
             raise UserError(f"{k}={cfg[k]}: must be >= 0")
     if cfg["equalize_clip_factor"] < 0 or cfg["equalize_pilot_iters"] < 0:
         raise UserError("equalize_clip_factor and equalize_pilot_iters must be >= 0 (0 = derive / warmup_iters)")
-    if cfg["equalize_via"] not in ("grad", "lr"):
-        raise UserError(f"equalize_via={cfg['equalize_via']!r}: use 'grad' (rescale each layer's gradient, the paper) "
-                        f"or 'lr' (scale each layer's learning rate)")
+    check_equalize_via(cfg["equalize_via"])
     grad_eq = cfg["equalize"] and cfg["equalize_via"] == "grad"
     if cfg["equalize"] and cfg["equalize_via"] == "lr" and cfg["equalize_clip_factor"]:
         raise UserError("equalize_clip_factor acts on equalised gradients; equalize_via='lr' leaves them (and the "
@@ -275,7 +273,8 @@ def print_plan(cfg, given):
     # a GPU run as train.py would start it (compiled by default), on GPUs of gpu_mem_gb (this one's, or 80 GiB)
     plan_cfg = dict(cfg, compile=True if cfg["compile"] is None else cfg["compile"],
                     gpu_mem_gb=cfg["gpu_mem_gb"] or here or memory.DEFAULT_GPU_GIB)
-    d = Dist(world=world, device="cuda", ddp=world > 1 or cfg["parallel"] == "fsdp", sharded=cfg["parallel"] == "fsdp")
+    ddp = world > 1 or cfg["parallel"] == "fsdp" or "RANK" in os.environ   # torchrun wraps DDP on one rank too
+    d = Dist(world=world, device="cuda", ddp=ddp, sharded=cfg["parallel"] == "fsdp")
     micro = check_settings(plan_cfg, world)
     micro, setting, total, lines = fit_micro_batch(plan_cfg, given, model_cfg, d, micro)
     params = memory.num_params(model_cfg)

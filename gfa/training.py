@@ -27,6 +27,12 @@ def check_init_from(value):
 OPTIMIZERS = ("adamw", "sgd")
 
 
+def check_equalize_via(value):
+    if value not in ("grad", "lr"):
+        raise UserError(f"equalize_via={value!r}: use 'grad' (rescale each layer's gradient, the paper) or 'lr' "
+                        f"(scale each layer's learning rate)")
+
+
 def check_optimizer_settings(cfg):
     """One-line errors for optimizer and schedule settings that cannot be meant."""
     for key in ("learning_rate", "min_lr", "weight_decay", "seed"):
@@ -102,9 +108,9 @@ def _decay_groups(params, weight_decay, by_layer=None):
     return [g for name, ps in by_layer.items() for g in pair(ps, layer_group=name) if g["params"]]
 
 
-def adamw(params, lr, betas, weight_decay, fused, by_layer=None):
+def adamw(params, lr, betas, weight_decay, fused):
     """AdamW with weight decay on matrices and convolutions only."""
-    return torch.optim.AdamW(_decay_groups(params, weight_decay, by_layer), lr=lr, betas=betas, fused=fused)
+    return torch.optim.AdamW(_decay_groups(params, weight_decay), lr=lr, betas=betas, fused=fused)
 
 
 def optimizer_for(cfg, params, fused, by_layer=None):
@@ -279,9 +285,7 @@ class GradStep:
         self.norms = LayerGradNorms(groups)
         self.groups = [list(g) for g in groups.values()]   # LayerGradNorms' order
         self.params = [p for g in self.groups for p in g]
-        if equalize_via not in ("grad", "lr"):
-            raise UserError(f"equalize_via={equalize_via!r}: use 'grad' (rescale each layer's gradient, the paper) "
-                            f"or 'lr' (scale each layer's learning rate)")
+        check_equalize_via(equalize_via)
         self.optimizer, self.grad_clip, self.equalize, self.via = optimizer, grad_clip, equalize, equalize_via
         layer = [layer_of(n) for n in self.norms.names]
         layers = list(dict.fromkeys(n for n in layer if n))

@@ -582,6 +582,19 @@ def test_plan_prints_what_fits_and_writes_nothing(tmp_path, capsys):
     assert "micro_batch=3 does not divide" in one_line_error(train.main, [*TINY, "--micro_batch=3", "--plan"], capsys)
 
 
+def test_plan_under_torchrun_with_one_rank_counts_ddp(capsys, monkeypatch):
+    """torchrun --nproc_per_node=1 wraps the model in DDP (its buckets: 4 bytes a parameter); python alone does not."""
+    plan = [os.path.join(ROOT, "config/cascade_a2.py"), "--plan", "--micro_batch=8", "--gpu_mem_gb=80"]
+    train.main(plan)
+    alone = capsys.readouterr().out
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    train.main(plan)
+    under = capsys.readouterr().out
+    assert "one process" in alone and "DDP buckets" not in alone
+    assert "ddp x 1" in under and "DDP buckets 4.55 GiB" in under   # 1,221,036,032 x 4 bytes
+
+
 def test_micro_batch_keeps_the_data_of_every_step(tmp_path):
     """micro_batch=4 of batch 8 is two accumulation steps: the same losses and norms as
     gradient_accumulation_steps=2, and as one micro-step to fp32 rounding; 'auto' on a CPU is one step."""

@@ -85,7 +85,7 @@ def analyse(run):
     ev, ppl, st, lr = read_log(run)
     return {"run": run, "steps": steps, "fanin": fanin, "rho": rho, "p": p,
             "late": sum(d[len(d) // 2:]) / sum(d[1:]), **dict(zip(("rho_imp", "p_imp"), theory.spearman(share, d))),
-            "ppl": imp["baseline"], "log_ppl": ppl[-1], "eval_steps": ev, "eval_ppl": ppl, "lr_steps": st, "lr": lr,
+            "ppl": imp["baseline"], "log_ppl": ppl[-1], "late_factor": late_factor(norms), "eval_steps": ev, "eval_ppl": ppl, "lr_steps": st, "lr": lr,
             "rho_acc": np.array([theory.spearman_rho(a, fanin) for a in acc]),
             "rho_win": np.array([theory.spearman_rho(w, fanin) if i >= WINDOW - 1 else np.nan
                                  for i, w in enumerate(win)])}
@@ -124,13 +124,12 @@ def restore_verdict(equalised, baseline):
     return "does not restore" if all(x <= np.mean(baseline) for x in equalised) else "inconclusive"
 
 
-def late_factor(run):
-    """Mean over steps of the equalisation factor (largest layer norm / the layer's own) of the late half of the layers."""
-    dump = rundir.read_grad_dump(run)
-    cols = [i for i, n in enumerate(dump["names"]) if n.startswith("layer.")]
-    norms = np.asarray(dump["norms"], dtype=np.float64)[:, cols]
-    factor = norms.max(axis=1, keepdims=True) / np.where(norms > 0, norms, np.inf)
-    return float(factor[:, len(cols) // 2:].mean())
+def late_factor(norms):
+    """Mean over steps of the equalisation factor (largest layer norm / the layer's own) of the late half of the
+    layers (1 where a norm is 0, as GradStep has it); norms: [steps, layers]."""
+    with np.errstate(divide="ignore"):
+        factor = np.where(norms > 0, norms.max(axis=1, keepdims=True) / norms, 1.0)
+    return float(factor[:, norms.shape[1] // 2:].mean())
 
 
 def equalisation_table(results):
@@ -146,7 +145,7 @@ def equalisation_table(results):
         e, b = [r["late"] for r in results[eq]], [r["late"] for r in results[base]]
         pe, pb = (float(np.mean([r["ppl"] for r in results[a]])) for a in (eq, base))
         flag = " (destabilised: > 5 %)" if pe > 1.05 * pb else ""
-        fe, fb = (np.mean([late_factor(r["run"]) for r in results[a]]) for a in (eq, base))
+        fe, fb = (np.mean([r["late_factor"] for r in results[a]]) for a in (eq, base))
         out.append(f"| {eq} | {base} | {' / '.join(f'{100 * x:.0f}' for x in e)} % | "
                    f"{' / '.join(f'{100 * x:.0f}' for x in b)} % | {restore_verdict(e, b)} | {pe:.2f} | {pb:.2f} | "
                    f"{100 * (pe / pb - 1):+.1f} %{flag} | {fe:.2f} / {fb:.2f} |")
@@ -159,29 +158,31 @@ def sweep_table(folder):
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         m = re.fullmatch(r"small_vanilla_16l_sgd_lr([\d.e+-]+)_s\d+", name)
         if m:
-            ev, ppl, _, _ = read_log(os.path.join(folder, name))
-            runs[float(m.group(1))] = dict(zip(ev.tolist(), ppl.tolist()))
+            run = os.path.join(folder, name)
+            ev, ppl, _, _ = read_log(run)
+            runs[float(m.group(1))] = (dict(zip(ev.tolist(), ppl.tolist())),
+                                       rundir.read_identity(run)["recipe"]["weight_decay"])
     if not runs:
         return []
-    at = {lr: v.get(SWEEP_STEP, math.inf) for lr, v in runs.items()}
+    at = {lr: v.get(SWEEP_STEP, math.inf) for lr, (v, _) in runs.items()}
     best = min(at, key=at.get)
-    steps = sorted({s for v in runs.values() for s in v if s > 0})
+    steps = sorted({s for v, _ in runs.values() for s in v if s > 0})
     out = ["", f"SGD sweep (rule 6; Vanilla-16L seed 1, momentum 0.9, the first {SWEEP_STEP} steps of the 3000-step "
            f"schedule): held-out PPL", "", "| peak lr | weight decay | " + " | ".join(f"step {s}" for s in steps) + " | |",
            "|---|---|" + "---|" * len(steps) + "---|"]
     for lr in sorted(runs):
-        cells = " | ".join(f"{runs[lr][s]:.2f}" if s in runs[lr] else "-" for s in steps)
-        out.append(f"| {lr:g} | {2e-5 / lr:g} | {cells} | {'picked' if lr == best and math.isfinite(at[lr]) else ''} |")
+        ppl, wd = runs[lr]
+        cells = " | ".join(f"{ppl[s]:.2f}" if s in ppl else "-" for s in steps)
+        out.append(f"| {lr:g} | {wd:g} | {cells} | {'picked' if lr == best and math.isfinite(at[lr]) else ''} |")
     return out
 
 
 def back_above_zero(r):
     """After the windowed share's rho first turns negative: the first step from which it stays >= 0 to the
     end, with the lr there ('-' if it never turns negative, 'never' if it does not come back)."""
-    first = first_below_zero(r)
-    if first == "never":
-        return "-"
     neg = np.flatnonzero(np.nan_to_num(r["rho_win"], nan=1.0) < 0)
+    if not len(neg):
+        return "-"
     if neg[-1] == len(r["steps"]) - 1:
         return "never"
     step = int(r["steps"][neg[-1] + 1])

@@ -2,14 +2,12 @@
 rule 3's interpolation of the step at a held-out PPL, rule 7 (restores / lowers / does not restore), the
 equalisation factor from dumped norms, and rule 6's sweep pick from train.py-style logs."""
 import math
-import os
 
 import numpy as np
 import pytest
 
 from experiments.recipe import aggregate as recipe
 from gfa import rundir
-from helpers import tiny_model, write_run
 
 
 def test_rule_1_keeps_overturns_mixed():
@@ -32,19 +30,18 @@ def test_rule_7(equalised, verdict):
     assert recipe.restore_verdict(equalised, [0.20, 0.27, 0.34]) == verdict   # baseline mean 0.27, range 0.20-0.34
 
 
-def test_late_factor_from_the_dump(tmp_path):
-    """Layers 2-3 (the late half of 4) at norms 1 and 4 against the largest 4: factors 4 and 1, mean 2.5."""
-    model = tiny_model()
-    names = list(model.param_groups_by_layer(False))
-    layer = {"layer.0": 4.0, "layer.1": 2.0, "layer.2": 1.0, "layer.3": 4.0}
-    run = write_run(str(tmp_path / "r"), model, rows=[[layer.get(n, 9.0) for n in names]] * 3)
-    assert recipe.late_factor(run) == pytest.approx(2.5)
+def test_late_factor():
+    """Layers 2-3 (the late half of 4) at norms 1 and 4 against the largest 4: factors 4 and 1, mean 2.5; a zero
+    norm has factor 1, as gfa.training.GradStep gives it."""
+    assert recipe.late_factor(np.array([[4.0, 2.0, 1.0, 4.0]] * 3)) == pytest.approx(2.5)
+    assert recipe.late_factor(np.array([[4.0, 2.0, 0.0, 4.0]])) == pytest.approx(1.0)
 
 
 def test_rule_6_sweep_picks_the_lowest_ppl_at_step_500(tmp_path):
     def log(lr, ppls):
         d = tmp_path / f"small_vanilla_16l_sgd_lr{lr}_s1"
         d.mkdir()
+        rundir.write_identity(str(d), {"recipe": {"weight_decay": 2e-5 / float(lr)}})
         lines = [f"step {s} | val loss {math.log(p):.4f} | val ppl {p:.2f}" for s, p in zip((0, 250, 500), ppls)]
         (d / rundir.LOG).write_text("\n".join(lines + ["step 10 | loss 5.0 | lr 1.00e-01 | grad norm 1.0"]) + "\n")
     log("0.01", [1000, 300, 200])
