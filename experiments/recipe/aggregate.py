@@ -34,6 +34,7 @@ STUDY_ARM = "lr1e-3 (study)"
 PAPER_ARM = "lr2e-4"
 EQUALISED = {"eq_lr2e-4": "lr2e-4", "lns_eq_lr2e-4": "lns_lr2e-4", "sgd_eq": "sgd", "lns_sgd_eq": "lns_sgd"}
 SWEEP_STEP = 500   # rule 6: the SGD sweep compares held-out loss at this step
+SWEEP_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)   # rule 6's peak lrs, written down before the sweep ran
 WINDOW = 100   # steps: the windowed ("instantaneous") share is Eq. 2 over the last WINDOW steps
 LOG_LINE = re.compile(r"^step (\d+) \| (?:val loss [\d.]+ \| val ppl ([\d.]+)|loss [\d.]+ \| lr ([\d.e+-]+))")
 
@@ -166,6 +167,7 @@ def sweep_table(folder):
         return []
     at = {lr: v.get(SWEEP_STEP, math.inf) for lr, (v, _) in runs.items()}
     best = min(at, key=at.get)
+    pick = sweep_pick(best, at, runs)
     steps = sorted({s for v, _ in runs.values() for s in v if s > 0})
     out = ["", f"SGD sweep (rule 6; Vanilla-16L seed 1, momentum 0.9, the first {SWEEP_STEP} steps of the 3000-step "
            f"schedule): held-out PPL", "", "| peak lr | weight decay | " + " | ".join(f"step {s}" for s in steps) + " | |",
@@ -173,8 +175,19 @@ def sweep_table(folder):
     for lr in sorted(runs):
         ppl, wd = runs[lr]
         cells = " | ".join(f"{ppl[s]:.2f}" if s in ppl else "-" for s in steps)
-        out.append(f"| {lr:g} | {wd:g} | {cells} | {'picked' if lr == best and math.isfinite(at[lr]) else ''} |")
+        out.append(f"| {lr:g} | {wd:g} | {cells} | {pick if lr == best and math.isfinite(at[lr]) else ''} |")
     return out
+
+
+def sweep_pick(best, at, runs):
+    """Rule 6's word for the lowest PPL at SWEEP_STEP: 'picked' only once the whole grid has run and the best
+    is not at its end (a larger or smaller lr that ran, even one that diverged, bounds it)."""
+    missing = [lr for lr in SWEEP_GRID if lr not in runs]
+    if missing:
+        return "best so far (not run: " + ", ".join(f"{lr:g}" for lr in missing) + ")"
+    if best in (min(runs), max(runs)):
+        return "at the grid's end: extend it ~3x that way"
+    return "picked"
 
 
 def back_above_zero(r):

@@ -37,17 +37,24 @@ def test_late_factor():
     assert recipe.late_factor(np.array([[4.0, 2.0, 0.0, 4.0]])) == pytest.approx(1.0)
 
 
-def test_rule_6_sweep_picks_the_lowest_ppl_at_step_500(tmp_path):
+def test_rule_6_sweep_picks_the_lowest_ppl_at_step_500_once_the_grid_is_complete(tmp_path):
     def log(lr, ppls):
         d = tmp_path / f"small_vanilla_16l_sgd_lr{lr}_s1"
         d.mkdir()
         rundir.write_identity(str(d), {"recipe": {"weight_decay": 2e-5 / float(lr)}})
         lines = [f"step {s} | val loss {math.log(p):.4f} | val ppl {p:.2f}" for s, p in zip((0, 250, 500), ppls)]
         (d / rundir.LOG).write_text("\n".join(lines + ["step 10 | loss 5.0 | lr 1.00e-01 | grad norm 1.0"]) + "\n")
+    def mark(lr):
+        return next(r for r in recipe.sweep_table(str(tmp_path)) if r.startswith(f"| {lr} |")).split(" | ")[-1][:-2]
     log("0.01", [1000, 300, 200])
     log("0.1", [1000, 250, 120])
-    log("1", [1000, 400])   # stopped (non-finite) before step 500: out
+    assert mark("0.1") == "best so far (not run: 0.03, 0.3, 1)"   # no pick before the grid is complete
+    log("0.03", [1000, 260, 150])
+    log("0.3", [1000, 240, 110])
+    log("1", [1000, 400])   # stopped (non-finite) before step 500: out, but it bounds the grid
     rows = recipe.sweep_table(str(tmp_path))
     picked = [r for r in rows if r.endswith("| picked |")]
-    assert len(picked) == 1 and picked[0].startswith("| 0.1 | 0.0002 | 250.00 | 120.00")
+    assert len(picked) == 1 and picked[0].startswith("| 0.3 | 6.66667e-05 | 240.00 | 110.00")
     assert any(r.startswith("| 1 | 2e-05 | 400.00 | - |") for r in rows)
+    log("3", [1000, 200, 100])   # the best at the largest lr that ran: the grid grows that way first
+    assert mark("3") == "at the grid's end: extend it ~3x that way"
