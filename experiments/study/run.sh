@@ -34,7 +34,7 @@ python train.py config/small.py "$file" --data_dir="$data" --seed="$seed" --out_
     ${STOP_AT:+--stop_iter=$STOP_AT} ${STOP_AFTER:+--stop_after_min=$STOP_AFTER} "$@"
 copy_out() { mkdir -p "$dest/$name" && (cd "$run" && find . -type f ! -name ckpt.pt -print0 | xargs -0 cp --parents -t "$dest/$name"); }
 python -c "import sys; from gfa import rundir; c = rundir.read_checkpoint(sys.argv[1])
-sys.exit(c['iter_num'] < c['train_config']['max_iters'])" "$run" || { copy_out; echo "stopped early: resume with RESUME=1"; exit 0; }
+sys.exit(c['iter_num'] < c['train_config']['max_iters'])" "$run" || { copy_out; echo "stopped before the last step (no analysis): RESUME=1 goes on from there"; exit 0; }
 python fanin.py "$run" ${FANIN_BASELINE:+--baseline "$FANIN_BASELINE"}
 if [ "$variant" = vanilla_16l ] && [ -z "${TAG:-}" ]; then
     python prune.py --runs "$run" --k 1,2,4,6,8 --hellaswag "$mc" --calib_batches 32 --out "$run/prune"
