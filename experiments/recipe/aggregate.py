@@ -86,7 +86,8 @@ def analyse(run):
     ev, ppl, st, lr = read_log(run)
     return {"run": run, "steps": steps, "fanin": fanin, "rho": rho, "p": p,
             "late": sum(d[len(d) // 2:]) / sum(d[1:]), **dict(zip(("rho_imp", "p_imp"), theory.spearman(share, d))),
-            "ppl": imp["baseline"], "log_ppl": ppl[-1], "late_factor": late_factor(norms), "eval_steps": ev, "eval_ppl": ppl, "lr_steps": st, "lr": lr,
+            "ppl": imp["baseline"], "log_ppl": ppl[-1], "late_factor": late_factor(norms),
+            "eval_steps": ev, "eval_ppl": ppl, "lr_steps": st, "lr": lr,
             "rho_acc": np.array([theory.spearman_rho(a, fanin) for a in acc]),
             "rho_win": np.array([theory.spearman_rho(w, fanin) if i >= WINDOW - 1 else np.nan
                                  for i, w in enumerate(win)])}
@@ -167,7 +168,7 @@ def sweep_table(folder):
         return []
     at = {lr: v.get(SWEEP_STEP, math.inf) for lr, (v, _) in runs.items()}
     best = min(at, key=at.get)
-    pick = sweep_pick(best, at, runs)
+    pick = sweep_pick(best, runs)
     steps = sorted({s for v, _ in runs.values() for s in v if s > 0})
     out = ["", f"SGD sweep (rule 6; Vanilla-16L seed 1, momentum 0.9, the first {SWEEP_STEP} steps of the 3000-step "
            f"schedule): held-out PPL", "", "| peak lr | weight decay | " + " | ".join(f"step {s}" for s in steps) + " | |",
@@ -179,7 +180,7 @@ def sweep_table(folder):
     return out
 
 
-def sweep_pick(best, at, runs):
+def sweep_pick(best, runs):
     """Rule 6's word for the lowest PPL at SWEEP_STEP: 'picked' only once the whole grid has run and the best
     is not at its end (a larger or smaller lr that ran, even one that diverged, bounds it)."""
     missing = [lr for lr in SWEEP_GRID if lr not in runs]
