@@ -130,6 +130,11 @@ _FREE_ON_RESUME = {"out_dir", "init_from", "overwrite", "allow_changes", "device
                    "micro_batch", "plan", "world_size", "gpu_mem_gb"}
 
 
+def equalizing(cfg):
+    """How the run equalises: 'grad' (rescaled gradients, the paper), 'lr' (per-layer lrs) or None."""
+    return cfg["equalize_via"] if cfg["equalize"] else None
+
+
 def check_settings(cfg, world):
     """One-line errors for settings that cannot work; returns the micro-batch per rank."""
     accum, B = cfg["gradient_accumulation_steps"], cfg["batch_size"]
@@ -147,8 +152,8 @@ def check_settings(cfg, world):
     if cfg["equalize_clip_factor"] < 0 or cfg["equalize_pilot_iters"] < 0:
         raise UserError("equalize_clip_factor and equalize_pilot_iters must be >= 0 (0 = derive / warmup_iters)")
     check_equalize_via(cfg["equalize_via"])
-    grad_eq = cfg["equalize"] and cfg["equalize_via"] == "grad"
-    if cfg["equalize"] and cfg["equalize_via"] == "lr" and cfg["equalize_clip_factor"]:
+    grad_eq = equalizing(cfg) == "grad"
+    if equalizing(cfg) == "lr" and cfg["equalize_clip_factor"]:
         raise UserError("equalize_clip_factor acts on equalised gradients; equalize_via='lr' leaves them (and the "
                         "clip) alone: leave equalize_clip_factor out")
     if grad_eq and not cfg["equalize_clip_factor"] and not cfg["grad_clip"]:
@@ -396,7 +401,7 @@ def build(cfg, model_cfg, d, ckpt):
         sharding.shard(model, d, cfg["dtype"], use_compile(cfg["compile"], d.device_type))
     else:
         model.to(d.device)
-    grad_eq, lr_eq = (cfg["equalize"] and cfg["equalize_via"] == v for v in ("grad", "lr"))
+    grad_eq, lr_eq = (equalizing(cfg) == v for v in ("grad", "lr"))
     optimizer = optimizer_for(cfg, model.parameters(), fused=d.device_type == "cuda",
                               by_layer=model.param_groups_by_layer() if lr_eq else None)
     clip = cfg["grad_clip"] * ((cfg["equalize_clip_factor"] or 1.0) if grad_eq else 1.0)   # 0: derived later
@@ -512,7 +517,7 @@ def train_to_the_end(loop, start, data, at, plan):
     (train_data, val_data), (iter_num, best_val, ckpt_clip), (model_cfg, mem_setting, gpu_bytes) = data, at, plan
     cfg, log = loop.cfg, loop.log
     try:
-        if cfg["equalize"] and cfg["equalize_via"] == "grad":   # 'lr' leaves the clip alone
+        if equalizing(cfg) == "grad":   # 'lr' leaves the clip alone
             if iter_num and not ckpt_clip and not cfg["equalize_clip_factor"]:
                 raise UserError(f"{cfg['out_dir']}/ckpt.pt does not record its equalisation clip factor (an earlier "
                                 f"version): resume with the factor it was trained with, e.g. --equalize_clip_factor=1.0")
