@@ -204,6 +204,14 @@ def back_above_zero(r):
     return f"{step} (lr {lr:.1e})"
 
 
+def lowest_windowed(r):
+    """The windowed share's lowest rho with the fan-in, with its step and the lr there."""
+    i = int(np.nanargmin(r["rho_win"]))
+    step = int(r["steps"][i])
+    lr = r["lr"][int(np.abs(r["lr_steps"] - step).argmin())]
+    return f"{r['rho_win'][i]:+.2f} at {step} (lr {lr:.1e})"
+
+
 def fmt(mean_sd, digits=2, n=2):
     """mean ± sample sd; one seed has no spread: its value alone."""
     m, s = mean_sd
@@ -224,7 +232,7 @@ def tables(results, sweep=()):
             "train.py's last bf16 one):", "",
             "| run | rho(share, fan-in) | p | layer 0 share | last layer share | 8-15 of ΔPPL | last layer ΔPPL | "
             f"rho(share, ΔPPL) (p) | PPL | first step the last {WINDOW} steps' share has rho < 0 | back >= 0 for good "
-            f"from | its rho at the end |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"from | its rho at the end | its lowest rho |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for runs in results.values():
         for r in runs:
             share = rundir.read_grad_dump(r["run"])["share"]
@@ -232,7 +240,7 @@ def tables(results, sweep=()):
             out.append(f"| {os.path.basename(r['run'])} | {r['rho']:+.2f} | {theory.p_text(r['p'])} | {100 * share[0]:.1f} % | "
                        f"{100 * share[-1]:.1f} % | {100 * r['late']:.0f} % | {last:+.1f} | {r['rho_imp']:+.2f} ({theory.p_text(r['p_imp'])}) | "
                        f"{r['ppl']:.2f} / {r['log_ppl']:.2f} | {first_below_zero(r)} | {back_above_zero(r)} | "
-                       f"{r['rho_win'][-1]:+.2f} |")
+                       f"{r['rho_win'][-1]:+.2f} | {lowest_windowed(r)} |")
     out += ["", "Provenance (the command that started each run):", ""]
     out += [f"* {os.path.basename(r['run'])}: {rundir.provenance_summary(r['run'])}" for runs in results.values() for r in runs]
     target = float(np.mean([r["log_ppl"] for r in results[PAPER_ARM]]))
