@@ -14,7 +14,9 @@ windowed share against the step, the lr schedule under it) and recipe_matched.pn
 share against held-out PPL at each evaluation).
 The equalisation at 2e-4 (rule 7): each equalised arm against its baseline (EQUALISED), late-layer importance
 per seed, the verdict, PPL, and the mean equalisation factor of layers 8-15 (from the dumped norms). The SGD
-sweep (rule 6): held-out PPL of each peak lr under runs/sgd_sweep/ and the one picked.
+sweep (rule 6): held-out PPL of each peak lr under runs/sgd_sweep/ and the one picked;
+`--sgd_args=picked` prints the SGD arms' train.py arguments at that lr (run.sh passes them), or says why
+there is no pick yet.
 """
 import argparse
 import math
@@ -154,8 +156,24 @@ def equalisation_table(results):
     return out
 
 
-def sweep_table(folder):
-    """Rule 6's rows: held-out PPL of each SGD peak lr at its evaluations, and the pick (lowest at SWEEP_STEP)."""
+def sgd_settings(lr):
+    """The SGD arms' lr-dependent settings at peak lr (rule 6): min lr lr / 100, torch's coupled weight decay
+    2e-5 / lr (the per-step shrink AdamW's 0.1 gives at 2e-4), as train.py arguments."""
+    return f"--learning_rate={lr:g} --min_lr={lr / 100:g} --weight_decay={2e-5 / lr:g}"
+
+
+def positive_lr(text):
+    try:
+        lr = float(text)
+    except ValueError:
+        lr = -1.0
+    if not (lr > 0 and math.isfinite(lr)):
+        raise UserError(f"--sgd_args={text}: give a peak lr > 0 (e.g. 0.3) or 'picked'")
+    return lr
+
+
+def read_sweep(folder):
+    """{peak lr: ({evaluation step: held-out PPL}, weight decay)} of the sweep's runs under folder."""
     runs = {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         m = re.fullmatch(r"small_vanilla_16l_sgd_lr([\d.e+-]+)_s\d+", name)
@@ -164,11 +182,34 @@ def sweep_table(folder):
             ev, ppl, _, _ = read_log(run)
             runs[float(m.group(1))] = (dict(zip(ev.tolist(), ppl.tolist())),
                                        rundir.read_identity(run)["recipe"]["weight_decay"])
-    if not runs:
-        return []
+    return runs
+
+
+def sweep_best(runs):
+    """(the lr with the lowest held-out PPL at SWEEP_STEP, rule 6's word for it)."""
     at = {lr: v.get(SWEEP_STEP, math.inf) for lr, (v, _) in runs.items()}
     best = min(at, key=at.get)
-    pick = sweep_pick(best, runs)
+    return best, (sweep_pick(best, runs) if math.isfinite(at[best]) else "no lr reached step 500")
+
+
+def picked_lr(folder):
+    """The SGD arms' lr: the sweep's pick, or a UserError saying why there is none yet."""
+    runs = read_sweep(folder)
+    if not runs:
+        raise UserError(f"no SGD sweep under {folder}: run experiments/recipe/sgd_sweep.sh first")
+    best, word = sweep_best(runs)
+    if word != "picked":
+        raise UserError(f"the SGD sweep has picked no lr yet (best {best:g}: {word}): run the lrs it needs with "
+                        f"experiments/recipe/sgd_sweep.sh")
+    return best
+
+
+def sweep_table(folder):
+    """Rule 6's rows: held-out PPL of each SGD peak lr at its evaluations, and the pick (lowest at SWEEP_STEP)."""
+    runs = read_sweep(folder)
+    if not runs:
+        return []
+    best, pick = sweep_best(runs)
     steps = sorted({s for v, _ in runs.values() for s in v if s > 0})
     out = ["", f"SGD sweep (rule 6; Vanilla-16L seed 1, momentum 0.9, the first {SWEEP_STEP} steps of the 3000-step "
            f"schedule): held-out PPL", "", "| peak lr | weight decay | " + " | ".join(f"step {s}" for s in steps) + " | |",
@@ -176,7 +217,7 @@ def sweep_table(folder):
     for lr in sorted(runs):
         ppl, wd = runs[lr]
         cells = " | ".join(f"{ppl[s]:.2f}" if s in ppl else "-" for s in steps)
-        out.append(f"| {lr:g} | {wd:g} | {cells} | {pick if lr == best and math.isfinite(at[lr]) else ''} |")
+        out.append(f"| {lr:g} | {wd:g} | {cells} | {pick if lr == best else ''} |")
     return out
 
 
@@ -311,7 +352,14 @@ def main(argv):
     p.add_argument("--study", default=os.path.join(ROOT, "experiments", "study", "runs"), help="the small study's runs")
     p.add_argument("--out", default=HERE, help="where the figures go")
     p.add_argument("--no_fig", action="store_true", help="the tables only")
+    p.add_argument("--sgd_args", default="", metavar="LR|picked",
+                   help="print only the SGD arms' lr-dependent train.py arguments at this peak lr, or at the one the "
+                        "sweep under <runs>/sgd_sweep picked (rule 6)")
     args = p.parse_args(argv)
+    if args.sgd_args:
+        print(sgd_settings(picked_lr(os.path.join(args.runs, "sgd_sweep")) if args.sgd_args == "picked"
+                           else positive_lr(args.sgd_args)))
+        return
     results = {arm: [analyse(r) for r in runs] for arm, runs in find_runs(args.runs, args.study).items()}
     print(tables(results, sweep_table(os.path.join(args.runs, "sgd_sweep"))), end="")
     if not args.no_fig:

@@ -5,7 +5,8 @@
 #   bash experiments/recipe/run.sh <arm> <data_dir> <dest> <seed> [<seed> ...]
 #   TABLE1=<mc.jsonl> bash experiments/recipe/run.sh lr2e-4 ...   # and Table 1, if the decision rule says so
 #
-# <arm> is a file of experiments/recipe/configs/ (lr2e-4, lr5e-4, warmup1500, lr1e-3). The seeds run side by
+# <arm> is a file of experiments/recipe/configs/ (lr2e-4, lr5e-4, warmup1500, lr1e-3, the equalisation's arms; an
+# SGD arm's lr is the one the sweep under runs/sgd_sweep picked, `aggregate.py --sgd_args=picked`). The seeds run side by
 # side on one GPU (~22 GiB each at this scale); each run lands in <dest>/small_vanilla_16l_<arm>_s<seed>
 # (without its checkpoint) and its console output in <dest>/logs/<arm>_s<seed>.txt. With TABLE1 set, and
 # when every seed keeps the fan-in's order (rule 1 of the page: rho > 0 with p < 0.05), each seed's
@@ -16,9 +17,14 @@ shift 3
 here=$(cd "$(dirname "$0")" && pwd)
 config=$here/configs/$arm.py
 [ -f "$config" ] || { echo "error: no arm $arm: pick one of $(ls "$here/configs" | sed 's/\.py$//' | xargs)" >&2; exit 2; }
+sgd=()   # an SGD arm trains at the sweep's pick (rule 6): its peak lr, min lr and weight decay
+if grep -q '^optimizer = "sgd"' "$config"; then
+    picked=$(python "$here/aggregate.py" --sgd_args=picked) || exit 2
+    read -ra sgd <<< "$picked"
+fi
 mkdir -p "$dest/logs"
 for seed in "$@"; do
-    TAG=$arm EXITS=0 bash "$here/../study/run.sh" vanilla_16l "$seed" "$data" - "$dest" "$config" \
+    TAG=$arm EXITS=0 bash "$here/../study/run.sh" vanilla_16l "$seed" "$data" - "$dest" "$config" "${sgd[@]}" \
         > "$dest/logs/${arm}_s$seed.txt" 2>&1 &
     sleep 20   # staggered, so the compiles do not all start at once
 done

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The SGD learning-rate sweep of the equalisation (README.md, rule 6): Vanilla-16L, the study's protocol with
-# SGD (momentum 0.9) instead of AdamW, trained for the first 500 steps of the full 3000-step schedule at each
-# peak lr (min lr = peak / 100; torch's coupled weight decay 2e-5 / peak: the per-step shrink AdamW's wd 0.1
-# gives at lr 2e-4). The peak with the lowest held-out loss at step 500 is the SGD arms' lr.
+# SGD (momentum 0.9, configs/sgd.py) instead of AdamW, trained for the first 500 steps of the full 3000-step
+# schedule at each peak lr (min lr = peak / 100; torch's coupled weight decay 2e-5 / peak: the per-step shrink
+# AdamW's wd 0.1 gives at lr 2e-4; `aggregate.py --sgd_args=<lr>`). The peak with the lowest held-out loss at
+# step 500 is the SGD arms' lr (`aggregate.py --sgd_args=picked`, once rule 6 has picked one).
 #
 #   bash experiments/recipe/sgd_sweep.sh <data_dir> <dest> [<lr> ...]     # default: 0.01 0.03 0.1 0.3 1
 #
@@ -15,10 +16,10 @@ lrs=${*:-0.01 0.03 0.1 0.3 1}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$dest/logs"
 for lr in $lrs; do
-    args=$(python -c "import sys; lr = float(sys.argv[1]); print(f'--learning_rate={lr:g} --min_lr={lr / 100:g} --weight_decay={2e-5 / lr:g}')" "$lr")
+    args=$(python "$here/aggregate.py" --sgd_args="$lr")
     # shellcheck disable=SC2086   # $args is three --key=value words
     STOP_AT=500 TAG=sgd_lr$lr EXITS=0 bash "$here/../study/run.sh" vanilla_16l 1 "$data" - "$dest" \
-        --optimizer=sgd --momentum=0.9 --eval_interval=250 $args > "$dest/logs/sgd_lr${lr}_s1.txt" 2>&1 &
+        "$here/configs/sgd.py" $args > "$dest/logs/sgd_lr${lr}_s1.txt" 2>&1 &
     sleep 20
 done
 wait

@@ -1,6 +1,7 @@
 """experiments/recipe/aggregate.py's decision rules, on hand-made values: rule 1 (keeps / overturns / mixed),
 rule 3's interpolation of the step at a held-out PPL, rule 7 (restores / lowers / does not restore), the
-equalisation factor from dumped norms, and rule 6's sweep pick from train.py-style logs."""
+equalisation factor from dumped norms, rule 6's sweep pick from train.py-style logs, and the SGD arms'
+settings at the pick (`--sgd_args`)."""
 import math
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from experiments.recipe import aggregate as recipe
 from gfa import rundir
+from helpers import one_line_error
 
 
 def test_rule_1_keeps_overturns_mixed():
@@ -56,5 +58,20 @@ def test_rule_6_sweep_picks_the_lowest_ppl_at_step_500_once_the_grid_is_complete
     picked = [r for r in rows if r.endswith("| picked |")]
     assert len(picked) == 1 and picked[0].startswith("| 0.3 | 6.66667e-05 | 240.00 | 110.00")
     assert any(r.startswith("| 1 | 2e-05 | 400.00 | - |") for r in rows)
+    assert recipe.picked_lr(str(tmp_path)) == 0.3
     log("3", [1000, 200, 100])   # the best at the largest lr that ran: the grid grows that way first
     assert mark("3") == "at the grid's end: extend it ~3x that way"
+    with pytest.raises(recipe.UserError, match="picked no lr yet .best 3: at the grid's end"):
+        recipe.picked_lr(str(tmp_path))
+
+
+def test_sgd_args_are_the_settings_the_sweep_ran_with(tmp_path, capsys):
+    """--sgd_args=<lr> gives what the committed sweep run at that lr recorded (its identity); 'picked' takes
+    the sweep's pick or says in one line why there is none; a bad lr is one line too."""
+    run = recipe.HERE + "/runs/sgd_sweep/small_vanilla_16l_sgd_lr0.3_s1"
+    ran = rundir.read_identity(run)["recipe"]
+    recipe.main(["--sgd_args=0.3"])
+    args = dict(a[2:].split("=") for a in capsys.readouterr().out.split())
+    assert {k: float(v) for k, v in args.items()} == {k: ran[k] for k in ("learning_rate", "min_lr", "weight_decay")}
+    assert "--sgd_args=0: give a peak lr > 0" in one_line_error(recipe.main, ["--sgd_args=0"], capsys)
+    assert "no SGD sweep under" in one_line_error(recipe.main, [f"--runs={tmp_path}", "--sgd_args=picked"], capsys)
