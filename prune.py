@@ -233,14 +233,27 @@ def _fmt_metrics(r):
 
 
 # ---- healing and timing: train.py and bench.py on the physically pruned models ------------------------
-def run_script(script, argv, check=True):
-    """`python <script> argv` in a child process, printed first as a user would type it (train.py heals,
-    bench.py times). Returns its exit status; with check, a failure is a one-line error."""
+def start_script(script, argv, log=None):
+    """`python <script> argv` started in a child process, printed first as a user would type it; its output
+    goes to the file `log` when given, else to this process's."""
     line = "python " + shlex.join([script, *argv])
-    print(f"$ {line}", flush=True)
-    status = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), *argv]).returncode
+    print(f"$ {line}" + (f" > {log}" if log else ""), flush=True)
+    out = open(log, "w") if log else None
+    try:
+        return subprocess.Popen([sys.executable, os.path.join(SCRIPTS, script), *argv], stdout=out,
+                                stderr=subprocess.STDOUT if out else None)
+    finally:
+        if out:
+            out.close()
+
+
+def run_script(script, argv, check=True):
+    """start_script, waited for (bench.py times). Returns its exit status; with check, a failure is a one-line
+    error."""
+    status = start_script(script, argv).wait()
     if check and status:
-        raise UserError(f"{script} failed (exit status {status}, its error is above): {line}")
+        raise UserError(f"{script} failed (exit status {status}, its error is above): python "
+                        + shlex.join([script, *argv]))
     return status
 
 
@@ -292,22 +305,26 @@ def heal_cells(res, choice, mode, model, ckpt, run, tag, ddir, measure, args, de
     partial or lora) and measured again: cell[healed_key(mode)]. Only the healed runs' logs, dumps and
     healed.json stay unless --keep_models. A model healed and measured the same way by an earlier call (its
     healed.json) is not healed again, so a call stopped half-way goes on where it stopped."""
-    healed_of = {}
-    for name, cell in res["cells"].items():
+    jobs = {}   # one per distinct pruned model
+    for name in res["cells"]:
         m, k = name.split("/")
         p = choice[(m, int(k))]
-        if p.key not in healed_of:
-            by = [n for n, q in choice.items() if q.key == p.key]
-            healed_of[p.key] = heal_one(p, [f"{m}/{k}" for m, k in by], mode, model, ckpt, run, tag, ddir, measure,
-                                        args, device)
-        cell[healed_key(mode)] = healed_of[p.key]
+        if p.key not in jobs:
+            by = [f"{a}/{b}" for (a, b), q in choice.items() if q.key == p.key]
+            jobs[p.key] = heal_job(p, by, mode, model, ckpt, run, tag, ddir, args)
+    heal_all([j for j in jobs.values() if j["metrics"] is None], model, ckpt, run, measure, args, device)
+    for name, cell in res["cells"].items():
+        m, k = name.split("/")
+        cell[healed_key(mode)] = jobs[choice[(m, int(k))].key]["metrics"]
         print(f"  {name:<12} healed ({mode}, {args.heal_tokens:,.0f} tokens): {_fmt_metrics(cell[healed_key(mode)])}")
 
 
-def heal_one(p, by, mode, model, ckpt, run, tag, ddir, measure, args, device):
+def heal_job(p, by, mode, model, ckpt, run, tag, ddir, args):
+    """One pruned model's heal: where it goes, train.py's arguments, what it is stamped with, and the metrics
+    of an earlier call that healed and measured it the same way (else None)."""
     suffix = "" if mode == "full" else f"_{mode}"
-    pruned = os.path.join(args.out, "models", f"{tag}_{p.tag}")
     healed = os.path.join(args.out, "healed", f"{tag}_{p.tag}{suffix}")
+    pruned = os.path.join(args.out, "models", f"{tag}_{p.tag}")
     argv = heal_argv(ckpt.get("train_config") or {}, pruned, healed, ddir, model.config.block_size, args, mode,
                      model.config.n_layer - len(p.layers))
     stamp = {"source": run, "checkpoint": rundir.checkpoint_id(ckpt), "removed_layers": p.layers, "train_argv": argv,
@@ -315,17 +332,43 @@ def heal_one(p, by, mode, model, ckpt, run, tag, ddir, measure, args, device):
     done = rundir.read_healed(healed, stamp)
     if done is not None:
         print(f"  {p.tag} ({mode}): healed and measured by an earlier call ({healed}/{rundir.HEALED}): reused")
-        return done
-    save_pruned(pruned, model, ckpt, p.layers, run, by, p.edits)
-    run_script("train.py", argv)
-    healed_model, _ = rundir.load_gpt(healed, device)
-    metrics = dict(measure(healed_model), run_dir=healed)
-    del healed_model
-    rundir.write_healed(healed, stamp, metrics)
-    if not args.keep_models:
-        shutil.rmtree(pruned)
-        os.remove(rundir.file(healed, rundir.CKPT))
-    return metrics
+    return {"pruned_model": p, "by": by, "pruned": pruned, "healed": healed, "argv": argv, "stamp": stamp,
+            "metrics": done}
+
+
+def heal_all(todo, model, ckpt, run, measure, args, device):
+    """train.py on each job's pruned model, --heal_jobs at a time (small models share a GPU well), each
+    measured and recorded (healed.json) as soon as it is done. Several at a time, each child's output goes to
+    <healed>.log, kept if it fails. A failure stops new heals; those running finish and are kept."""
+    pending, running, failed = list(todo), [], []
+    while running or (pending and not failed):
+        while pending and not failed and len(running) < args.heal_jobs:
+            j = pending.pop(0)
+            save_pruned(j["pruned"], model, ckpt, j["pruned_model"].layers, run, j["by"], j["pruned_model"].edits)
+            log = j["healed"] + ".log" if args.heal_jobs > 1 else None
+            os.makedirs(os.path.dirname(j["healed"]), exist_ok=True)
+            running.append((j, start_script("train.py", j["argv"], log), log))
+        finished = [r for r in running if r[1].poll() is not None]
+        if not finished:
+            time.sleep(0.2)
+            continue
+        for j, child, log in finished:
+            running.remove((j, child, log))
+            if child.returncode:
+                failed.append(f"train.py failed healing {j['healed']} (exit status {child.returncode}; its error "
+                              f"is {'in ' + log if log else 'above'}): python {shlex.join(['train.py', *j['argv']])}")
+                continue
+            if log:
+                os.remove(log)
+            healed_model, _ = rundir.load_gpt(j["healed"], device)
+            j["metrics"] = dict(measure(healed_model), run_dir=j["healed"])
+            del healed_model
+            rundir.write_healed(j["healed"], j["stamp"], j["metrics"])
+            if not args.keep_models:
+                shutil.rmtree(j["pruned"])
+                os.remove(rundir.file(j["healed"], rundir.CKPT))
+    if failed:
+        raise UserError(failed[0] + (f" ({len(failed) - 1} more failed)" if len(failed) > 1 else ""))
 
 
 def architecture(config):
@@ -836,6 +879,8 @@ def parse(argv):
     p.add_argument("--heal_last_layers", type=int, default=3, help="--heal_mode=partial: the last remaining layers "
                    "trained with the LM head")
     p.add_argument("--heal_lora_rank", type=int, default=8, help="--heal_mode=lora: the adapters' rank")
+    p.add_argument("--heal_jobs", type=int, default=1, help="heal: pruned models healed at once (train.py processes "
+                   "sharing the device; give each a fixed --heal_args='--micro_batch=N' that fits N-fold)")
     p.add_argument("--early_lr", type=float, default=0, help="early_grad: the fine-tuning learning rate (default: the "
                    "run's / 10, as healing)")
     p.add_argument("--early_steps", type=int, default=0, help="early_grad: fine-tuning steps on the calibration "
@@ -874,8 +919,9 @@ def check_args(args, ks, methods):
     bad = [m for m in heal_modes(args) if m not in HEAL_MODES]
     if bad or (args.heal_tokens and not heal_modes(args)):
         raise UserError(f"--heal_mode {args.heal_mode!r}: choose one or several of {','.join(HEAL_MODES)}")
-    if min(args.heal_last_layers, args.heal_lora_rank) < 1 or min(args.early_lr, args.early_steps) < 0:
-        raise UserError("--heal_last_layers and --heal_lora_rank must be >= 1, --early_lr and --early_steps >= 0")
+    if min(args.heal_last_layers, args.heal_lora_rank, args.heal_jobs) < 1 or min(args.early_lr, args.early_steps) < 0:
+        raise UserError("--heal_last_layers, --heal_lora_rank and --heal_jobs must be >= 1, --early_lr and "
+                        "--early_steps >= 0")
     if args.cfp_steps < 0:
         raise UserError(f"--cfp_steps {args.cfp_steps}: must be >= 0 (0 = every step the checkpoint saw)")
     if args.save_pruned and (len(args.runs) > 1 or len(ks) > 1 or len(methods) > 1):

@@ -171,3 +171,26 @@ def train_on_forked_ranks(n, argv, stdout=None, timeout=120):
             pytest.fail(f"{n}-rank run did not finish in {timeout} s")
         time.sleep(0.05)
     return int(any(codes.values()))
+
+
+class Exited:
+    """A child process that has already exited with `returncode` (a script run in this process instead)."""
+
+    def __init__(self, returncode):
+        self.returncode = returncode
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self):
+        return self.returncode
+
+
+def scripts_in_process(monkeypatch, module, run):
+    """module.start_script (prune.py's) runs run(script, argv) -> exit status in this process, writing the
+    log file a child would have written."""
+    def start(script, argv, log=None):
+        if log:
+            open(log, "w").close()
+        return Exited(run(script, argv))
+    monkeypatch.setattr(module, "start_script", start)

@@ -147,7 +147,7 @@ def test_cfp_on_an_open_weight_model_end_to_end(tmp_path, byte_data, monkeypatch
     from lm_eval.evaluator import evaluate
 
     from gfa import lm_eval_adapter
-    from helpers import write_jsonl, write_local_task, write_word_level_tokenizer
+    from helpers import scripts_in_process, write_jsonl, write_local_task, write_word_level_tokenizer
     torch.manual_seed(0)
     src = tmp_path / "llama"
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -156,7 +156,10 @@ def test_cfp_on_an_open_weight_model_end_to_end(tmp_path, byte_data, monkeypatch
     write_word_level_tokenizer(str(src))
     run = str(tmp_path / "imported")
     hf.main(["import", str(src), run])
-    monkeypatch.setattr(prune, "run_script", lambda script, argv, check=True: train.main(argv + ["--compile=False"]))
+    def heal_in_process(script, argv):
+        train.main(argv + ["--compile=False"])
+        return 0
+    scripts_in_process(monkeypatch, prune, heal_in_process)
     common = ["--runs", run, "--data", str(byte_data), "--k", "1", "--hellaswag", "none", "--eval_batches", "1",
               "--batch_size", "2", "--calib_batches", "2", "--device", "cpu"]
     res = prune.main(common + ["--methods", "cfp_calib", "--heal_tokens", "1024", "--heal_mode", "partial",

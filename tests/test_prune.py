@@ -20,7 +20,8 @@ from gfa.cli import UserError
 from gfa.data import load_tokens
 from gfa.evaluation import Tokenizer, choice_accuracy, encode_items, ending_logprobs, evaluate, load_multiple_choice
 from gfa.theory import spearman
-from helpers import one_line_error, tiny_model, write_jsonl, write_local_task, write_run, zero_branch
+from helpers import (one_line_error, scripts_in_process, tiny_model, write_jsonl, write_local_task, write_run,
+                     zero_branch)
 
 N = 4
 
@@ -179,7 +180,8 @@ def test_heal_speed_and_tasks_for_every_pruned_model(tmp_path, byte_data, monkey
             out = next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))
             healed_loss[out] = evaluate(rundir.load_gpt(out)[0], val, 32, 4, 2, "cpu")
         return 0
-    monkeypatch.setattr(prune, "run_script", in_process)
+    monkeypatch.setattr(prune, "run_script", in_process)   # bench.py
+    scripts_in_process(monkeypatch, prune, in_process)      # train.py's heals
     runs = [make_run(tmp_path / f"seed{s}", tiny_model(s), byte_data, share_min=1) for s in (0, 1)]
     mc = write_jsonl(tmp_path / "mc.jsonl", HS_ROWS)
     tasks = ["--tasks", "tiny_mc", "--include_path", write_local_task(tmp_path / "tasks", mc)] if with_lm_eval else []
@@ -317,11 +319,11 @@ def test_new_baselines_heal_modes_and_the_kept_table(tmp_path, byte_data, monkey
     in the field's form: % of the dense accuracy and perplexity kept, checked against the cells by hand."""
     calls = []
 
-    def in_process(script, argv, check=True):
+    def in_process(script, argv):
         calls.append(argv)
         train.main(argv + ["--compile=False"])
         return 0
-    monkeypatch.setattr(prune, "run_script", in_process)
+    scripts_in_process(monkeypatch, prune, in_process)
     run = make_run(tmp_path / "run", tiny_model(5), byte_data)
     mc = write_jsonl(tmp_path / "mc.jsonl", HS_ROWS)
     out = tmp_path / "t"
@@ -366,6 +368,55 @@ def test_bad_heal_and_method_options(tmp_path, byte_data, capsys):
     err = lambda *argv: one_line_error(prune.main, ["--runs", run, "--hellaswag", "none", "--device", "cpu", *argv],
                                        capsys)
     assert "--heal_mode 'fast'" in err("--heal_tokens", "100", "--heal_mode", "fast")
-    assert "--heal_last_layers and --heal_lora_rank must be >= 1" in err("--heal_last_layers", "0")
+    assert "--heal_last_layers, --heal_lora_rank and --heal_jobs must be >= 1" in err("--heal_last_layers", "0")
+    assert "--heal_jobs must be >= 1" in err("--heal_jobs", "0")
     assert "choose from" in err("--methods", "replace_me")
     assert "prune.py sets init_from" in err("--heal_args=--tune=lora")   # the mode is --heal_mode's
+
+
+def test_heal_jobs_give_the_numbers_of_one_at_a_time_and_a_failure_keeps_the_finished(tmp_path, byte_data,
+                                                                                       monkeypatch):
+    """--heal_jobs=3: the same heals and numbers as one at a time (train.py in process here), each child's
+    output in <healed>.log, removed once it is measured. A heal that fails: one line naming its log, no
+    heal started after it, the heals already running finished and kept (healed.json), so a second call
+    heals only what is left."""
+    calls, fail_call = [], [0]
+
+    def in_process(script, argv):
+        calls.append(argv)
+        if len(calls) == fail_call[0]:
+            return 1
+        train.main(argv + ["--compile=False"])
+        return 0
+    scripts_in_process(monkeypatch, prune, in_process)
+    run = make_run(tmp_path / "run", tiny_model(5), byte_data)
+    common = ["--runs", run, "--k", "1", "--methods", "reverse,magnitude,similarity", "--hellaswag", "none",
+              "--eval_batches", "1", "--batch_size", "2", "--device", "cpu", "--heal_tokens", "64",
+              "--heal_args", "--eval_iters=1 --eval_batch_size=2"]
+    one = prune.main(common + ["--out", str(tmp_path / "one")])[0]
+    n = len(calls)
+    assert n == len({frozenset(c["layers"]) for c in one["cells"].values()}) >= 2, one["cells"]
+    three = prune.main(common + ["--heal_jobs", "3", "--out", str(tmp_path / "three")])[0]
+    assert calls[n:] == [[a.replace("/one/", "/three/") for a in c] for c in calls[:n]]
+    for name, cell in one["cells"].items():
+        a, b = cell["healed"], three["cells"][name]["healed"]
+        assert {k: v for k, v in a.items() if k != "run_dir"} == {k: v for k, v in b.items() if k != "run_dir"}
+    assert not list((tmp_path / "three" / "healed").glob("*.log"))
+
+    calls.clear()
+    fail_call[0] = 2   # the second heal fails while the first runs beside it
+    with pytest.raises(UserError, match=r"train.py failed healing (\S+) \(exit status 1; its error is in \1\.log\)"):
+        prune.main(common + ["--heal_jobs", "2", "--out", str(tmp_path / "fails")])
+    assert len(calls) == 2 and len(list((tmp_path / "fails" / "healed").glob("*/healed.json"))) == 1
+    fail_call[0] = 0
+    calls.clear()
+    again = prune.main(common + ["--heal_jobs", "2", "--out", str(tmp_path / "fails")])[0]
+    assert len(calls) == n - 1 and again["cells"].keys() == one["cells"].keys()
+
+
+def test_start_script_sends_a_childs_output_to_its_log(tmp_path, monkeypatch, capsys):
+    (tmp_path / "child.py").write_text("import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)\n")
+    monkeypatch.setattr(prune, "SCRIPTS", str(tmp_path))
+    log = tmp_path / "child.log"
+    assert prune.start_script("child.py", ["--x=1"], str(log)).wait() == 3
+    assert log.read_text().split() == ["out", "err"] and f"$ python child.py --x=1 > {log}" in capsys.readouterr().out

@@ -12,18 +12,21 @@
 # stopped part-way goes on where it stopped (prune.py reuses every healed.json). SCALE=<config file> and
 # TRAIN_ARGS / PRUNE_ARGS (extra --key=value words) change the setup, e.g. for a smoke test on the embedded
 # Shakespeare: SCALE=config/tiny.py TRAIN_ARGS="--max_iters=200" PRUNE_ARGS="--heal_tokens=1e5".
+# One seed per call trains it alone, then heals HEAL_JOBS=3 pruned models at once (8 sequences per micro-step
+# each); so the seeds can run in separate sittings, each on a fresh machine, and combine afterwards.
 set -euo pipefail
 data=$1 mc=$2 dest=$3
 shift 3
 scale=${SCALE:-config/small.py}
+heal_jobs=${HEAL_JOBS:-$(( $# == 1 ? 3 : 1 ))}   # heals at once per seed: one seed alone fills the GPU with three
 methods=cfp,similarity,taylor,magnitude,block_influence,sleb,reverse,replaceme,early_grad,cfp_calib
 prune_seed() {   # prune.py on one seed's run; extra words (--speed) after the table's settings
     local seed=$1
     shift
     python prune.py --runs "out/$(basename "$scale" .py)_vanilla_16l_s$seed" --k 4,8 --methods "$methods" \
         --hellaswag "$mc" --calib_batches 32 --early_steps 8 --heal_tokens 2e6 --heal_mode full,partial,lora \
-        --heal_last_layers 3 --heal_lora_rank 8 --heal_args='--compile=False' --out "$dest/table1_baselines_s$seed" \
-        "$@" ${PRUNE_ARGS:-}
+        --heal_last_layers 3 --heal_lora_rank 8 --heal_jobs "$heal_jobs" --heal_args="--compile=False --micro_batch=8" \
+        --out "$dest/table1_baselines_s$seed" "$@" ${PRUNE_ARGS:-}
 }
 one_seed() {
     local seed=$1 run
