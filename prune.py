@@ -339,8 +339,21 @@ def heal_job(p, by, mode, model, ckpt, run, tag, ddir, args):
 def heal_all(todo, model, ckpt, run, measure, args, device):
     """train.py on each job's pruned model, --heal_jobs at a time (small models share a GPU well), each
     measured and recorded (healed.json) as soon as it is done. Several at a time, each child's output goes to
-    <healed>.log, kept if it fails. A failure stops new heals; those running finish and are kept."""
-    pending, running, failed = list(todo), [], []
+    <healed>.log, kept if it fails. A failure stops new heals; those running finish and are kept. An error
+    here (or Ctrl-C) stops the children still running, so none goes on holding the device."""
+    running = []
+    try:
+        heal_pool(todo, running, model, ckpt, run, measure, args, device)
+    except BaseException:
+        for _, child, _ in running:
+            child.terminate()
+            child.wait()
+        raise
+
+
+def heal_pool(todo, running, model, ckpt, run, measure, args, device):
+    """heal_all's loop; `running` holds the (job, child, log) started and not yet done."""
+    pending, failed = list(todo), []
     while running or (pending and not failed):
         while pending and not failed and len(running) < args.heal_jobs:
             j = pending.pop(0)

@@ -20,7 +20,7 @@ from gfa.cli import UserError
 from gfa.data import load_tokens
 from gfa.evaluation import Tokenizer, choice_accuracy, encode_items, ending_logprobs, evaluate, load_multiple_choice
 from gfa.theory import spearman
-from helpers import (one_line_error, scripts_in_process, tiny_model, write_jsonl, write_local_task, write_run,
+from helpers import (Exited, one_line_error, scripts_in_process, tiny_model, write_jsonl, write_local_task, write_run,
                      zero_branch)
 
 N = 4
@@ -420,3 +420,28 @@ def test_start_script_sends_a_childs_output_to_its_log(tmp_path, monkeypatch, ca
     log = tmp_path / "child.log"
     assert prune.start_script("child.py", ["--x=1"], str(log)).wait() == 3
     assert log.read_text().split() == ["out", "err"] and f"$ python child.py --x=1 > {log}" in capsys.readouterr().out
+
+
+def test_an_error_while_healing_stops_the_heals_still_running(tmp_path, byte_data, monkeypatch):
+    """The first heal never ends; the second 'ends' without writing its run, so measuring it fails: prune.py
+    stops the first child (nothing left holding the device) and the error goes on up."""
+    class Forever:
+        returncode = None
+
+        def poll(self):
+            return self.returncode
+
+        def terminate(self):
+            self.returncode = -15
+
+        def wait(self):
+            return self.returncode
+    children = []
+    monkeypatch.setattr(prune, "start_script", lambda script, argv, log=None:
+                        children.append(Forever() if not children else Exited(0)) or children[-1])
+    run = make_run(tmp_path / "run", tiny_model(5), byte_data)
+    with pytest.raises(Exception) as e:
+        prune.main(["--runs", run, "--k", "1", "--methods", "reverse,magnitude", "--hellaswag", "none",
+                    "--eval_batches", "1", "--batch_size", "2", "--device", "cpu", "--heal_tokens", "64",
+                    "--heal_jobs", "2", "--out", str(tmp_path / "p")])
+    assert len(children) == 2 and children[0].returncode == -15, e.value
