@@ -232,6 +232,11 @@ def sweep_pick(best, runs):
     return "picked"
 
 
+def lr_at(r, step):
+    """The lr train.py logged nearest to step."""
+    return r["lr"][int(np.abs(r["lr_steps"] - step).argmin())]
+
+
 def back_above_zero(r):
     """After the windowed share's rho first turns negative: the first step from which it stays >= 0 to the
     end, with the lr there ('-' if it never turns negative, 'never' if it does not come back)."""
@@ -241,16 +246,14 @@ def back_above_zero(r):
     if neg[-1] == len(r["steps"]) - 1:
         return "never"
     step = int(r["steps"][neg[-1] + 1])
-    lr = r["lr"][int(np.abs(r["lr_steps"] - step).argmin())]
-    return f"{step} (lr {lr:.1e})"
+    return f"{step} (lr {lr_at(r, step):.1e})"
 
 
 def lowest_windowed(r):
     """The windowed share's lowest rho with the fan-in, with its step and the lr there."""
     i = int(np.nanargmin(r["rho_win"]))
     step = int(r["steps"][i])
-    lr = r["lr"][int(np.abs(r["lr_steps"] - step).argmin())]
-    return f"{r['rho_win'][i]:+.2f} at {step} (lr {lr:.1e})"
+    return f"{r['rho_win'][i]:+.2f} at {step} (lr {lr_at(r, step):.1e})"
 
 
 def fmt(mean_sd, digits=2, n=2):
