@@ -189,7 +189,7 @@ def sweep_best(runs):
     """(the lr with the lowest held-out PPL at SWEEP_STEP, rule 6's word for it)."""
     at = {lr: v.get(SWEEP_STEP, math.inf) for lr, (v, _) in runs.items()}
     best = min(at, key=at.get)
-    return best, (sweep_pick(best, runs) if math.isfinite(at[best]) else "no lr reached step 500")
+    return best, (sweep_pick(best, runs) if math.isfinite(at[best]) else f"no lr reached step {SWEEP_STEP}")
 
 
 def picked_lr(folder):
