@@ -621,14 +621,16 @@ def fp16_fit(values, stored, max_rel_error=COMPACT_MAX_REL_ERROR):
             "smallest": float(np.abs(a[finite_nonzero]).min()) if finite_nonzero.any() else 0.0}
 
 
-def compact_grad_dump(run, max_rel_error=COMPACT_MAX_REL_ERROR):
+def compact_grad_dump(run, max_rel_error=COMPACT_MAX_REL_ERROR, fold_sublayers=False):
     """Rewrites <run>/grad_norms.npz compactly, in place and atomically: the norms as float16 in
     an LZMA-compressed npz, each norm column stored contiguously (same keys; np.load reads it,
     read_grad_dump upcasts to float64), or, when float16
     would overflow a norm or move one by more than max_rel_error of itself (norms below FP16_MIN_NORMAL),
     the norms unchanged (float32), compressed. The written bytes are read back and checked before they
-    replace the file. Returns {'path', 'before', 'after' (bytes), 'dtype' ('float16' | 'float32'), 'fit'
-    (fp16_fit of all its norms), 'skipped' (compact already: left as it is)}."""
+    replace the file. fold_sublayers: a dump that records attention and MLP apart keeps only each layer's
+    norm (per_layer: what read_grad_dump's share and every table use), about half the bytes; its sub_share
+    is gone for good. Returns {'path', 'before', 'after' (bytes), 'dtype' ('float16' | 'float32'), 'fit'
+    (fp16_fit of all its norms), 'skipped' (compact already: left as it is), 'folded'}."""
     path = file(run, GRAD_DUMP)
     try:
         with np.load(path) as z:
@@ -638,6 +640,12 @@ def compact_grad_dump(run, max_rel_error=COMPACT_MAX_REL_ERROR):
     if not {"names", "steps", "norms"} <= arrays.keys():
         raise UserError(f"{path} holds {sorted(arrays)}, not a gradient dump's names, steps and norms: left as it is")
     norm_keys = [k for k in ("norms", "norms_equalized") if k in arrays]
+    folded = fold_sublayers and records_sublayers([str(n) for n in arrays["names"]])
+    if folded:
+        names = [str(n) for n in arrays["names"]]
+        for k in norm_keys:
+            arrays[k], layer_names = per_layer(arrays[k], names)
+        arrays["names"] = np.array(layer_names)
     before = os.path.getsize(path)
     with zipfile.ZipFile(path) as z:
         compressed = all(i.compress_type == zipfile.ZIP_LZMA for i in z.infolist())
@@ -648,8 +656,9 @@ def compact_grad_dump(run, max_rel_error=COMPACT_MAX_REL_ERROR):
            "smallest": min(f["smallest"] for f in fits), "max_rel_error": max(f["max_rel_error"] for f in fits)}
     out = dict(arrays, **halves) if fit["ok"] else arrays   # else its norms as they are (float32), compressed
     dtype = out["norms"].dtype.name
-    if compressed and all(out[k] is arrays[k] for k in norm_keys):   # compact already: nothing to rewrite
-        return {"path": path, "before": before, "after": before, "dtype": dtype, "fit": fit, "skipped": True}
+    if compressed and not folded and all(out[k] is arrays[k] for k in norm_keys):   # compact already
+        return {"path": path, "before": before, "after": before, "dtype": dtype, "fit": fit, "skipped": True,
+                "folded": False}
     buf = io.BytesIO()
     _write_lzma_npz(buf, out)
     with np.load(io.BytesIO(buf.getvalue())) as z:   # what will be on disk, read back before it replaces the file
@@ -657,7 +666,8 @@ def compact_grad_dump(run, max_rel_error=COMPACT_MAX_REL_ERROR):
                                                      for k in out):
             raise UserError(f"{path}: the compact copy did not read back equal: left as it is")
     _atomic(path, lambda f: f.write(buf.getvalue()))
-    return {"path": path, "before": before, "after": len(buf.getvalue()), "dtype": dtype, "fit": fit, "skipped": False}
+    return {"path": path, "before": before, "after": len(buf.getvalue()), "dtype": dtype, "fit": fit, "skipped": False,
+            "folded": folded}
 
 
 def _write_lzma_npz(f, arrays):
@@ -681,6 +691,9 @@ def compact_main(argv):
     ap.add_argument("--max_rel_error", type=float, default=COMPACT_MAX_REL_ERROR,
                     help="the most a norm may move, relative to itself (float16, rounded down or up to keep the "
                     "running sums, holds every norm from 6.1e-05 to 65504 within 2^-10)")
+    ap.add_argument("--fold_sublayers", action="store_true",
+                    help="keep one norm per layer (sqrt of its attention and MLP norms' sum of squares), about half "
+                    "the bytes; the attention/MLP split (fanin.py's sub-block shares) is dropped for good")
     args = ap.parse_args(argv)
     paths = []
     for folder in args.folders:
@@ -691,7 +704,7 @@ def compact_main(argv):
         raise UserError(f"no {GRAD_DUMP} under {', '.join(args.folders)}")
     before = after = 0
     for p in paths:
-        r = compact_grad_dump(os.path.dirname(p), args.max_rel_error)
+        r = compact_grad_dump(os.path.dirname(p), args.max_rel_error, args.fold_sublayers)
         before, after = before + r["before"], after + r["after"]
         f = r["fit"]
         why = ("float16" if r["skipped"] and f["ok"] else f"float16, norms within {f['max_rel_error']:.2g} of themselves"
@@ -699,7 +712,8 @@ def compact_main(argv):
                f"kept float32: float16 would move norms by up to {f['max_rel_error']:.2g} of themselves (> "
                f"{args.max_rel_error:.2g}); {f['below_min_normal']} norms below its min normal {FP16_MIN_NORMAL:.2g} "
                f"(smallest {f['smallest']:.2g})" + (f", {f['overflow']} over its max 65504" if f["overflow"] else ""))
-        print(f"{p}: " + ("already compact, " if r["skipped"] else f"{r['before']:,} -> {r['after']:,} bytes, ") + why)
+        print(f"{p}: " + ("already compact, " if r["skipped"] else f"{r['before']:,} -> {r['after']:,} bytes, ")
+              + ("per layer, " if r["folded"] else "") + why)
     print(f"{len(paths)} dumps: {before:,} -> {after:,} bytes ({100 * (after / before - 1):+.1f} %)")
 
 

@@ -290,6 +290,31 @@ def test_compact_grad_dump_in_float16_reads_back_with_the_same_shares(tmp_path):
     assert rundir.compact_grad_dump(run)["skipped"] and open(os.path.join(run, "grad_norms.npz"), "rb").read() == before
 
 
+def test_compact_fold_sublayers_keeps_each_layers_norm_and_share(tmp_path, capsys):
+    """--fold_sublayers: one column per layer, sqrt(attn^2 + mlp^2) (hand-computed: 3-4-5 triangles), the
+    same per-layer share read_grad_dump derived from the full dump, no sub-block split left; a folded dump
+    is compact already the second time."""
+    names = ["embed"] + [f"layer.{i}.{p}" for i in range(2) for p in ("attn", "mlp")] + ["head"]
+    rows = np.tile([1.0, 3.0, 4.0, 6.0, 8.0, 2.0], (50, 1))
+    d = rundir.GradNormDump(names, str(tmp_path / "r" / "grad_norms.npz"), equalized=True)
+    for s, r in enumerate(rows):
+        d.record(s, torch.tensor(r, dtype=torch.float32), torch.tensor(2 * r, dtype=torch.float32))
+    d.flush()
+    run = str(tmp_path / "r")
+    want = rundir.read_grad_dump(run)
+    rundir.compact_main(["compact", run, "--fold_sublayers"])
+    assert "per layer, float16" in capsys.readouterr().out
+    with np.load(os.path.join(run, "grad_norms.npz")) as z:
+        assert list(z["names"]) == ["embed", "layer.0", "layer.1", "head"]
+        np.testing.assert_array_equal(z["norms"][0], [1.0, 5.0, 10.0, 2.0])
+        np.testing.assert_array_equal(z["norms_equalized"][0], [2.0, 10.0, 20.0, 4.0])
+    got = rundir.read_grad_dump(run)
+    assert "sub_share" not in got and got["names"] == want["names"]
+    np.testing.assert_allclose(got["share"], [1 / 3, 2 / 3])
+    np.testing.assert_allclose(got["share"], want["share"])
+    assert rundir.compact_grad_dump(run, fold_sublayers=True)["skipped"]
+
+
 @pytest.mark.parametrize("value, count", [(1e-6, "below_min_normal"), (7e4, "overflow")])
 def test_compact_grad_dump_keeps_float32_when_float16_would_lose_a_norm(tmp_path, value, count):
     rows = np.ones((20, 6), dtype=np.float32)
