@@ -233,11 +233,15 @@ def _fmt_metrics(r):
 
 
 # ---- healing and timing: train.py and bench.py on the physically pruned models ------------------------
+def command_line(script, argv):
+    """`python <script> argv` as a user would type it."""
+    return "python " + shlex.join([script, *argv])
+
+
 def start_script(script, argv, log=None):
     """`python <script> argv` started in a child process, printed first as a user would type it; its output
     goes to the file `log` when given, else to this process's."""
-    line = "python " + shlex.join([script, *argv])
-    print(f"$ {line}" + (f" > {log}" if log else ""), flush=True)
+    print(f"$ {command_line(script, argv)}" + (f" > {log}" if log else ""), flush=True)
     out = open(log, "w") if log else None
     try:
         return subprocess.Popen([sys.executable, os.path.join(SCRIPTS, script), *argv], stdout=out,
@@ -252,8 +256,7 @@ def run_script(script, argv, check=True):
     error."""
     status = start_script(script, argv).wait()
     if check and status:
-        raise UserError(f"{script} failed (exit status {status}, its error is above): python "
-                        + shlex.join([script, *argv]))
+        raise UserError(f"{script} failed (exit status {status}, its error is above): {command_line(script, argv)}")
     return status
 
 
@@ -369,7 +372,7 @@ def heal_pool(todo, running, model, ckpt, run, measure, args, device):
             running.remove((j, child, log))
             if child.returncode:
                 failed.append(f"train.py failed healing {j['healed']} (exit status {child.returncode}; its error "
-                              f"is {'in ' + log if log else 'above'}): python {shlex.join(['train.py', *j['argv']])}")
+                              f"is {'in ' + log if log else 'above'}): {command_line('train.py', j['argv'])}")
                 continue
             if log:
                 os.remove(log)

@@ -640,9 +640,9 @@ def compact_grad_dump(run, max_rel_error=COMPACT_MAX_REL_ERROR, fold_sublayers=F
     if not {"names", "steps", "norms"} <= arrays.keys():
         raise UserError(f"{path} holds {sorted(arrays)}, not a gradient dump's names, steps and norms: left as it is")
     norm_keys = [k for k in ("norms", "norms_equalized") if k in arrays]
-    folded = fold_sublayers and records_sublayers([str(n) for n in arrays["names"]])
+    names = [str(n) for n in arrays["names"]]
+    folded = fold_sublayers and records_sublayers(names)
     if folded:
-        names = [str(n) for n in arrays["names"]]
         for k in norm_keys:
             arrays[k], layer_names = per_layer(arrays[k], names)
         arrays["names"] = np.array(layer_names)
