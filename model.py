@@ -445,18 +445,26 @@ class GPT(nn.Module):
         self.heads, self.ffns, self.repeats = cfg.layer_heads(), cfg.layer_ffn(), cfg.layer_repeats()
         self.kv_heads = cfg.layer_kv_heads()
         self.fused_ce_chunk = 0   # set_fused_ce(): a run-time switch, not architecture (not in the config)
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # under torch.device("meta") (shapes only: counts, descriptions, plans) no values are drawn:
+        # nn.Embedding's own N(0, 1) draw on meta imports torch._dynamo, about a second of start-up
+        shapes_only = torch.empty(()).is_meta
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                    _weight=torch.empty(cfg.vocab_size, cfg.d_model) if shapes_only else None)
         self.blocks = nn.ModuleList(Block(cfg, h, f, l) for l, (h, f) in enumerate(zip(self.heads, self.ffns)))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling)
+        if shapes_only:   # placeholders of the tables' shape (computing them on meta imports torch._dynamo too)
+            shape = (cfg.block_size, cfg.head_dim // 2)
+            cos, sin = torch.empty(shape), torch.empty(shape)
+        else:
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # Init (cfg.init): every weight N(0, 0.02), norms 1, as HF Llama; 'scaled' shrinks the
         # residual-stream projections by sqrt(2 * n_layer), the GPT-2 rule
-        if self.lm_head.weight.is_meta:   # shapes only (counts, descriptions): no values to draw, and drawing is slow
+        if shapes_only:
             return
         self.apply(self._init_weights)
         if cfg.init == "scaled":
