@@ -256,9 +256,9 @@ def fit_micro_batch(cfg, given, model_cfg, d, micro):
                      + f" less {memory.HEADROOM:.0%} ({memory.gib(budget)})")
     cfg["gradient_accumulation_steps"] = per_rank // micro
     if compiled and not cfg["fused_ce"] and "fused_ce" not in given and micro * T * V >= memory.INT32_ELEMENTS:
-        cfg["fused_ce"] = True   # torch.compile fails on such logits (BackendCompilerFailed: docs/training.md, Memory)
+        cfg["fused_ce"] = True   # logits past int32 indexing: a compiled path no GPU run here has tried
         notes.append(f"fused_ce on: a micro-step's logits ({micro} x {T} x {V} = {micro * T * V:.3g} elements) "
-                     f"exceed 2^31, which torch.compile's loss fails on; the fused loss never holds them")
+                     f"exceed 2^31, past the compiled loss's tested range; the fused loss never holds them")
     setting = memory_setting(cfg, micro, per_rank // micro, d.world, parallel, compiled)
     p = memory.plan(model_cfg, setting)
     lines = memory.describe(p, total, T) + notes
@@ -478,7 +478,10 @@ def _main(argv, start):
     if compiled and not d.sharded:   # (FSDP compiled each block in build)
         # fullgraph: the forward is one graph (layer loops unroll); a graph break would be a bug. The plain
         # path's checkpointed deep-supervision exits are not traced as one graph; the fused loss's are
-        model = torch.compile(model, fullgraph=not model_cfg.deep_supervision or cfg["fused_ce"])
+        # dynamic=False: evaluation (eval_batch_size) and training (the micro-batch) each get a static graph.
+        # Left to guess, dynamo makes the batch dimension symbolic at the second shape, and under DDP its
+        # graph splitter then fails ("'int' object has no attribute 'meta'", pytorch#134182)
+        model = torch.compile(model, fullgraph=not model_cfg.deep_supervision or cfg["fused_ce"], dynamic=False)
     eval_model = model
     if d.ddp and not d.sharded:
         model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None,

@@ -44,7 +44,8 @@ GIB = 2 ** 30
 CONTEXT_GIB = 0.75   # CUDA context + library handles, outside the caching allocator (H100, CUDA 12: ~0.5-0.7)
 NCCL_GIB = 0.5       # NCCL's own buffers with more than one rank
 HEADROOM = 0.12      # of the free memory micro_batch="auto" leaves: the plan runs up to ~7 % under the measured peak
-INT32_ELEMENTS = 2 ** 31   # logits of a micro-step at or above this: inductor's 64-bit indexing path (see fit())
+INT32_ELEMENTS = 2 ** 31   # logits of a micro-step at or above this take inductor's 64-bit indexing path, which
+                           # no GPU run here has compiled yet: 'auto' stays below it (see fit())
 DEFAULT_GPU_GIB = 80.0     # --plan without a GPU and without --gpu_mem_gb: an 80 GB H100 / A100
 
 

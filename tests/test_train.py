@@ -135,6 +135,19 @@ def test_ddp_two_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_compiled_ddp_trains_after_an_evaluation_of_another_batch_size(tmp_path):
+    """torchrun on one GPU, compiled, DDP in several buckets (a ~50 MB model): the step-0 evaluation runs
+    4 sequences, training 8. With the batch dimension left to dynamo, the second shape made it symbolic and
+    DDP's graph splitter failed on the first training step ("'int' object has no attribute 'meta'", seen
+    with config/cascade_a2.py on an H100); each shape now gets its own static graph."""
+    wide = ["--n_layer=6", "--d_model=512", "--head_dim=64", "--d_attn0=512", "--S_d=0", "--d_ffn0=1536"]
+    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", *TINY, *wide,
+            "--device=cuda", "--compile=True", "--max_iters=2", "--eval_interval=2", f"--out_dir={tmp_path / 'a'}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "step 1 | loss " in r.stdout and "step 2 | val loss " in r.stdout
+
+
 def test_dumped_norms_equal_hand_computed(tmp_path):
     _, out = run(tmp_path, "a", "--max_iters=1", "--n_layer=2", "--repeats=[1, 2]", "--deep_supervision=True")
     dump = load_grad_dump(out)
