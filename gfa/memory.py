@@ -23,7 +23,10 @@ width and FFN width, its heads):
                product, the logsumexp and the norms' rstd; eager 16d + e(2d + 6a + 4f) + 4h + 8. Each
                application of a block counts (virtual depth repeats it). Under bf16 autocast the bf16
                copies of the matmul weights are saved as well (2 bytes a weight). Activation
-               checkpointing keeps only each block's input (4d) and recomputes one block at a time.
+               checkpointing keeps only each block's input (4d) and recomputes one block at a time
+               (with its bf16 weight copies), after the LM head's backward has freed the logits: the
+               peak is the larger of the two phases, not their sum (on an H100 the sum ran 8.7-10 %
+               over the measured peak; the larger phase is 0.9-2.7 % over the same measurements).
   transient    the LM head's logits and their gradient. Compiled: 3NVe, the saved logits, the softmax
                and the logits' gradient (on an H100 with torch 2.11 the fp32 peak is activations + 12NV
                + the head's work to 1 KB; 2NVe, used before, ran 3 GiB under the paper's command).
@@ -100,6 +103,7 @@ class Plan:
     buffers: int          # DDP's gradient buckets, or FSDP's gathered (unsharded) parameters and gradients
     activations: int
     transient: int
+    recompute: int        # activation checkpointing: one block's recomputed activations (0 without)
     grads_at_peak: int
     eval_peak: int
     logits_elements: int  # of one micro-step's plain LM head (0 with fused_ce)
@@ -110,7 +114,11 @@ class Plan:
 
     @property
     def peak(self):
-        during_backward = self.static + self.grads_at_peak + self.activations + self.transient
+        head = self.static + self.grads_at_peak + self.activations + self.transient   # backward's start
+        # checkpointing recomputes the blocks after the head's backward; every gradient counted there (an
+        # upper bound: with one micro-step the blocks' gradients appear as their inputs are freed)
+        blocks = self.static + self.grads + self.activations + self.recompute if self.recompute else 0
+        during_backward = max(head, blocks)
         after_backward = self.static + self.grads   # the optimizer step: every gradient, no activations
         return max(during_backward, after_backward, self.eval_peak)
 
@@ -140,33 +148,39 @@ def plan(cfg, s):
     if s.parallel == "fsdp":   # the root (embedding, norm, head) stays gathered in fp32; blocks two at a time
         pe = e if s.dtype == "bfloat16" else 4
         buffers = 4 * (counts["embedding"] + counts["head"]) + max(counts["blocks"]) * (2 * pe + 4)
-    acts = activation_bytes(cfg, s, N, e, counts)
+    acts, recompute = activation_bytes(cfg, s, N, e, counts)
     transient, logits = head_transient(cfg, s, N, e)
     head_grad = 4 * V * d // W
     grads_at_peak = grads if s.accum > 1 else head_grad   # set_to_none: one micro-step starts without
     # evaluation: eval_batch sequences, no gradients (set_to_none), the logits in fp32 and log-softmax
     eval_peak = params + optimizer + buffers + s.eval_batch * cfg.block_size * V * (e + 8)
-    return Plan(s, params, grads, optimizer, buffers, acts, transient, grads_at_peak, eval_peak, logits)
+    return Plan(s, params, grads, optimizer, buffers, acts, transient, recompute, grads_at_peak, eval_peak, logits)
 
 
 def activation_bytes(cfg, s, N, e, counts):
-    """Saved-for-backward bytes of the blocks and the head (not the logits: head_transient counts them)."""
+    """(saved-for-backward bytes of the blocks and the head, not the logits: head_transient counts them;
+    under activation checkpointing the largest block's recomputed activations, else 0)."""
     run = [l for l in range(cfg.n_layer) if l not in set(cfg.passthrough)]
     reps = cfg.layer_repeats()
     per_block = {l: N * block_saved_per_token(cfg, l, e, s.compile) for l in run}
+    recompute = 0
     if s.activation_checkpointing:   # each application keeps its input; backward recomputes one block at a time
-        acts = sum(reps[l] for l in run) * N * 4 * cfg.d_model + max(per_block.values(), default=0)
+        acts = sum(reps[l] for l in run) * N * 4 * cfg.d_model
+        recompute = max(per_block.values(), default=0)
     else:
         acts = sum(reps[l] * per_block[l] for l in run)
     acts += N * cfg.d_model * (4 + e) + 12 * N   # the final norm's input, output and rstd; the loss's logsumexp
     if s.dtype == "bfloat16":   # autocast's bf16 copies of the matmul weights, saved for backward
-        matmul = sum(counts["blocks"]) - 2 * cfg.d_model * cfg.n_layer
+        matmul = [c - 2 * cfg.d_model for c in counts["blocks"]]   # a block's weights but its two norms'
         if s.parallel == "fsdp":
-            matmul = 0   # FSDP gathers the blocks in bf16 and frees them after forward
-        acts += 2 * (matmul + cfg.vocab_size * cfg.d_model)
+            matmul = [0]   # FSDP gathers the blocks in bf16 and frees them after forward
+        if s.activation_checkpointing:   # a block's copies are made again when it is recomputed
+            recompute += 2 * max(matmul)
+            matmul = [0]
+        acts += 2 * (sum(matmul) + cfg.vocab_size * cfg.d_model)
     if s.fused_ce and cfg.deep_supervision:   # every early exit keeps its grad_x and fp32 grad_W
         acts += (len(run) - 1) * 4 * (N * cfg.d_model + cfg.vocab_size * cfg.d_model)
-    return acts
+    return acts, recompute
 
 
 def head_transient(cfg, s, N, e):
@@ -215,7 +229,9 @@ def describe(p, gpu_bytes, block_size):
                                                             else "") + (", fused_ce" if s.fused_ce else "") + "):",
              f"  params {gib(p.params)} + grads {gib(p.grads)} + {opt} {gib(p.optimizer)}{shard}"
              + (f" + {'DDP buckets' if s.parallel == 'ddp' else 'FSDP gathered'} {gib(p.buffers)}" if p.buffers else "")
-             + f" + activations {gib(p.activations)} + logits/loss {gib(p.transient)}",
+             + f" + activations {gib(p.activations)} + "
+             + (f"max(logits/loss {gib(p.transient)}, a recomputed block {gib(p.recompute)} + the grads)" if p.recompute
+                else f"logits/loss {gib(p.transient)}"),
              f"  peak {gib(p.peak)} (torch.cuda.max_memory_allocated) + {gib(overhead(s))} CUDA context"
              + (" and NCCL" if s.world > 1 else "") + f" = {gib(p.need)} of {gib(gpu_bytes)}: "
              + ("fits" if p.fits(gpu_bytes) else "does NOT fit")]
