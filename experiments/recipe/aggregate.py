@@ -13,7 +13,8 @@ lr2e-4 arm's mean final PPL. Figures: recipe_drift.png (rho with the fan-in of t
 windowed share against the step, the lr schedule under it) and recipe_matched.png (rho of the accumulated
 share against held-out PPL at each evaluation).
 The equalisation at 2e-4 (rule 7): each equalised arm against its baseline (EQUALISED), late-layer importance
-per seed, the verdict, PPL, and the mean equalisation factor of layers 8-15 (from the dumped norms). The SGD
+per seed, the verdict, PPL, and the mean equalisation factor of layers 8-15 (from the dumped norms); an arm
+whose runs all stopped non-finite is read from their console logs (runs/logs/<arm>_s<seed>.txt). The SGD
 sweep (rule 6): held-out PPL of each peak lr under runs/sgd_sweep/ and the one picked;
 `--sgd_args=picked` prints the SGD arms' train.py arguments at that lr (run.sh passes them), or says why
 there is no pick yet.
@@ -34,7 +35,9 @@ from gfa.cli import UserError, cli  # noqa: E402
 
 STUDY_ARM = "lr1e-3 (study)"
 PAPER_ARM = "lr2e-4"
-EQUALISED = {"eq_lr2e-4": "lr2e-4", "lns_eq_lr2e-4": "lns_lr2e-4", "sgd_eq": "sgd", "lns_sgd_eq": "lns_sgd"}
+EQUALISED = {"eq_lr2e-4": "lr2e-4", "lns_eq_lr2e-4": "lns_lr2e-4", "eq_mean_lr2e-4": "lr2e-4",
+             "lns_eq_mean_lr2e-4": "lns_lr2e-4", "sgd_eq": "sgd", "lns_sgd_eq": "lns_sgd"}
+NON_FINITE = re.compile(r"^error: non-finite loss or gradient at step (\d+)", re.M)   # train.py's stop
 SWEEP_STEP = 500   # rule 6: the SGD sweep compares held-out loss at this step
 SWEEP_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)   # rule 6's peak lrs, written down before the sweep ran
 WINDOW = 100   # steps: the windowed ("instantaneous") share is Eq. 2 over the last WINDOW steps
@@ -136,9 +139,24 @@ def late_factor(norms):
     return float(factor[:, norms.shape[1] // 2:].mean())
 
 
-def equalisation_table(results):
-    """Rule 7's rows: each equalised arm with runs, against its baseline."""
-    rows = [(eq, base) for eq, base in EQUALISED.items() if eq in results and base in results]
+def diverged_runs(logs):
+    """{arm: [(seed, step)]}: the equalised arms' runs whose console log (<logs>/<arm>_s<seed>.txt) ends in
+    train.py's non-finite stop at that step. They leave no run to analyse, so rule 7 reads their logs."""
+    out = {}
+    for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
+        m = re.fullmatch(r"(.+)_s(\d+)\.txt", name)
+        if m and m.group(1) in EQUALISED:
+            with open(os.path.join(logs, name)) as f:
+                hit = NON_FINITE.search(f.read())
+            if hit:
+                out.setdefault(m.group(1), []).append((int(m.group(2)), int(hit.group(1))))
+    return out
+
+
+def equalisation_table(results, diverged=None):
+    """Rule 7's rows: each equalised arm with runs (or with diverged runs only), against its baseline."""
+    diverged = diverged or {}
+    rows = [(eq, base) for eq, base in EQUALISED.items() if (eq in results or eq in diverged) and base in results]
     if not rows:
         return []
     out = ["", "Equalisation at 2e-4 (rule 7): late-layer importance = layers 8-15's part of layers 1-15's ΔPPL, per seed; "
@@ -146,7 +164,14 @@ def equalisation_table(results):
            "| equalised arm | baseline | late importance, equalised | baseline | rule 7 | PPL equalised | PPL baseline | "
            "ΔPPL | late factor (equalised / baseline) |", "|---|---|---|---|---|---|---|---|---|"]
     for eq, base in rows:
-        e, b = [r["late"] for r in results[eq]], [r["late"] for r in results[base]]
+        b = [r["late"] for r in results[base]]
+        if eq not in results:   # every run stopped non-finite
+            stops = ", ".join(f"seed {seed} at step {step}" for seed, step in diverged[eq])
+            out.append(f"| {eq} | {base} | none: non-finite ({stops}) | {' / '.join(f'{100 * x:.0f}' for x in b)} % | "
+                       f"no verdict (diverged) | - | {np.mean([r['ppl'] for r in results[base]]):.2f} | - | "
+                       f"- / {np.mean([r['late_factor'] for r in results[base]]):.2f} |")
+            continue
+        e = [r["late"] for r in results[eq]]
         pe, pb = (float(np.mean([r["ppl"] for r in results[a]])) for a in (eq, base))
         flag = " (destabilised: > 5 %)" if pe > 1.05 * pb else ""
         fe, fb = (np.mean([r["late_factor"] for r in results[a]]) for a in (eq, base))
@@ -262,7 +287,7 @@ def fmt(mean_sd, digits=2, n=2):
     return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
 
 
-def tables(results, sweep=()):
+def tables(results, sweep=(), diverged=None):
     """numbers.md's text: per-arm summary, per-run rows, the matched-loss rows, the equalisation, the SGD sweep."""
     out = ["Recipe study (experiments/recipe/README.md)", "",
            "| arm | seeds | rho(share, fan-in) | rule 1 | layers 8-15 of 1-15's ΔPPL | rho(share, ΔPPL) | held-out PPL |",
@@ -299,7 +324,7 @@ def tables(results, sweep=()):
             gap = int(np.diff(r["eval_steps"]).max())
             out.append(f"| {os.path.basename(r['run'])} | {gap} steps | {s if s is not None else 'never'} | "
                        + (f"{r['rho_acc'][i]:+.2f} | {r['rho_win'][i]:+.2f} |" if i is not None else "- | - |"))
-    out += equalisation_table(results) + list(sweep)
+    out += equalisation_table(results, diverged) + list(sweep)
     return "\n".join(out) + "\n"
 
 
@@ -364,7 +389,8 @@ def main(argv):
                            else positive_lr(args.sgd_args)))
         return
     results = {arm: [analyse(r) for r in runs] for arm, runs in find_runs(args.runs, args.study).items()}
-    print(tables(results, sweep_table(os.path.join(args.runs, "sgd_sweep"))), end="")
+    diverged = diverged_runs(os.path.join(args.runs, "logs"))
+    print(tables(results, sweep_table(os.path.join(args.runs, "sgd_sweep")), diverged), end="")
     if not args.no_fig:
         os.makedirs(args.out, exist_ok=True)
         figures(results, args.out)

@@ -3,6 +3,7 @@ AdamW (fused and foreach, CPU and CUDA), norm equalisation, the LR schedule, the
 groups, and the non-finite guard."""
 import math
 import re
+import statistics
 
 import pytest
 import torch
@@ -160,17 +161,18 @@ def test_finite_guard_names_the_first_bad_step():
     check_weights(m, 7, "kept")
 
 
-@pytest.mark.parametrize("sublayers", [False, True])
-def test_equalisation_via_lr_is_adamw_per_layer_at_scaled_lrs(sublayers):
+@pytest.mark.parametrize("sublayers, via", [(False, "lr"), (True, "lr"), (False, "lr_mean")])
+def test_equalisation_via_lr_is_adamw_per_layer_at_scaled_lrs(sublayers, via):
     """equalize_via='lr': two steps equal, per layer, a single-tensor AdamW whose lr is the schedule's
     times that step's factor (the largest layer norm over the layer's own, computed here by hand);
-    the embedding and head keep the schedule's lr, the gradients and the clip are not equalised, and
-    set_lr starts each step from the schedule again (the factors do not compound)."""
+    'lr_mean': times the factor over the layers' mean factor. The embedding and head keep the schedule's
+    lr, the gradients and the clip are not equalised, and set_lr starts each step from the schedule
+    again (the factors do not compound)."""
     from gfa.training import set_lr
     a, b = tiny_model(5).train(), tiny_model(5).train()
     cfg = {"optimizer": "adamw", "learning_rate": 1e-2, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95}
     opt = optimizer_for(cfg, a.parameters(), fused=False, by_layer=a.param_groups_by_layer())
-    step = GradStep(a.param_groups_by_layer(sublayers), opt, 0.0, equalize=True, equalize_via="lr")
+    step = GradStep(a.param_groups_by_layer(sublayers), opt, 0.0, equalize=True, equalize_via=via)
     hand = {n: adamw(g, 1.0, (0.9, 0.95), 0.1, fused=False) for n, g in b.param_groups_by_layer().items()}
     factors = []
     for it, lr in enumerate((1e-2, 4e-3)):
@@ -181,6 +183,9 @@ def test_equalisation_via_lr_is_adamw_per_layer_at_scaled_lrs(sublayers):
                       for n, g in b.param_groups_by_layer().items()}
         top = max(v for n, v in layer_norm.items() if n.startswith("layer."))
         factor = {n: top / v if n.startswith("layer.") else 1.0 for n, v in layer_norm.items()}
+        if via == "lr_mean":
+            mean = statistics.fmean(f for n, f in factor.items() if n.startswith("layer."))
+            factor = {n: f / mean if n.startswith("layer.") else 1.0 for n, f in factor.items()}
         factors.append(factor)
         set_lr(opt, lr)
         norms, norms_eq, total = step()
@@ -190,7 +195,8 @@ def test_equalisation_via_lr_is_adamw_per_layer_at_scaled_lrs(sublayers):
             set_lr(o, lr * factor[n])
             o.step()
             o.zero_grad(set_to_none=True)
-    assert max(factors[0].values()) > 1.2   # the layers' norms differed: the factors did something
+    layer_factors = [f for n, f in factors[0].items() if n.startswith("layer.")]
+    assert max(layer_factors) > 1.2 * min(layer_factors)   # the layers' norms differed: the factors did something
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
 

@@ -32,6 +32,22 @@ def test_rule_7(equalised, verdict):
     assert recipe.restore_verdict(equalised, [0.20, 0.27, 0.34]) == verdict   # baseline mean 0.27, range 0.20-0.34
 
 
+def test_an_arm_whose_runs_all_stopped_non_finite_gets_a_row_from_its_logs(tmp_path):
+    """Rule 7 reads a diverged arm from its console logs: the stop step per seed, no verdict; a log that ended
+    normally, or one of an arm that is not an equalisation, is not a divergence."""
+    (tmp_path / "eq_lr2e-4_s1.txt").write_text("step 250 | val loss 7.25 | val ppl 1409.21\nerror: non-finite loss "
+                                               "or gradient at step 275: stopped (the last good checkpoint ...)\n")
+    (tmp_path / "eq_lr2e-4_s2.txt").write_text("error: non-finite loss or gradient at step 943: stopped\n")
+    (tmp_path / "eq_mean_lr2e-4_s1.txt").write_text("step 3000 | val loss 4.08 | val ppl 59.1\n")
+    (tmp_path / "lr2e-4_s1.txt").write_text("error: non-finite loss or gradient at step 5: stopped\n")
+    diverged = recipe.diverged_runs(tmp_path)
+    assert diverged == {"eq_lr2e-4": [(1, 275), (2, 943)]}
+    base = [{"late": 0.2, "ppl": 59.0, "late_factor": 4.0}, {"late": 0.3, "ppl": 60.0, "late_factor": 5.0}]
+    rows = recipe.equalisation_table({"lr2e-4": base}, diverged)
+    assert rows[-1] == ("| eq_lr2e-4 | lr2e-4 | none: non-finite (seed 1 at step 275, seed 2 at step 943) | 20 / 30 % | "
+                        "no verdict (diverged) | - | 59.50 | - | - / 4.50 |")
+
+
 def test_late_factor():
     """Layers 2-3 (the late half of 4) at norms 1 and 4 against the largest 4: factors 4 and 1, mean 2.5; a zero
     norm has factor 1, as gfa.training.GradStep gives it."""
