@@ -47,7 +47,7 @@ equalize_via='lr' applies the same per-layer factors to the layers' learning rat
 normalises a rescaled gradient away, so only this changes its updates. The gradients and the clip
 are left alone (no clip factor is derived), and the factors cost one host sync per step.
 equalize_via='lr_mean' divides the factors by their mean over the layers, so the layers' mean lr
-stays the schedule's (plain 'lr' raises it 4-8x in a 16-layer model: AdamW at 2e-4 diverged).
+stays the schedule's (plain 'lr' raises it several-fold in a 16-layer model: AdamW at 2e-4 diverged).
 """
 import inspect
 import math

@@ -282,8 +282,8 @@ class GradStep:
     as they were (no equalised norms: the factors follow from the norms); the optimizer needs one
     group pair per layer (optimizer_for(..., by_layer=...)), and the factors cost one host sync a step.
     'lr_mean' divides the factors by their mean over the layers: it changes which layers move more, not
-    the layers' mean lr (the factors themselves average 4-8 in a 16-layer model, and with them AdamW at
-    2e-4 diverged: experiments/recipe/README.md)."""
+    the layers' mean lr (the factors themselves raise it several-fold in a 16-layer model, and with them
+    AdamW at 2e-4 diverged: experiments/recipe/README.md)."""
 
     def __init__(self, groups, optimizer, grad_clip=0.0, equalize=False, equalize_via="grad"):
         self.norms = LayerGradNorms(groups)
