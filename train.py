@@ -155,7 +155,7 @@ def check_settings(cfg, world):
         raise UserError("equalize_clip_factor and equalize_pilot_iters must be >= 0 (0 = derive / warmup_iters)")
     check_equalize_via(cfg["equalize_via"])
     grad_eq = equalizing(cfg) == "grad"
-    if equalizing(cfg) in ("lr", "lr_mean") and cfg["equalize_clip_factor"]:
+    if equalizing(cfg) not in (None, "grad") and cfg["equalize_clip_factor"]:   # 'lr', 'lr_mean'
         raise UserError(f"equalize_clip_factor acts on equalised gradients; equalize_via={cfg['equalize_via']!r} leaves "
                         f"them (and the clip) alone: leave equalize_clip_factor out")
     if grad_eq and not cfg["equalize_clip_factor"] and not cfg["grad_clip"]:
@@ -403,7 +403,7 @@ def build(cfg, model_cfg, d, ckpt):
         sharding.shard(model, d, cfg["dtype"], use_compile(cfg["compile"], d.device_type))
     else:
         model.to(d.device)
-    grad_eq, lr_eq = equalizing(cfg) == "grad", equalizing(cfg) in ("lr", "lr_mean")
+    grad_eq, lr_eq = equalizing(cfg) == "grad", equalizing(cfg) not in (None, "grad")
     optimizer = optimizer_for(cfg, model.parameters(), fused=d.device_type == "cuda",
                               by_layer=model.param_groups_by_layer() if lr_eq else None)
     clip = cfg["grad_clip"] * ((cfg["equalize_clip_factor"] or 1.0) if grad_eq else 1.0)   # 0: derived later
