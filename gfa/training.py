@@ -301,7 +301,8 @@ class GradStep:
         if equalize and equalize_via != "grad":   # optimizer group -> layer index (None: embedding, head)
             tags = [layer_of(g.get("layer_group") or "") for g in optimizer.param_groups]
             if not any(tags):
-                raise ValueError("equalize_via='lr' needs an optimizer with a group per layer (optimizer_for by_layer)")
+                raise ValueError(f"equalize_via={equalize_via!r} needs an optimizer with a group per layer "
+                                 f"(optimizer_for by_layer)")
             self.lr_layer = [layers.index(t) if t else None for t in tags]
 
     def _layer_scale(self, norms):

@@ -203,9 +203,10 @@ def test_equalisation_via_lr_is_adamw_per_layer_at_scaled_lrs(sublayers, via):
 
 def test_equalisation_via_lr_needs_per_layer_groups():
     m = tiny_model(0)
-    with pytest.raises(ValueError, match="group per layer"):
-        GradStep(m.param_groups_by_layer(), adamw(m.parameters(), 1e-3, (0.9, 0.95), 0.1, fused=False),
-                 equalize=True, equalize_via="lr")
+    for via in ("lr", "lr_mean"):   # the message names the mode asked for
+        with pytest.raises(ValueError, match=f"equalize_via='{via}' needs an optimizer with a group per layer"):
+            GradStep(m.param_groups_by_layer(), adamw(m.parameters(), 1e-3, (0.9, 0.95), 0.1, fused=False),
+                     equalize=True, equalize_via=via)
     with pytest.raises(UserError, match="equalize_via='sgd'"):
         GradStep(m.param_groups_by_layer(), adamw(m.parameters(), 1e-3, (0.9, 0.95), 0.1, fused=False),
                  equalize=True, equalize_via="sgd")
